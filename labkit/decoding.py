@@ -76,7 +76,7 @@ class DecodeState:
             self.finished = True
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -89,30 +89,42 @@ def _select_hidden(hidden, layers: tuple[int, ...]):
 
 
 def check_inputs(prompt_ids: list[int], max_new_tokens: int) -> None:
-    if not prompt_ids:
+    if len(prompt_ids) == 0:
         raise LabkitError("The prompt is empty: pass at least one token of prompt text.")
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise LabkitError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+
+
+def check_drafter(target: Target, drafter: Drafter | None) -> None:
+    """A drafter must speak the target's vocabulary: token ids and probability rows index the same V."""
+    if drafter is None:
+        return
+    v_d = getattr(drafter, "vocab_size", None)
+    if v_d is not None and v_d != target.vocab_size:
+        raise LabkitError(
+            f"Drafter {drafter.name!r} was made for a vocabulary of {v_d} tokens but the target "
+            f"{target.name} has {target.vocab_size}: build or train the drafter for this target.")
 
 
 def prefill(target: Target, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
             seed: int | None = 0, drafter: Drafter | None = None) -> DecodeState:
     """Run the prompt through the target, sample the first new token, and hand the drafter its context."""
     check_inputs(prompt_ids, max_new_tokens)
+    check_drafter(target, drafter)
     generator = torch.Generator(device=target.device)
     generator.manual_seed(0 if seed is None else seed)
     state = DecodeState(ids=list(prompt_ids), n_prompt=len(prompt_ids), cache=target.new_cache(),
                         max_new_tokens=max_new_tokens, params=params, generator=generator,
                         stop_ids=set(target.eos_token_ids))
     layers = drafter.hidden_layers if drafter is not None else ()
-    _sync(target.device)
+    sync_device(target.device)
     start = time.perf_counter()
     logits, hidden = target.forward(prompt_ids, state.cache, logits_to_keep=1, hidden_states=bool(layers))
     first = int(sample(logits_to_probs(logits[-1], params), generator))
     state.append([first])
     if drafter is not None:
         drafter.start(state, _select_hidden(hidden, layers))
-    _sync(target.device)
+    sync_device(target.device)
     state.prefill_s = time.perf_counter() - start
     return state
 
@@ -123,14 +135,14 @@ def speculative_round(target: Target, state: DecodeState, drafter: Drafter | Non
     The target cache ends holding every emitted token but the last; rejected drafts are cropped off.
     """
     device = target.device
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     max_draft = state.remaining - 1  # n accepted + 1 emitted never exceeds what is left
     if drafter is not None and max_draft > 0:
         proposal = drafter.propose(state, max_draft).truncate(max_draft)
     else:
         proposal = Proposal.empty(target.vocab_size, device)
-    _sync(device)
+    sync_device(device)
     drafted = time.perf_counter()
     k = len(proposal)
     layers = drafter.hidden_layers if drafter is not None else ()
@@ -144,7 +156,7 @@ def speculative_round(target: Target, state: DecodeState, drafter: Drafter | Non
     state.append(proposal.tokens[:n].tolist() + [verdict.next_token])
     if drafter is not None:
         drafter.observe(state, n, _select_hidden(hidden, layers))
-    _sync(device)
+    sync_device(device)
     rnd = Round(proposed=k, accepted=n, draft_s=drafted - start, verify_s=time.perf_counter() - drafted)
     state.rounds.append(rnd)
     return rnd

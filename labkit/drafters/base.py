@@ -40,6 +40,8 @@ class Drafter(Protocol):
     """propose a block with its probabilities; observe the verdict; keep per-request state on it."""
 
     name: str
+    #: size of the vocabulary its tokens and probability rows index; must equal the target's
+    vocab_size: int
     #: target layers whose hidden states this drafter reads (empty: none, so none are computed)
     hidden_layers: tuple[int, ...]
 

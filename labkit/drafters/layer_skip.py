@@ -61,6 +61,7 @@ class LayerSkipDrafter:
         if self.cfg.gamma < 1:
             raise LabkitError(f"gamma must be >= 1, got {self.cfg.gamma}.")
         self.target = target
+        self.vocab_size = target.vocab_size
         self.model = shallow_view(target.model, self.cfg.n_layers)
         self.name = f"layer-skip-{self.cfg.n_layers}"
 

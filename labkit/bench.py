@@ -1,0 +1,183 @@
+"""Side-by-side speed benchmark: HF `generate`, HF prompt lookup, the lab's AR loop, speculative loops.
+
+Every method runs on the same prompts in one process, interleaved prompt by prompt (the method order
+rotates from one prompt to the next) after an untimed warm-up, so the ratios survive a noisy machine.
+Each method's time includes its prefill, as a user would wait for it. The result is a JSON-ready
+dict whose shape later issues extend and never break:
+{"model", "device", "dtype", "temperature", "max_new_tokens", "rows": [{"method", "drafter",
+"tokens_per_s", "tau", "speedup_vs_hf", "n_prompts", "new_tokens", ...}]}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit.decoding import sync_device, generate
+from labkit.drafters import make_drafter
+from labkit.errors import LabkitError
+from labkit.sampling import SamplingParams
+from labkit.target import Target
+
+#: domain of each external benchmark file in ../shared/benchmarks, by file stem
+DOMAINS = {"gsm8k": "math", "math500": "math", "aime25": "math", "humaneval": "code", "mbpp": "code",
+           "lbpp": "code", "mt-bench": "chat", "arena-hard-v2": "chat"}
+DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "ar", "spec:prompt-lookup", "spec:layer-skip")
+
+
+@dataclass
+class Prompt:
+    text: str
+    domain: str
+    source: str
+
+
+def load_prompts(paths: list[str | Path], limit: int | None = None) -> list[Prompt]:
+    """First turns of `{"turns": [...]}` JSONL files, `limit` from each file; domain from the row or file."""
+    if limit is not None and limit <= 0:
+        raise LabkitError(f"--limit must be a positive number of prompts per file, got {limit}.")
+    prompts: list[Prompt] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise LabkitError(f"Prompt file {path} does not exist: pass a JSONL file of {{\"turns\": [...]}} "
+                              "rows, e.g. ../shared/benchmarks/gsm8k.jsonl.")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for row in rows[:limit]:
+            turns = row.get("turns") if isinstance(row, dict) else None
+            if not turns or not isinstance(turns[0], str):
+                raise LabkitError(f"{path}: every row needs a non-empty \"turns\" list of strings.")
+            prompts.append(Prompt(turns[0], row.get("domain", DOMAINS.get(path.stem, path.stem)), path.stem))
+    if not prompts:
+        raise LabkitError(f"No prompts found in {', '.join(map(str, paths))}.")
+    return prompts
+
+
+@dataclass
+class MethodStats:
+    """Running totals of one method over the prompts."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    rounds: int = 0
+    emitted_in_rounds: int = 0
+    outputs: list[list[int]] = field(default_factory=list)
+    by_domain: dict[str, list[float]] = field(default_factory=dict)  # domain -> [tokens, seconds]
+
+    def add(self, domain: str, tokens: list[int], seconds: float, rounds=None) -> None:
+        self.new_tokens += len(tokens)
+        self.seconds += seconds
+        self.outputs.append(tokens)
+        agg = self.by_domain.setdefault(domain, [0, 0.0])
+        agg[0] += len(tokens)
+        agg[1] += seconds
+        if rounds is not None:
+            self.rounds += len(rounds)
+            self.emitted_in_rounds += sum(r.emitted for r in rounds)
+
+
+class Method:
+    """One benchmarked way to decode: run(prompt_ids) -> (new token ids, rounds or None)."""
+
+    def __init__(self, name: str, target: Target, params: SamplingParams, max_new_tokens: int,
+                 hf_lookup_tokens: int, gamma: int | None):
+        self.name, self.target, self.params, self.max_new_tokens = name, target, params, max_new_tokens
+        self.hf_lookup_tokens = hf_lookup_tokens
+        self.drafter_spec = name.split(":", 1)[1] if name.startswith("spec:") else None
+        if name not in ("hf-generate", "hf-prompt-lookup", "ar") and self.drafter_spec is None:
+            raise LabkitError(f"Unknown bench method {name!r}: use hf-generate, hf-prompt-lookup, ar or "
+                              "spec:<drafter> (e.g. spec:prompt-lookup).")
+        self.drafter = make_drafter(self.drafter_spec, target, gamma) if self.drafter_spec else None
+
+    def run(self, prompt_ids: list[int], seed: int, max_new_tokens: int | None = None):
+        n = max_new_tokens or self.max_new_tokens
+        if self.name.startswith("hf-"):
+            return self._hf(prompt_ids, seed, n), None
+        result = generate(self.target, prompt_ids, self.drafter, n, self.params, seed)
+        return result.token_ids, result.rounds
+
+    @torch.inference_mode()
+    def _hf(self, prompt_ids: list[int], seed: int, n: int) -> list[int]:
+        torch.manual_seed(seed)
+        ids = torch.tensor([prompt_ids], device=self.target.device)
+        kwargs = dict(max_new_tokens=n, attention_mask=torch.ones_like(ids),
+                      pad_token_id=self.target.tokenizer.pad_token_id or min(self.target.eos_token_ids))
+        if self.params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.params.temperature, top_p=self.params.top_p, top_k=None)
+        if self.name == "hf-prompt-lookup":
+            kwargs["prompt_lookup_num_tokens"] = self.hf_lookup_tokens
+        out = self.target.model.generate(ids, **kwargs)
+        return out[0, len(prompt_ids):].tolist()
+
+
+def run_bench(target: Target, prompts: list[Prompt], methods: list[str] | tuple[str, ...] = DEFAULT_METHODS,
+              max_new_tokens: int = 128, params: SamplingParams | None = None, seed: int = 0,
+              hf_lookup_tokens: int = 3, gamma: int | None = None, progress: bool = True) -> dict:
+    """Time every method on every prompt, interleaved; return the benchmark dict (see module doc)."""
+    params = params or SamplingParams()
+    if max_new_tokens <= 0:
+        raise LabkitError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    runners = [Method(m, target, params, max_new_tokens, hf_lookup_tokens, gamma) for m in methods]
+    warm_ids = target.encode_prompt(prompts[0].text)
+    for m in runners:  # untimed warm-up: first-call allocations and kernel selection
+        m.run(warm_ids, seed, max_new_tokens=min(8, max_new_tokens))
+    stats = {m.name: MethodStats() for m in runners}
+    bar = tqdm(total=len(prompts) * len(runners), desc="bench", disable=not progress)
+    for i, prompt in enumerate(prompts):
+        ids = target.encode_prompt(prompt.text)
+        for m in runners[i % len(runners):] + runners[:i % len(runners)]:
+            sync_device(target.device)
+            start = time.perf_counter()
+            tokens, rounds = m.run(ids, seed + i)
+            sync_device(target.device)
+            stats[m.name].add(prompt.domain, tokens, time.perf_counter() - start, rounds)
+            bar.update(1)
+    bar.close()
+    return _summarise(target, runners, stats, params, max_new_tokens, len(prompts))
+
+
+def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dict:
+    base = stats.get("hf-generate")
+    base_tps = base.new_tokens / base.seconds if base and base.seconds else None
+    base_dom = {d: t / s for d, (t, s) in base.by_domain.items()} if base else {}
+    reference = stats.get("ar") or base
+    rows = []
+    for m in runners:
+        st = stats[m.name]
+        tps = st.new_tokens / st.seconds if st.seconds else 0.0
+        row = {"method": m.name, "drafter": m.drafter_spec,
+               "tokens_per_s": tps,
+               "tau": st.emitted_in_rounds / st.rounds if m.drafter_spec and st.rounds else None,
+               "speedup_vs_hf": tps / base_tps if base_tps else None,
+               "n_prompts": n_prompts, "new_tokens": st.new_tokens, "seconds": st.seconds,
+               "by_domain": {d: {"tokens_per_s": t / s, "speedup_vs_hf": (t / s) / base_dom[d] if d in base_dom else None}
+                             for d, (t, s) in st.by_domain.items()}}
+        if params.greedy and reference is not None and reference is not st:
+            same = sum(a == b for a, b in zip(st.outputs, reference.outputs))
+            row["identical_to_" + ("ar" if "ar" in stats else "hf-generate")] = f"{same}/{n_prompts}"
+        rows.append(row)
+    return {"model": target.name, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
+            "temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": max_new_tokens,
+            "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of a benchmark result, one row per method, per-domain speedups at the end."""
+    domains = sorted({d for r in result["rows"] for d in r["by_domain"]})
+    head = f"{'method':<22}{'tokens/s':>10}{'vs HF':>8}{'tau':>7}" + "".join(f"{d:>9}" for d in domains)
+    lines = [f"{result['model']} on {result['device']} ({result['dtype']}), temperature "
+             f"{result['temperature']}, {result['max_new_tokens']} new tokens; speedup vs hf-generate by domain",
+             head, "-" * len(head)]
+    for r in result["rows"]:
+        tau = f"{r['tau']:.2f}" if r["tau"] is not None else "-"
+        vs = f"{r['speedup_vs_hf']:.2f}x" if r["speedup_vs_hf"] is not None else "-"
+        doms = "".join(f"{r['by_domain'][d]['speedup_vs_hf']:>8.2f}x" if d in r["by_domain"] and
+                       r["by_domain"][d]["speedup_vs_hf"] is not None else f"{'-':>9}" for d in domains)
+        lines.append(f"{r['method']:<22}{r['tokens_per_s']:>10.2f}{vs:>8}{tau:>7}{doms}")
+    return "\n".join(lines)
