@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-lookup-tokens", type=_positive_int, default=3, help="HF's prompt_lookup_num_tokens")
     p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
     _add_model_args(p)
+    p = sub.add_parser("prepare-data", help="regenerate training responses with the target (resumable)")
+    p.add_argument("--out", default="data/train", help="folder of shards (default: data/train)")
+    p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--n-prompts", type=_positive_int, default=2048, help="training prompts to answer")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest response")
+    p.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard and batch")
+    p.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
+    p.add_argument("--benchmarks", default="../shared/benchmarks",
+                   help="evaluation prompts that training prompts must not overlap (skipped if absent)")
     return parser
 
 
@@ -113,7 +123,17 @@ def cmd_bench(args) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench}
+def cmd_prepare_data(args) -> None:
+    from labkit.data import DataConfig, prepare_data
+    from labkit.target import load_target
+    target = load_target(args.target, args.device)
+    cfg = DataConfig(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
+                     seed=args.seed)
+    out = prepare_data(target, args.out, cfg, args.benchmarks)
+    print(f"training data in {out}")
+
+
+COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def load_prompts(paths: list[str | Path], limit: int | None = None) -> list[Prom
         if not path.is_file():
             raise LabkitError(f"Prompt file {path} does not exist: pass a JSONL file of {{\"turns\": [...]}} "
                               "rows, e.g. ../shared/benchmarks/gsm8k.jsonl.")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
         for row in rows[:limit]:
             turns = row.get("turns") if isinstance(row, dict) else None
             if not turns or not isinstance(turns[0], str):
