@@ -1,0 +1,221 @@
+"""Plotly figures for the notebooks: each function takes measured numbers and returns a go.Figure
+(and `markdown_table` renders a notebook's closing summary).
+
+Figures compute nothing expensive and time nothing: the measuring lives in `labkit.costs`,
+`labkit.stats` and `labkit.decoding`, so a figure can be rebuilt (by a widget) as often as wanted.
+Notation follows the paper: p_t the target's distribution, p_d the drafter's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from IPython.display import Markdown
+from plotly.subplots import make_subplots
+
+from labkit.costs import ForwardCost, speculative_speedup
+from labkit.sampling import residual
+
+COLORS = {"p_t": "#1f77b4", "p_d": "#ff7f0e", "accepted": "#2ca02c", "residual": "#d62728", "bonus": "#9467bd",
+          "floor": "#7f7f7f"}
+TEMPLATE = "plotly_white"
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)
+
+
+def forward_cost_figure(cost: ForwardCost, floor_s: float | None = None) -> go.Figure:
+    """Measured cost of one cached forward over k new tokens, beside k one-token forwards and the floor.
+
+    Error bars span the fastest and slowest repeat. The dashed line is what k separate one-token
+    forwards would cost (k times the k=1 median): the gap is what verifying a block at once saves.
+    """
+    ms = [1e3 * m for m in cost.median_s]
+    lo = [1e3 * min(s) for s in cost.samples_s]
+    hi = [1e3 * max(s) for s in cost.samples_s]
+    fig = go.Figure(go.Scatter(
+        x=cost.ks, y=ms, mode="lines+markers", name="one forward over k tokens (median)",
+        error_y=dict(type="data", symmetric=False, array=[h - m for h, m in zip(hi, ms)],
+                     arrayminus=[m - low for m, low in zip(ms, lo)])))
+    fig.add_trace(go.Scatter(x=cost.ks, y=[k * ms[0] / cost.ks[0] for k in cost.ks], mode="lines",
+                             line=dict(dash="dash"), name="k one-token forwards"))
+    if floor_s is not None:
+        fig.add_hline(y=1e3 * floor_s, line=dict(color=COLORS["floor"], dash="dot"),
+                      annotation_text=f"memory floor {1e3 * floor_s:.1f} ms", annotation_position="bottom right")
+    fig.update_layout(template=TEMPLATE, title=f"Cost of one cached forward on a {cost.context_len}-token context",
+                      xaxis_title="new tokens in the forward (k)", yaxis_title="milliseconds",
+                      yaxis_range=[0, 1.4 * max(hi)], legend=dict(x=0.01, y=0.99))
+    return fig
+
+
+def speedup_heatmap(taus: Sequence[float], draft_s: Sequence[float], verify_s: float, ar_step_s: float,
+                    marker: tuple[float, float] | None = None, title: str | None = None) -> go.Figure:
+    """Eq. 1 as a map: speedup over AR for each tau (x) and drafting cost per round (y, ms).
+
+    The white contour is speedup 1 (break-even); `marker` = (tau, draft_s) marks one operating point.
+    The trace layout (heatmap, contour, marker) is fixed so a widget can update it in place.
+    """
+    z = np.array([[speculative_speedup(t, d, verify_s, ar_step_s) for t in taus] for d in draft_s])
+    y_ms = [1e3 * d for d in draft_s]
+    # Colour by log2(speedup) so 2x faster and 2x slower are equally strong and 1x is white.
+    ticks = [0.125, 0.25, 0.5, 1, 2, 4, 8, 16]
+    fig = go.Figure(go.Heatmap(x=list(taus), y=y_ms, z=np.log2(z), customdata=z, zmid=0.0, colorscale="RdBu",
+                               colorbar=dict(title="speedup", tickvals=np.log2(ticks), ticktext=[f"{t:g}x" for t in ticks]),
+                               hovertemplate="tau %{x:.2f}<br>draft %{y:.1f} ms<br>speedup %{customdata:.2f}x"
+                                             "<extra></extra>"))
+    fig.add_trace(go.Contour(x=list(taus), y=y_ms, z=z, showscale=False, contours_coloring="none",
+                             contours=dict(start=1.0, end=1.0, size=1.0, showlabels=True),
+                             line=dict(color="black", width=2), hoverinfo="skip", name="break-even"))
+    mx, my = marker if marker is not None else (None, None)
+    fig.add_trace(go.Scatter(x=[mx], y=[None if my is None else 1e3 * my], mode="markers",
+                             marker=dict(size=14, color="gold", line=dict(color="black", width=2)),
+                             name="this setting"))
+    fig.update_layout(template=TEMPLATE, showlegend=False,
+                      title=title or f"Speedup over AR (Eq. 1), verify {1e3 * verify_s:.0f} ms, "
+                                     f"AR step {1e3 * ar_step_s:.0f} ms",
+                      xaxis_title="tau (tokens per round, bonus included)",
+                      yaxis_title="drafting cost per round (ms)")
+    return fig
+
+
+def speedup_curves(cost: ForwardCost, gammas: Sequence[int], draft_s: float = 0.0) -> go.Figure:
+    """Eq. 1 speedup vs tau for several block lengths, each verified at its measured cost (k = gamma + 1)."""
+    ar = cost.interp(1)
+    fig = go.Figure()
+    for g in gammas:
+        verify = cost.interp(g + 1)
+        taus = np.linspace(1.0, g + 1.0, 50)
+        fig.add_trace(go.Scatter(x=taus, y=[speculative_speedup(t, draft_s, verify, ar) for t in taus],
+                                 mode="lines", name=f"gamma={g} (verify {1e3 * verify:.0f} ms)"))
+    fig.add_hline(y=1.0, line=dict(color=COLORS["floor"], dash="dot"), annotation_text="break-even")
+    fig.update_layout(template=TEMPLATE, title=f"Speedup vs tau, drafting {1e3 * draft_s:.0f} ms a round",
+                      xaxis_title="tau (tokens per round)", yaxis_title="speedup over AR")
+    return fig
+
+
+def toy_distribution_figure(p_t, p_d, labels: Sequence[str]) -> go.Figure:
+    """Accept / reject / residual on a toy vocabulary, and why the result is exactly p_t.
+
+    Left: p_t, p_d and the residual norm(max(0, p_t - p_d)) that a rejection resamples from.
+    Right: P(emit x) = min(p_t, p_d)(x) [draft accepted] + (1 - alpha) * residual(x) [rejected,
+    resampled], alpha = sum min(p_t, p_d); the two stacked parts reach p_t (diamonds) in every column.
+    """
+    pt, pd = torch.as_tensor(p_t, dtype=torch.float64), torch.as_tensor(p_d, dtype=torch.float64)
+    overlap = torch.minimum(pt, pd)
+    alpha = float(overlap.sum())
+    res = residual(pt, pd)
+    labels = list(labels)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "target p_t, draft p_d, residual", f"emitted = accepted + rejected-and-resampled (alpha = {alpha:.2f})"))
+    # One barmode per figure: grouped on the left by distinct offsetgroups, stacked on the right by
+    # sharing one offsetgroup and giving the upper part a base.
+    for i, (name, y, color) in enumerate((("p_t (target)", pt, COLORS["p_t"]), ("p_d (draft)", pd, COLORS["p_d"]),
+                                          ("residual norm(max(0, p_t - p_d))", res, COLORS["residual"]))):
+        fig.add_trace(go.Bar(x=labels, y=_np(y), name=name, marker_color=color, offsetgroup=str(i)), row=1, col=1)
+    fig.add_trace(go.Bar(x=labels, y=_np(overlap), name="min(p_t, p_d): draft accepted", offsetgroup="stack",
+                         marker_color=COLORS["accepted"]), row=1, col=2)
+    fig.add_trace(go.Bar(x=labels, y=_np((1 - alpha) * res), base=_np(overlap), offsetgroup="stack",
+                         name="(1 - alpha) residual: rejected, resampled", marker_color=COLORS["residual"],
+                         opacity=0.6), row=1, col=2)
+    fig.add_trace(go.Scatter(x=labels, y=_np(pt), mode="markers", name="p_t",
+                             marker=dict(symbol="diamond", size=12, color=COLORS["p_t"])), row=1, col=2)
+    fig.update_layout(template=TEMPLATE, barmode="group", height=420, yaxis_title="probability",
+                      legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def empirical_vs_target_figure(counts, p_t, labels: Sequence[str] | Callable[[int], str] | None = None,
+                               by_source: dict[str, object] | None = None, top: int | None = None,
+                               title: str = "What speculative sampling emitted vs the target p_t") -> go.Figure:
+    """Observed frequencies (stacked by where each token came from, when `by_source` is given) vs p_t.
+
+    `top` keeps the `top` most likely tokens under p_t and pools the rest into "other", for a real
+    vocabulary; `labels` name the tokens, as a list or a function of the id (default: the ids).
+    """
+    c, p = _np(counts), _np(p_t)
+    n = c.sum()
+    order = np.arange(len(p)) if top is None else np.argsort(-p, kind="stable")[:top]
+    name = str if labels is None else labels if callable(labels) else list(labels).__getitem__
+    x = [name(int(i)) for i in order]
+
+    def view(v: np.ndarray) -> np.ndarray:
+        kept = v[order]
+        return kept if top is None else np.append(kept, v.sum() - kept.sum())
+
+    if top is not None:
+        x = x + ["other"]
+    fig = go.Figure()
+    parts = {"all draws": c} if not by_source else {k: _np(v) for k, v in by_source.items()}
+    for name, v in parts.items():
+        fig.add_trace(go.Bar(x=x, y=view(v) / n, name=name, marker_color=COLORS.get(name)))
+    fig.add_trace(go.Scatter(x=x, y=view(p), mode="markers", name="p_t (target)",
+                             marker=dict(symbol="diamond", size=12, color="black")))
+    fig.update_layout(template=TEMPLATE, barmode="stack", title=title, yaxis_title=f"frequency over {int(n):,} draws")
+    return fig
+
+
+def position_acceptance_figure(conditional: dict[str, Sequence[float]],
+                               survival: dict[str, Sequence[float]] | None = None) -> go.Figure:
+    """Per-position acceptance (paper Fig. 2): bars = conditional P(accept j | 1..j-1 accepted).
+
+    Lines (optional) = unconditional prefix survival P(1..j all accepted), DeepSpec's accept_rate@k.
+    """
+    fig = go.Figure()
+    for name, rates in conditional.items():
+        fig.add_trace(go.Bar(x=list(range(1, len(rates) + 1)), y=list(rates), name=f"{name}: conditional"))
+    for name, rates in (survival or {}).items():
+        fig.add_trace(go.Scatter(x=list(range(1, len(rates) + 1)), y=list(rates), mode="lines+markers",
+                                 name=f"{name}: prefix survival", line=dict(dash="dot")))
+    fig.update_layout(template=TEMPLATE, barmode="group", title="Acceptance by draft position",
+                      xaxis_title="draft position j", yaxis_title="rate", yaxis_range=[0, 1.05])
+    return fig
+
+
+def tokens_per_s_figure(tokens_per_s: dict[str, float], baseline: str | None = None,
+                        title: str = "Decoding speed") -> go.Figure:
+    """Horizontal bars of tokens/s per method; with `baseline`, each bar is labelled with its speedup."""
+    names = list(tokens_per_s)
+    vals = [tokens_per_s[n] for n in names]
+    base = tokens_per_s.get(baseline) if baseline else None
+    text = [f"{v:.1f} tok/s" + (f" ({v / base:.2f}x)" if base else "") for v in vals]
+    fig = go.Figure(go.Bar(x=vals, y=names, orientation="h", text=text, textposition="outside", cliponaxis=False))
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="new tokens per second (prefill included)",
+                      xaxis_range=[0, 1.3 * max(vals, default=1.0)], yaxis=dict(autorange="reversed"),
+                      height=max(260, 160 + 60 * len(names)))
+    return fig
+
+
+def dashboard_figure(tokens_per_s: dict[str, float], acceptance: Sequence[float], title: str,
+                     max_position: int | None = None) -> go.Figure:
+    """Notebook 01's widget: tokens/s bars (left) and this run's per-position acceptance (right).
+
+    Always the same two traces, so a widget can redraw it in place; positions up to `max_position`
+    (gamma) are shown even when no round reached them.
+    """
+    n_pos = max(max_position or 0, len(acceptance), 1)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                        subplot_titles=("tokens / s", "conditional acceptance by position"))
+    fig.add_trace(go.Bar(x=list(tokens_per_s), y=list(tokens_per_s.values()),
+                         text=[f"{v:.1f}" for v in tokens_per_s.values()], textposition="auto",
+                         marker_color=[COLORS["p_t"], COLORS["p_d"]][:len(tokens_per_s)]), row=1, col=1)
+    fig.add_trace(go.Bar(x=list(range(1, len(acceptance) + 1)), y=list(acceptance),
+                         text=[f"{a:.2f}" for a in acceptance], textposition="outside",
+                         marker_color=COLORS["accepted"]), row=1, col=2)
+    fig.update_yaxes(range=[0, 1.1], row=1, col=2)
+    fig.update_xaxes(title_text="draft position", range=[0.5, n_pos + 0.5], dtick=1, row=1, col=2)
+    fig.update_layout(template=TEMPLATE, title=title, showlegend=False, height=380)
+    return fig
+
+
+def markdown_table(rows: Sequence[Sequence[object]], header: Sequence[str] = ("measured in this run", "value")) -> Markdown:
+    """A Markdown table (shown as a table by Jupyter, kept as text in the saved notebook)."""
+    def esc(v: object) -> str:  # a pipe would end the cell early
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
+    return Markdown("\n".join(lines))
