@@ -22,7 +22,7 @@ from labkit import plots
 from labkit.stats import (acceptance_rate, chi_square_test, prefix_survival, speculative_stream,
                           total_variation)
 from labkit.target import Target
-from labkit.widgets import check_slider, latency_explorer
+from labkit.widgets import check_slider, decoding_dashboard, latency_explorer
 
 P_T = torch.tensor([0.5, 0.2, 0.2, 0.1])
 P_D = torch.tensor([0.2, 0.5, 0.1, 0.2])
@@ -220,3 +220,23 @@ def test_latency_explorer_updates_and_refuses_tau_beyond_gamma_plus_one():
         dash.update(rank=3)
     with pytest.raises(LabkitError):
         latency_explorer(_fake_cost(), gamma=2, tau=9.0)
+
+
+def test_moving_gamma_down_clamps_tau_and_redraws():
+    dash = latency_explorer(_fake_cost(), gamma=5, tau=5.5)
+    dash.sliders["gamma"].value = 2  # as a user would: tau's range shrinks to 1..3 and the map redraws
+    assert dash.sliders["tau"].max == 3.0 and dash.sliders["tau"].value == 3.0
+    assert dash.readout.value.startswith("gamma=2")
+    assert list(dash.figure.data[2].x) == [3.0]
+
+
+def test_decoding_dashboard_runs_real_generations_and_validates_sliders(tiny_target):
+    dash = decoding_dashboard(tiny_target, [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], gamma=3, max_new_tokens=6)
+    assert "tau" in dash.readout.value and len(dash.figure.data) == 2
+    dash.update(gamma=5, temperature=0.8)
+    assert dash.sliders["gamma"].value == 5 and "gamma=5" in dash.figure.layout.title.text
+    for bad in ({"gamma": 0}, {"gamma": 17}, {"temperature": -0.1}, {"temperature": 2.0}):
+        with pytest.raises(LabkitError):
+            dash.update(**bad)
+    with pytest.raises(LabkitError):
+        decoding_dashboard(tiny_target, [1, 2, 3], gamma=40)
