@@ -1,0 +1,136 @@
+"""labkit.bench on a tiny random model with the real tokenizer: the result JSON keeps its shape, its
+ratios are computed from its own rows, and greedy methods agree token for token.
+
+The model is a random 10-layer, 16-wide Llama over SmolLM2's 49152-token vocabulary (10 layers so
+the default `layer-skip` drafter, 8 layers, fits). Timings on it are meaningless; shapes and ratios
+are not.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labkit.__main__ import main
+from labkit.bench import DEFAULT_METHODS, format_table, load_prompts, run_bench
+from labkit.sampling import SamplingParams
+from labkit.target import load_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NEW_TOKENS = 8
+TOP_KEYS = {"model", "device", "dtype", "temperature", "max_new_tokens", "rows"}
+ROW_KEYS = {"method", "drafter", "tokens_per_s", "tau", "speedup_vs_hf", "n_prompts", "new_tokens"}
+TEXTS = ["What is 7 * 8?", "Write a Python function that adds two numbers.", "Name three colours."]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "mixed.jsonl"
+    rows = [{"turns": [TEXTS[0], "and then?"], "domain": "math"}, {"turns": [TEXTS[1]], "domain": "code"},
+            {"turns": [TEXTS[2]]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_model_dir):
+    return load_target(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def greedy_result(tiny_target, prompt_file):
+    prompts = load_prompts([prompt_file])
+    return run_bench(tiny_target, prompts, max_new_tokens=NEW_TOKENS, progress=False)
+
+
+def check_shape(result: dict, n_prompts: int, methods=DEFAULT_METHODS) -> None:
+    assert TOP_KEYS <= set(result)
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["max_new_tokens"] == NEW_TOKENS
+    assert [row["method"] for row in result["rows"]] == list(methods)
+    for row in result["rows"]:
+        assert ROW_KEYS <= set(row), f"row {row['method']} lacks {ROW_KEYS - set(row)}"
+        assert row["n_prompts"] == n_prompts
+        assert 0 < row["new_tokens"] <= n_prompts * NEW_TOKENS
+        assert row["tokens_per_s"] > 0
+    json.dumps(result)  # JSON-ready
+
+
+def test_load_prompts_takes_first_turns_and_domains(prompt_file):
+    prompts = load_prompts([prompt_file])
+    assert [p.text for p in prompts] == TEXTS
+    assert [p.domain for p in prompts] == ["math", "code", "mixed"]  # row, row, file stem
+    assert len(load_prompts([prompt_file], limit=2)) == 2
+
+
+def test_bench_result_has_the_documented_shape(greedy_result):
+    check_shape(greedy_result, n_prompts=3)
+    assert greedy_result["temperature"] == 0.0
+    assert greedy_result["model"]
+
+
+def test_bench_speedups_are_ratios_to_hf_generate_of_the_same_run(greedy_result):
+    rows = {row["method"]: row for row in greedy_result["rows"]}
+    hf_tps = rows["hf-generate"]["tokens_per_s"]
+    assert rows["hf-generate"]["speedup_vs_hf"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert row["speedup_vs_hf"] == pytest.approx(row["tokens_per_s"] / hf_tps, rel=1e-9)
+        assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"], rel=1e-9)
+
+
+def test_bench_tau_only_for_speculative_methods(greedy_result):
+    for row in greedy_result["rows"]:
+        if row["method"].startswith("spec:"):
+            assert row["drafter"] == row["method"].split(":", 1)[1]
+            assert row["tau"] is not None and row["tau"] >= 1.0
+        else:
+            assert row["drafter"] is None and row["tau"] is None
+
+
+def test_bench_greedy_methods_agree_token_for_token(greedy_result):
+    """Greedy, fp32: HF generate, HF prompt lookup and both speculative loops all reproduce the lab's
+    AR output on every prompt (and the layer-skip drafter did get drafts accepted)."""
+    rows = {row["method"]: row for row in greedy_result["rows"]}
+    assert rows["spec:layer-skip"]["tau"] > 1.0
+    for method, row in rows.items():
+        if method != "ar":
+            assert row["identical_to_ar"] == "3/3", method
+        assert row["new_tokens"] == rows["ar"]["new_tokens"]
+
+
+def test_format_table_lists_every_method(greedy_result):
+    table = format_table(greedy_result)
+    for method in DEFAULT_METHODS:
+        assert method in table
+    assert "math" in table and "code" in table
+
+
+def test_bench_sampled_run_has_same_shape(tiny_target, prompt_file):
+    methods = ("hf-generate", "ar", "spec:prompt-lookup")
+    result = run_bench(tiny_target, load_prompts([prompt_file], limit=2), methods=methods, max_new_tokens=NEW_TOKENS,
+                       params=SamplingParams(0.8, 0.9), progress=False)
+    check_shape(result, n_prompts=2, methods=methods)
+    assert result["temperature"] == 0.8
+    assert all(not key.startswith("identical_to") for row in result["rows"] for key in row)
+
+
+def test_cli_bench_writes_json(tiny_model_dir, prompt_file, tmp_path, capsys):
+    out = tmp_path / "results" / "bench.json"
+    rc = main(["bench", "--prompts", str(prompt_file), "--limit", "2", "--target", str(tiny_model_dir),
+               "--device", "cpu", "--max-new-tokens", str(NEW_TOKENS), "--json", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0
+    result = json.loads(out.read_text())
+    check_shape(result, n_prompts=2)
+    assert "hf-generate" in stdout and f"wrote {out}" in stderr
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_cli_generate_json(tiny_model_dir, capsys):
+    rc = main(["generate", "--prompt", "Say hi.", "--target", str(tiny_model_dir), "--device", "cpu",
+               "--drafter", "layer-skip:4", "--max-new-tokens", "6", "--json"])
+    stdout, _ = capsys.readouterr()
+    assert rc == 0
+    result = json.loads(stdout)
+    assert len(result["token_ids"]) <= 6 and result["drafter"] == "layer-skip:4" and result["tau"] >= 1.0

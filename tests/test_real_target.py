@@ -1,0 +1,115 @@
+"""Lossless on the real default target, SmolLM2-135M-Instruct in fp32 on the CPU.
+
+Greedy: speculative output equals the lab's AR output and HF `generate(do_sample=False)` token for
+token, for chat prompts and both built-in drafters. Sampled: the first token emitted by chain
+verification with a real layer-skip draft follows the model's own next-token distribution (chi-square,
+alpha 0.001). Loads the model once for the module; skipped if the default target is not installed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from labkit.decoding import generate, prefill
+from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, make_drafter
+from labkit.sampling import SamplingParams, Verdict, logits_to_probs, sample, verify_chain
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+NEW_TOKENS = 32
+PROMPTS = [
+    "Repeat this sentence exactly twice: the quick brown fox jumps over the lazy dog.",
+    "Write a Python function that returns the sum of a list of numbers.",
+    "What is 12 + 35? Answer in one sentence.",
+    "List the days of the week, one per line.",
+]
+ALPHA = 0.001
+N_DRAWS = 10_000
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(real_target):
+    return [real_target.encode_prompt(text) for text in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(real_target, prompt_ids):
+    return [generate(real_target, ids, None, NEW_TOKENS).token_ids for ids in prompt_ids]
+
+
+def test_chat_prompts_go_through_the_template(real_target, prompt_ids):
+    text = real_target.tokenizer.decode(prompt_ids[0])
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+
+
+@torch.inference_mode()
+def test_lab_ar_greedy_equals_hf_generate(real_target, prompt_ids, ar_outputs):
+    for ids, ar in zip(prompt_ids, ar_outputs):
+        x = torch.tensor([ids])
+        out = real_target.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                                         do_sample=False, temperature=None, top_p=None, top_k=None,
+                                         pad_token_id=real_target.tokenizer.pad_token_id)
+        assert out[0, len(ids):].tolist() == ar
+        assert len(ar) == NEW_TOKENS or ar[-1] in real_target.eos_token_ids
+
+
+@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip"])
+def test_greedy_speculative_equals_ar(real_target, prompt_ids, ar_outputs, spec):
+    drafter = make_drafter(spec, real_target)
+    proposed = 0
+    for ids, ar in zip(prompt_ids, ar_outputs):
+        result = generate(real_target, ids, drafter, NEW_TOKENS)
+        assert result.token_ids == ar, f"{spec} on {real_target.decode(ids)!r}"
+        proposed += sum(r.proposed for r in result.rounds)
+    assert proposed > 0, f"{spec} proposed nothing: the test exercised no verification"
+
+
+def first_token_counts(verifier, p_t: torch.Tensor, p_d: torch.Tensor, n: int, seed: int) -> Counter:
+    gen = torch.Generator().manual_seed(seed)
+    drafts = sample(p_d.expand(n, -1), gen)
+    rows_t = torch.stack([p_t, p_t])  # row 1 (the bonus row) never decides the first token
+    counts = Counter()
+    for draft in drafts:
+        verdict = verifier(draft.view(1), p_d.view(1, -1), rows_t, gen)
+        counts[int(draft) if verdict.n_accepted else verdict.next_token] += 1
+    return counts
+
+
+def verify_resample_target(draft, p_d, p_t, generator=None) -> Verdict:
+    """Wrong on purpose: after a rejection it samples p_t instead of the residual."""
+    verdict = verify_chain(draft, p_d, p_t, generator)
+    if verdict.n_accepted == 0:
+        return Verdict(0, int(sample(p_t[0], generator)))
+    return verdict
+
+
+def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_gof):
+    """10000 first emitted tokens at temperature 1, top-p 0.9, drafted by the target's first 29 of 30
+    layers (the default 8 layers put almost no mass where the target does); chi-square against the
+    model's p_t at alpha 0.001. The same test rejects a verifier that resamples p_t instead of the
+    residual. p_t and p_d are restricted to the union of their supports (exact: verification never
+    emits a token both give probability 0), which keeps each draw cheap."""
+    params = SamplingParams(1.0, 0.9)
+    drafter = LayerSkipDrafter(real_target, LayerSkipConfig(n_layers=real_target.num_layers - 1, gamma=1,
+                                                           stop_below=0.0))
+    ids = real_target.encode_prompt("Write a short poem about the sea.")
+    state = prefill(real_target, ids, 8, params, seed=0, drafter=drafter)
+    p_d = drafter.propose(state, 1).probs[0]  # the drafter's distribution after the first new token
+    logits, _ = real_target.forward([state.ids[-1]], state.cache)
+    p_t = logits_to_probs(logits[-1], params)
+    support = ((p_t > 0) | (p_d > 0)).nonzero().view(-1)
+    p_t, p_d = p_t[support], p_d[support]
+    acceptance = torch.minimum(p_t, p_d).sum().item()
+    assert 0.1 < acceptance < 0.9, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
+
+    counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=0)
+    fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
+    assert fit.impossible == 0, "emitted a token outside the target's top-p nucleus"
+    assert fit.df >= 5
+    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+
+    wrong = first_token_counts(verify_resample_target, p_t, p_d, N_DRAWS, seed=0)
+    assert chi2_gof([wrong[i] for i in range(len(support))], p_t.tolist()).rejects(ALPHA)
