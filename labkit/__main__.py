@@ -87,11 +87,12 @@ def cmd_setup(args) -> None:
 
 def cmd_generate(args) -> None:
     from labkit.decoding import generate
-    from labkit.drafters import make_drafter
+    from labkit.drafters import check_spec, make_drafter
     from labkit.target import load_target
     params = _params(args)
     if not args.prompt.strip():
         raise LabkitError("The prompt is empty: pass some text, e.g. --prompt 'What is 7 * 8?'.")
+    check_spec(args.drafter)
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
     result = generate(target, target.encode_prompt(args.prompt), drafter, args.max_new_tokens, params, args.seed)
@@ -106,10 +107,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from labkit.bench import DEFAULT_METHODS, format_table, load_prompts, run_bench
+    from labkit.bench import DEFAULT_METHODS, check_method, format_table, load_prompts, run_bench
     from labkit.target import load_target
     params = _params(args)
     prompts = load_prompts(args.prompts, args.limit)
+    for name in args.methods or DEFAULT_METHODS:
+        check_method(name)
     target = load_target(args.target, args.device, args.dtype)
     result = run_bench(target, prompts, args.methods or DEFAULT_METHODS, args.max_new_tokens, params,
                        args.seed, args.hf_lookup_tokens, args.gamma)
@@ -137,7 +140,10 @@ COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one line
+        return int(exc.code or 0)
     try:
         COMMANDS[args.command](args)
     except LabkitError as exc:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.decoding import sync_device, generate
-from labkit.drafters import make_drafter
+from labkit.drafters import check_spec, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
 from labkit.target import Target
@@ -80,6 +80,18 @@ class MethodStats:
             self.emitted_in_rounds += sum(r.emitted for r in rounds)
 
 
+def check_method(name: str) -> str | None:
+    """Refuse an unknown method name; return its drafter spec (None for non-speculative methods)."""
+    if name in ("hf-generate", "hf-prompt-lookup", "ar"):
+        return None
+    if not name.startswith("spec:"):
+        raise LabkitError(f"Unknown bench method {name!r}: use hf-generate, hf-prompt-lookup, ar or "
+                          "spec:<drafter> (e.g. spec:prompt-lookup).")
+    spec = name.split(":", 1)[1]
+    check_spec(spec)
+    return spec
+
+
 class Method:
     """One benchmarked way to decode: run(prompt_ids) -> (new token ids, rounds or None)."""
 
@@ -87,10 +99,7 @@ class Method:
                  hf_lookup_tokens: int, gamma: int | None):
         self.name, self.target, self.params, self.max_new_tokens = name, target, params, max_new_tokens
         self.hf_lookup_tokens = hf_lookup_tokens
-        self.drafter_spec = name.split(":", 1)[1] if name.startswith("spec:") else None
-        if name not in ("hf-generate", "hf-prompt-lookup", "ar") and self.drafter_spec is None:
-            raise LabkitError(f"Unknown bench method {name!r}: use hf-generate, hf-prompt-lookup, ar or "
-                              "spec:<drafter> (e.g. spec:prompt-lookup).")
+        self.drafter_spec = check_method(name)
         self.drafter = make_drafter(self.drafter_spec, target, gamma) if self.drafter_spec else None
 
     def run(self, prompt_ids: list[int], seed: int, max_new_tokens: int | None = None):
@@ -105,7 +114,7 @@ class Method:
         torch.manual_seed(seed)
         ids = torch.tensor([prompt_ids], device=self.target.device)
         kwargs = dict(max_new_tokens=n, attention_mask=torch.ones_like(ids),
-                      pad_token_id=self.target.tokenizer.pad_token_id or min(self.target.eos_token_ids))
+                      pad_token_id=self.target.pad_token_id)
         if self.params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -121,6 +130,8 @@ def run_bench(target: Target, prompts: list[Prompt], methods: list[str] | tuple[
               hf_lookup_tokens: int = 3, gamma: int | None = None, progress: bool = True) -> dict:
     """Time every method on every prompt, interleaved; return the benchmark dict (see module doc)."""
     params = params or SamplingParams()
+    if not prompts:
+        raise LabkitError("No prompts to benchmark: pass at least one prompt (see load_prompts).")
     if max_new_tokens <= 0:
         raise LabkitError(f"max_new_tokens must be positive, got {max_new_tokens}.")
     runners = [Method(m, target, params, max_new_tokens, hf_lookup_tokens, gamma) for m in methods]

