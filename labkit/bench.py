@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit.decoding import sync_device, generate
+from labkit.decoding import generate, position_acceptance, sync_device
 from labkit.drafters import check_spec, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
@@ -63,8 +63,7 @@ class MethodStats:
 
     new_tokens: int = 0
     seconds: float = 0.0
-    rounds: int = 0
-    emitted_in_rounds: int = 0
+    rounds: list = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
     by_domain: dict[str, list[float]] = field(default_factory=dict)  # domain -> [tokens, seconds]
 
@@ -76,8 +75,7 @@ class MethodStats:
         agg[0] += len(tokens)
         agg[1] += seconds
         if rounds is not None:
-            self.rounds += len(rounds)
-            self.emitted_in_rounds += sum(r.emitted for r in rounds)
+            self.rounds.extend(rounds)
 
 
 def check_method(name: str) -> str | None:
@@ -164,7 +162,8 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
         tps = st.new_tokens / st.seconds if st.seconds else 0.0
         row = {"method": m.name, "drafter": m.drafter_spec,
                "tokens_per_s": tps,
-               "tau": st.emitted_in_rounds / st.rounds if m.drafter_spec and st.rounds else None,
+               "tau": sum(r.emitted for r in st.rounds) / len(st.rounds) if m.drafter_spec and st.rounds else None,
+               "position_acceptance": position_acceptance(st.rounds) if m.drafter_spec else None,
                "speedup_vs_hf": tps / base_tps if base_tps else None,
                "n_prompts": n_prompts, "new_tokens": st.new_tokens, "seconds": st.seconds,
                "by_domain": {d: {"tokens_per_s": t / s, "speedup_vs_hf": (t / s) / base_dom[d] if d in base_dom else None}
