@@ -1,0 +1,453 @@
+"""DFlash: a parallel block drafter conditioned on the target's hidden states (paper Sec. 2.2, Eq. 2-3).
+
+Context features H_ctx = RMSNorm(W_c [H(l_1); ...; H(l_m)]) come from m chosen target layers (Eq. 2).
+Every draft layer projects them with its own k/v weights and puts them in front of the block's keys
+and values, so block positions attend to all context before the anchor and bidirectionally to each
+other, never to anything later (Eq. 3). The block is the anchor (the last token the target produced)
+followed by mask tokens; one forward yields gamma logits. The target's embedding and LM head are
+shared and frozen (the LM head may be restricted to the most frequent rows, `draft_vocab`: tokens
+outside get draft probability 0, which verification handles exactly).
+
+At decode time the projected context keys/values live in a per-request `ContextCache`: a round costs
+one drafter forward over the block plus the projection of the tokens just accepted.
+
+`DFlashBackbone` is the network; `DFlashDrafter` adapts it to the decoding loop's Drafter protocol.
+DSpark's heads (a later issue) read `DFlashBackbone.block_hidden` and add to its logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.drafters.base import Proposal
+from labkit.errors import LabkitError
+from labkit.sampling import SamplingParams, logits_to_probs, sample
+
+
+def default_layers(num_layers: int, m: int = 5) -> tuple[int, ...]:
+    """m target layers spread over the depth, from layer 1 to two before the last (as in the reference)."""
+    m = max(1, min(m, num_layers))
+    hi = max(1, num_layers - 2)
+    if m == 1:
+        return (hi,)
+    return tuple(sorted({round(1 + i * (hi - 1) / (m - 1)) for i in range(m)}))
+
+
+@dataclass
+class DFlashConfig:
+    """Shape of a DFlash drafter; `for_target` fills the target-dependent fields."""
+
+    target_name: str = ""
+    target_vocab_size: int = 0
+    target_hidden_size: int = 0
+    target_num_layers: int = 0
+    target_layers: tuple[int, ...] = ()
+    n_layers: int = 1
+    gamma: int = 8
+    hidden_size: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    #: True: anchor + gamma-1 masks, slot j predicts anchor + j + 1 (DSpark). False: anchor + gamma
+    #: masks, the anchor slot's output unused (original DFlash). Checkpoints record which.
+    anchor_predicts: bool = True
+    #: rows of the target's LM head the drafter scores (the most frequent tokens); 0 = all
+    draft_vocab: int = 0
+    mask_init_token: int = 0
+    kind: str = "dflash"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_slots(self) -> int:
+        return self.gamma if self.anchor_predicts else self.gamma + 1
+
+    @classmethod
+    def for_target(cls, target, **overrides) -> "DFlashConfig":
+        c = target.config
+        heads = c.num_attention_heads
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0
+        cfg = cls(target_name=target.name, target_vocab_size=target.vocab_size,
+                  target_hidden_size=target.hidden_size, target_num_layers=target.num_layers,
+                  target_layers=default_layers(target.num_layers), hidden_size=target.hidden_size,
+                  num_heads=heads, num_kv_heads=getattr(c, "num_key_value_heads", heads) or heads,
+                  head_dim=getattr(c, "head_dim", None) or target.hidden_size // heads,
+                  intermediate_size=getattr(c, "intermediate_size", 4 * target.hidden_size),
+                  rope_theta=float(theta), rms_eps=float(getattr(c, "rms_norm_eps", 1e-6)),
+                  mask_init_token=target.pad_token_id)
+        for key, value in overrides.items():
+            if not hasattr(cfg, key):
+                raise LabkitError(f"DFlashConfig has no field {key!r}.")
+            setattr(cfg, key, tuple(value) if key == "target_layers" else value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.gamma < 1 or self.n_layers < 1:
+            raise LabkitError(f"gamma and n_layers must be at least 1, got gamma={self.gamma}, "
+                              f"n_layers={self.n_layers}.")
+        if not self.target_layers or not all(1 <= i <= self.target_num_layers for i in self.target_layers):
+            raise LabkitError(f"target_layers {self.target_layers} must lie in 1..{self.target_num_layers} "
+                              "(the target's decoder layers).")
+        if self.num_heads % self.num_kv_heads:
+            raise LabkitError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}.")
+        if not 0 <= self.draft_vocab <= self.target_vocab_size:
+            raise LabkitError(f"draft_vocab must lie in 0..{self.target_vocab_size}, got {self.draft_vocab}.")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DFlashConfig":
+        d = dict(d)
+        d["target_layers"] = tuple(d["target_layers"])
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (rotate-half convention, as Llama) of x (B, h, T, d) at pos (B, T)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = pos.to(torch.float32)[:, None, :, None] * inv  # (B, 1, T, d/2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class DraftLayer(nn.Module):
+    """A Llama-shaped decoder layer whose keys/values are [context ; block] (Eq. 3)."""
+
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(h, cfg.rms_eps)
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_eps)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.cfg.head_dim).transpose(1, 2)
+
+    def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of normalised context features ctx (B, C, H) at positions pos (B, C)."""
+        k = rope(self._heads(self.k_proj(ctx), self.cfg.num_kv_heads), pos, self.cfg.rope_theta)
+        return k, self._heads(self.v_proj(ctx), self.cfg.num_kv_heads)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, Q, H) block states; mask (B, Q, C + Q) True = may attend, None = attend everything."""
+        cfg = self.cfg
+        h = self.input_layernorm(x)
+        q = rope(self._heads(self.q_proj(h), cfg.num_heads), pos, cfg.rope_theta)
+        k = rope(self._heads(self.k_proj(h), cfg.num_kv_heads), pos, cfg.rope_theta)
+        v = self._heads(self.v_proj(h), cfg.num_kv_heads)
+        k, v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
+        if cfg.num_heads != cfg.num_kv_heads:
+            rep = cfg.num_heads // cfg.num_kv_heads
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def block_attention_mask(anchor_pos: torch.Tensor, n_ctx: int, n_slots: int) -> torch.Tensor:
+    """Eq. 3 for A blocks packed after one context: (B, A*S, N + A*S), True where attention is allowed.
+
+    A block's slots see context positions strictly before their anchor (the anchor itself enters as
+    the block's first slot) and every slot of their own block, nothing of other blocks.
+    """
+    b, a = anchor_pos.shape
+    dev = anchor_pos.device
+    ctx = torch.arange(n_ctx, device=dev)[None, None, :] < anchor_pos[:, :, None]  # (B, A, N)
+    ctx = ctx.repeat_interleave(n_slots, 1)  # (B, A*S, N)
+    blk = torch.block_diag(*[torch.ones(n_slots, n_slots, dtype=torch.bool, device=dev)] * a)
+    return torch.cat([ctx, blk.expand(b, -1, -1)], -1)
+
+
+class DFlashBackbone(nn.Module):
+    """The trainable drafter; the target's embedding and LM head are frozen buffers, never saved."""
+
+    def __init__(self, cfg: DFlashConfig, embed: torch.Tensor, lm_head: torch.Tensor,
+                 vocab_ids: torch.Tensor | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        m = len(cfg.target_layers)
+        self.fc = nn.Linear(m * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.ctx_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mask_embedding = nn.Parameter(embed[cfg.mask_init_token].detach().clone().float())
+        self.register_buffer("embed", embed.detach(), persistent=False)
+        if vocab_ids is None:
+            n = cfg.draft_vocab or cfg.target_vocab_size
+            vocab_ids = torch.arange(n)
+        if cfg.draft_vocab and len(vocab_ids) != cfg.draft_vocab:
+            raise LabkitError(f"vocab_ids has {len(vocab_ids)} rows but the config says draft_vocab={cfg.draft_vocab}.")
+        self.register_buffer("vocab_ids", vocab_ids.long().clone())  # saved: which LM-head rows are used
+        self.register_buffer("head", lm_head.detach()[self.vocab_ids].clone(), persistent=False)
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.cfg.draft_vocab in (0, self.cfg.target_vocab_size)
+
+    def context(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Eq. 2: (..., m * H_target) concatenated layer outputs -> normalised context features."""
+        return self.ctx_norm(self.fc(hidden.to(self.fc.weight.dtype)))
+
+    def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
+        """(B,) anchor ids -> (B, n_slots, H): the anchor's embedding then mask embeddings."""
+        dtype = self.fc.weight.dtype
+        first = self.embed[anchors].to(dtype)[:, None]
+        masks = self.mask_embedding.to(dtype).expand(anchors.shape[0], self.cfg.n_slots - 1, -1)
+        return torch.cat([first, masks], 1)
+
+    def block_hidden(self, x: torch.Tensor, pos: torch.Tensor, ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        """Run the draft layers over block slots x (B, Q, H); return their final-normed states."""
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            x = layer(x, pos, k, v, mask)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the draft vocabulary (its columns index `vocab_ids`)."""
+        return h @ self.head.to(h.dtype).T
+
+    def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.context_kv(ctx, pos) for layer in self.layers]
+
+    def forward(self, feats: torch.Tensor, anchor_pos: torch.Tensor, anchor_ids: torch.Tensor) -> torch.Tensor:
+        """Training forward: many blocks per sequence at once.
+
+        feats (B, N, m*H) the target's layer outputs for every position; anchor_pos / anchor_ids (B, A)
+        where each block starts. Returns the normed states of each block's gamma predicting slots,
+        (B, A, gamma, H): slot j of block a predicts the token at anchor_pos[a] + j + 1.
+        """
+        b, n, _ = feats.shape
+        a, s = anchor_pos.shape[1], self.cfg.n_slots
+        ctx = self.context(feats)
+        ctx_kv = self.context_kv(ctx, torch.arange(n, device=feats.device).expand(b, n))
+        x = self.block_inputs(anchor_ids.reshape(-1)).view(b, a * s, -1)
+        pos = (anchor_pos[:, :, None] + torch.arange(s, device=feats.device)).view(b, a * s)
+        h = self.block_hidden(x, pos, ctx_kv, block_attention_mask(anchor_pos, n, s))
+        return h.view(b, a, s, -1)[:, :, s - self.cfg.gamma:]
+
+    def init_from_target(self, target_model) -> int:
+        """Copy the target's last decoder layers into the draft layers where shapes match; return count."""
+        layers = getattr(getattr(target_model, "model", target_model), "layers", None)
+        if layers is None:
+            return 0
+        copied = 0
+        for mine, theirs in zip(self.layers, list(layers)[-len(self.layers):]):
+            src = {**{f"{n}": p for n, p in theirs.self_attn.named_parameters()},
+                   **{f"{n}": p for n, p in theirs.mlp.named_parameters()},
+                   "input_layernorm.weight": theirs.input_layernorm.weight,
+                   "post_attention_layernorm.weight": theirs.post_attention_layernorm.weight}
+            dst = dict(mine.named_parameters())
+            if all(k in src and src[k].shape == p.shape for k, p in dst.items()):
+                with torch.no_grad():
+                    for k, p in dst.items():
+                        p.copy_(src[k])
+                copied += 1
+        return copied
+
+
+# ----------------------------------------------------------------------------- decode-time adapter
+
+
+@dataclass
+class ContextCache:
+    """Per-request projected context keys/values, one (k, v) per draft layer; length = positions seen."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+    def extend(self, new: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+        self.kv = [(torch.cat([k, nk], 2), torch.cat([v, nv], 2)) for (k, v), (nk, nv) in zip(self.kv, new)]
+        self.length += n
+
+    def crop(self, length: int) -> None:
+        self.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
+        self.length = length
+
+
+class DFlashDrafter:
+    """DFlash behind the Drafter protocol: start/observe feed the context cache, propose drafts a block."""
+
+    name = "dflash"
+
+    def __init__(self, backbone: DFlashBackbone, gamma: int | None = None, device=None, dtype=None):
+        self.backbone = backbone.eval()
+        if device is not None or dtype is not None:
+            self.backbone.to(device=device, dtype=dtype)
+        self.cfg = backbone.cfg
+        self.gamma = min(gamma or self.cfg.gamma, self.cfg.gamma)
+        self.vocab_size = self.cfg.target_vocab_size
+        self.hidden_layers = tuple(self.cfg.target_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.fc.weight.device
+
+    def _features(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([h[0] for h in hidden], -1).to(self.device)  # (T, m * H)
+
+    @torch.no_grad()
+    def _append(self, state, feats: torch.Tensor) -> None:
+        cache: ContextCache = state.drafter_state
+        start = cache.length
+        pos = torch.arange(start, start + feats.shape[0], device=self.device)[None]
+        cache.extend(self.backbone.context_kv(self.backbone.context(feats[None]), pos), feats.shape[0])
+
+    @torch.no_grad()
+    def start(self, state, hidden) -> None:
+        if hidden is None:
+            raise LabkitError("DFlash needs the target's hidden states; the decoding loop did not pass them.")
+        empty = [(torch.empty(1, self.cfg.num_kv_heads, 0, self.cfg.head_dim, device=self.device,
+                              dtype=self.backbone.fc.weight.dtype),) * 2 for _ in self.backbone.layers]
+        state.drafter_state = ContextCache(kv=empty, length=0)
+        self._append(state, self._features(hidden))
+
+    @torch.no_grad()
+    def draft_logits(self, state) -> torch.Tensor:
+        """Logits (gamma, V_draft) for the block after the anchor state.ids[-1], from the cached context."""
+        cache: ContextCache = state.drafter_state
+        anchor = torch.tensor([state.ids[-1]], device=self.device)
+        x = self.backbone.block_inputs(anchor)
+        pos = torch.arange(cache.length, cache.length + self.cfg.n_slots, device=self.device)[None]
+        h = self.backbone.block_hidden(x, pos, cache.kv, None)
+        first = self.cfg.n_slots - self.cfg.gamma  # the slot that predicts anchor + 1
+        return self.backbone.logits(h[0, first: first + self.gamma]).float()
+
+    @torch.no_grad()
+    def propose(self, state, max_tokens: int) -> Proposal:
+        k = min(self.gamma, max_tokens)
+        if k <= 0:
+            return Proposal.empty(self.vocab_size, self.device)
+        logits = self.draft_logits(state)[:k]
+        return self.sample_block(logits, state.params, state.generator)
+
+    def sample_block(self, logits: torch.Tensor, params: SamplingParams, generator) -> Proposal:
+        """Sample each position from its own draft distribution; return the exact probabilities used."""
+        p_small = logits_to_probs(logits, params)  # (k, V_draft)
+        local = torch.stack([sample(p, generator) for p in p_small]) if generator is not None else p_small.argmax(-1)
+        ids = self.backbone.vocab_ids.to(logits.device)
+        if self.backbone.full_vocab:
+            return Proposal(ids[local], p_small)
+        probs = torch.zeros(logits.shape[0], self.vocab_size, device=logits.device)
+        probs[:, ids] = p_small
+        return Proposal(ids[local], probs)
+
+    @torch.no_grad()
+    def observe(self, state, n_accepted: int, hidden) -> None:
+        # the verify forward saw [anchor, d_1..d_k]; the target keeps anchor + d_1..d_n in its cache
+        self._append(state, self._features(hidden)[: n_accepted + 1])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def target_signature(target) -> dict:
+    return {"vocab_size": target.vocab_size, "hidden_size": target.hidden_size, "num_layers": target.num_layers}
+
+
+def check_compatible(cfg: DFlashConfig, target, where: str = "") -> None:
+    """Refuse a drafter made for another target, naming both models."""
+    mine = {"vocab_size": cfg.target_vocab_size, "hidden_size": cfg.target_hidden_size,
+            "num_layers": cfg.target_num_layers}
+    theirs = target_signature(target)
+    if mine != theirs:
+        diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
+        raise LabkitError(
+            f"The drafter{(' at ' + where) if where else ''} was trained for {cfg.target_name or 'another model'} "
+            f"but the target is {target.name} ({diff}): train a drafter for {target.name} with "
+            f"`python -m labkit train --target {target.name} ...`.")
+
+
+def save_drafter(backbone: DFlashBackbone, out_dir: str | Path, dtype: torch.dtype | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename)."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in backbone.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    cfg = json.loads(backbone.cfg.to_json())
+    if extra:
+        cfg["extra"] = {**cfg.get("extra", {}), **extra}
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise LabkitError(f"{path} is not a drafter checkpoint (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                          "train one with `python -m labkit train --drafter dflash --out PATH`.")
+    return json.loads((path / CONFIG_FILE).read_text())
+
+
+def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32) -> DFlashBackbone:
+    """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target."""
+    from safetensors.torch import load_file
+    cfg = DFlashConfig.from_dict(read_config(path))
+    check_compatible(cfg, target, str(path))
+    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    emb = target.model.get_input_embeddings().weight
+    head = target.model.get_output_embeddings().weight
+    model = DFlashBackbone(cfg, emb, head, state["vocab_ids"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device=target.device, dtype=dtype).eval()
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = ["DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "save_drafter", "load_backbone",
+           "check_compatible", "default_layers", "read_config", "param_count"]

@@ -1,0 +1,132 @@
+"""The target's hidden states over the training data, computed once and cached on disk (not shipped).
+
+A drafter trains on what the target computed for each training sequence: the outputs of its chosen
+layers (DFlash's context features, Eq. 2) and, for the distillation target, the final normalised
+hidden state plus the log-sum-exp of the logits at every position, so that the target's probability
+of any token v is exp(h_final . W_v - lse) without storing V numbers per position.
+
+One cache file per data shard (`features/<layers>/shard-XXXXX.safetensors`): ctx (N, m*H) bf16,
+final (N, H) fp16, lse (N,) fp32, rows aligned with the shard's flat token array. Files are written
+atomically, so an interrupted run resumes with the shards it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from labkit.data import Sequence
+from labkit.errors import LabkitError
+from labkit.target import Target
+
+
+def cache_dir(data_dir: str | Path, layers: tuple[int, ...]) -> Path:
+    return Path(data_dir) / "features" / ("layers-" + "-".join(map(str, layers)))
+
+
+@torch.no_grad()
+def shard_features(target: Target, tokens: torch.Tensor, offsets: torch.Tensor, layers: tuple[int, ...],
+                   batch_tokens: int = 2048) -> dict[str, torch.Tensor]:
+    """Teacher-forced target forwards over each sequence of one shard (batched, right-padded)."""
+    model = target.model
+    head = model.get_output_embeddings().weight
+    n = int(offsets[-1])
+    ctx = torch.empty(n, len(layers) * target.hidden_size, dtype=torch.bfloat16)
+    final = torch.empty(n, target.hidden_size, dtype=torch.float16)
+    lse = torch.empty(n, dtype=torch.float32)
+    spans = [(int(offsets[i]), int(offsets[i + 1])) for i in range(len(offsets) - 1)]
+    order = sorted(range(len(spans)), key=lambda i: spans[i][1] - spans[i][0])
+    batch: list[int] = []
+
+    def flush(batch: list[int]) -> None:
+        width = max(spans[i][1] - spans[i][0] for i in batch)
+        ids = torch.full((len(batch), width), target.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(batch):
+            a, b = spans[i]
+            ids[r, : b - a] = tokens[a:b].long()
+            mask[r, : b - a] = 1
+        out = model(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        hs = out.hidden_states
+        for r, i in enumerate(batch):
+            a, b = spans[i]
+            t = b - a
+            ctx[a:b] = torch.cat([hs[j][r, :t] for j in layers], -1).to("cpu", torch.bfloat16)
+            h = hs[-1][r, :t]
+            final[a:b] = h.to("cpu", torch.float16)
+            lse[a:b] = torch.logsumexp((h @ head.T).float(), -1).cpu()
+
+    for i in order:
+        if batch and (len(batch) + 1) * (spans[i][1] - spans[i][0]) > batch_tokens:
+            flush(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        flush(batch)
+    return {"ctx": ctx, "final": final, "lse": lse}
+
+
+def cache_features(target: Target, data_dir: str | Path, layers: tuple[int, ...], progress: bool = True) -> Path:
+    """Compute (or resume computing) the feature cache for every finished data shard."""
+    data_dir = Path(data_dir)
+    shards = sorted(data_dir.glob("shard-*.safetensors"))
+    if not shards:
+        raise LabkitError(f"No training data in {data_dir}: make it with `python -m labkit prepare-data "
+                          f"--out {data_dir}`.")
+    out = cache_dir(data_dir, layers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "info.json").write_text(json.dumps({"target": target.name, "layers": list(layers)}))
+    todo = [s for s in shards if not (out / s.name).exists()]
+    for shard in tqdm(todo, desc="target features", unit="shard", disable=not progress or not todo):
+        t = load_file(str(shard))
+        feats = shard_features(target, t["tokens"], t["offsets"], layers)
+        tmp = out / (shard.name + ".tmp")
+        save_file(feats, str(tmp))
+        os.replace(tmp, out / shard.name)
+    return out
+
+
+@dataclass
+class FeatureSequence:
+    """A training sequence and where its target features live (loaded lazily, memory-mapped)."""
+
+    seq: Sequence
+    path: Path
+    start: int
+
+    def load(self, handles: dict) -> dict[str, torch.Tensor]:
+        f = handles.get(self.path)
+        if f is None:
+            f = handles[self.path] = safe_open(str(self.path), "pt")
+        a, b = self.start, self.start + len(self.seq.ids)
+        return {k: f.get_slice(k)[a:b] for k in ("ctx", "final", "lse")}
+
+
+def feature_sequences(data_dir: str | Path, layers: tuple[int, ...]) -> list[FeatureSequence]:
+    """Every cached sequence with its feature location; sequences of uncached shards are skipped."""
+    data_dir = Path(data_dir)
+    out = cache_dir(data_dir, layers)
+    items: list[FeatureSequence] = []
+    for shard in sorted(data_dir.glob("shard-*.safetensors")):
+        fpath = out / shard.name
+        if not fpath.exists():
+            continue
+        with safe_open(str(shard), "pt") as f:
+            domains = json.loads(f.metadata()["domains"])
+        t = load_file(str(shard))
+        tokens, offsets, plens = t["tokens"].tolist(), t["offsets"].tolist(), t["prompt_lens"].tolist()
+        for i, dom in enumerate(domains):
+            items.append(FeatureSequence(Sequence(tokens[offsets[i]:offsets[i + 1]], plens[i], dom),
+                                         fpath, offsets[i]))
+    if not items:
+        raise LabkitError(f"No cached target features in {out}: run `python -m labkit train` (it caches them) "
+                          "or labkit.features.cache_features first.")
+    return items

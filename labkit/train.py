@@ -1,0 +1,372 @@
+"""Drafter training (paper Sec. 3.3): random anchor blocks, position-weighted CE + TV, frozen target.
+
+Three separate pieces, so DSpark's heads extend them without copies:
+
+- `make_batch`: B training sequences, A random anchors each, the block tokens to predict and where the
+  target's distribution for each lives in the feature cache;
+- `loss_terms`: named loss terms and metrics from a batch's draft logits (DSpark adds a confidence
+  term to the dictionary and a weight to `LossWeights`);
+- `train`: one loop written with accelerate, so the same command runs on a CPU, one GPU or several
+  (`accelerate launch -m labkit train ...`), with a progress bar, atomic safetensors checkpoints,
+  resume, and a stop with a clear message on a non-finite loss.
+
+Batches are drawn with a generator seeded by (seed, step, process): a resumed run sees exactly the
+batches it would have seen, with no data-loader state to save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from labkit.drafters.dflash import DFlashBackbone, DFlashConfig, save_drafter
+from labkit.errors import LabkitError
+from labkit.features import FeatureSequence
+
+
+@dataclass
+class LossWeights:
+    """L = ce * L_ce + l1 * L_tv (+ later terms), each averaged with position weights exp(-k / decay)."""
+
+    ce: float = 0.1
+    l1: float = 0.9
+    decay: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_seqs: int = 4
+    anchors_per_seq: int = 64
+    lr: float = 6e-4
+    warmup: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_every: int = 250
+    eval_every: int = 250
+    val_fraction: float = 0.03
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate's names)
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def split_items(items: list[FeatureSequence], val_fraction: float, seed: int = 0):
+    """Deterministic train/validation split by sequence index (validation: every k-th sequence)."""
+    if val_fraction <= 0 or len(items) < 2:
+        return items, []
+    k = max(2, round(1 / val_fraction))
+    val = [it for i, it in enumerate(items) if (i + seed) % k == 0]
+    train = [it for i, it in enumerate(items) if (i + seed) % k != 0]
+    return train, val
+
+
+def make_batch(items: list[FeatureSequence], indices: list[int], gamma: int, anchors: int,
+               gen: torch.Generator, handles: dict) -> dict[str, torch.Tensor]:
+    """Pack sequences (right-padded) with `anchors` random anchor positions each.
+
+    An anchor a is a position in [prompt_len - 1, n - 2]: its block predicts tokens a+1 .. a+gamma of
+    the response (positions past the end are masked out by `valid`). The target's distribution for
+    token a+j+1 is the one it computed at position a+j: `final`/`lse` rows are taken there.
+    """
+    rows = [items[i] for i in indices]
+    loaded = [it.load(handles) for it in rows]
+    n_max = max(len(it.seq.ids) for it in rows)
+    b = len(rows)
+    m_h = loaded[0]["ctx"].shape[-1]
+    h = loaded[0]["final"].shape[-1]
+    feats = torch.zeros(b, n_max, m_h, dtype=loaded[0]["ctx"].dtype)
+    anchor_pos = torch.zeros(b, anchors, dtype=torch.long)
+    anchor_ids = torch.zeros(b, anchors, dtype=torch.long)
+    targets = torch.zeros(b, anchors, gamma, dtype=torch.long)
+    valid = torch.zeros(b, anchors, gamma, dtype=torch.bool)
+    final = torch.zeros(b, anchors, gamma, h, dtype=loaded[0]["final"].dtype)
+    lse = torch.zeros(b, anchors, gamma)
+    for r, (it, f) in enumerate(zip(rows, loaded)):
+        ids = torch.tensor(it.seq.ids)
+        n = len(ids)
+        feats[r, :n] = f["ctx"]
+        lo, hi = max(it.seq.prompt_len - 1, 0), n - 2
+        if hi < lo:
+            continue
+        cand = torch.arange(lo, hi + 1)
+        pick = cand[torch.randperm(len(cand), generator=gen)[:anchors]] if len(cand) > anchors else \
+            cand[torch.randint(len(cand), (anchors,), generator=gen)]
+        anchor_pos[r] = pick
+        anchor_ids[r] = ids[pick]
+        tpos = pick[:, None] + 1 + torch.arange(gamma)  # (A, gamma) predicted positions
+        ok = tpos < n
+        tpos_c = tpos.clamp(max=n - 1)
+        targets[r] = ids[tpos_c]
+        valid[r] = ok
+        final[r] = f["final"][tpos_c - 1]
+        lse[r] = f["lse"][tpos_c - 1]
+    return {"feats": feats, "anchor_pos": anchor_pos, "anchor_ids": anchor_ids, "targets": targets,
+            "valid": valid, "final": final, "lse": lse}
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def position_weights(gamma: int, decay: float, device=None) -> torch.Tensor:
+    """w_k = exp(-k / decay) for k = 0..gamma-1 (the reference's form of the paper's exp(-(k-1)/gamma))."""
+    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / decay)
+
+
+def target_probs(model: DFlashBackbone, final: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The target's probabilities over the draft vocabulary: exp(h . W_v - lse) (rows sum to <= 1)."""
+    return torch.exp(final.float() @ model.head.float().T - lse[..., None])
+
+
+def loss_terms(model: DFlashBackbone, h: torch.Tensor, batch: dict, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """Eq. 9 without the confidence term: position-weighted CE to the data token and L1 to the target.
+
+    L1 is the full distance sum_v |p_d - p_t| (2 x TV, as the reference code weights it); target mass
+    outside a reduced draft vocabulary counts in full. Also returns metrics (no gradient): the expected
+    acceptance 1 - TV per position, a tau estimate 1 + sum_k prod_{i<=k}(1 - TV_i) and top-1 agreement.
+    """
+    logits = model.logits(h).float()  # (B, A, gamma, Vd)
+    logq = torch.log_softmax(logits, -1)
+    q = logq.exp()
+    with torch.no_grad():
+        p_t = target_probs(model, batch["final"], batch["lse"])
+        outside = (1 - p_t.sum(-1)).clamp(min=0)
+    valid = batch["valid"].float()
+    w = position_weights(h.shape[2], weights.decay, h.device) * valid
+    norm = w.sum().clamp(min=1e-6)
+    local, in_vocab = _local_targets(model, batch["targets"])
+    ce = -(logq.gather(-1, local[..., None]).squeeze(-1))
+    ce_w = w * in_vocab.float()
+    l1 = (q - p_t).abs().sum(-1) + outside
+    terms = {"ce": (ce * ce_w).sum() / ce_w.sum().clamp(min=1e-6), "l1": (l1 * w).sum() / norm}
+    terms["loss"] = weights.ce * terms["ce"] + weights.l1 * terms["l1"]
+    with torch.no_grad():
+        terms.update(block_metrics(1 - 0.5 * l1.detach(), q.argmax(-1) == p_t.argmax(-1), batch["valid"]))
+    return terms
+
+
+def _local_targets(model: DFlashBackbone, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map full-vocabulary token ids to draft-vocabulary columns (0 where outside, flagged False)."""
+    if model.full_vocab:
+        return targets, torch.ones_like(targets, dtype=torch.bool)
+    lookup = torch.full((model.cfg.target_vocab_size,), -1, dtype=torch.long, device=targets.device)
+    lookup[model.vocab_ids] = torch.arange(len(model.vocab_ids), device=targets.device)
+    local = lookup[targets]
+    return local.clamp(min=0), local >= 0
+
+
+def block_metrics(accept: torch.Tensor, top1: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """tau estimates from per-position acceptance (B, A, gamma); invalid positions end the block."""
+    v = valid.float()
+    surv = torch.cumprod(accept * v, -1)
+    greedy = torch.cumprod(top1.float() * v, -1)
+    return {"tau_est": 1 + surv.sum(-1).mean(), "tau_greedy_est": 1 + greedy.sum(-1).mean(),
+            "accept_1": (accept[..., 0] * v[..., 0]).sum() / v[..., 0].sum().clamp(min=1)}
+
+
+# ----------------------------------------------------------------------------- draft vocabulary
+
+
+def frequent_tokens(items: list[FeatureSequence], k: int, always: set[int]) -> torch.Tensor:
+    """The k most frequent response tokens of the training data (plus `always`), sorted by id."""
+    counts = Counter()
+    for it in items:
+        counts.update(it.seq.ids[it.seq.prompt_len:])
+    keep = set(always)
+    for tok, _ in counts.most_common():
+        if len(keep) >= k:
+            break
+        keep.add(tok)
+    return torch.tensor(sorted(keep)[:k], dtype=torch.long)
+
+
+def vocab_coverage(items: list[FeatureSequence], vocab_ids: torch.Tensor) -> float:
+    keep = set(vocab_ids.tolist())
+    total = hit = 0
+    for it in items:
+        resp = it.seq.ids[it.seq.prompt_len:]
+        total += len(resp)
+        hit += sum(t in keep for t in resp)
+    return hit / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _lr_lambda(cfg: TrainConfig):
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def save_training_state(out: Path, model: DFlashBackbone, optimizer, scheduler, step: int, extra: dict) -> Path:
+    """A resumable checkpoint: out/last = drafter (safetensors + config) + optimizer/scheduler + step."""
+    ckpt = save_drafter(model, out / "last", extra={"step": step, **extra})
+    tmp = ckpt / "trainer.pt.tmp"
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, tmp)
+    os.replace(tmp, ckpt / "trainer.pt")
+    return ckpt
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def evaluate(model: DFlashBackbone, items: list[FeatureSequence], cfg: TrainConfig, gamma: int,
+             device, max_seqs: int = 64) -> dict[str, float]:
+    """Validation loss and tau estimates on fixed anchors of held-out sequences."""
+    if not items:
+        return {}
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    handles: dict = {}
+    sums: Counter = Counter()
+    n = 0
+    for start in range(0, min(len(items), max_seqs), cfg.batch_seqs):
+        idx = list(range(start, min(start + cfg.batch_seqs, len(items), max_seqs)))
+        batch = {k: v.to(device) for k, v in make_batch(items, idx, gamma, cfg.anchors_per_seq, gen, handles).items()}
+        terms = loss_terms(model, model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"]), batch, cfg.loss)
+        for k, v in terms.items():
+            sums[k] += float(v)
+        n += 1
+    model.train()
+    return {f"val_{k}": v / n for k, v in sums.items()}
+
+
+def train(model: DFlashBackbone, items: list[FeatureSequence], out_dir: str | Path, cfg: TrainConfig,
+          resume: bool = True, progress: bool = True, log=print, stop_at: int | None = None,
+          max_minutes: float | None = None) -> Path:
+    """Train `model` on cached-feature sequences; checkpoints and metrics.jsonl go to out_dir.
+
+    `stop_at` (a step) or `max_minutes` end this run early with a checkpoint; running the same
+    command again resumes there and finishes the schedule of `cfg.steps`.
+    """
+    from accelerate import Accelerator
+    out = Path(out_dir)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=None)
+    train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed)
+    if not train_items:
+        raise LabkitError("No training sequences: prepare more data with `python -m labkit prepare-data`.")
+    start_step = 0
+    last = out / "last"
+    trainer_state = None
+    if resume and (last / "trainer.pt").exists():
+        from safetensors.torch import load_file
+        state = load_file(str(last / "model.safetensors"))
+        model.load_state_dict(state)
+        trainer_state = torch.load(last / "trainer.pt", map_location="cpu", weights_only=True)
+        start_step = int(trainer_state["step"])
+        log(f"resuming from {last} at step {start_step}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    if trainer_state is not None:
+        opt.load_state_dict(trainer_state["optimizer"])
+        sched.load_state_dict(trainer_state["scheduler"])
+    model, opt, sched = acc.prepare(model, opt, sched)
+    core: DFlashBackbone = acc.unwrap_model(model)
+    gamma = core.cfg.gamma
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    handles: dict = {}
+    metrics_path = out / "metrics.jsonl"
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step",
+               disable=not progress or not acc.is_main_process)
+    t0 = time.perf_counter()
+    seen_anchors = start_step * cfg.batch_seqs * cfg.anchors_per_seq * acc.num_processes
+    model.train()
+    for step in range(start_step, cfg.steps):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + acc.process_index)
+        idx = torch.randint(len(train_items), (cfg.batch_seqs,), generator=gen).tolist()
+        batch = {k: v.to(acc.device) for k, v in
+                 make_batch(train_items, idx, gamma, cfg.anchors_per_seq, gen, handles).items()}
+        with acc.autocast():
+            h = model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"])
+        terms = loss_terms(core, h, batch, cfg.loss)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            bar.close()
+            raise LabkitError(
+                f"The training loss became {float(loss.detach())} at step {step}; nothing was saved from this step. "
+                f"The last good checkpoint is {last if last.exists() else 'none yet'}: resume from it with a "
+                f"lower --lr (now {cfg.lr}) or --mixed-precision no.")
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(params if acc.num_processes == 1 else model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        seen_anchors += cfg.batch_seqs * cfg.anchors_per_seq * acc.num_processes
+        row = {k: float(acc.reduce(v.detach(), "mean")) for k, v in terms.items()}
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tau=f"{row['tau_est']:.2f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        done = step + 1
+        timed_out = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
+        halt = done == stop_at or bool(acc.gather(torch.tensor([timed_out], device=acc.device)).any())
+        if acc.is_main_process and (done % cfg.eval_every == 0 or done == cfg.steps or halt):
+            row.update(evaluate(core, val_items, cfg, gamma, acc.device))
+            row.update(step=done, anchors=seen_anchors, seconds=time.perf_counter() - t0,
+                       lr=sched.get_last_lr()[0])
+            _append_jsonl(metrics_path, row)
+            model.train()
+        if acc.is_main_process and (done % cfg.save_every == 0 or done == cfg.steps or halt):
+            save_training_state(out, core, opt, sched, done, {"anchors": seen_anchors})
+        acc.wait_for_everyone()
+        if halt:
+            log(f"stopped at step {done} of {cfg.steps}; run the same command again to resume")
+            break
+    bar.close()
+    return out / "last"
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = None,
+                 init_from_target: bool = True) -> DFlashBackbone:
+    """A fresh drafter for `target`, its draft layers copied from the target's last layers if asked."""
+    emb = target.model.get_input_embeddings().weight
+    head = target.model.get_output_embeddings().weight
+    model = DFlashBackbone(cfg, emb, head, vocab_ids)
+    if init_from_target:
+        model.init_from_target(target.model)
+    return model.to(target.device)
+
+
+def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype = torch.bfloat16,
+           extra: dict | None = None) -> Path:
+    """Copy a trained checkpoint to a small shippable one (weights cast to dtype)."""
+    from labkit.drafters.dflash import load_backbone, read_config
+    model = load_backbone(checkpoint, target)
+    info = read_config(checkpoint).get("extra", {})
+    path = save_drafter(model, dest, dtype=dtype, extra={**info, **(extra or {})})
+    shutil.copy(Path(checkpoint).parent / "metrics.jsonl", path / "metrics.jsonl") \
+        if (Path(checkpoint).parent / "metrics.jsonl").exists() else None
+    return path
