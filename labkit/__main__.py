@@ -1,4 +1,4 @@
-"""Command line: `python -m labkit {setup,generate,bench} ...`; later issues add train, eval, serve.
+"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,eval} ...`; later issues add serve.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text for one prompt, with or without a drafter")
     p.add_argument("--prompt", required=True, help="the user's message (goes through the chat template)")
-    p.add_argument("--drafter", default="none", help="none, prompt-lookup, layer-skip[:N] (default: none)")
+    p.add_argument("--drafter", default="none", help="none, prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     _add_model_args(p)
 
@@ -71,6 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
     p.add_argument("--benchmarks", default="../shared/benchmarks",
                    help="evaluation prompts that training prompts must not overlap (skipped if absent)")
+
+    p = sub.add_parser("train", help="train a drafter on target-regenerated data (accelerate: CPU, 1 or many GPUs)")
+    p.add_argument("--drafter", default="dflash", help="what to train: dflash")
+    p.add_argument("--data", default="data/train", help="folder made by prepare-data (default: data/train)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints (last/), metrics.jsonl; resumed if present")
+    p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (accelerate launch sets it per process)")
+    p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps in the schedule")
+    p.add_argument("--batch-seqs", type=_positive_int, default=4, help="sequences per step (per process)")
+    p.add_argument("--anchors", type=_positive_int, default=64, help="random anchor blocks per sequence")
+    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (warm-up then cosine)")
+    p.add_argument("--gamma", type=_positive_int, default=8, help="block size: tokens drafted per forward")
+    p.add_argument("--layers", type=_positive_int, default=1, help="draft decoder layers")
+    p.add_argument("--target-layers", default=None, help="comma-separated target layers read (default: 5 spread)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="score only the K most frequent response tokens (0 = the whole vocabulary)")
+    p.add_argument("--anchor-mode", choices=("anchor-first", "anchor-masks"), default="anchor-first",
+                   help="anchor + gamma-1 masks (DSpark) or anchor + gamma masks (original DFlash)")
+    p.add_argument("--no-init-from-target", action="store_true", help="random draft layers instead of the target's last")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--save-every", type=_positive_int, default=250, help="steps between checkpoints")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", default=None, help="also write a small bf16 copy of the result here")
+
+    p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
+    p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
+    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows')
+    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    p.add_argument("--vs-hf", action="store_true", help="also time plain HF generate, interleaved, for a speedup")
+    p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
+    _add_model_args(p)
     return parser
 
 
@@ -106,6 +138,15 @@ def cmd_generate(args) -> None:
               f"{len(result.rounds)} rounds]", file=sys.stderr)
 
 
+def _write_json(data: dict, path_text: str) -> None:
+    path = Path(path_text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def cmd_bench(args) -> None:
     from labkit.bench import DEFAULT_METHODS, check_method, format_table, load_prompts, run_bench
     from labkit.target import load_target
@@ -118,12 +159,37 @@ def cmd_bench(args) -> None:
                        args.seed, args.hf_lookup_tokens, args.gamma)
     print(format_table(result))
     if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
-        print(f"wrote {path}", file=sys.stderr)
+        _write_json(result, args.json_out)
+
+
+def cmd_eval(args) -> None:
+    from labkit.bench import format_eval, load_prompts, run_eval
+    from labkit.drafters import check_spec
+    from labkit.target import load_target
+    params = _params(args)
+    prompts = load_prompts(args.prompts, args.limit)
+    if args.drafter in (None, "none"):
+        raise LabkitError("eval measures a drafter: pass --drafter prompt-lookup, layer-skip, dflash or a checkpoint.")
+    check_spec(args.drafter)
+    target = load_target(args.target, args.device, args.dtype)
+    result = run_eval(target, prompts, args.drafter, args.max_new_tokens, params, args.seed, args.gamma, args.vs_hf)
+    print(format_eval(result))
+    if args.json_out:
+        _write_json(result, args.json_out)
+
+
+def cmd_train(args) -> None:
+    from labkit.train import run_training
+    if args.drafter != "dflash":
+        raise LabkitError(f"train knows --drafter dflash (DSpark comes with its heads), got {args.drafter!r}.")
+    layers = None
+    if args.target_layers:
+        try:
+            layers = tuple(int(x) for x in args.target_layers.split(","))
+        except ValueError:
+            raise LabkitError(f"--target-layers takes comma-separated integers, got {args.target_layers!r}.") from None
+    path = run_training(args, layers)
+    print(f"drafter checkpoint in {path}")
 
 
 def cmd_prepare_data(args) -> None:
@@ -136,7 +202,8 @@ def cmd_prepare_data(args) -> None:
     print(f"training data in {out}")
 
 
-COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data}
+COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
+            "train": cmd_train, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

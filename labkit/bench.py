@@ -66,6 +66,7 @@ class MethodStats:
     rounds: list = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
     by_domain: dict[str, list[float]] = field(default_factory=dict)  # domain -> [tokens, seconds]
+    rounds_by_domain: dict[str, list] = field(default_factory=dict)
 
     def add(self, domain: str, tokens: list[int], seconds: float, rounds=None) -> None:
         self.new_tokens += len(tokens)
@@ -76,6 +77,22 @@ class MethodStats:
         agg[1] += seconds
         if rounds is not None:
             self.rounds.extend(rounds)
+            self.rounds_by_domain.setdefault(domain, []).extend(rounds)
+
+
+def mean_tau(rounds) -> float | None:
+    """Tokens emitted per round (accepted + 1), over all rounds; None without rounds."""
+    return sum(r.emitted for r in rounds) / len(rounds) if rounds else None
+
+
+def position_survival(rounds) -> list[float]:
+    """Unconditional prefix survival at position j: P(accepted >= j) over rounds that proposed >= j
+    (the reference code's accept_rate@k; Fig. 2's conditional acceptance is `position_acceptance`)."""
+    out = []
+    for j in range(1, max((r.proposed for r in rounds), default=0) + 1):
+        reached = [r for r in rounds if r.proposed >= j]
+        out.append(sum(r.accepted >= j for r in reached) / len(reached))
+    return out
 
 
 def check_method(name: str) -> str | None:
@@ -162,12 +179,18 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
         tps = st.new_tokens / st.seconds if st.seconds else 0.0
         row = {"method": m.name, "drafter": m.drafter_spec,
                "tokens_per_s": tps,
-               "tau": sum(r.emitted for r in st.rounds) / len(st.rounds) if m.drafter_spec and st.rounds else None,
+               "tau": mean_tau(st.rounds) if m.drafter_spec else None,
                "position_acceptance": position_acceptance(st.rounds) if m.drafter_spec else None,
                "speedup_vs_hf": tps / base_tps if base_tps else None,
                "n_prompts": n_prompts, "new_tokens": st.new_tokens, "seconds": st.seconds,
-               "by_domain": {d: {"tokens_per_s": t / s, "speedup_vs_hf": (t / s) / base_dom[d] if d in base_dom else None}
+               "by_domain": {d: {"tokens_per_s": t / s, "speedup_vs_hf": (t / s) / base_dom[d] if d in base_dom else None,
+                                 "tau": mean_tau(st.rounds_by_domain.get(d, [])) if m.drafter_spec else None,
+                                 "position_acceptance": position_acceptance(st.rounds_by_domain.get(d, []))
+                                 if m.drafter_spec else None}
                              for d, (t, s) in st.by_domain.items()}}
+        if m.drafter_spec:
+            row["position_survival"] = position_survival(st.rounds)
+            row["rounds"] = len(st.rounds)
         if params.greedy and reference is not None and reference is not st:
             same = sum(a == b for a, b in zip(st.outputs, reference.outputs))
             row["identical_to_" + ("ar" if "ar" in stats else "hf-generate")] = f"{same}/{n_prompts}"
@@ -190,4 +213,46 @@ def format_table(result: dict) -> str:
         doms = "".join(f"{r['by_domain'][d]['speedup_vs_hf']:>8.2f}x" if d in r["by_domain"] and
                        r["by_domain"][d]["speedup_vs_hf"] is not None else f"{'-':>9}" for d in domains)
         lines.append(f"{r['method']:<22}{r['tokens_per_s']:>10.2f}{vs:>8}{tau:>7}{doms}")
+    return "\n".join(lines)
+
+
+def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens: int = 128,
+             params: SamplingParams | None = None, seed: int = 0, gamma: int | None = None,
+             vs_hf: bool = False, progress: bool = True) -> dict:
+    """`python -m labkit eval`: a drafter's tau (overall and by domain), position-wise conditional
+    acceptance (paper Fig. 2) and prefix survival, and tokens/s (with HF generate beside it if asked).
+
+    JSON keys (later issues add, never rename): drafter, target, temperature, tau, tau_by_domain,
+    position_acceptance, position_acceptance_by_domain, position_survival, tokens_per_s, n_prompts,
+    rounds, new_tokens, speedup_vs_hf, speedup_vs_hf_by_domain.
+    """
+    params = params or SamplingParams()
+    methods = (["hf-generate"] if vs_hf else []) + [f"spec:{drafter}"]
+    bench = run_bench(target, prompts, methods, max_new_tokens, params, seed, gamma=gamma, progress=progress)
+    row = bench["rows"][-1]
+    doms = row["by_domain"]
+    return {"drafter": drafter, "target": target.name, "temperature": params.temperature, "top_p": params.top_p,
+            "max_new_tokens": max_new_tokens, "tau": row["tau"],
+            "tau_by_domain": {d: v["tau"] for d, v in doms.items()},
+            "position_acceptance": row["position_acceptance"],
+            "position_acceptance_by_domain": {d: v["position_acceptance"] for d, v in doms.items()},
+            "position_survival": row["position_survival"],
+            "tokens_per_s": row["tokens_per_s"], "n_prompts": row["n_prompts"], "rounds": row["rounds"],
+            "new_tokens": row["new_tokens"], "speedup_vs_hf": row["speedup_vs_hf"],
+            "speedup_vs_hf_by_domain": {d: v["speedup_vs_hf"] for d, v in doms.items()},
+            "hf_tokens_per_s": bench["rows"][0]["tokens_per_s"] if vs_hf else None,
+            "device": bench["device"], "dtype": bench["dtype"]}
+
+
+def format_eval(result: dict) -> str:
+    """Plain-text summary of an eval result: tau by domain and the acceptance curve."""
+    lines = [f"{result['drafter']} on {result['target']}, temperature {result['temperature']}, "
+             f"{result['n_prompts']} prompts, {result['rounds']} rounds",
+             f"tau {result['tau']:.2f}  " + "  ".join(f"{d} {t:.2f}" for d, t in sorted(result["tau_by_domain"].items())
+                                                   if t is not None),
+             "acceptance at position k given 1..k-1 accepted: " +
+             " ".join(f"{a:.2f}" for a in result["position_acceptance"]),
+             f"{result['tokens_per_s']:.2f} tokens/s" + (f", {result['speedup_vs_hf']:.2f}x HF generate "
+                                                         f"({result['hf_tokens_per_s']:.2f} tokens/s)"
+                                                         if result.get("speedup_vs_hf") else "")]
     return "\n".join(lines)

@@ -370,3 +370,51 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
     shutil.copy(Path(checkpoint).parent / "metrics.jsonl", path / "metrics.jsonl") \
         if (Path(checkpoint).parent / "metrics.jsonl").exists() else None
     return path
+
+
+def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) -> Path:
+    """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export."""
+    from labkit.drafters.dflash import check_compatible, read_config
+    from labkit.features import cache_features, feature_sequences
+    from labkit.target import load_target
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise LabkitError(f"--lr must be a positive number, got {args.lr}.")
+    target = load_target(args.target, args.device)
+    for p in target.model.parameters():
+        p.requires_grad_(False)
+    out = Path(args.out)
+    last = out / "last"
+    if (last / "trainer.pt").exists():
+        cfg = DFlashConfig.from_dict(read_config(last))
+        check_compatible(cfg, target, str(last))
+        from safetensors.torch import load_file
+        vocab_ids = load_file(str(last / "model.safetensors"))["vocab_ids"]
+    else:
+        overrides = dict(gamma=args.gamma, n_layers=args.layers, draft_vocab=args.draft_vocab,
+                         anchor_predicts=args.anchor_mode == "anchor-first")
+        if target_layers:
+            overrides["target_layers"] = target_layers
+        cfg = DFlashConfig.for_target(target, **overrides)
+        vocab_ids = None
+    cache_features(target, args.data, cfg.target_layers)
+    items = feature_sequences(args.data, cfg.target_layers)
+    if cfg.draft_vocab and vocab_ids is None:
+        vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
+    n_tokens = sum(len(it.seq.ids) - it.seq.prompt_len for it in items)
+    model = new_backbone(target, cfg, vocab_ids, init_from_target=not args.no_init_from_target)
+    if cfg.draft_vocab:
+        log(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_coverage(items, model.vocab_ids):.2%} "
+            "of the training responses")
+    from labkit.drafters.dflash import param_count
+    log(f"{len(items)} sequences, {n_tokens} response tokens; drafter {param_count(model) / 1e6:.1f} M "
+        f"trainable parameters, {cfg.n_layers} layer(s), gamma {cfg.gamma}, target layers {cfg.target_layers}")
+    tcfg = TrainConfig(steps=args.steps, batch_seqs=args.batch_seqs, anchors_per_seq=args.anchors, lr=args.lr,
+                       save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
+                       mixed_precision=args.mixed_precision)
+    path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes)
+    if args.export:
+        info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "train_command": " ".join(
+            ["python -m labkit train"] + [a for a in __import__("sys").argv[1:] if a != "train"])}
+        dest = export(path, args.export, target, extra=info)
+        log(f"exported {dest}")
+    return path

@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from labkit.drafters.base import Drafter, Proposal
 from labkit.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
 from labkit.errors import LabkitError
 from labkit.target import Target
 
-BUILTIN = ("none", "prompt-lookup", "layer-skip")
+BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash")
+#: trained checkpoints shipped with the lab, by the name that `--drafter` takes
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "drafters"
+
+
+def shipped_checkpoint(name: str) -> Path:
+    path = SHIPPED_DIR / name
+    if not (path / "config.json").exists():
+        raise LabkitError(f"The shipped {name} drafter is missing from {path}: restore data/drafters from the "
+                          f"repository, or train one with `python -m labkit train --drafter {name} --out PATH` "
+                          "and pass --drafter PATH.")
+    return path
+
+
+def _is_checkpoint_path(spec: str) -> bool:
+    return "/" in spec or spec.startswith(".") or Path(spec).is_dir()
 
 
 def check_spec(spec: str | None) -> None:
     """Refuse a malformed drafter spec before anything slow (loading a model) happens."""
     if spec is None or spec == "none":
         return
+    if _is_checkpoint_path(spec):
+        from labkit.drafters.dflash import read_config
+        read_config(spec)  # a clear error if it is no checkpoint
+        return
     name, _, arg = spec.partition(":")
     if name not in BUILTIN:
-        raise LabkitError(f"Unknown drafter {spec!r}: use one of {', '.join(BUILTIN)} (layer-skip:N picks N layers).")
+        raise LabkitError(f"Unknown drafter {spec!r}: use one of {', '.join(BUILTIN)} (layer-skip:N picks N "
+                          "layers) or the path of a trained checkpoint folder.")
     if name == "layer-skip" and arg and not arg.isdigit():
         raise LabkitError(f"layer-skip takes a layer count, e.g. layer-skip:8, got {spec!r}.")
-    if name == "prompt-lookup" and arg:
-        raise LabkitError(f"prompt-lookup takes no argument, got {spec!r}.")
+    if name in ("prompt-lookup", "dflash") and arg:
+        raise LabkitError(f"{name} takes no argument, got {spec!r}.")
 
 
 def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> Drafter | None:
-    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip' or 'layer-skip:N' (N layers)."""
+    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash' (the shipped
+    checkpoint) or the path of a trained checkpoint folder."""
     check_spec(spec)
     if spec is None or spec == "none":
         return None
+    if _is_checkpoint_path(spec) or spec == "dflash":
+        from labkit.drafters.dflash import DFlashDrafter, load_backbone
+        path = Path(spec) if spec != "dflash" else shipped_checkpoint("dflash")
+        return DFlashDrafter(load_backbone(path, target), gamma)
     name, _, arg = spec.partition(":")
     if name == "prompt-lookup":
         cfg = PromptLookupConfig() if gamma is None else PromptLookupConfig(gamma=gamma)
