@@ -400,6 +400,9 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     items = feature_sequences(args.data, cfg.target_layers)
     if cfg.draft_vocab and vocab_ids is None:
         vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
+        if len(vocab_ids) < cfg.draft_vocab:
+            log(f"the training responses use only {len(vocab_ids)} distinct tokens: draft vocabulary cut to that")
+            cfg.draft_vocab = len(vocab_ids)
     n_tokens = sum(len(it.seq.ids) - it.seq.prompt_len for it in items)
     model = new_backbone(target, cfg, vocab_ids, init_from_target=not args.no_init_from_target)
     if cfg.draft_vocab:
