@@ -167,10 +167,10 @@ def cmd_eval(args) -> None:
     from labkit.drafters import check_spec
     from labkit.target import load_target
     params = _params(args)
-    prompts = load_prompts(args.prompts, args.limit)
     if args.drafter in (None, "none"):
         raise LabkitError("eval measures a drafter: pass --drafter prompt-lookup, layer-skip, dflash or a checkpoint.")
     check_spec(args.drafter)
+    prompts = load_prompts(args.prompts, args.limit)
     target = load_target(args.target, args.device, args.dtype)
     result = run_eval(target, prompts, args.drafter, args.max_new_tokens, params, args.seed, args.gamma, args.vs_hf)
     print(format_eval(result))

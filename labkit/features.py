@@ -74,10 +74,11 @@ def shard_features(target: Target, tokens: torch.Tensor, offsets: torch.Tensor, 
     return {"ctx": ctx, "final": final, "lse": lse}
 
 
-def cache_features(target: Target, data_dir: str | Path, layers: tuple[int, ...], progress: bool = True) -> Path:
-    """Compute (or resume computing) the feature cache for every finished data shard."""
+def cache_features(target: Target, data_dir: str | Path, layers: tuple[int, ...], progress: bool = True,
+                   max_shards: int | None = None) -> Path:
+    """Compute (or resume computing) the feature cache for every finished data shard (or the first few)."""
     data_dir = Path(data_dir)
-    shards = sorted(data_dir.glob("shard-*.safetensors"))
+    shards = sorted(data_dir.glob("shard-*.safetensors"))[:max_shards]
     if not shards:
         raise LabkitError(f"No training data in {data_dir}: make it with `python -m labkit prepare-data "
                           f"--out {data_dir}`.")
@@ -110,12 +111,13 @@ class FeatureSequence:
         return {k: f.get_slice(k)[a:b] for k in ("ctx", "final", "lse")}
 
 
-def feature_sequences(data_dir: str | Path, layers: tuple[int, ...]) -> list[FeatureSequence]:
+def feature_sequences(data_dir: str | Path, layers: tuple[int, ...],
+                      max_shards: int | None = None) -> list[FeatureSequence]:
     """Every cached sequence with its feature location; sequences of uncached shards are skipped."""
     data_dir = Path(data_dir)
     out = cache_dir(data_dir, layers)
     items: list[FeatureSequence] = []
-    for shard in sorted(data_dir.glob("shard-*.safetensors")):
+    for shard in sorted(data_dir.glob("shard-*.safetensors"))[:max_shards]:
         fpath = out / shard.name
         if not fpath.exists():
             continue

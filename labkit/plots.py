@@ -219,3 +219,42 @@ def markdown_table(rows: Sequence[Sequence[object]], header: Sequence[str] = ("m
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
     return Markdown("\n".join(lines))
+
+
+def attention_mask_figure(mask, n_ctx: int, n_slots: int, anchors: Sequence[int],
+                          title: str = "DFlash attention mask (Eq. 3): who each block slot may read") -> go.Figure:
+    """A (queries x keys) boolean mask as a heatmap: context keys left, the packed blocks' keys right."""
+    m = _np(mask).astype(float)
+    rows = [f"block {b} (anchor {a}) slot {s}" for b, a in enumerate(anchors) for s in range(n_slots)]
+    cols = [f"ctx {i}" for i in range(n_ctx)] + [f"b{b}.s{s}" for b in range(len(anchors)) for s in range(n_slots)]
+    fig = go.Figure(go.Heatmap(z=m, x=cols, y=rows, colorscale=[[0, "#f0f0f0"], [1, COLORS["p_t"]]], showscale=False,
+                               xgap=1, ygap=1, hovertemplate="%{y} reads %{x}: %{z}<extra></extra>"))
+    fig.add_vline(x=n_ctx - 0.5, line=dict(color="black", width=2))
+    fig.update_layout(template=TEMPLATE, title=title, yaxis=dict(autorange="reversed"),
+                      height=max(300, 22 * len(rows) + 120), xaxis_title="keys: context features | block slots")
+    return fig
+
+
+def training_curve_figure(runs: dict[str, Sequence[dict]], x: str = "anchors",
+                          y: Sequence[str] = ("val_tau_est", "val_tau_greedy_est")) -> go.Figure:
+    """Metrics rows (labkit.train's metrics.jsonl) of one or more runs: tau estimates against anchors seen."""
+    fig = go.Figure()
+    for name, rows in runs.items():
+        for key in y:
+            pts = [(r[x], r[key]) for r in rows if key in r and x in r]
+            if pts:
+                fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                         name=f"{name}: {key}"))
+    fig.update_layout(template=TEMPLATE, title="Held-out tau estimate during training", xaxis_title=f"{x} seen",
+                      yaxis_title="tau (estimated from teacher-forced blocks)")
+    return fig
+
+
+def tau_by_domain_figure(taus: dict[str, dict[str, float]], title: str = "tau by domain") -> go.Figure:
+    """Grouped bars: one group per domain, one bar per drafter."""
+    domains = sorted({d for v in taus.values() for d in v})
+    fig = go.Figure([go.Bar(name=name, x=domains, y=[v.get(d) for d in domains],
+                            text=[f"{v[d]:.2f}" if v.get(d) is not None else "" for d in domains], textposition="outside")
+                     for name, v in taus.items()])
+    fig.update_layout(template=TEMPLATE, barmode="group", title=title, yaxis_title="tokens per round (tau)")
+    return fig

@@ -1,0 +1,92 @@
+"""The train and eval commands end to end on a tiny model with the real vocabulary: prepare-data ->
+train (features cached, draft vocabulary, checkpoint, export) -> eval and generate with the
+checkpoint; and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labkit.__main__ import main
+from labkit.drafters import check_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data, run, export = root / "data", root / "run", root / "export"
+    assert main(["prepare-data", "--target", str(tiny_model_dir), "--out", str(data), "--n-prompts", "8",
+                 "--max-new-tokens", "12", "--shard-size", "4", "--benchmarks", str(root / "none")]) == 0
+    assert main(["train", "--target", str(tiny_model_dir), "--data", str(data), "--out", str(run),
+                 "--steps", "6", "--save-every", "3", "--batch-seqs", "2", "--anchors", "4", "--gamma", "3",
+                 "--target-layers", "2,5", "--draft-vocab", "64", "--export", str(export)]) == 0
+    return {"data": data, "run": run, "export": export, "model": tiny_model_dir, "root": root}
+
+
+def test_train_writes_checkpoint_metrics_and_export(trained):
+    cfg = json.loads((trained["run"] / "last" / "config.json").read_text())
+    assert cfg["gamma"] == 3 and cfg["target_layers"] == [2, 5] and 0 < cfg["draft_vocab"] <= 64
+    assert cfg["extra"]["step"] == 6
+    rows = [json.loads(x) for x in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    exported = json.loads((trained["export"] / "config.json").read_text())
+    assert exported["extra"]["data_sequences"] == 8 and "train_command" in exported["extra"]
+    assert (trained["export"] / "metrics.jsonl").exists()
+    assert list((trained["data"] / "features").iterdir()), "the feature cache was written"
+
+
+def test_eval_reports_the_documented_keys(trained, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [t], "domain": d}) for t, d in
+                                 [("What is 2 + 3?", "math"), ("Say hi.", "chat")]))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--target", str(trained["model"]), "--drafter", str(trained["export"]), "--prompts",
+                 str(prompts), "--max-new-tokens", "8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("drafter", "target", "temperature", "tau", "tau_by_domain", "position_acceptance", "tokens_per_s",
+                "n_prompts", "rounds"):
+        assert key in res, key
+    assert set(res["tau_by_domain"]) == {"math", "chat"} and res["n_prompts"] == 2
+    assert 1.0 <= res["tau"] <= 4.0
+    assert "tau" in capsys.readouterr().out
+
+
+def test_generate_with_checkpoint_equals_plain_greedy(trained, capsys):
+    outs = []
+    for drafter in ("none", str(trained["export"])):
+        assert main(["generate", "--target", str(trained["model"]), "--prompt", "Count to five.", "--drafter",
+                     drafter, "--max-new-tokens", "10", "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert outs[0] == outs[1]
+
+
+def test_training_resumes_where_it_stopped(trained, capsys):
+    """A second run of the same command with more steps continues from step 6, not from scratch."""
+    assert main(["train", "--target", str(trained["model"]), "--data", str(trained["data"]), "--out",
+                 str(trained["run"]), "--steps", "8", "--save-every", "3", "--batch-seqs", "2", "--anchors", "4"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((trained["run"] / "last" / "config.json").read_text())["extra"]["step"] == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--drafter", "dflash:3", "--prompts", "x.jsonl"], "dflash takes no argument"),
+    (["eval", "--drafter", "none", "--prompts", "x.jsonl"], "eval measures a drafter"),
+    (["eval", "--drafter", "./no/such/run", "--prompts", "x.jsonl"], "not a drafter checkpoint"),
+    (["eval", "--drafter", "prompt-lookup", "--prompts", "x.jsonl"], "does not exist"),
+    (["generate", "--prompt", "hi", "--drafter", "./no/such/run"], "not a drafter checkpoint"),
+    (["train", "--out", "x", "--lr", "nan"], "--lr must be a positive number"),
+    (["train", "--out", "x", "--drafter", "eagle"], "train knows --drafter dflash"),
+    (["train", "--out", "x", "--target-layers", "1,a"], "comma-separated integers"),
+])
+def test_bad_input_gives_one_line(argv, message, capsys):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_check_spec_accepts_shipped_and_paths(trained):
+    check_spec(str(trained["export"]))
+    check_spec("dflash")
