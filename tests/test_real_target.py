@@ -56,7 +56,7 @@ def test_lab_ar_greedy_equals_hf_generate(real_target, prompt_ids, ar_outputs):
         assert len(ar) == NEW_TOKENS or ar[-1] in real_target.eos_token_ids
 
 
-@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip"])
+@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip", "dflash"])
 def test_greedy_speculative_equals_ar(real_target, prompt_ids, ar_outputs, spec):
     drafter = make_drafter(spec, real_target)
     proposed = 0
@@ -113,3 +113,44 @@ def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_go
 
     wrong = first_token_counts(verify_resample_target, p_t, p_d, N_DRAWS, seed=0)
     assert chi2_gof([wrong[i] for i in range(len(support))], p_t.tolist()).rejects(ALPHA)
+
+
+def test_shipped_dflash_is_small_matches_the_target_and_says_how_it_was_made(real_target):
+    from labkit.drafters import shipped_checkpoint
+    from labkit.drafters.dflash import read_config
+    path = shipped_checkpoint("dflash")
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < 60e6, f"{size / 1e6:.0f} MB: the shipped drafter must stay small"
+    cfg = read_config(path)
+    assert cfg["target_vocab_size"] == real_target.vocab_size and cfg["target_num_layers"] == real_target.num_layers
+    assert cfg["extra"]["train_command"].startswith("python -m labkit train")
+    assert (path / "metrics.jsonl").exists()
+
+
+def test_shipped_dflash_drafts_better_than_chance(real_target, prompt_ids):
+    """The shipped drafter is trained: over the test prompts it keeps more than one token a round."""
+    drafter = make_drafter("dflash", real_target)
+    rounds = [r for ids in prompt_ids for r in generate(real_target, ids, drafter, NEW_TOKENS).rounds]
+    tau = sum(r.emitted for r in rounds) / len(rounds)
+    assert tau > 1.3, f"tau {tau:.2f}"
+
+
+def test_real_sampled_decoding_with_dflash_follows_target(real_target, chi2_gof):
+    """10000 first emitted tokens at temperature 1 drafted by the shipped DFlash drafter (its real p_d,
+    zero outside its draft vocabulary); chi-square against the model's p_t at alpha 0.001, on the
+    union of the two supports, as the layer-skip test above."""
+    params = SamplingParams(1.0, 0.9)
+    drafter = make_drafter("dflash", real_target)
+    ids = real_target.encode_prompt("Write a short poem about the sea.")
+    state = prefill(real_target, ids, 8, params, seed=0, drafter=drafter)
+    p_d = drafter.propose(state, 1).probs[0]
+    logits, _ = real_target.forward([state.ids[-1]], state.cache)
+    p_t = logits_to_probs(logits[-1], params)
+    support = ((p_t > 0) | (p_d > 0)).nonzero().view(-1)
+    p_t, p_d = p_t[support], p_d[support]
+    acceptance = torch.minimum(p_t, p_d).sum().item()
+    assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
+    counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=1)
+    fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
+    assert fit.impossible == 0
+    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
