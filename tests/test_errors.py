@@ -261,6 +261,6 @@ def test_cli_bench_rejects_zero_limit(capsys, tmp_path):
 
 
 def test_cli_unknown_command(capsys):
-    rc, out, err = run_cli(["train"], capsys)
+    rc, out, err = run_cli(["frobnicate"], capsys)
     assert_one_line_error(rc, err, "invalid choice")
 
