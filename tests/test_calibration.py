@@ -1,0 +1,219 @@
+"""Fast tests of labkit.calibration: ECE, AUC, Brier, survival, prefix labels and STS (paper Sec. 3.2.1).
+
+Every random fixture uses a fixed seed, so each run is deterministic; the thresholds leave room for a
+fresh seed (the noise each statistic has at that sample size is given next to it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from labkit.calibration import (STSResult, apply_temperatures, brier, ece, fit_sts, per_position_metrics,
+                                prefix_labels, reliability_bins, roc_auc, survival)
+from labkit.errors import LabkitError
+
+
+def _overconfident_rounds(n_rounds: int = 6000, gamma: int = 4, seed: int = 0):
+    """Synthetic verification rounds and a head whose logits are the true logits times 3 (over-confident).
+
+    Each round r has its own true conditional acceptance probability sigmoid(true[r, k]) per position;
+    a round accepts draft k only if drafts 1..k-1 were accepted (it stops at the first rejection). The
+    ideal temperature is therefore 3 at every position.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor([1.5, 1.0, 0.5, 0.0])[:gamma]
+    true = base + 1.5 * torch.randn(n_rounds, gamma, generator=g, dtype=torch.float64)
+    ok = torch.rand(n_rounds, gamma, generator=g, dtype=torch.float64) < torch.sigmoid(true)
+    accepted = torch.cumprod(ok.long(), dim=1).sum(dim=1)  # leading accepted drafts per round
+    return 3.0 * true, accepted
+
+
+# ---- hand-computed values ---------------------------------------------------------------------------
+
+def test_ece_matches_hand_computation_with_three_bins():
+    # n_bins=3: bins [0, 1/3), [1/3, 2/3), [2/3, 1] (1.0 joins the last bin).
+    #   bin 0: p = 0.1, 0.2 -> mean 0.15, labels 0, 1 -> 0.5; |0.5 - 0.15| = 0.35, weight 2/5 -> 0.14
+    #   bin 1: p = 0.5      -> mean 0.50, label 0      -> 0.0; |0.0 - 0.50| = 0.50, weight 1/5 -> 0.10
+    #   bin 2: p = 0.9, 1.0 -> mean 0.95, labels 1, 1 -> 1.0; |1.0 - 0.95| = 0.05, weight 2/5 -> 0.02
+    #   ECE = 0.14 + 0.10 + 0.02 = 0.26
+    assert ece([0.1, 0.2, 0.5, 0.9, 1.0], [0, 1, 0, 1, 1], n_bins=3) == pytest.approx(0.26, abs=1e-12)
+
+
+def test_auc_matches_hand_computation():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: pairs (0.35>0.1) 1, (0.35<0.4) 0, (0.8>0.1) 1, (0.8>0.4) 1
+    #   -> 3 of 4 pairs ranked right: AUC = 0.75
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # a tie counts 1/2: positives 0.5, 0.7 vs negatives 0.5, 0.2: (0.5=0.5) 1/2, (0.5>0.2) 1, (0.7>0.5) 1,
+    #   (0.7>0.2) 1 -> 3.5 / 4 = 0.875
+    assert roc_auc([0.5, 0.5, 0.7, 0.2], [0, 1, 1, 0]) == pytest.approx(0.875)
+
+
+def test_brier_matches_hand_computation():
+    # (0.1-0)^2 + (0.4-0)^2 + (0.35-1)^2 + (0.8-1)^2 = 0.01 + 0.16 + 0.4225 + 0.04 = 0.6325; / 4 = 0.158125
+    assert brier([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.158125, abs=1e-12)
+
+
+# ---- AUC and ECE properties ---------------------------------------------------------------------------
+
+def test_auc_of_all_equal_scores_is_one_half():
+    assert roc_auc([0.3] * 6, [0, 1, 0, 1, 1, 0]) == pytest.approx(0.5)
+
+
+def test_auc_is_none_when_only_one_class_is_present():
+    assert roc_auc([0.2, 0.9, 0.5], [1, 1, 1]) is None
+    assert roc_auc([0.2, 0.9, 0.5], [0, 0, 0]) is None
+
+
+def test_ece_is_small_when_calibrated_and_larger_when_over_confident():
+    """20,000 labels drawn as Bernoulli(p): the ECE of p is sampling noise, about 0.008 here."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(20_000, generator=g, dtype=torch.float64)
+    y = (torch.rand(20_000, generator=g, dtype=torch.float64) < p).double()
+    calibrated = ece(p, y)
+    over = ece(torch.sigmoid(3 * torch.logit(p)), y)  # the same ranking pushed towards 0 and 1
+    assert calibrated < 0.02
+    assert over > calibrated + 0.05
+
+
+def test_reliability_bins_count_everything_and_mean_conf_lies_in_its_bin():
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(500, generator=g, dtype=torch.float64)
+    p[:3] = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)  # both ends and an edge
+    y = (torch.rand(500, generator=g, dtype=torch.float64) < p).double()
+    bins = reliability_bins(p, y, n_bins=10)
+    assert sum(b["count"] for b in bins) == 500
+    for b in bins:
+        assert b["lo"] <= b["mean_conf"] <= b["hi"]
+        assert 0.0 <= b["frac_pos"] <= 1.0
+    # 1.0 goes into the last bin, not an eleventh one.
+    top = reliability_bins([0.9, 1.0], [1, 1], n_bins=10)
+    assert len(top) == 1 and top[0]["lo"] == pytest.approx(0.9) and top[0]["count"] == 2
+
+
+# ---- survival and prefix labels -------------------------------------------------------------------
+
+def test_survival_is_the_cumulative_product_along_positions():
+    conf = torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.8, 0.5]], dtype=torch.float64)
+    a = survival(conf)
+    assert a.shape == (2, 3)
+    assert torch.allclose(a, torch.tensor([[0.5, 0.25, 0.125], [1.0, 0.8, 0.4]], dtype=torch.float64))
+
+
+def test_prefix_labels_mark_accepted_prefixes():
+    y = prefix_labels([0, 2, 3], gamma=3)
+    assert y.shape == (3, 3)
+    assert y.tolist() == [[0, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert prefix_labels(torch.tensor([1]), gamma=2).tolist() == [[1, 0]]
+
+
+def test_per_position_metrics_score_survival_against_prefix_labels():
+    conf = torch.tensor([[0.9, 0.5], [0.6, 0.9], [0.3, 0.2], [0.8, 0.7]], dtype=torch.float64)
+    accepted = [2, 1, 0, 2]
+    m = per_position_metrics(conf, accepted, n_bins=5)
+    a, y = survival(conf), prefix_labels(accepted, 2)
+    for k in range(2):
+        assert m["ece_by_position"][k] == pytest.approx(ece(a[:, k], y[:, k], 5))
+        assert m["auc_by_position"][k] == roc_auc(a[:, k], y[:, k])
+        assert m["brier_by_position"][k] == pytest.approx(brier(a[:, k], y[:, k]))
+        assert m["reliability_by_position"][k] == reliability_bins(a[:, k], y[:, k], 5)
+    # position 2: survivals 0.45, 0.54, 0.06, 0.56 against labels 1, 0, 0, 1 -> pairs 1, 1, 0, 1 -> 0.75
+    assert m["auc_by_position"][1] == pytest.approx(0.75)
+
+
+# ---- Sequential Temperature Scaling ---------------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(logits=st.lists(st.floats(-8, 8), min_size=2, max_size=20),
+       temperature=st.floats(0.1, 10.0))
+def test_temperature_never_changes_the_ranking_within_a_position(logits, temperature):
+    z = torch.tensor(logits, dtype=torch.float64)[:, None]
+    c = apply_temperatures(z, [temperature])[:, 0]
+    for i in range(len(logits)):
+        for j in range(len(logits)):
+            if logits[i] < logits[j]:
+                assert c[i] <= c[j]  # <=: sigmoid may round two far-out logits to the same float
+
+
+def test_sts_keeps_rankings_lowers_ece_and_raises_temperatures_of_an_over_confident_head():
+    """Over-confident head (logits x 3): STS must find T > 1 everywhere and bring the mean ECE of a_k
+    below 0.03 (the in-sample noise floor at 6,000 rounds is about 0.01)."""
+    logits, accepted = _overconfident_rounds()
+    result = fit_sts(logits, accepted)
+    assert all(result.fitted)
+    assert all(t > 1.0 for t in result.temperatures)
+    mean_before = sum(result.ece_before) / len(result.ece_before)
+    mean_after = sum(result.ece_after) / len(result.ece_after)
+    assert mean_after < mean_before
+    assert mean_after < 0.03
+    # the reported ECEs are those of the survival products of the (un)scaled confidences
+    before = per_position_metrics(torch.sigmoid(logits), accepted)["ece_by_position"]
+    after = per_position_metrics(apply_temperatures(logits, result.temperatures), accepted)["ece_by_position"]
+    assert result.ece_before == pytest.approx(before)
+    assert result.ece_after == pytest.approx(after)
+    # ranking within each position is untouched by the fitted temperatures
+    scaled = apply_temperatures(logits, result.temperatures)
+    for k in range(logits.shape[1]):
+        assert torch.equal(torch.argsort(logits[:, k], stable=True), torch.argsort(scaled[:, k], stable=True))
+
+
+def test_sts_leaves_positions_with_too_few_examples_of_a_class_unfitted():
+    # gamma = 3: position 1 has 40 positives / 60 negatives; positions 2 and 3 only 10 positives each.
+    g = torch.Generator().manual_seed(2)
+    logits = 2.0 * torch.randn(100, 3, generator=g, dtype=torch.float64)
+    accepted = [0] * 60 + [1] * 30 + [3] * 10
+    result = fit_sts(logits, accepted, min_each=32)
+    assert result.fitted == [True, False, False]
+    assert result.temperatures[1:] == [1.0, 1.0]
+    # with nothing fitted at all, every temperature stays exactly 1.0 and ECE does not move
+    none = fit_sts(logits, accepted, min_each=1000)
+    assert none.fitted == [False] * 3 and none.temperatures == [1.0] * 3
+    assert none.ece_after == none.ece_before
+
+
+def test_sts_prefers_temperature_one_on_ties():
+    # All confidences sit in one ECE bin for every candidate near 1: ties go to exactly 1.0.
+    logits = torch.zeros(64, 1, dtype=torch.float64)  # sigmoid(0 / T) = 0.5 for every T
+    accepted = [1] * 32 + [0] * 32
+    assert fit_sts(logits, accepted).temperatures == [1.0]
+
+
+def test_sts_result_round_trips_through_json():
+    r = STSResult(temperatures=[2.5, 1.0], fitted=[True, False], ece_before=[0.2, 0.1], ece_after=[0.01, 0.1])
+    assert STSResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    with pytest.raises(LabkitError, match="lacks"):
+        STSResult.from_dict({"temperatures": [1.0]})
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda: ece([], []),
+    lambda: reliability_bins([], []),
+    lambda: roc_auc([], []),
+    lambda: brier([], []),
+    lambda: survival(torch.empty(0, 3)),
+    lambda: prefix_labels([], 3),
+    lambda: per_position_metrics(torch.empty(0, 3), []),
+    lambda: fit_sts(torch.empty(0, 3), []),
+])
+def test_empty_input_raises_labkit_error(call):
+    with pytest.raises(LabkitError):
+        call()
+
+
+def test_mismatched_or_out_of_range_input_raises_labkit_error():
+    with pytest.raises(LabkitError, match="one label per probability"):
+        ece([0.1, 0.2], [1])
+    with pytest.raises(LabkitError, match="logits"):
+        brier([1.5], [1])
+    with pytest.raises(LabkitError, match="0..2"):
+        prefix_labels([3], gamma=2)
+    with pytest.raises(LabkitError, match="one count per round"):
+        per_position_metrics(torch.full((3, 2), 0.5), [1, 1])
+    with pytest.raises(LabkitError, match="one per position"):
+        apply_temperatures(torch.zeros(2, 3), [1.0, 2.0])
