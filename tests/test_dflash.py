@@ -315,3 +315,12 @@ def test_checkpoint_for_another_target_is_refused(tiny, make_tiny_target, tmp_pa
 def test_not_a_checkpoint_names_the_fix(tiny, tmp_path):
     with pytest.raises(LabkitError, match="not a drafter checkpoint.*labkit train"):
         load_backbone(tmp_path, tiny)
+
+
+def test_frequent_tokens_keeps_the_most_common_and_the_stop_tokens(tmp_path):
+    from labkit.train import frequent_tokens, vocab_coverage
+    items = [FeatureSequence(Sequence([9, 9, 1, 1, 1, 2, 3], 2, "chat"), tmp_path, 0),
+             FeatureSequence(Sequence([9, 1, 2, 4], 1, "code"), tmp_path, 0)]
+    ids = frequent_tokens(items, 3, always={7})
+    assert ids.tolist() == [1, 2, 7]  # prompt tokens (9) do not count; 7 is kept as a stop token
+    assert vocab_coverage(items, ids) == pytest.approx(6 / 8)  # responses 1 1 1 2 3 and 1 2 4
