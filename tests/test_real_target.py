@@ -78,6 +78,18 @@ def first_token_counts(verifier, p_t: torch.Tensor, p_d: torch.Tensor, n: int, s
     return counts
 
 
+def next_token_pair(target, drafter, params: SamplingParams):
+    """p_t and the drafter's p_d for the token after the first new one, on the union of their supports
+    (exact for these tests: verification never emits a token both give probability 0)."""
+    ids = target.encode_prompt("Write a short poem about the sea.")
+    state = prefill(target, ids, 8, params, seed=0, drafter=drafter)
+    p_d = drafter.propose(state, 1).probs[0]
+    logits, _ = target.forward([state.ids[-1]], state.cache)
+    p_t = logits_to_probs(logits[-1], params)
+    support = ((p_t > 0) | (p_d > 0)).nonzero().view(-1)
+    return p_t[support], p_d[support], support
+
+
 def verify_resample_target(draft, p_d, p_t, generator=None) -> Verdict:
     """Wrong on purpose: after a rejection it samples p_t instead of the residual."""
     verdict = verify_chain(draft, p_d, p_t, generator)
@@ -95,13 +107,7 @@ def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_go
     params = SamplingParams(1.0, 0.9)
     drafter = LayerSkipDrafter(real_target, LayerSkipConfig(n_layers=real_target.num_layers - 1, gamma=1,
                                                            stop_below=0.0))
-    ids = real_target.encode_prompt("Write a short poem about the sea.")
-    state = prefill(real_target, ids, 8, params, seed=0, drafter=drafter)
-    p_d = drafter.propose(state, 1).probs[0]  # the drafter's distribution after the first new token
-    logits, _ = real_target.forward([state.ids[-1]], state.cache)
-    p_t = logits_to_probs(logits[-1], params)
-    support = ((p_t > 0) | (p_d > 0)).nonzero().view(-1)
-    p_t, p_d = p_t[support], p_d[support]
+    p_t, p_d, support = next_token_pair(real_target, drafter, params)
     acceptance = torch.minimum(p_t, p_d).sum().item()
     assert 0.1 < acceptance < 0.9, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
 
@@ -141,13 +147,7 @@ def test_real_sampled_decoding_with_dflash_follows_target(real_target, chi2_gof)
     union of the two supports, as the layer-skip test above."""
     params = SamplingParams(1.0, 0.9)
     drafter = make_drafter("dflash", real_target)
-    ids = real_target.encode_prompt("Write a short poem about the sea.")
-    state = prefill(real_target, ids, 8, params, seed=0, drafter=drafter)
-    p_d = drafter.propose(state, 1).probs[0]
-    logits, _ = real_target.forward([state.ids[-1]], state.cache)
-    p_t = logits_to_probs(logits[-1], params)
-    support = ((p_t > 0) | (p_d > 0)).nonzero().view(-1)
-    p_t, p_d = p_t[support], p_d[support]
+    p_t, p_d, support = next_token_pair(real_target, drafter, params)
     acceptance = torch.minimum(p_t, p_d).sum().item()
     assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
     counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=1)
