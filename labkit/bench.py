@@ -22,6 +22,7 @@ from labkit.decoding import generate, position_acceptance, sync_device
 from labkit.drafters import check_spec, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
+from labkit.stats import prefix_survival
 from labkit.target import Target
 
 #: domain of each external benchmark file in ../shared/benchmarks, by file stem
@@ -85,14 +86,13 @@ def mean_tau(rounds) -> float | None:
     return sum(r.emitted for r in rounds) / len(rounds) if rounds else None
 
 
-def position_survival(rounds) -> list[float]:
-    """Unconditional prefix survival at position j: P(accepted >= j) over rounds that proposed >= j
-    (the reference code's accept_rate@k; Fig. 2's conditional acceptance is `position_acceptance`)."""
-    out = []
-    for j in range(1, max((r.proposed for r in rounds), default=0) + 1):
-        reached = [r for r in rounds if r.proposed >= j]
-        out.append(sum(r.accepted >= j for r in reached) / len(reached))
-    return out
+
+def tau_by_domain(prompts: list[Prompt], results) -> dict[str, float]:
+    """Mean tau per domain from one GenerationResult per prompt (rounds pooled within a domain)."""
+    pooled: dict[str, list] = {}
+    for prompt, result in zip(prompts, results):
+        pooled.setdefault(prompt.domain, []).extend(result.rounds)
+    return {d: mean_tau(rs) for d, rs in pooled.items() if rs}
 
 
 def check_method(name: str) -> str | None:
@@ -189,7 +189,7 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
                                  if m.drafter_spec else None}
                              for d, (t, s) in st.by_domain.items()}}
         if m.drafter_spec:
-            row["position_survival"] = position_survival(st.rounds)
+            row["position_survival"] = prefix_survival(st.rounds)
             row["rounds"] = len(st.rounds)
         if params.greedy and reference is not None and reference is not st:
             same = sum(a == b for a, b in zip(st.outputs, reference.outputs))

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -367,8 +368,9 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
     model = load_backbone(checkpoint, target)
     info = read_config(checkpoint).get("extra", {})
     path = save_drafter(model, dest, dtype=dtype, extra={**info, **(extra or {})})
-    shutil.copy(Path(checkpoint).parent / "metrics.jsonl", path / "metrics.jsonl") \
-        if (Path(checkpoint).parent / "metrics.jsonl").exists() else None
+    metrics = Path(checkpoint).parent / "metrics.jsonl"
+    if metrics.exists():
+        shutil.copy(metrics, path / "metrics.jsonl")
     return path
 
 
@@ -417,7 +419,7 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes)
     if args.export:
         info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "train_command": " ".join(
-            ["python -m labkit train"] + [a for a in __import__("sys").argv[1:] if a != "train"])}
+            ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
         dest = export(path, args.export, target, extra=info)
         log(f"exported {dest}")
     return path

@@ -134,3 +134,14 @@ def test_cli_generate_json(tiny_model_dir, capsys):
     assert rc == 0
     result = json.loads(stdout)
     assert len(result["token_ids"]) <= 6 and result["drafter"] == "layer-skip:4" and result["tau"] >= 1.0
+
+
+def test_tau_by_domain_pools_rounds_within_a_domain():
+    from types import SimpleNamespace
+
+    from labkit.bench import Prompt, tau_by_domain
+    from labkit.decoding import Round
+    prompts = [Prompt("a", "math", "x"), Prompt("b", "math", "x"), Prompt("c", "chat", "y")]
+    results = [SimpleNamespace(rounds=[Round(4, 3, 0, 0)]), SimpleNamespace(rounds=[Round(4, 0, 0, 0)] * 3),
+               SimpleNamespace(rounds=[Round(2, 1, 0, 0)])]
+    assert tau_by_domain(prompts, results) == {"math": (4 + 1 + 1 + 1) / 4, "chat": 2.0}

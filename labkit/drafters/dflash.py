@@ -18,11 +18,15 @@ DSpark's heads (a later issue) read `DFlashBackbone.block_hidden` and add to its
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from labkit.drafters.base import Proposal
@@ -401,11 +405,6 @@ def check_compatible(cfg: DFlashConfig, target, where: str = "") -> None:
 def save_drafter(backbone: DFlashBackbone, out_dir: str | Path, dtype: torch.dtype | None = None,
                  extra: dict | None = None) -> Path:
     """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename)."""
-    import os
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
@@ -434,7 +433,6 @@ def read_config(path: str | Path) -> dict:
 
 def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32) -> DFlashBackbone:
     """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target."""
-    from safetensors.torch import load_file
     cfg = DFlashConfig.from_dict(read_config(path))
     check_compatible(cfg, target, str(path))
     state = load_file(str(Path(path) / WEIGHTS_FILE))
