@@ -73,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation prompts that training prompts must not overlap (skipped if absent)")
 
     p = sub.add_parser("train", help="train a drafter on target-regenerated data (accelerate: CPU, 1 or many GPUs)")
-    p.add_argument("--drafter", default="dflash", help="what to train: dflash")
+    p.add_argument("--drafter", default="dflash", choices=("dflash", "dspark"),
+                   help="dflash (parallel block drafter) or dspark (+ sequential and confidence heads)")
+    p.add_argument("--head", choices=("markov", "rnn"), default="markov", help="DSpark's sequential head")
+    p.add_argument("--rank", type=int, default=64, help="DSpark's head rank r (0 = no sequential head)")
     p.add_argument("--data", default="data/train", help="folder made by prepare-data (default: data/train)")
+    p.add_argument("--max-shards", type=_positive_int, default=None,
+                   help="train on the first N data shards only (default: all)")
     p.add_argument("--out", required=True, help="run folder: checkpoints (last/), metrics.jsonl; resumed if present")
     p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (accelerate launch sets it per process)")
@@ -180,8 +185,8 @@ def cmd_eval(args) -> None:
 
 def cmd_train(args) -> None:
     from labkit.train import run_training
-    if args.drafter != "dflash":
-        raise LabkitError(f"train knows --drafter dflash (DSpark comes with its heads), got {args.drafter!r}.")
+    if args.rank < 0:
+        raise LabkitError(f"--rank must be 0 (no sequential head) or more, got {args.rank}.")
     layers = None
     if args.target_layers:
         try:

@@ -32,6 +32,8 @@ class Round:
     accepted: int
     draft_s: float
     verify_s: float
+    #: the confidence head's raw logits for the proposed drafts (drafters with one; else None)
+    conf_logits: list[float] | None = None
 
     @property
     def emitted(self) -> int:
@@ -157,7 +159,9 @@ def speculative_round(target: Target, state: DecodeState, drafter: Drafter | Non
     if drafter is not None:
         drafter.observe(state, n, _select_hidden(hidden, layers))
     sync_device(device)
-    rnd = Round(proposed=k, accepted=n, draft_s=drafted - start, verify_s=time.perf_counter() - drafted)
+    conf = None if proposal.conf_logits is None else proposal.conf_logits.float().tolist()
+    rnd = Round(proposed=k, accepted=n, draft_s=drafted - start, verify_s=time.perf_counter() - drafted,
+                conf_logits=conf)
     state.rounds.append(rnd)
     return rnd
 

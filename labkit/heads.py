@@ -115,3 +115,40 @@ def make_head(kind: str, n_rows: int, n_out: int, rank: int, hidden: int) -> nn.
         from labkit.errors import LabkitError
         raise LabkitError(f"Unknown head {kind!r}: use markov or rnn.")
     return None if rank == 0 else HEADS[kind](n_rows, n_out, rank, hidden)
+
+
+class TruncatedMarkovHead(nn.Module):
+    """A Markov head whose transition bias is cut to rank r by SVD (Eckart-Young: the best rank-r
+    approximation of W1 W2 in Frobenius norm). The confidence feature stays the original W1 row, so
+    the confidence head reads what it was trained on; only the bias B changes."""
+
+    def __init__(self, head: MarkovHead, r: int):
+        super().__init__()
+        self.w1 = head.w1
+        self.rank = head.rank
+        a, b = low_rank_factors(head.w1.weight.detach(), head.w2.weight.detach(), r)
+        self.register_buffer("bias_a", a, persistent=False)  # (n_rows, r)
+        self.register_buffer("bias_b", b, persistent=False)  # (V_draft, r)
+
+    def init_state(self, batch_shape: tuple[int, ...], device=None, dtype=None) -> None:
+        return None
+
+    def step(self, h: torch.Tensor, prev_rows: torch.Tensor, state=None):
+        return self.bias_a[prev_rows] @ self.bias_b.T, self.w1(prev_rows), state
+
+    def teacher_forced(self, h: torch.Tensor, prev_rows: torch.Tensor):
+        return self.bias_a[prev_rows] @ self.bias_b.T, self.w1(prev_rows)
+
+
+def low_rank_factors(w1: torch.Tensor, w2: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A, B) with A B^T the best rank-r approximation of M = w1 w2^T (w1 (n, R), w2 (V, R)).
+
+    Computed without forming the n x V matrix: QR of both factors, then the SVD of the R x R core.
+    """
+    q1, r1 = torch.linalg.qr(w1.double())
+    q2, r2 = torch.linalg.qr(w2.double())
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    r = max(0, min(r, s.numel()))
+    a = (q1 @ u[:, :r]) * s[:r]
+    b = q2 @ vh[:r].T
+    return a.to(w1.dtype), b.to(w1.dtype)

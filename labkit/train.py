@@ -37,10 +37,13 @@ from labkit.features import FeatureSequence
 
 @dataclass
 class LossWeights:
-    """L = ce * L_ce + l1 * L_tv (+ later terms), each averaged with position weights exp(-k / decay)."""
+    """Eq. 9: L = ce * L_ce + l1 * L_tv + conf * L_conf, each averaged with position weights exp(-k / decay).
+
+    The confidence term counts only for drafters with a confidence head (DSpark)."""
 
     ce: float = 0.1
     l1: float = 0.9
+    conf: float = 1.0
     decay: float = 4.0
 
 
@@ -121,6 +124,11 @@ def make_batch(items: list[FeatureSequence], indices: list[int], gamma: int, anc
 # ----------------------------------------------------------------------------- losses
 
 
+def forward_batch(model, batch: dict) -> dict[str, torch.Tensor]:
+    """The drafter's training forward on a `make_batch` batch (DSpark's heads read the targets)."""
+    return model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"], batch["targets"])
+
+
 def position_weights(gamma: int, decay: float, device=None) -> torch.Tensor:
     """w_k = exp(-k / decay) for k = 0..gamma-1 (the reference's form of the paper's exp(-(k-1)/gamma))."""
     return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / decay)
@@ -131,21 +139,25 @@ def target_probs(model: DFlashBackbone, final: torch.Tensor, lse: torch.Tensor) 
     return torch.exp(final.float() @ model.head.float().T - lse[..., None])
 
 
-def loss_terms(model: DFlashBackbone, h: torch.Tensor, batch: dict, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """Eq. 9 without the confidence term: position-weighted CE to the data token and L1 to the target.
+def loss_terms(model: DFlashBackbone, out: dict[str, torch.Tensor], batch: dict,
+               weights: LossWeights) -> dict[str, torch.Tensor]:
+    """Eq. 9 from a forward's outputs: position-weighted CE to the data token, L1 to the target, and
+    (when the drafter has a confidence head) BCE of c_k against c*_k = 1 - 0.5 ||p_d - p_t||_1 (Eq. 8).
 
     L1 is the full distance sum_v |p_d - p_t| (2 x TV, as the reference code weights it); target mass
-    outside a reduced draft vocabulary counts in full. Also returns metrics (no gradient): the expected
-    acceptance 1 - TV per position, a tau estimate 1 + sum_k prod_{i<=k}(1 - TV_i) and top-1 agreement.
+    outside a reduced draft vocabulary counts in full. c* is detached: the confidence head learns to
+    predict the acceptance, it does not pull the draft distribution. Also returns metrics (no
+    gradient): a tau estimate 1 + sum_k prod_{i<=k}(1 - TV_i), its greedy (top-1) form, position-1
+    acceptance, and for a confidence head the mean absolute error |c - c*|.
     """
-    logits = model.logits(h).float()  # (B, A, gamma, Vd)
+    logits = out["logits"].float()  # (B, A, gamma, Vd)
     logq = torch.log_softmax(logits, -1)
     q = logq.exp()
     with torch.no_grad():
         p_t = target_probs(model, batch["final"], batch["lse"])
         outside = (1 - p_t.sum(-1)).clamp(min=0)
     valid = batch["valid"].float()
-    w = position_weights(h.shape[2], weights.decay, h.device) * valid
+    w = position_weights(logits.shape[2], weights.decay, logits.device) * valid
     norm = w.sum().clamp(min=1e-6)
     local, in_vocab = _local_targets(model, batch["targets"])
     ce = -(logq.gather(-1, local[..., None]).squeeze(-1))
@@ -153,6 +165,14 @@ def loss_terms(model: DFlashBackbone, h: torch.Tensor, batch: dict, weights: Los
     l1 = (q - p_t).abs().sum(-1) + outside
     terms = {"ce": (ce * ce_w).sum() / ce_w.sum().clamp(min=1e-6), "l1": (l1 * w).sum() / norm}
     terms["loss"] = weights.ce * terms["ce"] + weights.l1 * terms["l1"]
+    if "conf_logits" in out:
+        z = out["conf_logits"].float()
+        c_star = (1 - 0.5 * l1.detach()).clamp(0, 1)
+        bce = F.binary_cross_entropy_with_logits(z, c_star, reduction="none")
+        terms["conf"] = (bce * w).sum() / norm
+        terms["loss"] = terms["loss"] + weights.conf * terms["conf"]
+        with torch.no_grad():
+            terms["conf_mae"] = ((torch.sigmoid(z) - c_star).abs() * valid).sum() / valid.sum().clamp(min=1)
     with torch.no_grad():
         terms.update(block_metrics(1 - 0.5 * l1.detach(), q.argmax(-1) == p_t.argmax(-1), batch["valid"]))
     return terms
@@ -248,7 +268,7 @@ def evaluate(model: DFlashBackbone, items: list[FeatureSequence], cfg: TrainConf
     for start in range(0, min(len(items), max_seqs), cfg.batch_seqs):
         idx = list(range(start, min(start + cfg.batch_seqs, len(items), max_seqs)))
         batch = {k: v.to(device) for k, v in make_batch(items, idx, gamma, cfg.anchors_per_seq, gen, handles).items()}
-        terms = loss_terms(model, model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"]), batch, cfg.loss)
+        terms = loss_terms(model, forward_batch(model, batch), batch, cfg.loss)
         for k, v in terms.items():
             sums[k] += float(v)
         n += 1
@@ -305,8 +325,8 @@ def train(model: DFlashBackbone, items: list[FeatureSequence], out_dir: str | Pa
         batch = {k: v.to(acc.device) for k, v in
                  make_batch(train_items, idx, gamma, cfg.anchors_per_seq, gen, handles).items()}
         with acc.autocast():
-            h = model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"])
-        terms = loss_terms(core, h, batch, cfg.loss)
+            outputs = forward_batch(model, batch)
+        terms = loss_terms(core, outputs, batch, cfg.loss)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             bar.close()
@@ -352,10 +372,12 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
 
 def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = None,
                  init_from_target: bool = True) -> DFlashBackbone:
-    """A fresh drafter for `target`, its draft layers copied from the target's last layers if asked."""
+    """A fresh drafter for `target` (DFlash or DSpark by `cfg.kind`), its draft layers copied from the
+    target's last layers if asked."""
     emb = target.model.get_input_embeddings().weight
     head = target.model.get_output_embeddings().weight
-    model = DFlashBackbone(cfg, emb, head, vocab_ids)
+    from labkit.drafters.dflash import model_classes
+    model = model_classes(cfg.kind)[0](cfg, emb, head, vocab_ids)
     if init_from_target:
         model.init_from_target(target.model)
     return model.to(target.device)
@@ -376,7 +398,7 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
 
 def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) -> Path:
     """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export."""
-    from labkit.drafters.dflash import check_compatible, read_config
+    from labkit.drafters.dflash import check_compatible, model_classes, read_config
     from labkit.features import cache_features, feature_sequences
     from labkit.target import load_target
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -387,19 +409,25 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     out = Path(args.out)
     last = out / "last"
     if (last / "trainer.pt").exists():
-        cfg = DFlashConfig.from_dict(read_config(last))
+        raw = read_config(last)
+        if raw.get("kind", "dflash") != args.drafter:
+            raise LabkitError(f"{out} holds a {raw.get('kind')} run, not {args.drafter}: pick another --out.")
+        cfg = model_classes(args.drafter)[1].from_dict(raw)
         check_compatible(cfg, target, str(last))
         from safetensors.torch import load_file
         vocab_ids = load_file(str(last / "model.safetensors"))["vocab_ids"]
     else:
         overrides = dict(gamma=args.gamma, n_layers=args.layers, draft_vocab=args.draft_vocab,
                          anchor_predicts=args.anchor_mode == "anchor-first")
+        if args.drafter == "dspark":
+            overrides.update(head=args.head, rank=args.rank)
         if target_layers:
             overrides["target_layers"] = target_layers
-        cfg = DFlashConfig.for_target(target, **overrides)
+        cfg = model_classes(args.drafter)[1].for_target(target, **overrides)
         vocab_ids = None
-    cache_features(target, args.data, cfg.target_layers)
-    items = feature_sequences(args.data, cfg.target_layers)
+    max_shards = getattr(args, "max_shards", None)
+    cache_features(target, args.data, cfg.target_layers, max_shards=max_shards)
+    items = feature_sequences(args.data, cfg.target_layers, max_shards=max_shards)
     if cfg.draft_vocab and vocab_ids is None:
         vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
         if len(vocab_ids) < cfg.draft_vocab:
@@ -412,7 +440,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
             "of the training responses")
     from labkit.drafters.dflash import param_count
     log(f"{len(items)} sequences, {n_tokens} response tokens; drafter {param_count(model) / 1e6:.1f} M "
-        f"trainable parameters, {cfg.n_layers} layer(s), gamma {cfg.gamma}, target layers {cfg.target_layers}")
+        f"trainable parameters, {cfg.n_layers} layer(s), gamma {cfg.gamma}, target layers {cfg.target_layers}"
+        + (f", {cfg.head} head at rank {cfg.rank} + confidence head" if cfg.kind == "dspark" else ""))
     tcfg = TrainConfig(steps=args.steps, batch_seqs=args.batch_seqs, anchors_per_seq=args.anchors, lr=args.lr,
                        save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
                        mixed_precision=args.mixed_precision)

@@ -76,7 +76,7 @@ def test_no_leakage(tiny, anchor_predicts, data):
     ids = torch.tensor([data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=3, max_size=3))])
     block = data.draw(st.integers(0, 2))
     with torch.no_grad():
-        before = model.logits(model(feats, anchors, ids))[0, block]
+        before = model(feats, anchors, ids)["logits"][0, block]
         feats2 = feats.clone()
         cut = int(anchors[0, block])
         feats2[0, cut:] = torch.randn(n - cut, feats.shape[-1]) * 3
@@ -84,13 +84,13 @@ def test_no_leakage(tiny, anchor_predicts, data):
         for other in range(3):
             if other != block:
                 ids2[0, other] = (ids2[0, other] + 1) % VOCAB
-        after = model.logits(model(feats2, anchors, ids2))[0, block]
+        after = model(feats2, anchors, ids2)["logits"][0, block]
         assert torch.allclose(before, after, atol=1e-5)
         # and the block does read its context: changing a position before the anchor moves it
         if cut > 0:
             feats3 = feats.clone()
             feats3[0, :cut] += 5.0
-            moved = model.logits(model(feats3, anchors, ids))[0, block]
+            moved = model(feats3, anchors, ids)["logits"][0, block]
             assert not torch.allclose(before, moved, atol=1e-4)
 
 
@@ -110,7 +110,7 @@ def test_decode_time_drafting_matches_training_forward(tiny):
     dec = drafter.draft_logits(state)
     with torch.no_grad():
         full = target_features(tiny, ids, model.cfg.target_layers)[None]
-        train_logits = model.logits(model(full, torch.tensor([[len(ids) - 1]]), torch.tensor([[ids[-1]]])))[0, 0]
+        train_logits = model(full, torch.tensor([[len(ids) - 1]]), torch.tensor([[ids[-1]]]))["logits"][0, 0]
     assert torch.allclose(dec, train_logits, atol=1e-5)
 
 

@@ -78,7 +78,8 @@ def test_training_resumes_where_it_stopped(trained, capsys):
     (["eval", "--drafter", "prompt-lookup", "--prompts", "x.jsonl"], "does not exist"),
     (["generate", "--prompt", "hi", "--drafter", "./no/such/run"], "not a drafter checkpoint"),
     (["train", "--out", "x", "--lr", "nan"], "--lr must be a positive number"),
-    (["train", "--out", "x", "--drafter", "eagle"], "train knows --drafter dflash"),
+    (["train", "--out", "x", "--drafter", "eagle"], "invalid choice: 'eagle'"),
+    (["train", "--out", "x", "--drafter", "dspark", "--rank", "-1"], "--rank must be 0"),
     (["train", "--out", "x", "--target-layers", "1,a"], "comma-separated integers"),
 ])
 def test_bad_input_gives_one_line(argv, message, capsys):

@@ -10,7 +10,8 @@ from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafte
 from labkit.errors import LabkitError
 from labkit.target import Target
 
-BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash")
+BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark")
+SHIPPED = ("dflash", "dspark")
 #: trained checkpoints shipped with the lab, by the name that `--drafter` takes
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "drafters"
 
@@ -42,20 +43,21 @@ def check_spec(spec: str | None) -> None:
                           "layers) or the path of a trained checkpoint folder.")
     if name == "layer-skip" and arg and not arg.isdigit():
         raise LabkitError(f"layer-skip takes a layer count, e.g. layer-skip:8, got {spec!r}.")
-    if name in ("prompt-lookup", "dflash") and arg:
+    if name in ("prompt-lookup", *SHIPPED) and arg:
         raise LabkitError(f"{name} takes no argument, got {spec!r}.")
 
 
 def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> Drafter | None:
-    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash' (the shipped
-    checkpoint) or the path of a trained checkpoint folder."""
+    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash' or 'dspark' (the
+    shipped checkpoints; dspark calibrated) or the path of a trained checkpoint folder (either kind)."""
     check_spec(spec)
     if spec is None or spec == "none":
         return None
-    if _is_checkpoint_path(spec) or spec == "dflash":
+    if _is_checkpoint_path(spec) or spec in SHIPPED:
         from labkit.drafters.dflash import DFlashDrafter, load_backbone
-        path = Path(spec) if spec != "dflash" else shipped_checkpoint("dflash")
-        return DFlashDrafter(load_backbone(path, target), gamma)
+        from labkit.drafters.dspark import DSparkDrafter, DSparkModel
+        model = load_backbone(shipped_checkpoint(spec) if spec in SHIPPED else Path(spec), target)
+        return (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model, gamma)
     name, _, arg = spec.partition(":")
     if name == "prompt-lookup":
         cfg = PromptLookupConfig() if gamma is None else PromptLookupConfig(gamma=gamma)

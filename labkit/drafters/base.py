@@ -19,10 +19,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class Proposal:
-    """A drafted block: tokens (k,) and the probabilities (k, V) they were drawn from."""
+    """A drafted block: tokens (k,) and the probabilities (k, V) they were drawn from.
+
+    Drafters with a confidence head (DSpark) also give, per token, the head's raw logit and the
+    calibrated confidence c_k (the probability that the token survives given that those before it did).
+    """
 
     tokens: torch.Tensor
     probs: torch.Tensor
+    conf_logits: torch.Tensor | None = None
+    confidences: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -33,7 +39,8 @@ class Proposal:
                         torch.empty(0, vocab_size, device=device))
 
     def truncate(self, k: int) -> "Proposal":
-        return Proposal(self.tokens[:k], self.probs[:k])
+        cut = (lambda t: None if t is None else t[:k])
+        return Proposal(self.tokens[:k], self.probs[:k], cut(self.conf_logits), cut(self.confidences))
 
 
 class Drafter(Protocol):

@@ -12,7 +12,7 @@ At decode time the projected context keys/values live in a per-request `ContextC
 one drafter forward over the block plus the projection of the tokens just accepted.
 
 `DFlashBackbone` is the network; `DFlashDrafter` adapts it to the decoding loop's Drafter protocol.
-DSpark's heads (a later issue) read `DFlashBackbone.block_hidden` and add to its logits.
+DSpark (`labkit.drafters.dspark`) subclasses both, adding its heads to the states `forward` returns.
 """
 
 from __future__ import annotations
@@ -251,13 +251,22 @@ class DFlashBackbone(nn.Module):
     def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.context_kv(ctx, pos) for layer in self.layers]
 
-    def forward(self, feats: torch.Tensor, anchor_pos: torch.Tensor, anchor_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, anchor_pos: torch.Tensor, anchor_ids: torch.Tensor,
+                targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training forward: many blocks per sequence at once.
 
         feats (B, N, m*H) the target's layer outputs for every position; anchor_pos / anchor_ids (B, A)
-        where each block starts. Returns the normed states of each block's gamma predicting slots,
-        (B, A, gamma, H): slot j of block a predicts the token at anchor_pos[a] + j + 1.
+        where each block starts; targets (B, A, gamma) the block's true tokens (unused here: DSpark's
+        heads read them as the previous tokens, teacher-forced). Returns {"h": the normed states of each
+        block's gamma predicting slots (B, A, gamma, H), "logits": their draft logits (B, A, gamma, V_draft)}:
+        slot j of block a predicts the token at anchor_pos[a] + j + 1. Everything trainable runs inside
+        forward, so a DDP-wrapped model sees every parameter used.
         """
+        h = self.block_states(feats, anchor_pos, anchor_ids)
+        return {"h": h, "logits": self.logits(h)}
+
+    def block_states(self, feats: torch.Tensor, anchor_pos: torch.Tensor, anchor_ids: torch.Tensor) -> torch.Tensor:
+        """The (B, A, gamma, H) normed states of every block's predicting slots (see `forward`)."""
         b, n, _ = feats.shape
         a, s = anchor_pos.shape[1], self.cfg.n_slots
         ctx = self.context(feats)
@@ -344,15 +353,20 @@ class DFlashDrafter:
         self._append(state, self._features(hidden))
 
     @torch.no_grad()
-    def draft_logits(self, state) -> torch.Tensor:
-        """Logits (gamma, V_draft) for the block after the anchor state.ids[-1], from the cached context."""
+    def draft_hidden(self, state) -> torch.Tensor:
+        """Normed states (gamma, H) of the block after the anchor state.ids[-1], from the cached context."""
         cache: ContextCache = state.drafter_state
         anchor = torch.tensor([state.ids[-1]], device=self.device)
         x = self.backbone.block_inputs(anchor)
         pos = torch.arange(cache.length, cache.length + self.cfg.n_slots, device=self.device)[None]
         h = self.backbone.block_hidden(x, pos, cache.kv, None)
         first = self.cfg.n_slots - self.cfg.gamma  # the slot that predicts anchor + 1
-        return self.backbone.logits(h[0, first: first + self.gamma]).float()
+        return h[0, first: first + self.gamma]
+
+    @torch.no_grad()
+    def draft_logits(self, state) -> torch.Tensor:
+        """Logits (gamma, V_draft) of the whole block in one forward (Eq. 3)."""
+        return self.backbone.logits(self.draft_hidden(state)).float()
 
     @torch.no_grad()
     def propose(self, state, max_tokens: int) -> Proposal:
@@ -366,12 +380,16 @@ class DFlashDrafter:
         """Sample each position from its own draft distribution; return the exact probabilities used."""
         p_small = logits_to_probs(logits, params)  # (k, V_draft)
         local = torch.stack([sample(p, generator) for p in p_small]) if generator is not None else p_small.argmax(-1)
-        ids = self.backbone.vocab_ids.to(logits.device)
+        return self.to_proposal(local, p_small)
+
+    def to_proposal(self, local: torch.Tensor, p_small: torch.Tensor, **extra) -> Proposal:
+        """Draft-vocabulary columns and probabilities -> target token ids and (k, V) probability rows."""
+        ids = self.backbone.vocab_ids.to(p_small.device)
         if self.backbone.full_vocab:
-            return Proposal(ids[local], p_small)
-        probs = torch.zeros(logits.shape[0], self.vocab_size, device=logits.device)
+            return Proposal(ids[local], p_small, **extra)
+        probs = torch.zeros(p_small.shape[0], self.vocab_size, device=p_small.device)
         probs[:, ids] = p_small
-        return Proposal(ids[local], probs)
+        return Proposal(ids[local], probs, **extra)
 
     @torch.no_grad()
     def observe(self, state, n_accepted: int, hidden) -> None:
@@ -431,14 +449,26 @@ def read_config(path: str | Path) -> dict:
     return json.loads((path / CONFIG_FILE).read_text())
 
 
+def model_classes(kind: str) -> tuple[type, type]:
+    """(model class, config class) for a checkpoint's `kind`: dflash, or dspark (the backbone + heads)."""
+    if kind == "dflash":
+        return DFlashBackbone, DFlashConfig
+    if kind == "dspark":
+        from labkit.drafters.dspark import DSparkConfig, DSparkModel
+        return DSparkModel, DSparkConfig
+    raise LabkitError(f"Unknown drafter kind {kind!r} in the checkpoint's config.json: expected dflash or dspark.")
+
+
 def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32) -> DFlashBackbone:
     """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target."""
-    cfg = DFlashConfig.from_dict(read_config(path))
+    raw = read_config(path)
+    model_cls, config_cls = model_classes(raw.get("kind", "dflash"))
+    cfg = config_cls.from_dict(raw)
     check_compatible(cfg, target, str(path))
     state = load_file(str(Path(path) / WEIGHTS_FILE))
     emb = target.model.get_input_embeddings().weight
     head = target.model.get_output_embeddings().weight
-    model = DFlashBackbone(cfg, emb, head, state["vocab_ids"])
+    model = model_cls(cfg, emb, head, state["vocab_ids"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device=target.device, dtype=dtype).eval()
 
