@@ -1,4 +1,4 @@
-"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,eval} ...`; later issues add serve.
+"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,eval} ...`.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", default=None, help="also write a small bf16 copy of the result here")
 
+    p = sub.add_parser("calibrate", help="fit a DSpark drafter's confidence temperatures (STS) on held-out rounds")
+    p.add_argument("--drafter", required=True, help="dspark (the shipped checkpoint) or a DSpark checkpoint path")
+    p.add_argument("--data", default="data/train",
+                   help="data folder whose last sequences (not trained on) give the prompts (default: data/train)")
+    p.add_argument("--n-prompts", type=_positive_int, default=48, help="held-out prompts to decode")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0],
+                   help="sampling temperatures to fit, one temperature set each (default: 0 1)")
+    p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
+    p.add_argument("--json", dest="json_out", default=None, help="write the report JSON here")
+    _add_model_args(p)
+
     p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
     p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
     p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows')
@@ -183,6 +194,23 @@ def cmd_eval(args) -> None:
         _write_json(result, args.json_out)
 
 
+def cmd_calibrate(args) -> None:
+    from labkit.calibrate import calibrate_checkpoint, format_calibration
+    from labkit.drafters import SHIPPED, check_spec, shipped_checkpoint
+    from labkit.target import load_target
+    check_spec(args.drafter)
+    if any(t < 0 or t != t for t in args.temperatures):
+        raise LabkitError(f"--temperatures must be 0 (greedy) or positive, got {args.temperatures}.")
+    path = shipped_checkpoint(args.drafter) if args.drafter in SHIPPED else Path(args.drafter)
+    target = load_target(args.target, args.device, args.dtype)
+    report = calibrate_checkpoint(target, path, args.data, args.n_prompts, tuple(args.temperatures),
+                                  args.max_new_tokens, args.seed, write=not args.dry_run)
+    print(format_calibration(report))
+    print(("left unchanged: " if args.dry_run else "temperatures written to ") + str(path / "config.json"))
+    if args.json_out:
+        _write_json(report, args.json_out)
+
+
 def cmd_train(args) -> None:
     from labkit.train import run_training
     if args.rank < 0:
@@ -208,7 +236,7 @@ def cmd_prepare_data(args) -> None:
 
 
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
-            "train": cmd_train, "eval": cmd_eval}
+            "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

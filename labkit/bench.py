@@ -191,6 +191,8 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
         if m.drafter_spec:
             row["position_survival"] = prefix_survival(st.rounds)
             row["rounds"] = len(st.rounds)
+            if any(r.conf_logits is not None for r in st.rounds):
+                row["confidence"] = _confidence(m.drafter, st, params)
         if params.greedy and reference is not None and reference is not st:
             same = sum(a == b for a, b in zip(st.outputs, reference.outputs))
             row["identical_to_" + ("ar" if "ar" in stats else "hf-generate")] = f"{same}/{n_prompts}"
@@ -198,6 +200,16 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
     return {"model": target.name, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
             "temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": max_new_tokens,
             "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | None:
+    """Calibration metrics of a confidence-head drafter on this run's full-block rounds (None if none)."""
+    from labkit.calibrate import confidence_metrics, full_block_rounds
+    try:
+        rounds = full_block_rounds([(d, rs) for d, rs in st.rounds_by_domain.items()], drafter.gamma)
+    except LabkitError:
+        return None
+    return confidence_metrics(rounds, drafter.temperatures(params))
 
 
 def format_table(result: dict) -> str:
@@ -224,7 +236,8 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
 
     JSON keys (later issues add, never rename): drafter, target, temperature, tau, tau_by_domain,
     position_acceptance, position_acceptance_by_domain, position_survival, tokens_per_s, n_prompts,
-    rounds, new_tokens, speedup_vs_hf, speedup_vs_hf_by_domain.
+    rounds, new_tokens, speedup_vs_hf, speedup_vs_hf_by_domain; for drafters with a confidence head
+    also ece_by_position, auc_by_position, brier_by_position (after STS where fitted) and their *_raw.
     """
     params = params or SamplingParams()
     methods = (["hf-generate"] if vs_hf else []) + [f"spec:{drafter}"]
@@ -241,7 +254,17 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
             "new_tokens": row["new_tokens"], "speedup_vs_hf": row["speedup_vs_hf"],
             "speedup_vs_hf_by_domain": {d: v["speedup_vs_hf"] for d, v in doms.items()},
             "hf_tokens_per_s": bench["rows"][0]["tokens_per_s"] if vs_hf else None,
-            "device": bench["device"], "dtype": bench["dtype"]}
+            "device": bench["device"], "dtype": bench["dtype"], **_confidence_keys(row.get("confidence"))}
+
+
+CONFIDENCE_KEYS = ("ece_by_position", "auc_by_position", "brier_by_position", "ece_by_position_raw",
+                   "auc_by_position_raw", "brier_by_position_raw", "calibration_rounds", "calibrated")
+
+
+def _confidence_keys(conf: dict | None) -> dict:
+    """eval's calibration keys (drafters with a confidence head): after STS where the checkpoint has
+    temperatures for this sampling temperature, and raw (`*_raw`) beside them."""
+    return {} if not conf else {k: conf[k] for k in CONFIDENCE_KEYS}
 
 
 def format_eval(result: dict) -> str:
@@ -255,4 +278,10 @@ def format_eval(result: dict) -> str:
              f"{result['tokens_per_s']:.2f} tokens/s" + (f", {result['speedup_vs_hf']:.2f}x HF generate "
                                                          f"({result['hf_tokens_per_s']:.2f} tokens/s)"
                                                          if result.get("speedup_vs_hf") else "")]
+    if "ece_by_position" in result:
+        lines.append(f"confidence on {result['calibration_rounds']} full-block rounds "
+                     f"({'after STS' if result['calibrated'] else 'uncalibrated'}):")
+        lines.append("  ECE   " + " ".join(f"{e:.3f}" for e in result["ece_by_position"]) +
+                     "   raw " + " ".join(f"{e:.3f}" for e in result["ece_by_position_raw"]))
+        lines.append("  AUC   " + " ".join("  -  " if a is None else f"{a:.3f}" for a in result["auc_by_position"]))
     return "\n".join(lines)

@@ -291,3 +291,30 @@ def fit_sts(conf_logits, accepted, grid=None, min_each: int = 32, n_bins: int = 
     return STSResult(temperatures=temps, fitted=fitted,
                      ece_before=[_ece(before[:, k], y[:, k], n_bins) for k in range(gamma)],
                      ece_after=[_ece(after[:, k], y[:, k], n_bins) for k in range(gamma)])
+
+
+# ---- static threshold sweep (paper Fig. 5) ---------------------------------------------------------
+
+def threshold_sweep(conf, accepted, thresholds) -> list[dict]:
+    """Offline static-threshold verification (paper Fig. 5) on full-block rounds.
+
+    At threshold t a round verifies only its leading drafts whose prefix survival a_k = prod_{i<=k} c_i
+    is at least t (t = 0: the whole block). Verification of a prefix accepts exactly what it accepted
+    of the full block, capped at the prefix: accepted = min(n, cut), rejected = cut - accepted. Returns,
+    per threshold, mean accepted and rejected drafts per step, drafts verified per step, and the
+    acceptance rate accepted / verified (None when nothing is verified).
+    """
+    c, y = _conf_and_labels(conf, accepted)
+    a = survival(c)
+    n = y.sum(1)  # drafts accepted of the full block
+    rows = []
+    for t in torch.as_tensor(thresholds, dtype=torch.float64).flatten().tolist():
+        if not 0 <= t <= 1:
+            raise LabkitError(f"Thresholds are probabilities in [0, 1], got {t}.")
+        cut = torch.cumprod((a >= t).to(torch.float64), 1).sum(1)  # leading positions that pass
+        acc = torch.minimum(n, cut)
+        verified = float(cut.sum())
+        rows.append({"threshold": t, "accepted_per_step": float(acc.mean()),
+                     "rejected_per_step": float((cut - acc).mean()), "verified_per_step": float(cut.mean()),
+                     "acceptance_rate": float(acc.sum()) / verified if verified else None})
+    return rows

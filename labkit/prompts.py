@@ -155,3 +155,4 @@ def assert_disjoint(prompts: list[str], others: set[str], what: str = "evaluatio
     if clash:
         raise LabkitError(f"{len(clash)} training prompts also appear in the {what} set "
                           f"(first: {clash[0][:80]!r}): training and {what} prompts must be disjoint.")
+

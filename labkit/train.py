@@ -278,8 +278,10 @@ def evaluate(model: DFlashBackbone, items: list[FeatureSequence], cfg: TrainConf
 
 def train(model: DFlashBackbone, items: list[FeatureSequence], out_dir: str | Path, cfg: TrainConfig,
           resume: bool = True, progress: bool = True, log=print, stop_at: int | None = None,
-          max_minutes: float | None = None) -> Path:
+          max_minutes: float | None = None, info: dict | None = None) -> Path:
     """Train `model` on cached-feature sequences; checkpoints and metrics.jsonl go to out_dir.
+
+    `info` (e.g. how many data sequences and which command) is recorded in every checkpoint's config.
 
     `stop_at` (a step) or `max_minutes` end this run early with a checkpoint; running the same
     command again resumes there and finishes the schedule of `cfg.steps`.
@@ -354,7 +356,7 @@ def train(model: DFlashBackbone, items: list[FeatureSequence], out_dir: str | Pa
             _append_jsonl(metrics_path, row)
             model.train()
         if acc.is_main_process and (done % cfg.save_every == 0 or done == cfg.steps or halt):
-            save_training_state(out, core, opt, sched, done, {"anchors": seen_anchors})
+            save_training_state(out, core, opt, sched, done, {**(info or {}), "anchors": seen_anchors})
         acc.wait_for_everyone()
         if halt:
             log(f"stopped at step {done} of {cfg.steps}; run the same command again to resume")
@@ -445,10 +447,10 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     tcfg = TrainConfig(steps=args.steps, batch_seqs=args.batch_seqs, anchors_per_seq=args.anchors, lr=args.lr,
                        save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
                        mixed_precision=args.mixed_precision)
-    path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes)
+    info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "train_command": " ".join(
+        ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
+    path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes, info=info)
     if args.export:
-        info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "train_command": " ".join(
-            ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
         dest = export(path, args.export, target, extra=info)
         log(f"exported {dest}")
     return path

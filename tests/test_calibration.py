@@ -217,3 +217,19 @@ def test_mismatched_or_out_of_range_input_raises_labkit_error():
         per_position_metrics(torch.full((3, 2), 0.5), [1, 1])
     with pytest.raises(LabkitError, match="one per position"):
         apply_temperatures(torch.zeros(2, 3), [1.0, 2.0])
+
+
+def test_threshold_sweep_matches_hand_computation():
+    """Two rounds, gamma 3. Survival: round 0 (0.9, 0.45, 0.09), round 1 (0.6, 0.36, 0.288); accepted 2 and 0.
+    t = 0: verify 3 + 3, accept 2 + 0. t = 0.4: verify 2 (0.9, 0.45) + 1 (0.6), accept 2 + 0.
+    t = 0.95: nothing verified."""
+    from labkit.calibration import threshold_sweep
+    conf = [[0.9, 0.5, 0.2], [0.6, 0.6, 0.8]]
+    rows = threshold_sweep(conf, [2, 0], [0.0, 0.4, 0.95])
+    assert rows[0] == {"threshold": 0.0, "accepted_per_step": 1.0, "rejected_per_step": 2.0,
+                       "verified_per_step": 3.0, "acceptance_rate": 2 / 6}
+    assert rows[1]["verified_per_step"] == 1.5 and rows[1]["accepted_per_step"] == 1.0
+    assert rows[1]["rejected_per_step"] == 0.5 and rows[1]["acceptance_rate"] == 2 / 3
+    assert rows[2]["verified_per_step"] == 0.0 and rows[2]["acceptance_rate"] is None
+    with pytest.raises(LabkitError):
+        threshold_sweep(conf, [2, 0], [1.5])

@@ -91,3 +91,37 @@ def test_bad_input_gives_one_line(argv, message, capsys):
 def test_check_spec_accepts_shipped_and_paths(trained):
     check_spec(str(trained["export"]))
     check_spec("dflash")
+
+
+def test_dspark_train_calibrate_eval_end_to_end(trained, tmp_path, capsys):
+    """train --drafter dspark -> calibrate on held-out sequences (writes temperatures) -> eval reports the
+    calibration keys, after STS and raw; calibrate refuses prompts the drafter was trained on."""
+    run, model = tmp_path / "dspark", str(trained["model"])
+    assert main(["train", "--drafter", "dspark", "--rank", "8", "--target", model, "--data", str(trained["data"]),
+                 "--out", str(run), "--steps", "4", "--save-every", "4", "--batch-seqs", "2", "--anchors", "4",
+                 "--gamma", "3", "--target-layers", "2,5", "--draft-vocab", "64", "--max-shards", "1"]) == 0
+    ck = run / "last"
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["kind"] == "dspark" and cfg["rank"] == 8 and cfg["calibration"] == {}
+    assert cfg["extra"]["step"] == 4
+    capsys.readouterr()
+    # 8 sequences in 2 shards, trained on the first shard (4): 4 are held out
+    assert main(["calibrate", "--target", model, "--drafter", str(ck), "--data", str(trained["data"]),
+                 "--n-prompts", "5", "--max-new-tokens", "12"]) == 2
+    assert "only 4 are held out" in capsys.readouterr().err
+    report = tmp_path / "cal.json"
+    assert main(["calibrate", "--target", model, "--drafter", str(ck), "--data", str(trained["data"]),
+                 "--n-prompts", "4", "--max-new-tokens", "24", "--temperatures", "1", "--json", str(report)]) == 0
+    fitted = json.loads((ck / "config.json").read_text())["calibration"]
+    assert set(fitted) == {"T=1"} and len(fitted["T=1"]["temperatures"]) == 3
+    assert fitted == json.loads(report.read_text())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [t]}) for t in ["What is 2 + 3?", "Name three colours."]))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--target", model, "--drafter", str(ck), "--prompts", str(prompts), "--temperature", "1",
+                 "--max-new-tokens", "24", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("ece_by_position", "auc_by_position", "brier_by_position", "ece_by_position_raw"):
+        assert len(res[key]) == 3, key
+    assert res["calibrated"] is True and res["calibration_rounds"] > 0
+    assert all(0 <= e <= 1 for e in res["ece_by_position"] + res["ece_by_position_raw"])

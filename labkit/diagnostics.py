@@ -1,0 +1,156 @@
+"""Measurements of a trained drafter on held-out target sequences, for the notebooks (teacher-forced).
+
+Everything here runs the drafter's training forward on sequences the target wrote and the drafter
+was not trained on, so one forward measures every block position at once:
+
+- `offline_acceptance`: per position, the expected acceptance at temperature 1 (1 - TV to the target)
+  and at greedy (the drafter's top-1 equals the target's), and the tau they imply, optionally for a
+  shorter block (the block-size slider);
+- `rank_curve`: the same for a DSpark drafter whose Markov transition is cut to rank r by SVD
+  (the rank slider; Eckart-Young makes the cut the best rank-r transition);
+- `collisions`: where the parallel backbone's top-1 pair is incoherent and the Markov head repairs it
+  (paper Sec. 3.1's multi-modal collision), with counts of repairs and of breaks;
+- `drafting_costs`: wall time of the backbone forward vs the sequential head loop (paper Fig. 4, right).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from labkit.errors import LabkitError
+from labkit.features import FeatureSequence, shard_features
+from labkit.train import forward_batch, make_batch, target_probs
+
+
+def heldout_items(target, data_dir: str | Path, layers: tuple[int, ...], n: int, cache: str | Path,
+                  trained_sequences: int = 0) -> list[FeatureSequence]:
+    """The last n sequences of a data folder with their target features (computed once into `cache`)."""
+    from labkit.data import load_sequences
+    seqs = load_sequences(data_dir)
+    if len(seqs) - n < trained_sequences:
+        raise LabkitError(f"Only {len(seqs) - trained_sequences} sequences of {data_dir} are held out from "
+                          f"training; ask for at most that many.")
+    seqs = seqs[-n:]
+    cache = Path(cache)
+    tokens = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
+    offsets = torch.tensor([0] + [len(s.ids) for s in seqs]).cumsum(0)
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file(shard_features(target, tokens, offsets, layers), str(tmp))
+        tmp.replace(cache)
+    return [FeatureSequence(s, cache, int(offsets[i])) for i, s in enumerate(seqs)]
+
+
+def heldout_batch(items: list[FeatureSequence], gamma: int, anchors: int = 32, seed: int = 0) -> dict:
+    """All items in one batch with `anchors` random blocks each (fixed by seed)."""
+    return make_batch(items, list(range(len(items))), gamma, anchors, torch.Generator().manual_seed(seed), {})
+
+
+@dataclass
+class OfflineAcceptance:
+    """Per-position acceptance estimates and the tau they imply (1 + sum of prefix survivals)."""
+
+    accept_t1: list[float]  # E[1 - TV_k] given the true prefix
+    accept_greedy: list[float]  # P(draft top-1 == target top-1) given the true prefix
+    tau_t1: float
+    tau_greedy: float
+
+
+@torch.no_grad()
+def _block_stats(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    out = forward_batch(model, batch)
+    q = torch.softmax(out["logits"].float(), -1)
+    p_t = target_probs(model, batch["final"], batch["lse"])
+    outside = (1 - p_t.sum(-1)).clamp(min=0)
+    accept = 1 - 0.5 * ((q - p_t).abs().sum(-1) + outside)
+    top1 = out["logits"].argmax(-1) == p_t.argmax(-1)
+    return accept, top1, batch["valid"], out
+
+
+@torch.no_grad()
+def offline_acceptance(model, batch: dict, gamma: int | None = None) -> OfflineAcceptance:
+    """Acceptance by position and tau on a held-out batch, for the first `gamma` positions (default all)."""
+    accept, top1, valid, _ = _block_stats(model.eval(), batch)
+    g = accept.shape[-1] if gamma is None else gamma
+    if not 1 <= g <= accept.shape[-1]:
+        raise LabkitError(f"gamma must lie in 1..{accept.shape[-1]} (the drafter's block size), got {gamma}.")
+    accept, top1, v = accept[..., :g], top1[..., :g].float(), valid[..., :g].float()
+    per = lambda x: [float((x[..., k] * v[..., k]).sum() / v[..., k].sum().clamp(min=1)) for k in range(g)]
+    return OfflineAcceptance(accept_t1=per(accept), accept_greedy=per(top1),
+                             tau_t1=float(1 + torch.cumprod(accept * v, -1).sum(-1).mean()),
+                             tau_greedy=float(1 + torch.cumprod(top1 * v, -1).sum(-1).mean()))
+
+
+def rank_curve(model, batch: dict, ranks: list[int]) -> list[dict]:
+    """tau (greedy and T=1) of a DSpark drafter with its Markov transition cut to each rank by SVD."""
+    from labkit.drafters.dspark import with_transition_rank
+    rows = []
+    for r in ranks:
+        m = with_transition_rank(model, r)
+        acc = offline_acceptance(m, batch)
+        rows.append({"rank": r, "tau_t1": acc.tau_t1, "tau_greedy": acc.tau_greedy,
+                     "accept_greedy": acc.accept_greedy})
+    return rows
+
+
+@dataclass
+class Collision:
+    """One block position where the prefix is right and the two drafters disagree on the next token."""
+
+    context: list[int]  # the sequence up to and including x_{k-1}
+    parallel: int  # the backbone's top-1 at position k (no head)
+    sequential: int  # top-1 with the Markov head given x_{k-1}
+    target: int  # the target's top-1
+    position: int  # k (1-based)
+
+
+@torch.no_grad()
+def collisions(model, items: list[FeatureSequence], batch: dict, max_examples: int = 5) -> dict:
+    """Positions k >= 2 whose previous token x_{k-1} is what the data, the target's top-1 and the
+    backbone's top-1 all say (so the parallel drafter would propose it), and where the backbone's top-1
+    at k differs from the Markov head's given x_{k-1}.
+
+    Counts "repaired" (the head agrees with the target's top-1, the backbone does not), "broken" (the
+    reverse) and returns repaired examples as Collision records. `batch` is `heldout_batch(items, ...)`
+    (row b is items[b]); the drafter needs a sequential head."""
+    model = model.eval()
+    out = forward_batch(model, batch)
+    if "base_logits" not in out:
+        raise LabkitError("collisions compares a drafter's backbone with its sequential head: pass a DSpark model.")
+    p_t = target_probs(model, batch["final"], batch["lse"])
+    vocab = model.vocab_ids
+    par, seq, tgt = (vocab[x.argmax(-1)] for x in (out["base_logits"], out["logits"], p_t))
+    tokens = batch["targets"]
+    ok_prev = (par[..., :-1] == tokens[..., :-1]) & (tgt[..., :-1] == tokens[..., :-1]) & batch["valid"][..., 1:]
+    differ = ok_prev & (par[..., 1:] != seq[..., 1:])
+    repaired = differ & (seq[..., 1:] == tgt[..., 1:])
+    broken = differ & (par[..., 1:] == tgt[..., 1:])
+    examples = []
+    for b, a, j in repaired.nonzero().tolist()[:max_examples]:
+        end = int(batch["anchor_pos"][b, a]) + j + 2  # the context ends with x_{k-1}, k = j + 2
+        examples.append(Collision(context=items[b].seq.ids[:end], parallel=int(par[b, a, j + 1]),
+                                  sequential=int(seq[b, a, j + 1]), target=int(tgt[b, a, j + 1]), position=j + 2))
+    return {"positions": int(ok_prev.sum()), "differ": int(differ.sum()), "repaired": int(repaired.sum()),
+            "broken": int(broken.sum()), "examples": examples}
+
+
+@torch.no_grad()
+def drafting_costs(drafter, state, reps: int = 20) -> dict[str, float]:
+    """Mean seconds of one block's backbone forward and of its sequential head loop (sampling included)."""
+    def clock(fn) -> float:
+        fn()  # warm-up
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps
+    h = drafter.draft_hidden(state)
+    backbone = clock(lambda: drafter.draft_hidden(state))
+    loop = clock(lambda: drafter.sample_sequential(h, state.ids[-1], state.params, state.generator))
+    parallel = clock(lambda: drafter.sample_block(drafter.backbone.logits(h).float(), state.params, state.generator))
+    return {"backbone_s": backbone, "sequential_head_s": loop, "parallel_sampling_s": parallel}
