@@ -285,3 +285,20 @@ def format_eval(result: dict) -> str:
                      "   raw " + " ".join(f"{e:.3f}" for e in result["ece_by_position_raw"]))
         lines.append("  AUC   " + " ".join("  -  " if a is None else f"{a:.3f}" for a in result["auc_by_position"]))
     return "\n".join(lines)
+
+
+BENCHMARK_FILES = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
+FALLBACK_PROMPTS = (
+    Prompt("A shop sells pens at 3 dollars each. How much do 7 pens cost? Think step by step.", "math", "lab"),
+    Prompt("Write a Python function is_prime(n) and test it on 2, 9 and 13.", "code", "lab"),
+    Prompt("Give three tips for a first trip to Japan.", "chat", "lab"))
+
+
+def benchmark_prompts(bench_dir: str | Path, limit: int | None, names=BENCHMARK_FILES) -> list[Prompt]:
+    """`limit` prompts from each named benchmark file of bench_dir (math, code and chat), or three of
+    the lab's own prompts when the folder is absent (a checkout without ../shared), said on stdout."""
+    files = [Path(bench_dir) / f"{n}.jsonl" for n in names]
+    if all(f.is_file() for f in files):
+        return load_prompts(files, limit)
+    print(f"{bench_dir} not found: using the lab's own three prompts.")
+    return list(FALLBACK_PROMPTS)

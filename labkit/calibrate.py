@@ -136,3 +136,27 @@ def format_calibration(report: dict) -> str:
         lines.append("  ECE before  " + " ".join(f"{e:>6.3f}" for e in r["ece_before"]))
         lines.append("  ECE after   " + " ".join(f"{e:>6.3f}" for e in r["ece_after"]))
     return "\n".join(lines)
+
+
+def confidence_vs_acceptance(rounds: ConfidenceRounds, temperatures: list[float] | None = None) -> dict[str, list]:
+    """Per position k: the head's mean conditional confidence c_k over rounds that reached k (drafts
+    1..k-1 accepted) and the acceptance observed there, P(draft k accepted | 1..k-1 accepted)."""
+    z = rounds.conf_logits
+    c = torch.sigmoid(z) if temperatures is None else apply_temperatures(z, temperatures[: z.shape[1]])
+    predicted, observed, reached = [], [], []
+    for k in range(z.shape[1]):
+        at = rounds.accepted >= k  # reached position k + 1
+        n = int(at.sum())
+        reached.append(n)
+        predicted.append(float(c[at, k].mean()) if n else None)
+        observed.append(float((rounds.accepted[at] >= k + 1).double().mean()) if n else None)
+    return {"predicted": predicted, "observed": observed, "reached": reached}
+
+
+def by_domain(rounds: ConfidenceRounds) -> dict[str, ConfidenceRounds]:
+    """Split rounds by their prompt's domain."""
+    out = {}
+    for d in sorted(set(rounds.domains)):
+        idx = torch.tensor([i for i, x in enumerate(rounds.domains) if x == d])
+        out[d] = ConfidenceRounds(rounds.conf_logits[idx], rounds.accepted[idx], [d] * len(idx))
+    return out

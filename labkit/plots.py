@@ -258,3 +258,69 @@ def tau_by_domain_figure(taus: dict[str, dict[str, float]], title: str = "tau by
                      for name, v in taus.items()])
     fig.update_layout(template=TEMPLATE, barmode="group", title=title, yaxis_title="tokens per round (tau)")
     return fig
+
+
+def rank_curve_figure(rows: Sequence[dict], marker: int | None = None,
+                      title: str = "tau against the Markov head's rank (SVD truncation of the trained transition)") -> go.Figure:
+    """labkit.diagnostics.rank_curve rows: tau (greedy and T=1) against rank; `marker` rings one rank."""
+    ranks = [r["rank"] for r in rows]
+    fig = go.Figure()
+    for key, name in (("tau_greedy", "greedy (top-1 agreement)"), ("tau_t1", "temperature 1 (1 - TV)")):
+        fig.add_trace(go.Scatter(x=ranks, y=[r[key] for r in rows], mode="lines+markers", name=name))
+    if marker is not None:
+        hit = [r for r in rows if r["rank"] == marker]
+        if hit:
+            fig.add_trace(go.Scatter(x=[marker] * 2, y=[hit[0]["tau_greedy"], hit[0]["tau_t1"]], mode="markers",
+                                     marker=dict(size=16, symbol="circle-open", color="black"), name=f"rank {marker}"))
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="rank r (0 = the backbone alone, DFlash)",
+                      yaxis_title="tau on held-out sequences", xaxis_type="log" if min(ranks) > 0 else "linear")
+    return fig
+
+
+def reliability_figure(before: Sequence[Sequence[dict]], after: Sequence[Sequence[dict]] | None,
+                       positions: Sequence[int], ece_before: Sequence[float], ece_after: Sequence[float] | None = None,
+                       auc: Sequence[float | None] | None = None) -> go.Figure:
+    """Reliability diagrams (paper Fig. 6): per position, observed acceptance against predicted survival
+    in each confidence bin (labkit.calibration.reliability_bins), before and after STS."""
+    fig = make_subplots(rows=1, cols=len(positions), shared_yaxes=True,
+                        subplot_titles=[f"position {k + 1}: ECE {100 * ece_before[k]:.1f}%"
+                                        + (f" -> {100 * ece_after[k]:.1f}%" if ece_after else "")
+                                        + (f", AUC {auc[k]:.2f}" if auc and auc[k] is not None else "")
+                                        for k in positions])
+    for col, k in enumerate(positions, start=1):
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="grey", dash="dot"),
+                                 name="perfect", showlegend=col == 1), row=1, col=col)
+        for bins, name, color in ((before[k], "before STS", COLORS["residual"]),
+                                  (after[k] if after else None, "after STS", COLORS["accepted"])):
+            if not bins:
+                continue
+            pts = [b for b in bins if b["count"]]
+            fig.add_trace(go.Scatter(x=[b["mean_conf"] for b in pts], y=[b["frac_pos"] for b in pts],
+                                     mode="lines+markers", name=name, marker=dict(color=color,
+                                     size=[4 + 10 * (b["count"] / max(p["count"] for p in pts)) ** 0.5 for b in pts]),
+                                     showlegend=col == 1, hovertext=[f"{b['count']} rounds" for b in pts]), row=1, col=col)
+        fig.update_xaxes(range=[0, 1], title_text="predicted survival", row=1, col=col)
+    fig.update_yaxes(range=[0, 1.02], title_text="observed acceptance", row=1, col=1)
+    fig.update_layout(template=TEMPLATE, title="Reliability of the prefix survival, per draft position", height=380)
+    return fig
+
+
+def threshold_sweep_figure(sweeps: dict[str, Sequence[dict]], title: str = "Static confidence threshold sweep") -> go.Figure:
+    """Paper Fig. 5: per domain, accepted and rejected drafts per step (stacked bars) and the acceptance
+    rate (line, right axis) against the survival threshold (labkit.calibration.threshold_sweep rows)."""
+    names = list(sweeps)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, specs=[[{"secondary_y": True}] * len(names)])
+    for col, name in enumerate(names, start=1):
+        rows = sweeps[name]
+        xs = [f"{r['threshold']:.1f}" for r in rows]
+        fig.add_trace(go.Bar(x=xs, y=[r["accepted_per_step"] for r in rows], name="accepted",
+                             marker_color=COLORS["accepted"], showlegend=col == 1), row=1, col=col)
+        fig.add_trace(go.Bar(x=xs, y=[r["rejected_per_step"] for r in rows], name="rejected",
+                             marker_color=COLORS["residual"], marker_pattern_shape="/", showlegend=col == 1), row=1, col=col)
+        fig.add_trace(go.Scatter(x=xs, y=[r["acceptance_rate"] for r in rows], mode="lines+markers", name="acceptance rate",
+                                 line=dict(color="black"), showlegend=col == 1), row=1, col=col, secondary_y=True)
+        fig.update_xaxes(title_text="threshold on survival", row=1, col=col)
+        fig.update_yaxes(range=[0, 1.05], secondary_y=True, row=1, col=col, showticklabels=col == len(names))
+    fig.update_yaxes(title_text="drafts per step", secondary_y=False, row=1, col=1)
+    fig.update_layout(template=TEMPLATE, barmode="stack", title=title, height=380)
+    return fig

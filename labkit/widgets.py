@@ -194,3 +194,39 @@ def decoding_dashboard(target: Target, prompt_ids: list[int], gamma: int = 4, te
         return dashboard_figure(tps, spec.position_acceptance(), title, max_position=int(gamma)), text
 
     return Dashboard(sliders, render)
+
+
+def rank_explorer(model, batch: dict, rank: int | None = None, gamma: int | None = None) -> Dashboard:
+    """Two sliders that change a real DSpark drafter and re-measure it on held-out blocks:
+
+    - rank: its trained Markov transition cut to rank r by SVD (0 = the backbone alone, i.e. DFlash);
+    - gamma: the proposal cut to its first gamma positions.
+    Each move runs the drafter's forward on the held-out batch (labkit.diagnostics.offline_acceptance):
+    per-position acceptance (greedy top-1 and temperature-1 1 - TV) and the tau they imply.
+    """
+    from labkit.diagnostics import offline_acceptance
+    from labkit.drafters.dspark import with_transition_rank
+    from labkit.plots import position_acceptance_figure
+    max_rank, max_gamma = model.cfg.rank, model.cfg.gamma
+    rank = max_rank if rank is None else rank
+    gamma = max_gamma if gamma is None else gamma
+    check_slider("rank", rank, 0, max_rank)
+    check_slider("gamma", gamma, 1, max_gamma)
+    ranks = sorted({0, max_rank} | {2 ** i for i in range(int(math.log2(max(max_rank, 1))) + 1)})
+    sliders = {"rank": widgets.SelectionSlider(options=ranks, value=min(ranks, key=lambda r: abs(r - rank)),
+                                               description="rank", continuous_update=False),
+               "gamma": widgets.IntSlider(value=gamma, min=1, max=max_gamma, description="gamma",
+                                          continuous_update=False)}
+
+    def render(rank: int, gamma: int) -> tuple[go.Figure, str]:
+        check_slider("rank", rank, 0, max_rank)
+        check_slider("gamma", gamma, 1, max_gamma)
+        acc = offline_acceptance(with_transition_rank(model, int(rank)), batch, int(gamma))
+        fig = position_acceptance_figure({"greedy": acc.accept_greedy, "T=1": acc.accept_t1})
+        fig.update_layout(title=f"rank {rank}, gamma {gamma}: acceptance given the true prefix, by position",
+                          xaxis_range=[0.5, max_gamma + 0.5])
+        text = (f"rank {rank}, gamma {gamma}: <b>tau {acc.tau_greedy:.2f}</b> greedy, <b>{acc.tau_t1:.2f}</b> at "
+                f"temperature 1, on {int(batch['valid'][..., 0].sum())} held-out blocks")
+        return fig, text
+
+    return Dashboard(sliders, render)

@@ -233,3 +233,18 @@ def test_threshold_sweep_matches_hand_computation():
     assert rows[2]["verified_per_step"] == 0.0 and rows[2]["acceptance_rate"] is None
     with pytest.raises(LabkitError):
         threshold_sweep(conf, [2, 0], [1.5])
+
+
+def test_confidence_vs_acceptance_and_domain_split_by_hand():
+    """Rounds (accepted 2, 0, 1) with conf logits 0 (c = 0.5) everywhere, gamma 2: position 1 reached by all
+    three, accepted by two; position 2 reached by the two, accepted by one."""
+    from labkit.calibrate import ConfidenceRounds, by_domain, confidence_vs_acceptance
+    r = ConfidenceRounds(torch.zeros(3, 2, dtype=torch.float64), torch.tensor([2, 0, 1]), ["math", "chat", "math"])
+    out = confidence_vs_acceptance(r)
+    assert out["reached"] == [3, 2] and out["predicted"] == [0.5, 0.5]
+    assert out["observed"] == [2 / 3, 0.5]
+    scaled = confidence_vs_acceptance(ConfidenceRounds(torch.ones(3, 2, dtype=torch.float64), r.accepted, r.domains),
+                                      temperatures=[2.0, 0.5])
+    assert scaled["predicted"] == pytest.approx([float(torch.sigmoid(torch.tensor(0.5))), float(torch.sigmoid(torch.tensor(2.0)))])
+    split = by_domain(r)
+    assert set(split) == {"chat", "math"} and split["math"].accepted.tolist() == [2, 1]

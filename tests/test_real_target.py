@@ -56,7 +56,7 @@ def test_lab_ar_greedy_equals_hf_generate(real_target, prompt_ids, ar_outputs):
         assert len(ar) == NEW_TOKENS or ar[-1] in real_target.eos_token_ids
 
 
-@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip", "dflash"])
+@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip", "dflash", "dspark"])
 def test_greedy_speculative_equals_ar(real_target, prompt_ids, ar_outputs, spec):
     drafter = make_drafter(spec, real_target)
     proposed = 0
@@ -121,32 +121,52 @@ def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_go
     assert chi2_gof([wrong[i] for i in range(len(support))], p_t.tolist()).rejects(ALPHA)
 
 
-def test_shipped_dflash_is_small_matches_the_target_and_says_how_it_was_made(real_target):
+@pytest.mark.parametrize("name", ["dflash", "dspark"])
+def test_shipped_drafter_is_small_matches_the_target_and_says_how_it_was_made(real_target, name):
     from labkit.drafters import shipped_checkpoint
     from labkit.drafters.dflash import read_config
-    path = shipped_checkpoint("dflash")
+    path = shipped_checkpoint(name)
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 60e6, f"{size / 1e6:.0f} MB: the shipped drafter must stay small"
     cfg = read_config(path)
     assert cfg["target_vocab_size"] == real_target.vocab_size and cfg["target_num_layers"] == real_target.num_layers
     assert cfg["extra"]["train_command"].startswith("python -m labkit train")
     assert (path / "metrics.jsonl").exists()
+    assert cfg["kind"] == name
 
 
-def test_shipped_dflash_drafts_better_than_chance(real_target, prompt_ids):
+def test_shipped_dspark_is_comparable_to_dflash_and_calibrated():
+    """Same data, steps and depth as the shipped DFlash drafter (a fair comparison), and STS temperatures
+    fitted for greedy and temperature-1 decoding, one per position, on held-out rounds."""
+    from labkit.drafters import shipped_checkpoint
+    from labkit.drafters.dflash import read_config
+    flash, spark = read_config(shipped_checkpoint("dflash")), read_config(shipped_checkpoint("dspark"))
+    for key in ("n_layers", "gamma", "target_layers", "draft_vocab", "hidden_size"):
+        assert flash[key] == spark[key], key
+    for key in ("step", "anchors", "data_sequences", "data_response_tokens"):
+        assert flash["extra"][key] == spark["extra"][key], key
+    for key in ("greedy", "T=1"):
+        fit = spark["calibration"][key]
+        assert len(fit["temperatures"]) == spark["gamma"] and all(t > 0 for t in fit["temperatures"])
+        assert fit["rounds"] > 0
+
+
+@pytest.mark.parametrize("name", ["dflash", "dspark"])
+def test_shipped_drafter_drafts_better_than_chance(real_target, prompt_ids, name):
     """The shipped drafter is trained: over the test prompts it keeps more than one token a round."""
-    drafter = make_drafter("dflash", real_target)
+    drafter = make_drafter(name, real_target)
     rounds = [r for ids in prompt_ids for r in generate(real_target, ids, drafter, NEW_TOKENS).rounds]
     tau = sum(r.emitted for r in rounds) / len(rounds)
-    assert tau > 1.3, f"tau {tau:.2f}"
+    assert tau > 1.3, f"{name}: tau {tau:.2f}"
 
 
-def test_real_sampled_decoding_with_dflash_follows_target(real_target, chi2_gof):
-    """10000 first emitted tokens at temperature 1 drafted by the shipped DFlash drafter (its real p_d,
-    zero outside its draft vocabulary); chi-square against the model's p_t at alpha 0.001, on the
-    union of the two supports, as the layer-skip test above."""
+@pytest.mark.parametrize("name", ["dflash", "dspark"])
+def test_real_sampled_decoding_with_trained_drafter_follows_target(real_target, chi2_gof, name):
+    """10000 first emitted tokens at temperature 1 drafted by a shipped drafter (its real p_d, zero
+    outside its draft vocabulary; DSpark's includes the Markov head's bias from the anchor); chi-square
+    against the model's p_t at alpha 0.001, on the union of the two supports, as the layer-skip test above."""
     params = SamplingParams(1.0, 0.9)
-    drafter = make_drafter("dflash", real_target)
+    drafter = make_drafter(name, real_target)
     p_t, p_d, support = next_token_pair(real_target, drafter, params)
     acceptance = torch.minimum(p_t, p_d).sum().item()
     assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
