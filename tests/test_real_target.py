@@ -78,10 +78,10 @@ def first_token_counts(verifier, p_t: torch.Tensor, p_d: torch.Tensor, n: int, s
     return counts
 
 
-def next_token_pair(target, drafter, params: SamplingParams):
+def next_token_pair(target, drafter, params: SamplingParams, prompt: str = "Write a short poem about the sea."):
     """p_t and the drafter's p_d for the token after the first new one, on the union of their supports
     (exact for these tests: verification never emits a token both give probability 0)."""
-    ids = target.encode_prompt("Write a short poem about the sea.")
+    ids = target.encode_prompt(prompt)
     state = prefill(target, ids, 8, params, seed=0, drafter=drafter)
     p_d = drafter.propose(state, 1).probs[0]
     logits, _ = target.forward([state.ids[-1]], state.cache)
@@ -167,8 +167,13 @@ def test_real_sampled_decoding_with_trained_drafter_follows_target(real_target, 
     against the model's p_t at alpha 0.001, on the union of the two supports, as the layer-skip test above."""
     params = SamplingParams(1.0, 0.9)
     drafter = make_drafter(name, real_target)
-    p_t, p_d, support = next_token_pair(real_target, drafter, params)
-    acceptance = torch.minimum(p_t, p_d).sum().item()
+    # the first of these contexts where the draft is neither almost always accepted nor almost never
+    # (the test needs both outcomes to have power); the prompts are fixed, so the choice is too
+    for prompt in ("Write a short poem about the sea.", "Give three tips for staying healthy."):
+        p_t, p_d, support = next_token_pair(real_target, drafter, params, prompt)
+        acceptance = torch.minimum(p_t, p_d).sum().item()
+        if 0.05 < acceptance < 0.95:
+            break
     assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
     counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=1)
     fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
