@@ -63,7 +63,8 @@ def decode_rounds(target, drafter, prompts: list[tuple[list[int], str]], params:
 
 def heldout_prompts(data_dir: str | Path, n: int, trained_sequences: int) -> list[tuple[list[int], str]]:
     """The prompts (token ids, domain) of the last n sequences of a data folder, refused if any of them
-    is among the first `trained_sequences` (those the drafter was trained on)."""
+    is among the first `trained_sequences` (those the drafter was trained on). As the folder grows,
+    "the last n" moves: `calibrate` records which sequences it used."""
     from labkit.data import load_sequences
     seqs = load_sequences(data_dir)
     if n <= 0:
@@ -111,6 +112,8 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
                           "`python -m labkit train --drafter dspark ...`.")
     trained = int(read_config(path).get("extra", {}).get("data_sequences", 0))
     prompts = heldout_prompts(data_dir, n_prompts, trained)
+    from labkit.data import load_sequences
+    total = len(load_sequences(data_dir))
     drafter = DSparkDrafter(model, calibrated=False)
     record = dict(model.cfg.calibration)
     report = {}
@@ -119,7 +122,8 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
         rounds = decode_rounds(target, drafter, prompts, params, max_new_tokens, seed, progress)
         sts = fit_sts(rounds.conf_logits, rounds.accepted)
         record[calibration_key(t)] = {**sts.to_dict(), "rounds": len(rounds), "prompts": len(prompts),
-                                      "max_new_tokens": max_new_tokens, "data": str(data_dir)}
+                                      "max_new_tokens": max_new_tokens, "data": str(data_dir),
+                                      "sequences": [total - len(prompts), total]}  # [start, end) in data order
         report[calibration_key(t)] = record[calibration_key(t)]
     if write:
         write_calibration(path, record)

@@ -114,6 +114,7 @@ def test_dspark_train_calibrate_eval_end_to_end(trained, tmp_path, capsys):
                  "--n-prompts", "4", "--max-new-tokens", "24", "--temperatures", "1", "--json", str(report)]) == 0
     fitted = json.loads((ck / "config.json").read_text())["calibration"]
     assert set(fitted) == {"T=1"} and len(fitted["T=1"]["temperatures"]) == 3
+    assert fitted["T=1"]["sequences"] == [4, 8]  # the last 4 of 8, recorded
     assert fitted == json.loads(report.read_text())
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"turns": [t]}) for t in ["What is 2 + 3?", "Name three colours."]))
