@@ -199,6 +199,9 @@ def cmd_calibrate(args) -> None:
     from labkit.drafters import SHIPPED, check_spec, shipped_checkpoint
     from labkit.target import load_target
     check_spec(args.drafter)
+    if args.temperature != 0.0:
+        raise LabkitError("calibrate fits one temperature set per sampling temperature given by --temperatures "
+                          "(e.g. --temperatures 0 1); --temperature is not used here.")
     if any(t < 0 or t != t for t in args.temperatures):
         raise LabkitError(f"--temperatures must be 0 (greedy) or positive, got {args.temperatures}.")
     path = shipped_checkpoint(args.drafter) if args.drafter in SHIPPED else Path(args.drafter)

@@ -80,6 +80,9 @@ def test_training_resumes_where_it_stopped(trained, capsys):
     (["train", "--out", "x", "--lr", "nan"], "--lr must be a positive number"),
     (["train", "--out", "x", "--drafter", "eagle"], "invalid choice: 'eagle'"),
     (["train", "--out", "x", "--drafter", "dspark", "--rank", "-1"], "--rank must be 0"),
+    (["calibrate", "--drafter", "dspark", "--temperature", "1"], "--temperature is not used here"),
+    (["calibrate", "--drafter", "dspark", "--temperatures", "-1"], "--temperatures must be 0"),
+    (["calibrate", "--drafter", "./no/such/run"], "not a drafter checkpoint"),
     (["train", "--out", "x", "--target-layers", "1,a"], "comma-separated integers"),
 ])
 def test_bad_input_gives_one_line(argv, message, capsys):
