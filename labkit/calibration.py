@@ -318,3 +318,14 @@ def threshold_sweep(conf, accepted, thresholds) -> list[dict]:
                      "rejected_per_step": float((cut - acc).mean()), "verified_per_step": float(cut.mean()),
                      "acceptance_rate": float(acc.sum()) / verified if verified else None})
     return rows
+
+
+def cut_value(conf, accepted, cost: float) -> dict[str, float]:
+    """Value per step of verifying only the drafts with survival a_k >= cost, when one verified draft
+    costs `cost` tokens' worth of compute: E[accepted] - cost * E[verified] (and of verifying all).
+
+    With a_k falling along the block, cutting where a_k < cost is the best cut if a_k is calibrated;
+    the gap between the two values shows what miscalibration costs a scheduler (Sec. 3.2.2)."""
+    cut, full = threshold_sweep(conf, accepted, [cost, 0.0])
+    return {"cut": cut["accepted_per_step"] - cost * cut["verified_per_step"],
+            "verify_all": full["accepted_per_step"] - cost * full["verified_per_step"]}

@@ -248,3 +248,11 @@ def test_confidence_vs_acceptance_and_domain_split_by_hand():
     assert scaled["predicted"] == pytest.approx([float(torch.sigmoid(torch.tensor(0.5))), float(torch.sigmoid(torch.tensor(2.0)))])
     split = by_domain(r)
     assert set(split) == {"chat", "math"} and split["math"].accepted.tolist() == [2, 1]
+
+
+def test_cut_value_by_hand():
+    """The fixture of the threshold-sweep test at cost 0.4: cut verifies 1.5 and accepts 1.0 a step
+    (value 1.0 - 0.6 = 0.4); verifying all accepts 1.0 of 3.0 (1.0 - 1.2 = -0.2)."""
+    from labkit.calibration import cut_value
+    v = cut_value([[0.9, 0.5, 0.2], [0.6, 0.6, 0.8]], [2, 0], 0.4)
+    assert v["cut"] == pytest.approx(0.4) and v["verify_all"] == pytest.approx(-0.2)

@@ -174,19 +174,12 @@ def test_sampled_dflash_sequences_follow_target(make_tiny_target, chi2_gof):
     """1500 sequences of 4 new tokens at temperature 1 with a DFlash drafter (gamma 3) on the 8-token
     tiny target; chi-square against the exact target distribution over 4096 sequences, alpha 0.001,
     seeds fixed (the foundation's test, with this drafter)."""
-    from test_lossless_tiny_model import ALPHA, NEW_TOKENS, PROMPT, exact_sequence_probs, sample_sequences
+    from test_lossless_tiny_model import assert_sequences_follow_target
     target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
     torch.manual_seed(0)
     cfg = DFlashConfig.for_target(target, gamma=3, target_layers=(1,))
     drafter = DFlashDrafter(new_backbone(target, cfg, init_from_target=True))
-    params = SamplingParams(1.0)
-    exact = exact_sequence_probs(target, PROMPT, NEW_TOKENS, params)
-    counts, acceptance = sample_sequences(target, drafter, params, 1500)
-    assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: the drafter must differ from the target"
-    seqs = list(exact)
-    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
-    assert fit.impossible == 0
-    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+    assert_sequences_follow_target(target, drafter, chi2_gof)
 
 
 # ----------------------------------------------------------------------------- training

@@ -117,7 +117,7 @@ def test_reduced_vocabulary_dspark_is_lossless(tiny):
 def test_sampled_dspark_sequences_follow_target(make_tiny_target, chi2_gof, head):
     """1500 sequences of 4 new tokens at temperature 1 with a DSpark drafter (gamma 3, random non-zero
     head) on the 8-token tiny target; chi-square against the exact target distribution, alpha 0.001."""
-    from test_lossless_tiny_model import ALPHA, NEW_TOKENS, PROMPT, exact_sequence_probs, sample_sequences
+    from test_lossless_tiny_model import assert_sequences_follow_target
     target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
     torch.manual_seed(0)
     cfg = DSparkConfig.for_target(target, gamma=3, target_layers=(1,), rank=4, head=head)
@@ -125,14 +125,7 @@ def test_sampled_dspark_sequences_follow_target(make_tiny_target, chi2_gof, head
     with torch.no_grad():
         model.seq_head.w2.weight.normal_(0, 1.0)
     drafter = DSparkDrafter(model.eval())
-    params = SamplingParams(1.0)
-    exact = exact_sequence_probs(target, PROMPT, NEW_TOKENS, params)
-    counts, acceptance = sample_sequences(target, drafter, params, 1500)
-    assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: the drafter must differ from the target"
-    seqs = list(exact)
-    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
-    assert fit.impossible == 0
-    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+    assert_sequences_follow_target(target, drafter, chi2_gof)
 
 
 def test_calibrated_confidences_apply_the_stored_temperatures(tiny):

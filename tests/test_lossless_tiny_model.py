@@ -61,6 +61,20 @@ def sample_sequences(target, drafter, params: SamplingParams, n: int) -> tuple[C
     return counts, accepted / max(proposed, 1)
 
 
+def assert_sequences_follow_target(target, drafter, chi2_gof, n: int = 1500) -> None:
+    """n sequences of NEW_TOKENS tokens at temperature 1 after PROMPT, drafted by `drafter`: the drafts
+    must be sometimes accepted and sometimes not, and the chi-square against the exact target
+    distribution must not reject at ALPHA (a trained-drafter form of the test below)."""
+    params = SamplingParams(1.0)
+    exact = exact_sequence_probs(target, PROMPT, NEW_TOKENS, params)
+    counts, acceptance = sample_sequences(target, drafter, params, n)
+    assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: the drafter must differ from the target"
+    seqs = list(exact)
+    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
+    assert fit.impossible == 0
+    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+
+
 CASES = {  # name: (temperature, top_p, tied embeddings, weight std, draws)
     "t1.0-tied": (1.0, 1.0, True, 0.5, 1500),
     # flatter weights, so that at temperature 0.7 the top-0.8 nucleus still leaves ~60 sequences
