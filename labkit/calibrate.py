@@ -63,17 +63,9 @@ def decode_rounds(target, drafter, prompts: list[tuple[list[int], str]], params:
 
 def heldout_prompts(data_dir: str | Path, n: int, trained_sequences: int) -> list[tuple[list[int], str]]:
     """The prompts (token ids, domain) of the last n sequences of a data folder, refused if any of them
-    is among the first `trained_sequences` (those the drafter was trained on). As the folder grows,
-    "the last n" moves: `calibrate` records which sequences it used."""
-    from labkit.data import load_sequences
-    seqs = load_sequences(data_dir)
-    if n <= 0:
-        raise LabkitError(f"The number of calibration prompts must be positive, got {n}.")
-    if len(seqs) - n < trained_sequences:
-        raise LabkitError(f"{data_dir} has {len(seqs)} sequences and the drafter was trained on the first "
-                          f"{trained_sequences}: only {max(0, len(seqs) - trained_sequences)} are held out, fewer "
-                          f"than the {n} asked for. Ask for fewer prompts or make more data with prepare-data.")
-    return [(s.ids[: s.prompt_len], s.domain) for s in seqs[-n:]]
+    is among the first `trained_sequences` (those the drafter was trained on)."""
+    from labkit.data import heldout_sequences
+    return [(s.ids[: s.prompt_len], s.domain) for s in heldout_sequences(data_dir, n, trained_sequences)[1]]
 
 
 def confidence_metrics(rounds: ConfidenceRounds, temperatures: list[float] | None, n_bins: int = 10) -> dict:
@@ -111,9 +103,9 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
         raise LabkitError(f"{path} has no confidence head to calibrate: train one with "
                           "`python -m labkit train --drafter dspark ...`.")
     trained = int(read_config(path).get("extra", {}).get("data_sequences", 0))
-    prompts = heldout_prompts(data_dir, n_prompts, trained)
-    from labkit.data import load_sequences
-    total = len(load_sequences(data_dir))
+    from labkit.data import heldout_sequences
+    start, seqs = heldout_sequences(data_dir, n_prompts, trained)
+    prompts = [(s.ids[: s.prompt_len], s.domain) for s in seqs]
     drafter = DSparkDrafter(model, calibrated=False)
     record = dict(model.cfg.calibration)
     report = {}
@@ -123,7 +115,7 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
         sts = fit_sts(rounds.conf_logits, rounds.accepted)
         record[calibration_key(t)] = {**sts.to_dict(), "rounds": len(rounds), "prompts": len(prompts),
                                       "max_new_tokens": max_new_tokens, "data": str(data_dir),
-                                      "sequences": [total - len(prompts), total]}  # [start, end) in data order
+                                      "sequences": [start, start + len(prompts)]}  # [start, end) in data order
         report[calibration_key(t)] = record[calibration_key(t)]
     if write:
         write_calibration(path, record)

@@ -137,3 +137,17 @@ def load_sequences(data_dir: str | Path) -> list[Sequence]:
         for i, dom in enumerate(domains):
             seqs.append(Sequence(tokens[offsets[i]:offsets[i + 1]], plens[i], dom))
     return seqs
+
+
+def heldout_sequences(data_dir: str | Path, n: int, trained_sequences: int) -> tuple[int, list[Sequence]]:
+    """(start, the last n sequences of a data folder), refused if any of them is among the first
+    `trained_sequences` (what a drafter was trained on). As the folder grows, "the last n" moves:
+    callers record `start`."""
+    if n <= 0:
+        raise LabkitError(f"The number of held-out sequences must be positive, got {n}.")
+    seqs = load_sequences(data_dir)
+    if len(seqs) - n < trained_sequences:
+        raise LabkitError(f"{data_dir} has {len(seqs)} sequences and the drafter was trained on the first "
+                          f"{trained_sequences}: only {max(0, len(seqs) - trained_sequences)} are held out, fewer "
+                          f"than the {n} asked for. Ask for fewer or make more data with prepare-data.")
+    return len(seqs) - n, seqs[-n:]

@@ -30,12 +30,8 @@ from labkit.train import forward_batch, make_batch, target_probs
 def heldout_items(target, data_dir: str | Path, layers: tuple[int, ...], n: int, cache: str | Path,
                   trained_sequences: int = 0) -> list[FeatureSequence]:
     """The last n sequences of a data folder with their target features (computed once into `cache`)."""
-    from labkit.data import load_sequences
-    seqs = load_sequences(data_dir)
-    if len(seqs) - n < trained_sequences:
-        raise LabkitError(f"Only {len(seqs) - trained_sequences} sequences of {data_dir} are held out from "
-                          f"training; ask for at most that many.")
-    seqs = seqs[-n:]
+    from labkit.data import heldout_sequences
+    seqs = heldout_sequences(data_dir, n, trained_sequences)[1]
     cache = Path(cache)
     tokens = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
     offsets = torch.tensor([0] + [len(s.ids) for s in seqs]).cumsum(0)
@@ -63,20 +59,20 @@ class OfflineAcceptance:
 
 
 @torch.no_grad()
-def _block_stats(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def _block_stats(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = forward_batch(model, batch)
     q = torch.softmax(out["logits"].float(), -1)
     p_t = target_probs(model, batch["final"], batch["lse"])
     outside = (1 - p_t.sum(-1)).clamp(min=0)
     accept = 1 - 0.5 * ((q - p_t).abs().sum(-1) + outside)
     top1 = out["logits"].argmax(-1) == p_t.argmax(-1)
-    return accept, top1, batch["valid"], out
+    return accept, top1, batch["valid"]
 
 
 @torch.no_grad()
 def offline_acceptance(model, batch: dict, gamma: int | None = None) -> OfflineAcceptance:
     """Acceptance by position and tau on a held-out batch, for the first `gamma` positions (default all)."""
-    accept, top1, valid, _ = _block_stats(model.eval(), batch)
+    accept, top1, valid = _block_stats(model.eval(), batch)
     g = accept.shape[-1] if gamma is None else gamma
     if not 1 <= g <= accept.shape[-1]:
         raise LabkitError(f"gamma must lie in 1..{accept.shape[-1]} (the drafter's block size), got {gamma}.")

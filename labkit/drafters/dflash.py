@@ -373,8 +373,11 @@ class DFlashDrafter:
         k = min(self.gamma, max_tokens)
         if k <= 0:
             return Proposal.empty(self.vocab_size, self.device)
-        logits = self.draft_logits(state)[:k]
-        return self.sample_block(logits, state.params, state.generator)
+        return self.block_from_states(self.draft_hidden(state)[:k], state)
+
+    def block_from_states(self, h: torch.Tensor, state) -> Proposal:
+        """Draw the block from the slots' states: all positions at once (DFlash); DSpark overrides it."""
+        return self.sample_block(self.backbone.logits(h).float(), state.params, state.generator)
 
     def sample_block(self, logits: torch.Tensor, params: SamplingParams, generator) -> Proposal:
         """Sample each position from its own draft distribution; return the exact probabilities used."""

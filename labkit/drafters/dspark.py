@@ -117,12 +117,7 @@ class DSparkDrafter(DFlashDrafter):
         rec = self.cfg.calibration.get(calibration_key(params.temperature)) if self.calibrated else None
         return None if rec is None else rec["temperatures"]
 
-    @torch.no_grad()
-    def propose(self, state, max_tokens: int) -> Proposal:
-        k = min(self.gamma, max_tokens)
-        if k <= 0:
-            return Proposal.empty(self.vocab_size, self.device)
-        h = self.draft_hidden(state)[:k]
+    def block_from_states(self, h: torch.Tensor, state) -> Proposal:
         return self.sample_sequential(h, state.ids[-1], state.params, state.generator)
 
     def sample_sequential(self, h: torch.Tensor, anchor: int, params: SamplingParams, generator) -> Proposal:
