@@ -1,4 +1,4 @@
-"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,eval} ...`.
+"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,eval,notebooks} ...`.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
     p.add_argument("--json", dest="json_out", default=None, help="write the report JSON here")
     _add_model_args(p)
+
+    p = sub.add_parser("notebooks", help="execute the lab's notebooks headlessly and write offline HTML copies")
+    p.add_argument("names", nargs="*", help="notebooks to run, by file-name prefix (default: all), e.g. 00 02_dflash")
+    p.add_argument("--dir", default="notebooks", help="folder of the notebooks (default: notebooks)")
+    p.add_argument("--out", default="build/notebooks", help="where executed copies and HTML go (default: build/notebooks)")
+    p.add_argument("--quick", action="store_true", help="quick mode (QUICK=True), as CI runs them")
+    p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds a cell may run")
 
     p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
     p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
@@ -238,8 +245,19 @@ def cmd_prepare_data(args) -> None:
     print(f"training data in {out}")
 
 
+def cmd_notebooks(args) -> None:
+    from labkit.notebooks import find_notebooks, run_notebooks
+    runs = run_notebooks(find_notebooks(Path(args.dir), args.names), Path(args.out), args.quick, args.timeout)
+    failed = [r.notebook.name for r in runs if not r.ok]
+    if failed:
+        raise LabkitError(f"{len(failed)} of {len(runs)} notebooks failed ({', '.join(failed)}): the executed copies "
+                          f"in {args.out} show the failing cell.")
+    print(f"labkit: executed notebooks and offline HTML copies are in {args.out}/")
+
+
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
-            "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate}
+            "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate,
+            "notebooks": cmd_notebooks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,17 @@
 #!/usr/bin/env bash
 # Set everything up and open JupyterLab on notebooks/.
-#   bash scripts/lab.sh             opens the lab in a browser
-#   bash scripts/lab.sh --headless  executes every notebook into build/notebooks/ (+ HTML copies)
-#   bash scripts/lab.sh --headless --quick   the same in quick mode (what CI runs)
+#   bash scripts/lab.sh                     opens the lab in a browser
+#   bash scripts/lab.sh --headless          executes every notebook into build/notebooks/ (+ offline HTML copies)
+#   bash scripts/lab.sh --headless --quick  the same in quick mode (what the test suite runs)
+# Extra arguments after --headless [--quick] name notebooks by prefix (e.g. 00 02).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/bootstrap.sh
 if [ "${1:-}" = "--headless" ]; then
-  quick=False; [ "${2:-}" = "--quick" ] && quick=True
-  mkdir -p build/notebooks
-  for nb in notebooks/*.ipynb; do
-    out=build/notebooks/$(basename "$nb")
-    echo "labkit: executing $nb (QUICK=$quick) -> $out"
-    papermill --kernel python3 -p QUICK "$quick" "$nb" "$out"
-    jupyter nbconvert --to html --log-level WARN "$out"
-  done
-  echo "labkit: executed notebooks and HTML copies are in build/notebooks/"
-else
-  exec jupyter lab notebooks/
+  shift
+  # the same function the test suite runs (labkit.notebooks.run_notebooks): each notebook in its folder
+  exec python -m labkit notebooks --out build/notebooks "$@"
 fi
+# JupyterLab refuses to start as root unless told; containers often run as root
+root_flag=(); [ "$(id -u)" = "0" ] && root_flag=(--allow-root)
+exec jupyter lab "${root_flag[@]}" notebooks/ "$@"

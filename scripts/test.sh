@@ -5,4 +5,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/bootstrap.sh
 export LABKIT_QUICK=1
+# headless Chromium opens the offline HTML copies in tests/test_notebooks.py (Debian's package; as root
+# it is installed here, otherwise those tests skip with the command that installs it)
+if ! command -v chromium >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  echo "labkit setup: installing Debian's chromium for the HTML rendering tests"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+fi
 python -m pytest tests "$@"
