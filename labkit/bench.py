@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit.decoding import generate, position_acceptance, sync_device
+from labkit.decoding import format_acceptance, generate, position_acceptance, position_counts, sync_device
 from labkit.drafters import check_spec, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
@@ -181,11 +181,14 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
                "tokens_per_s": tps,
                "tau": mean_tau(st.rounds) if m.drafter_spec else None,
                "position_acceptance": position_acceptance(st.rounds) if m.drafter_spec else None,
+               "position_rounds": position_counts(st.rounds) if m.drafter_spec else None,
                "speedup_vs_hf": tps / base_tps if base_tps else None,
                "n_prompts": n_prompts, "new_tokens": st.new_tokens, "seconds": st.seconds,
                "by_domain": {d: {"tokens_per_s": t / s, "speedup_vs_hf": (t / s) / base_dom[d] if d in base_dom else None,
                                  "tau": mean_tau(st.rounds_by_domain.get(d, [])) if m.drafter_spec else None,
                                  "position_acceptance": position_acceptance(st.rounds_by_domain.get(d, []))
+                                 if m.drafter_spec else None,
+                                 "position_rounds": position_counts(st.rounds_by_domain.get(d, []))
                                  if m.drafter_spec else None}
                              for d, (t, s) in st.by_domain.items()}}
         if m.drafter_spec:
@@ -235,7 +238,8 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
     acceptance (paper Fig. 2) and prefix survival, and tokens/s (with HF generate beside it if asked).
 
     JSON keys (later issues add, never rename): drafter, target, temperature, tau, tau_by_domain,
-    position_acceptance, position_acceptance_by_domain, position_survival, tokens_per_s, n_prompts,
+    position_acceptance, position_rounds (rounds behind each position), position_acceptance_by_domain,
+    position_rounds_by_domain, position_survival, tokens_per_s, n_prompts,
     rounds, new_tokens, speedup_vs_hf, speedup_vs_hf_by_domain; for drafters with a confidence head
     also ece_by_position, auc_by_position, brier_by_position (after STS where fitted) and their *_raw.
     """
@@ -248,7 +252,9 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
             "max_new_tokens": max_new_tokens, "tau": row["tau"],
             "tau_by_domain": {d: v["tau"] for d, v in doms.items()},
             "position_acceptance": row["position_acceptance"],
+            "position_rounds": row["position_rounds"],
             "position_acceptance_by_domain": {d: v["position_acceptance"] for d, v in doms.items()},
+            "position_rounds_by_domain": {d: v["position_rounds"] for d, v in doms.items()},
             "position_survival": row["position_survival"],
             "tokens_per_s": row["tokens_per_s"], "n_prompts": row["n_prompts"], "rounds": row["rounds"],
             "new_tokens": row["new_tokens"], "speedup_vs_hf": row["speedup_vs_hf"],
@@ -274,7 +280,7 @@ def format_eval(result: dict) -> str:
              f"tau {result['tau']:.2f}  " + "  ".join(f"{d} {t:.2f}" for d, t in sorted(result["tau_by_domain"].items())
                                                    if t is not None),
              "acceptance at position k given 1..k-1 accepted: " +
-             " ".join(f"{a:.2f}" for a in result["position_acceptance"]),
+             format_acceptance(result["position_acceptance"], result["position_rounds"]),
              f"{result['tokens_per_s']:.2f} tokens/s" + (f", {result['speedup_vs_hf']:.2f}x HF generate "
                                                          f"({result['hf_tokens_per_s']:.2f} tokens/s)"
                                                          if result.get("speedup_vs_hf") else "")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit.calibration import apply_temperatures, fit_sts, per_position_metrics
+from labkit.calibration import STSResult, apply_temperatures, fit_sts, per_position_metrics
 from labkit.decoding import Round, generate
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
@@ -131,6 +131,8 @@ def format_calibration(report: dict) -> str:
         lines.append("  fitted      " + " ".join(f"{'yes' if f else 'no':>6}" for f in r["fitted"]))
         lines.append("  ECE before  " + " ".join(f"{e:>6.3f}" for e in r["ece_before"]))
         lines.append("  ECE after   " + " ".join(f"{e:>6.3f}" for e in r["ece_after"]))
+        if "at_edge" in r:
+            lines.append("  " + STSResult.from_dict(r).edge_report())
     return "\n".join(lines)
 
 

@@ -195,17 +195,37 @@ def per_position_metrics(conf, accepted, n_bins: int = 10) -> dict:
 
 @dataclass
 class STSResult:
-    """Per-position temperatures from `fit_sts`, which positions were fitted, and ECE of a_k before and after."""
+    """Per-position temperatures from `fit_sts`, which positions were fitted, and ECE of a_k before and after.
+
+    `at_edge[k]` is True where a fitted T_k is the smallest or largest temperature of the search grid:
+    the best temperature may lie beyond it (widen the grid, or read the fit as "at least / at most");
+    None in records written before the field existed.
+    """
 
     temperatures: list[float]
     fitted: list[bool]
     ece_before: list[float]
     ece_after: list[float]
+    at_edge: list[bool] | None = None
 
     def to_dict(self) -> dict:
         """Plain lists of floats and bools, for a checkpoint's JSON config."""
-        return {"temperatures": [float(t) for t in self.temperatures], "fitted": [bool(f) for f in self.fitted],
-                "ece_before": [float(e) for e in self.ece_before], "ece_after": [float(e) for e in self.ece_after]}
+        d = {"temperatures": [float(t) for t in self.temperatures], "fitted": [bool(f) for f in self.fitted],
+             "ece_before": [float(e) for e in self.ece_before], "ece_after": [float(e) for e in self.ece_after]}
+        if self.at_edge is not None:
+            d["at_edge"] = [bool(e) for e in self.at_edge]
+        return d
+
+    def edge_report(self) -> str:
+        """One sentence naming the positions whose fitted temperature sits on the grid's edge (or none)."""
+        if self.at_edge is None:
+            return "This STS record does not say whether a temperature hit the edge of its search grid."
+        hit = [k + 1 for k, e in enumerate(self.at_edge) if e]
+        if not hit:
+            return "No fitted temperature sits on the edge of the search grid."
+        where = ", ".join(f"position {k} (T = {self.temperatures[k - 1]:.2f})" for k in hit)
+        return (f"At the edge of the search grid: {where}; the ECE-best temperature may lie beyond it, "
+                "so read it as a bound, and widen the grid (fit_sts(grid=...)) to find it.")
 
     @classmethod
     def from_dict(cls, d: dict) -> STSResult:
@@ -222,8 +242,11 @@ class STSResult:
         temps = [float(t) for t in d["temperatures"]]
         if not all(math.isfinite(t) and t > 0 for t in temps):
             raise LabkitError("STS temperatures must be positive finite numbers.")
+        at_edge = d.get("at_edge")
+        if at_edge is not None and len(at_edge) != len(temps):
+            raise LabkitError("The STS calibration record's at_edge list differs in length from its temperatures.")
         return cls(temps, [bool(f) for f in d["fitted"]], [float(e) for e in d["ece_before"]],
-                   [float(e) for e in d["ece_after"]])
+                   [float(e) for e in d["ece_after"]], None if at_edge is None else [bool(e) for e in at_edge])
 
 
 def _temperature_tensor(temperatures, gamma: int, dtype: torch.dtype) -> torch.Tensor:
@@ -264,8 +287,9 @@ def fit_sts(conf_logits, accepted, grid=None, min_each: int = 32, n_bins: int = 
     81 points, plus 1.0) that minimises the ECE of a_k = prod_{i<=k} sigmoid(logit_i / T_i) against the
     prefix labels y_k. Ties within 1e-12 go to the temperature closest to 1 in log scale. A position with
     fewer than `min_each` positive or fewer than `min_each` negative labels keeps T = 1.0 (fitted False):
-    too little evidence to move it. ECE is measured on the same rounds it is fitted on, so hold out data to
-    judge the result.
+    too little evidence to move it. A fitted T_k equal to the grid's smallest or largest value is flagged
+    in `at_edge` (the optimum may lie outside the grid). ECE is measured on the same rounds it is fitted
+    on, so hold out data to judge the result.
     """
     _check_bins(n_bins)
     if isinstance(min_each, bool) or not isinstance(min_each, int) or min_each < 0:
@@ -288,9 +312,63 @@ def fit_sts(conf_logits, accepted, grid=None, min_each: int = 32, n_bins: int = 
         prefix = prefix * torch.sigmoid(z[:, k] / temps[k])
     before = survival(torch.sigmoid(z))
     after = survival(apply_temperatures(z, temps))
+    lo, hi = float(g.min()), float(g.max())
     return STSResult(temperatures=temps, fitted=fitted,
                      ece_before=[_ece(before[:, k], y[:, k], n_bins) for k in range(gamma)],
-                     ece_after=[_ece(after[:, k], y[:, k], n_bins) for k in range(gamma)])
+                     ece_after=[_ece(after[:, k], y[:, k], n_bins) for k in range(gamma)],
+                     at_edge=[f and t in (lo, hi) for t, f in zip(temps, fitted)])
+
+
+def _mean(xs) -> float | None:
+    vals = [float(x) for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def describe_ece_change(ece_before, ece_after, tolerance: float = 0.002, where: str = "") -> str:
+    """A sentence that reads the measured mean ECE before and after STS aloud, lowered / raised / unchanged.
+
+    Changes smaller than `tolerance` (absolute ECE) are called unchanged: at a few hundred rounds the ECE
+    of ten bins moves by more than that between two samples of the same head. `where` names the rounds
+    (e.g. "on the benchmark rounds").
+    """
+    b, a = _mean(ece_before), _mean(ece_after)
+    if b is None or a is None:
+        return "There is no ECE to compare (no position had rounds to score)."
+    on = f" {where}" if where else ""
+    if abs(a - b) < tolerance:
+        return (f"STS left the mean ECE{on} about where it was ({b:.3f} -> {a:.3f}, a change below {tolerance}): "
+                "on these rounds the raw head was about as well calibrated as the fit could make it.")
+    if a < b:
+        return f"STS lowered the mean ECE{on} from {b:.3f} to {a:.3f} ({100 * (b - a) / b:.0f}% lower)."
+    return (f"STS raised the mean ECE{on} from {b:.3f} to {a:.3f}: temperatures fitted on other rounds did not "
+            "carry over to these (a fit on few rounds chases noise, and prompts unlike the fitting ones are "
+            "calibrated differently).")
+
+
+def describe_cut_values(rows: list[dict], tolerance: float = 0.005) -> str:
+    """A sentence from `cut_value` results at several costs: did cutting at the calibrated survival beat
+    cutting at the raw one, and verifying everything?
+
+    `rows` are dicts {"cost", "raw": cut_value(raw...), "calibrated": cut_value(calibrated...)}; a
+    difference below `tolerance` tokens a step counts as a tie.
+    """
+    if not rows:
+        return "No cost was tried."
+    better = sum(r["calibrated"]["cut"] > r["raw"]["cut"] + tolerance for r in rows)
+    worse = sum(r["calibrated"]["cut"] < r["raw"]["cut"] - tolerance for r in rows)
+    tied = len(rows) - better - worse
+    over_all = sum(r["calibrated"]["cut"] > r["calibrated"]["verify_all"] + tolerance for r in rows)
+    gain = _mean([r["calibrated"]["cut"] - r["raw"]["cut"] for r in rows])
+    verdict = (f"Cutting where the calibrated a_k falls below λ beat the raw cut at {better} of {len(rows)} costs, "
+               f"lost at {worse} and tied at {tied} (mean difference {gain:+.3f} accepted tokens a step), and beat "
+               f"verifying everything at {over_all}.")
+    if better > worse:
+        return verdict + " Calibrated absolute values put the cut nearer its break-even point."
+    if worse > better:
+        return verdict + (" Here calibration did not pay: the temperatures fitted on held-out rounds moved the "
+                          "survival the wrong way for these rounds.")
+    return verdict + (" On these rounds the raw survival was already about as well placed as the calibrated one, "
+                      "so the cut cannot improve; the gap appears when a head is clearly over- or under-confident.")
 
 
 # ---- static threshold sweep (paper Fig. 5) ---------------------------------------------------------

@@ -190,19 +190,28 @@ class GenerationResult:
     def position_acceptance(self) -> list[float]:
         return position_acceptance(self.rounds)
 
+    def position_counts(self) -> list[int]:
+        return position_counts(self.rounds)
+
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "rounds": len(self.rounds),
                 "tau": self.tau, "tokens_per_s": self.tokens_per_s,
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                 "position_acceptance": self.position_acceptance(),
+                "position_rounds": self.position_counts(),
                 "trace": [vars(r) for r in self.rounds]}
 
 
-def position_acceptance(rounds: list[Round]) -> list[float]:
-    """Conditional acceptance at draft position j: P(draft j accepted | drafts 1..j-1 accepted).
+#: fewer rounds than this behind a position make its acceptance rate a coin toss (1.00 or 0.00 from
+#: one or two rounds); `format_acceptance` and the figures mark such positions
+MIN_ROUNDS = 10
 
-    Only rounds that proposed at least j tokens and accepted the first j - 1 count at position j
-    (paper Fig. 2). Positions nobody reached are left out.
+
+def _position_tallies(rounds: list[Round]) -> list[tuple[int, int]]:
+    """(rounds that reached draft position j, rounds that accepted draft j) for j = 1, 2, ...
+
+    A round reaches position j when it proposed at least j tokens and accepted the first j - 1.
+    Positions nobody reached are left out.
     """
     out = []
     depth = max((r.proposed for r in rounds), default=0)
@@ -210,8 +219,50 @@ def position_acceptance(rounds: list[Round]) -> list[float]:
         reached = [r for r in rounds if r.proposed >= j and r.accepted >= j - 1]
         if not reached:
             break
-        out.append(sum(r.accepted >= j for r in reached) / len(reached))
+        out.append((len(reached), sum(r.accepted >= j for r in reached)))
     return out
+
+
+def position_acceptance(rounds: list[Round]) -> list[float]:
+    """Conditional acceptance at draft position j: P(draft j accepted | drafts 1..j-1 accepted).
+
+    Only rounds that proposed at least j tokens and accepted the first j - 1 count at position j
+    (paper Fig. 2); `position_counts` gives how many rounds that is. Positions nobody reached are left out.
+    """
+    return [acc / n for n, acc in _position_tallies(rounds)]
+
+
+def position_counts(rounds: list[Round]) -> list[int]:
+    """The number of rounds behind each entry of `position_acceptance` (those that reached position j)."""
+    return [n for n, _ in _position_tallies(rounds)]
+
+
+def format_acceptance(rates: list[float | None], counts: list[int], min_rounds: int = MIN_ROUNDS,
+                      with_counts: bool = True) -> str:
+    """Per-position acceptance as text, a position with fewer than `min_rounds` rounds in parentheses.
+
+    E.g. "0.38 0.27 (0.50) (1.00) | rounds 52 30 4 1; (..) = fewer than 10": a rate from a handful of
+    rounds reads as a measurement unless it is marked. `with_counts=False` leaves out the counts.
+    """
+    if len(rates) != len(counts):
+        raise LabkitError(f"Got {len(rates)} acceptance rates but {len(counts)} round counts: "
+                          "pass position_acceptance(rounds) and position_counts(rounds) of the same rounds.")
+    if not rates:
+        return "none (no round drafted a token)"
+    # a position no round reached (None, 0 rounds: e.g. from calibrate.confidence_vs_acceptance) reads "-"
+    text = " ".join("-" if a is None else f"{a:.2f}" if n >= min_rounds else f"({a:.2f})" for a, n in zip(rates, counts))
+    if with_counts:
+        text += " | rounds " + " ".join(str(n) for n in counts)
+        if any(n < min_rounds for n in counts):
+            text += f"; (..) = fewer than {min_rounds}"
+    elif any(n < min_rounds for n in counts):
+        text += f" ((..): fewer than {min_rounds} rounds)"
+    return text
+
+
+def format_position_acceptance(rounds: list[Round], min_rounds: int = MIN_ROUNDS, with_counts: bool = True) -> str:
+    """`format_acceptance` of a list of rounds: their conditional acceptance with its round counts."""
+    return format_acceptance(position_acceptance(rounds), position_counts(rounds), min_rounds, with_counts)
 
 
 def generate(target: Target, prompt_ids: list[int], drafter: Drafter | None = None,

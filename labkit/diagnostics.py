@@ -10,7 +10,9 @@ was not trained on, so one forward measures every block position at once:
   (the rank slider; Eckart-Young makes the cut the best rank-r transition);
 - `collisions`: where the parallel backbone's top-1 pair is incoherent and the Markov head repairs it
   (paper Sec. 3.1's multi-modal collision), with counts of repairs and of breaks;
-- `drafting_costs`: wall time of the backbone forward vs the sequential head loop (paper Fig. 4, right).
+- `drafting_costs`: wall time of the backbone forward vs the sequential head loop (paper Fig. 4, right);
+- `block_showcase`: one block a parallel drafter drafts during greedy decoding, next to the target's own
+  continuation, chosen by code among many contexts (and `pick_block`, the choice alone).
 """
 
 from __future__ import annotations
@@ -150,3 +152,104 @@ def drafting_costs(drafter, state, reps: int = 20) -> dict[str, float]:
     loop = clock(lambda: drafter.sample_sequential(h, state.ids[-1], state.params, state.generator))
     parallel = clock(lambda: drafter.sample_block(drafter.backbone.logits(h).float(), state.params, state.generator))
     return {"backbone_s": backbone, "sequential_head_s": loop, "parallel_sampling_s": parallel}
+
+
+# ---- one drafted block, shown next to the target's continuation (notebook 02, Part 3) -----------------
+
+@dataclass
+class DraftedBlock:
+    """A block drafted at one context of a greedy decode, beside the target's greedy continuation.
+
+    p_drafted[j] / p_target[j]: the drafter's own distribution at slot j (temperature 1, its softmax, not
+    the one-hot a greedy proposal carries) at the drafted token / at the token the target writes.
+    """
+
+    prompt: int  # which prompt of the scan
+    anchor: int  # index, among the generated tokens, of the anchor (the last token the target produced)
+    context: list[int]  # prompt + generated tokens up to and including the anchor
+    drafted: list[int]
+    target: list[int]
+    p_drafted: list[float]
+    p_target: list[float]
+
+    @property
+    def kept(self) -> int:
+        """Leading drafts equal to the target's tokens: what greedy verification keeps."""
+        n = 0
+        while n < len(self.drafted) and self.drafted[n] == self.target[n]:
+            n += 1
+        return n
+
+    def rows(self, decode) -> list[tuple]:
+        """Table rows (slot, drafted, p_d(drafted), target writes, p_d(target's), greedy verify)."""
+        return [(j + 1, repr(decode([d])), f"{pd:.3f}", repr(decode([t])), f"{pt:.3f}",
+                 "kept" if j < self.kept else ("rejected" if j == self.kept else "-"))
+                for j, (d, t, pd, pt) in enumerate(zip(self.drafted, self.target, self.p_drafted, self.p_target))]
+
+
+@dataclass
+class Showcase:
+    """The block `pick_block` chose, how many contexts it looked at, and how many kept at least one draft."""
+
+    block: DraftedBlock | None
+    examined: int
+    with_match: int
+
+    def summary(self) -> str:
+        """What the scan found, in one or two sentences (said plainly when no context matched)."""
+        if self.block is None:
+            return "No context was long enough to compare a full block with the target's continuation."
+        seen = f"Looked at {self.examined} contexts along the target's greedy answers"
+        if self.block.kept == 0:
+            return (f"{seen}: in none of them did the drafter's first draft match the target's next token, so "
+                    "greedy verification would keep nothing there. The block below is the first one looked at.")
+        return (f"{seen}; {self.with_match} of them ({self.with_match / self.examined:.0%}) had at least one kept "
+                f"draft. Below, the one that kept most: {self.block.kept} of {len(self.block.drafted)} drafts.")
+
+
+def pick_block(blocks: list[DraftedBlock]) -> Showcase:
+    """The block with the most kept drafts (the first such one), with the count of blocks looked at and of
+    those that kept at least one draft; with no match anywhere, the first block (kept = 0)."""
+    if not blocks:
+        return Showcase(None, 0, 0)
+    best = max(range(len(blocks)), key=lambda i: (blocks[i].kept, -i))
+    return Showcase(blocks[best], len(blocks), sum(b.kept > 0 for b in blocks))
+
+
+@torch.no_grad()
+def block_showcase(target, drafter, prompts: list[list[int]], max_new_tokens: int = 48) -> Showcase:
+    """Scan the contexts of greedy speculative decoding of `prompts` with a parallel (DFlash) drafter and
+    pick a block that partly matches the target (`pick_block`).
+
+    At every round the drafter's greedy block is recorded with its temperature-1 probabilities (softmax
+    of its logits); after the decode, each block is compared with the tokens that followed its anchor.
+    Greedy speculative output equals the target's greedy output (fp32, tested), so those tokens are the
+    target's own continuation. Rounds too near the end to have gamma tokens after them are skipped.
+    """
+    from labkit.decoding import prefill, speculative_round
+    from labkit.drafters.dflash import DFlashDrafter
+    from labkit.sampling import SamplingParams, logits_to_probs
+    if not isinstance(drafter, DFlashDrafter) or type(drafter).block_from_states is not DFlashDrafter.block_from_states:
+        raise LabkitError("block_showcase reads a parallel drafter's per-slot distributions: pass a DFlash drafter "
+                          "(a DSpark head makes each slot depend on the token drafted before it).")
+    greedy, t1 = SamplingParams(0.0), SamplingParams(1.0)
+    blocks = []
+    for i, ids in enumerate(prompts):
+        state = prefill(target, ids, max_new_tokens, greedy, drafter=drafter)
+        drafts = []  # (anchor index in new_ids, drafted tokens, p_d rows at T=1)
+        while not state.finished:
+            anchor = len(state.new_ids) - 1
+            logits = drafter.draft_logits(state)  # (gamma, V_draft): the same forward propose() runs
+            p_small = logits_to_probs(logits, t1)
+            full = drafter.to_proposal(p_small.argmax(-1), p_small)  # greedy tokens, T=1 rows over V
+            drafts.append((anchor, full.tokens.tolist(), full.probs))
+            speculative_round(target, state, drafter)
+        out = state.new_ids
+        for anchor, tokens, probs in drafts:
+            ref = out[anchor + 1: anchor + 1 + len(tokens)]
+            if len(ref) < len(tokens):
+                continue
+            blocks.append(DraftedBlock(prompt=i, anchor=anchor, context=list(ids) + out[:anchor + 1], drafted=tokens,
+                                       target=ref, p_drafted=[float(probs[j, t]) for j, t in enumerate(tokens)],
+                                       p_target=[float(probs[j, t]) for j, t in enumerate(ref)]))
+    return pick_block(blocks)

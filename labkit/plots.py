@@ -17,6 +17,7 @@ from IPython.display import Markdown
 from plotly.subplots import make_subplots
 
 from labkit.costs import ForwardCost, speculative_speedup
+from labkit.decoding import MIN_ROUNDS
 from labkit.sampling import residual
 
 COLORS = {"p_t": "#1f77b4", "p_d": "#ff7f0e", "accepted": "#2ca02c", "residual": "#d62728", "bonus": "#9467bd",
@@ -158,20 +159,37 @@ def empirical_vs_target_figure(counts, p_t, labels: Sequence[str] | Callable[[in
     return fig
 
 
+def _thin_marks(counts: Sequence[int] | None, n: int, min_rounds: int) -> dict:
+    """Bar styling that fades positions resting on fewer than `min_rounds` rounds and labels each with its n."""
+    if counts is None:
+        return {}
+    return dict(marker_opacity=[1.0 if c >= min_rounds else 0.35 for c in counts[:n]],
+                text=[f"n={c}" for c in counts[:n]], textposition="outside",
+                hovertext=[f"{c} rounds" + ("" if c >= min_rounds else f" (fewer than {min_rounds})") for c in counts[:n]])
+
+
 def position_acceptance_figure(conditional: dict[str, Sequence[float]],
-                               survival: dict[str, Sequence[float]] | None = None) -> go.Figure:
+                               survival: dict[str, Sequence[float]] | None = None,
+                               counts: dict[str, Sequence[int]] | None = None,
+                               min_rounds: int = MIN_ROUNDS) -> go.Figure:
     """Per-position acceptance (paper Fig. 2): bars = conditional P(accept j | 1..j-1 accepted).
 
     Lines (optional) = unconditional prefix survival P(1..j all accepted), DeepSpec's accept_rate@k.
+    `counts` (optional, labkit.decoding.position_counts per name) labels each bar with the rounds behind
+    it and fades bars with fewer than `min_rounds`.
     """
     fig = go.Figure()
     for name, rates in conditional.items():
-        fig.add_trace(go.Bar(x=list(range(1, len(rates) + 1)), y=list(rates), name=f"{name}: conditional"))
+        fig.add_trace(go.Bar(x=list(range(1, len(rates) + 1)), y=list(rates), name=f"{name}: conditional",
+                             **_thin_marks((counts or {}).get(name), len(rates), min_rounds)))
     for name, rates in (survival or {}).items():
         fig.add_trace(go.Scatter(x=list(range(1, len(rates) + 1)), y=list(rates), mode="lines+markers",
                                  name=f"{name}: prefix survival", line=dict(dash="dot")))
-    fig.update_layout(template=TEMPLATE, barmode="group", title="Acceptance by draft position",
-                      xaxis_title="draft position j", yaxis_title="rate", yaxis_range=[0, 1.05])
+    title = "Acceptance by draft position"
+    if counts and any(c < min_rounds for cs in counts.values() for c in cs):
+        title += f" (faded bars: fewer than {min_rounds} rounds)"
+    fig.update_layout(template=TEMPLATE, barmode="group", title=title,
+                      xaxis_title="draft position j", yaxis_title="rate", yaxis_range=[0, 1.12])
     return fig
 
 
@@ -190,22 +208,28 @@ def tokens_per_s_figure(tokens_per_s: dict[str, float], baseline: str | None = N
 
 
 def dashboard_figure(tokens_per_s: dict[str, float], acceptance: Sequence[float], title: str,
-                     max_position: int | None = None) -> go.Figure:
+                     max_position: int | None = None, counts: Sequence[int] | None = None,
+                     min_rounds: int = MIN_ROUNDS) -> go.Figure:
     """Notebook 01's widget: tokens/s bars (left) and this run's per-position acceptance (right).
 
     Always the same two traces, so a widget can redraw it in place; positions up to `max_position`
-    (gamma) are shown even when no round reached them.
+    (gamma) are shown even when no round reached them. With `counts` (rounds behind each position),
+    positions with fewer than `min_rounds` rounds are faded and every bar is labelled with its count.
     """
     n_pos = max(max_position or 0, len(acceptance), 1)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
-                        subplot_titles=("tokens / s", "conditional acceptance by position"))
+                        subplot_titles=("tokens / s", "conditional acceptance by position"
+                                        + ("" if counts is None else f" (faded: < {min_rounds} rounds)")))
     fig.add_trace(go.Bar(x=list(tokens_per_s), y=list(tokens_per_s.values()),
                          text=[f"{v:.1f}" for v in tokens_per_s.values()], textposition="auto",
                          marker_color=[COLORS["p_t"], COLORS["p_d"]][:len(tokens_per_s)]), row=1, col=1)
+    marks = _thin_marks(counts, len(acceptance), min_rounds)
+    if counts is not None:
+        marks["text"] = [f"{a:.2f}<br>n={c}" for a, c in zip(acceptance, counts)]
     fig.add_trace(go.Bar(x=list(range(1, len(acceptance) + 1)), y=list(acceptance),
-                         text=[f"{a:.2f}" for a in acceptance], textposition="outside",
+                         **({"text": [f"{a:.2f}" for a in acceptance], "textposition": "outside"} | marks),
                          marker_color=COLORS["accepted"]), row=1, col=2)
-    fig.update_yaxes(range=[0, 1.1], row=1, col=2)
+    fig.update_yaxes(range=[0, 1.25], row=1, col=2)
     fig.update_xaxes(title_text="draft position", range=[0.5, n_pos + 0.5], dtick=1, row=1, col=2)
     fig.update_layout(template=TEMPLATE, title=title, showlegend=False, height=380)
     return fig

@@ -1,7 +1,9 @@
 """ipywidgets dashboards over plotly figures: sliders that re-measure or re-model, and a live figure.
 
 Each dashboard runs one update when it is built, so `dash.figure` (a plain go.Figure) is ready for a
-headless run (papermill stores no widget state: show the static copy too). The live figure is a
+headless run. `dash.show()` is the one call a notebook makes: in a live kernel it displays the widget
+(one live chart); in a headless run (`LABKIT_HEADLESS=1`, set by the notebook runner; papermill stores
+no widget state) it displays the static figure of the last update and the readout as text. The live figure is a
 plotly FigureWidget where `anywidget` is installed (plotly >= 6 needs it for FigureWidget) and an
 ipywidgets Output that redraws the figure otherwise, so the dashboards work either way.
 `update(...)` can also be called from code; it checks its values and raises LabkitError.
@@ -9,7 +11,10 @@ ipywidgets Output that redraws the figure otherwise, so the dashboards work eith
 
 from __future__ import annotations
 
+import html
 import math
+import os
+import re
 from collections.abc import Callable
 
 import ipywidgets as widgets
@@ -58,6 +63,11 @@ class LiveFigure:
                 self._fw.update(dict(data=fig.data, layout=fig.layout), overwrite=True)
 
 
+def headless() -> bool:
+    """True when the notebook runs headlessly: the runner sets LABKIT_HEADLESS=1 in the kernel's environment."""
+    return os.environ.get("LABKIT_HEADLESS", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def check_slider(name: str, value: float, lo: float, hi: float) -> float:
     """`value` if lo <= value <= hi, else a LabkitError naming the allowed range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
@@ -84,6 +94,21 @@ class Dashboard:
     def figure(self) -> go.Figure:
         """The figure of the last update, as a plain go.Figure (shows in a headless run)."""
         return go.Figure(self.live.figure)
+
+    @property
+    def readout_text(self) -> str:
+        """The readout line as plain text (its HTML tags dropped)."""
+        return html.unescape(re.sub(r"<[^>]+>", "", self.readout.value))
+
+    def show(self) -> None:
+        """Display the dashboard once: the live widget in a live kernel; headless, the static figure of
+        the last update and the readout text (a saved notebook keeps no widget, and a static copy shown
+        beside a live widget would go stale as soon as a slider moved)."""
+        if headless():
+            display(self.figure)
+            print(self.readout_text)
+        else:
+            display(self.widget)
 
     def _on_slider(self, _change) -> None:
         if self._quiet:
@@ -191,7 +216,9 @@ def decoding_dashboard(target: Target, prompt_ids: list[int], gamma: int = 4, te
                  f"{spec.tokens_per_s / ar.tokens_per_s:.2f}x the AR loop")
         text = (f"{len(spec.token_ids)} new tokens in {len(spec.rounds)} rounds: <b>tau {spec.tau:.2f}</b>, "
                 f"{spec.tokens_per_s:.1f} tokens/s vs {ar.tokens_per_s:.1f} for the AR loop.")
-        return dashboard_figure(tps, spec.position_acceptance(), title, max_position=int(gamma)), text
+        fig = dashboard_figure(tps, spec.position_acceptance(), title, max_position=int(gamma),
+                               counts=spec.position_counts())
+        return fig, text
 
     return Dashboard(sliders, render)
 

@@ -145,3 +145,18 @@ def test_tau_by_domain_pools_rounds_within_a_domain():
     results = [SimpleNamespace(rounds=[Round(4, 3, 0, 0)]), SimpleNamespace(rounds=[Round(4, 0, 0, 0)] * 3),
                SimpleNamespace(rounds=[Round(2, 1, 0, 0)])]
     assert tau_by_domain(prompts, results) == {"math": (4 + 1 + 1 + 1) / 4, "chat": 2.0}
+
+
+def test_speculative_rows_count_the_rounds_behind_each_position(greedy_result):
+    """position_rounds sits beside position_acceptance (overall and by domain), one count per position."""
+    from labkit.decoding import MIN_ROUNDS, format_acceptance
+    for row in greedy_result["rows"]:
+        if not row["drafter"]:
+            assert row["position_rounds"] is None
+            continue
+        assert len(row["position_rounds"]) == len(row["position_acceptance"])
+        assert all(a >= b for a, b in zip(row["position_rounds"], row["position_rounds"][1:]))  # reach only shrinks
+        assert not row["position_rounds"] or row["position_rounds"][0] <= row["rounds"]
+        for dom in row["by_domain"].values():
+            assert len(dom["position_rounds"]) == len(dom["position_acceptance"])
+        format_acceptance(row["position_acceptance"], row["position_rounds"], MIN_ROUNDS)
