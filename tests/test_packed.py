@@ -1,0 +1,89 @@
+"""Pre-packed linear layers (labkit.packed): same logits as the stock kernels to fp32 rounding, same
+greedy text as HF generate on the stock model, nothing else about the model changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labkit import generate, make_drafter
+from labkit.packed import PackedLinear, can_pack, pack_linears
+from labkit.sampling import SamplingParams
+from labkit.target import Target, load_target
+
+from conftest import ToyTokenizer, tiny_llama
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
+                                reason="torch was built without oneDNN")
+
+#: fp32 tolerance on logits, relative to their largest magnitude: another summation order inside the
+#: matmul moves results by a few ulps per layer, far below this; a wrong weight would move them by O(1)
+REL_TOL = 1e-5
+
+
+def _cached_logits(model, ids: list[int], steps: list[int]) -> list[torch.Tensor]:
+    """Logits of a prompt, then of each chunk of `steps` tokens over the growing cache."""
+    from transformers import DynamicCache
+
+    target = Target(model=model, tokenizer=ToyTokenizer(model.config.vocab_size), name="t")
+    cache = DynamicCache(config=model.config)
+    out = [target.forward(ids, cache, logits_to_keep=len(ids))[0]]
+    pos = 0
+    for k in steps:
+        chunk = [(7 * (pos + j) + 3) % model.config.vocab_size for j in range(k)]
+        out.append(target.forward(chunk, cache, logits_to_keep=k)[0])
+        pos += k
+    return out
+
+
+def test_packed_model_gives_the_stock_logits_for_every_chunk_size(one_thread):
+    stock = tiny_llama(vocab_size=64, n_layers=3, hidden=32, seed=1, init=0.2)
+    packed = tiny_llama(vocab_size=64, n_layers=3, hidden=32, seed=1, init=0.2)
+    assert pack_linears(packed) == 3 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    ids = [5, 9, 1, 33, 2, 60, 17]
+    steps = [1, 2, 4, 9, 16, 1]
+    for a, b in zip(_cached_logits(stock, ids, steps), _cached_logits(packed, ids, steps)):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= REL_TOL * a.abs().max()
+
+
+def test_packing_keeps_weights_ties_and_state_dict(one_thread):
+    model = tiny_llama(vocab_size=32, n_layers=2, hidden=16, tied=True)
+    keys = set(model.state_dict())
+    head = model.lm_head.weight
+    pack_linears(model)
+    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is head
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tie intact
+    assert set(model.state_dict()) == keys
+
+
+def test_packed_linear_falls_back_to_autograd_when_gradients_are_needed():
+    lin = torch.nn.Linear(8, 4)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 8, requires_grad=True)
+    packed(x).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, lin.weight.sum(0).expand(3, 8))
+
+
+@pytest.mark.slow
+def test_real_target_packed_greedy_equals_hf_generate_on_the_stock_model(one_thread):
+    try:
+        stock = load_target(packed=False)
+    except Exception as exc:  # noqa: BLE001 - the default target is not installed
+        pytest.skip(str(exc))
+    packed = load_target(packed=True)
+    assert packed.packed == 30 * 7 + 1 and stock.packed == 0
+    prompts = ["What is 7 * 8? Explain.", "Write a Python function that reverses a string.",
+               "Give three tips for a first trip to Japan."]
+    for text in prompts:
+        ids = packed.encode_prompt(text)
+        ref = stock.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=48, pad_token_id=stock.pad_token_id)
+        ref_ids = ref[0, len(ids):].tolist()
+        n = len(ref_ids)
+        lab_ar = generate(packed, ids, None, n, SamplingParams(0.0)).token_ids
+        lab_spec = generate(packed, ids, make_drafter("prompt-lookup", packed), n, SamplingParams(0.0)).token_ids
+        assert lab_ar == ref_ids and lab_spec == ref_ids
+        s_logits, _ = stock.forward(ids, stock.new_cache(), logits_to_keep=len(ids))
+        p_logits, _ = packed.forward(ids, packed.new_cache(), logits_to_keep=len(ids))
+        assert (s_logits - p_logits).abs().max() <= REL_TOL * s_logits.abs().max()
