@@ -10,7 +10,7 @@ from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafte
 from labkit.errors import LabkitError
 from labkit.target import Target
 
-BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark")
+BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "hybrid")
 SHIPPED = ("dflash", "dspark")
 #: trained checkpoints shipped with the lab, by the name that `--drafter` takes
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "drafters"
@@ -33,6 +33,9 @@ def check_spec(spec: str | None) -> None:
     """Refuse a malformed drafter spec before anything slow (loading a model) happens."""
     if spec is None or spec == "none":
         return
+    if spec.partition(":")[0] == "hybrid":  # before the path test: hybrid:PATH holds a slash
+        _check_hybrid(spec)
+        return
     if _is_checkpoint_path(spec):
         from labkit.drafters.dflash import read_config
         read_config(spec)  # a clear error if it is no checkpoint
@@ -40,19 +43,35 @@ def check_spec(spec: str | None) -> None:
     name, _, arg = spec.partition(":")
     if name not in BUILTIN:
         raise LabkitError(f"Unknown drafter {spec!r}: use one of {', '.join(BUILTIN)} (layer-skip:N picks N "
-                          "layers) or the path of a trained checkpoint folder.")
+                          "layers, hybrid:dspark adds prompt lookup) or the path of a trained checkpoint folder.")
     if name == "layer-skip" and arg and not arg.isdigit():
         raise LabkitError(f"layer-skip takes a layer count, e.g. layer-skip:8, got {spec!r}.")
     if name in ("prompt-lookup", *SHIPPED) and arg:
         raise LabkitError(f"{name} takes no argument, got {spec!r}.")
 
 
+def _check_hybrid(spec: str) -> None:
+    """hybrid:dspark, hybrid:dflash or hybrid:PATH (a DFlash or DSpark checkpoint folder)."""
+    arg = spec.partition(":")[2]
+    if not arg:
+        raise LabkitError(f"hybrid needs the model drafter it combines with prompt lookup, e.g. hybrid:dspark, "
+                          f"hybrid:dflash or hybrid:PATH, got {spec!r}.")
+    if not (arg in SHIPPED or _is_checkpoint_path(arg)):
+        raise LabkitError(f"hybrid combines prompt lookup with a model drafter: use hybrid:dspark, hybrid:dflash "
+                          f"or hybrid:PATH of a trained checkpoint folder, got {spec!r}.")
+    check_spec(arg)
+
+
 def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> Drafter | None:
     """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash' or 'dspark' (the
-    shipped checkpoints; dspark calibrated) or the path of a trained checkpoint folder (either kind)."""
+    shipped checkpoints; dspark calibrated), the path of a trained checkpoint folder (either kind), or
+    'hybrid:<dspark|dflash|PATH>' (prompt lookup, then that model for the rest; `gamma` caps both)."""
     check_spec(spec)
     if spec is None or spec == "none":
         return None
+    if spec.partition(":")[0] == "hybrid":
+        from labkit.drafters.hybrid import make_hybrid
+        return make_hybrid(make_drafter(spec.partition(":")[2], target, gamma), gamma)
     if _is_checkpoint_path(spec) or spec in SHIPPED:
         from labkit.drafters.dflash import DFlashDrafter, load_backbone
         from labkit.drafters.dspark import DSparkDrafter, DSparkModel

@@ -15,6 +15,7 @@ With rank 0 (no sequential head) DSpark's draft distribution is exactly DFlash's
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -120,8 +121,14 @@ class DSparkDrafter(DFlashDrafter):
     def block_from_states(self, h: torch.Tensor, state) -> Proposal:
         return self.sample_sequential(h, state.ids[-1], state.params, state.generator)
 
-    def sample_sequential(self, h: torch.Tensor, anchor: int, params: SamplingParams, generator) -> Proposal:
-        """Eq. 4: x_k ~ softmax(U_k + B_k(x_{k-1}, ...)), k = 1..len(h); the exact p_k go to verification."""
+    def sample_sequential(self, h: torch.Tensor, anchor: int, params: SamplingParams, generator,
+                          forced: Sequence[int] = ()) -> Proposal:
+        """Eq. 4: x_k ~ softmax(U_k + B_k(x_{k-1}, ...)), k = 1..len(h); the exact p_k go to verification.
+
+        `forced` (target ids) fixes x_1..x_F instead of drawing them (the hybrid drafter's n-gram part):
+        the head reads them as x_{k-1} and carries its state through them, and the returned Proposal
+        covers positions F+1..len(h) only (F < len(h)), each row the exact p_k given that prefix.
+        """
         m: DSparkModel = self.backbone
         base = m.logits(h).float()  # (k, V_draft): the backbone's part, one matmul for the block
         head = m.seq_head
@@ -133,6 +140,9 @@ class DSparkDrafter(DFlashDrafter):
             if head is not None:
                 bias, feat, hstate = head.step(h[j], m.token_index(prev), hstate)
                 logits = logits + bias.float()
+            if j < len(forced):  # nothing drawn: the next step conditions on the caller's token
+                prev = torch.tensor(forced[j], device=h.device)
+                continue
             p = logits_to_probs(logits[None], params)[0]
             col = sample(p, generator) if generator is not None else p.argmax()
             if m.confidence is not None:
@@ -144,7 +154,8 @@ class DSparkDrafter(DFlashDrafter):
         if conf:
             z = torch.stack(conf)
             temps = self.temperatures(params)
-            t = torch.tensor(temps[: len(z)], device=z.device) if temps is not None else torch.ones_like(z)
+            t = torch.ones_like(z) if temps is None else \
+                torch.tensor(temps[len(forced): len(forced) + len(z)], device=z.device)  # by absolute position
             extra = {"conf_logits": z, "confidences": torch.sigmoid(z / t)}
         return self.to_proposal(torch.stack(cols), torch.stack(rows), **extra)
 
