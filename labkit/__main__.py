@@ -67,10 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--n-prompts", type=_positive_int, default=2048, help="training prompts to answer")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest response")
-    p.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard and batch")
+    p.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard")
     p.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
     p.add_argument("--benchmarks", default="../shared/benchmarks",
                    help="evaluation prompts that training prompts must not overlap (skipped if absent)")
+    p.add_argument("--prompts", choices=("templates", "magpie", "mixed"), default="templates",
+                   help="templates (default), magpie (the target writes the user turns) or mixed "
+                        "(CHAMP math problems + templates + magpie)")
+    p.add_argument("--greedy-share", type=float, default=0.0,
+                   help="fraction of prompts answered greedily instead of sampled (default 0)")
+    p.add_argument("--template-share", type=float, default=0.3, help="--prompts mixed: share of templated prompts")
+    p.add_argument("--dtype", default="float32", help="target precision for data: float32 (default) or bfloat16")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="generation rows per batch, in whole shards (default: one shard; 256-512 on a GPU)")
 
     p = sub.add_parser("train", help="train a drafter on target-regenerated data (accelerate: CPU, 1 or many GPUs)")
     p.add_argument("--drafter", default="dflash", choices=("dflash", "dspark"),
@@ -111,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
     p.add_argument("--json", dest="json_out", default=None, help="write the report JSON here")
     _add_model_args(p)
+
+    p = sub.add_parser("round-cost", help="T_step, T_verify(k) and T_draft per dtype, stock vs packed kernels, in one run")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="target dtypes to measure")
+    p.add_argument("--ks", nargs="+", type=_positive_int, default=list(range(1, 17)), help="tokens per verify forward")
+    p.add_argument("--drafters", nargs="*", default=["dflash", "dspark"], help="drafters whose proposal is timed")
+    p.add_argument("--repeats", type=_positive_int, default=7, help="interleaved repeats (medians)")
+    p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the table as JSON here")
 
     p = sub.add_parser("notebooks", help="execute the lab's notebooks headlessly and write offline HTML copies")
     p.add_argument("names", nargs="*", help="notebooks to run, by file-name prefix (default: all), e.g. 00 02_dflash")
@@ -238,11 +255,38 @@ def cmd_train(args) -> None:
 def cmd_prepare_data(args) -> None:
     from labkit.data import DataConfig, prepare_data
     from labkit.target import load_target
-    target = load_target(args.target, args.device)
     cfg = DataConfig(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
-                     seed=args.seed)
+                     seed=args.seed, prompts=args.prompts, greedy_share=args.greedy_share,
+                     template_share=args.template_share, batch_size=args.batch_size)
+    target = load_target(args.target, args.device, args.dtype)
     out = prepare_data(target, args.out, cfg, args.benchmarks)
     print(f"training data in {out}")
+
+
+def cmd_round_cost(args) -> None:
+    import torch
+
+    from labkit.costs import round_costs
+    from labkit.target import load_target
+    variants = {f"{dt} {'packed' if pk else 'stock'}": load_target(args.target, dtype=dt, packed=pk)
+                for dt in args.dtypes for pk in (False, True)}
+    some = next(iter(variants.values()))
+    prompt = some.encode_prompt("Write a Python function that returns the n-th Fibonacci number, with a docstring.")
+    rows = round_costs(variants, args.ks, args.drafters, prompt, repeats=args.repeats)
+    shown = [k for k in (2, 4, 8, 9, 16) if k in rows[0].verify_ms]
+    head = ["variant", "T_step"] + [f"T_v({k})" for k in shown] + [f"T_d({d})" for d in args.drafters]
+    head += [f"v(9)/step"] + [f"b/e tau {d}" for d in args.drafters if 9 in rows[0].verify_ms]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ms (medians of {args.repeats})")
+    print("  ".join(f"{h:>14}" for h in head))
+    for r in rows:
+        cells = [r.label, f"{r.step_ms:.1f}"] + [f"{r.verify_ms[k]:.1f}" for k in shown]
+        cells += [f"{r.draft_ms[d]:.1f}" for d in args.drafters]
+        if 9 in r.verify_ms:
+            cells += [f"{r.verify_ms[9] / r.step_ms:.2f}"] + [f"{r.break_even_tau(d, 9):.2f}" for d in args.drafters]
+        print("  ".join(f"{c:>14}" for c in cells))
+    if args.json_out:
+        _write_json({"threads": torch.get_num_threads(), "repeats": args.repeats,
+                     "rows": [r.to_dict() for r in rows]}, args.json_out)
 
 
 def cmd_notebooks(args) -> None:
@@ -257,7 +301,7 @@ def cmd_notebooks(args) -> None:
 
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate,
-            "notebooks": cmd_notebooks}
+            "notebooks": cmd_notebooks, "round-cost": cmd_round_cost}
 
 
 def main(argv: list[str] | None = None) -> int:

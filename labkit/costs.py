@@ -232,3 +232,65 @@ def decode_traces(target: Target, prompts_ids: list[list[int]], drafter_spec: st
         raise LabkitError(f"decode_traces traces a drafter: name one (e.g. 'prompt-lookup'), not {drafter_spec!r}.")
     return [generate(target, ids, drafter, max_new_tokens, params or SamplingParams(), seed + i)
             for i, ids in enumerate(tqdm(prompts_ids, desc=drafter_spec, disable=not progress))]
+
+
+@dataclass
+class RoundCost:
+    """One target variant's round costs in ms: T_step (k = 1), T_verify(k) and each drafter's T_draft."""
+
+    label: str
+    step_ms: float
+    verify_ms: dict[int, float]
+    draft_ms: dict[str, float]
+
+    def break_even_tau(self, drafter: str, k: int) -> float:
+        """Eq. 1's break-even tau for a round of `drafter` drafting k - 1 tokens (a k-token verify)."""
+        return break_even_tau(self.draft_ms[drafter] / 1e3, self.verify_ms[k] / 1e3, self.step_ms / 1e3)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "step_ms": self.step_ms, "verify_ms": self.verify_ms,
+                "verify_over_step": {k: v / self.step_ms for k, v in self.verify_ms.items()},
+                "draft_ms": self.draft_ms}
+
+
+@torch.inference_mode()
+def _draft_seconds(target: Target, drafter_spec: str, prompt_ids: list[int]) -> float:
+    """Seconds of one greedy `propose` of a full block after prefilling `prompt_ids` (after a warm-up)."""
+    from labkit.decoding import prefill
+    drafter = make_drafter(drafter_spec, target)
+    state = prefill(target, prompt_ids, 64, SamplingParams(), drafter=drafter)
+    gamma = getattr(drafter, "gamma", 8)
+    drafter.propose(state, gamma)  # untimed warm-up
+    sync_device(target.device)
+    start = time.perf_counter()
+    drafter.propose(state, gamma)
+    sync_device(target.device)
+    return time.perf_counter() - start
+
+
+def round_costs(variants: dict[str, Target], ks: Iterable[int] = range(1, 17), drafters: Iterable[str] = (),
+                prompt_ids: list[int] | None = None, context_len: int = 200, repeats: int = 9,
+                progress: bool = True) -> list[RoundCost]:
+    """The round-cost table of issue 11: T_step, T_verify(k) and T_draft for several target variants
+    (dtypes, stock or packed kernels), measured interleaved in one run so that drift hits all alike.
+
+    Each repeat times every variant once at every k (medians kept); T_draft is the median of `repeats`
+    proposals of a full block by each drafter after a prefill of `prompt_ids`.
+    """
+    ks = sorted(set(int(k) for k in ks) | {1})
+    drafters = list(drafters)
+    if drafters and not prompt_ids:
+        raise LabkitError("round_costs needs prompt_ids to time the drafters' proposals.")
+    samples: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ks} for name in variants}
+    drafts: dict[str, dict[str, list[float]]] = {name: {d: [] for d in drafters} for name in variants}
+    for _ in tqdm(range(repeats), desc="round costs", disable=not progress):
+        for name, target in variants.items():
+            cost = forward_cost(target, context_len, ks, repeats=1, progress=False)
+            for k, s in zip(cost.ks, cost.samples_s):
+                samples[name][k].extend(s)
+            for d in drafters:
+                drafts[name][d].append(_draft_seconds(target, d, prompt_ids))
+    return [RoundCost(name, 1e3 * statistics.median(samples[name][1]),
+                      {k: 1e3 * statistics.median(samples[name][k]) for k in ks if k > 1},
+                      {d: 1e3 * statistics.median(drafts[name][d]) for d in drafters})
+            for name in variants]

@@ -36,17 +36,17 @@ class PackedLinear(nn.Module):
     """y = x W^T + b with W held pre-packed by oneDNN. Keeps the original `weight` (and `bias`)
     parameters, so tied embeddings, state dicts and code that reads `.weight` see no change."""
 
-    def __init__(self, linear: nn.Linear, rows_hint: int = 8):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows_hint: int = 8):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight  # an nn.Parameter stays one (registered); a buffer stays a plain tensor
+        self.bias = bias
         # an opaque oneDNN tensor, not a buffer: .to() and state dicts must not touch it (pack last).
         # rows_hint only tunes the layout; any number of rows works with it.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:  # oneDNN's packed op has no backward
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):  # no backward in oneDNN's op
             return nn.functional.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.detach()
@@ -69,6 +69,6 @@ def pack_linears(model: nn.Module) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in PACKABLE_DTYPES:
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child.weight, child.bias))
                 n += 1
     return n

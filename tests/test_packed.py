@@ -59,10 +59,32 @@ def test_packing_keeps_weights_ties_and_state_dict(one_thread):
 
 def test_packed_linear_falls_back_to_autograd_when_gradients_are_needed():
     lin = torch.nn.Linear(8, 4)
-    packed = PackedLinear(lin)
+    packed = PackedLinear(lin.weight, lin.bias)
     x = torch.randn(3, 8, requires_grad=True)
     packed(x).sum().backward()
     assert x.grad is not None and torch.allclose(x.grad, lin.weight.sum(0).expand(3, 8))
+    assert lin.weight.grad is not None  # the weights learn too
+
+
+def test_packed_drafter_proposes_what_the_stock_one_does(make_tiny_target, one_thread):
+    """A DFlash drafter with packed products (layers and draft LM head) gives the same block
+    probabilities as the stock one, to fp32 rounding."""
+    from labkit.decoding import prefill
+    from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
+    from labkit.train import new_backbone
+
+    target = make_tiny_target(vocab_size=32, n_layers=4, hidden=32)
+    cfg = DFlashConfig.for_target(target, n_layers=1, gamma=4, target_layers=(1, 3))
+    stock = new_backbone(target, cfg, init_from_target=False)
+    packed = new_backbone(target, cfg, init_from_target=False)
+    packed.load_state_dict(stock.state_dict())
+    assert packed.eval().pack_for_inference() > 0
+    blocks = []
+    for model in (stock.eval(), packed):
+        drafter = DFlashDrafter(model)
+        state = prefill(target, [3, 1, 4, 1, 5, 9, 2, 6], 16, SamplingParams(1.0), drafter=drafter)
+        blocks.append(drafter.draft_logits(state))
+    assert (blocks[0] - blocks[1]).abs().max() <= REL_TOL * blocks[0].abs().max()
 
 
 @pytest.mark.slow

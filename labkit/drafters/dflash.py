@@ -31,6 +31,7 @@ from torch import nn
 
 from labkit.drafters.base import Proposal
 from labkit.errors import LabkitError
+from labkit.packed import PackedLinear, pack_linears, packing_wanted
 from labkit.sampling import SamplingParams, logits_to_probs, sample
 
 
@@ -221,6 +222,7 @@ class DFlashBackbone(nn.Module):
             raise LabkitError(f"vocab_ids has {len(vocab_ids)} rows but the config says draft_vocab={cfg.draft_vocab}.")
         self.register_buffer("vocab_ids", vocab_ids.long().clone())  # saved: which LM-head rows are used
         self.register_buffer("head", lm_head.detach()[self.vocab_ids].clone(), persistent=False)
+        self.packed_head: PackedLinear | None = None  # set by pack_for_inference
 
     @property
     def full_vocab(self) -> bool:
@@ -246,7 +248,18 @@ class DFlashBackbone(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Draft logits over the draft vocabulary (its columns index `vocab_ids`)."""
+        if self.packed_head is not None and h.dtype == self.head.dtype:
+            return self.packed_head(h)
         return h @ self.head.to(h.dtype).T
+
+    def pack_for_inference(self) -> int:
+        """Run the linear layers and the draft LM head with oneDNN pre-packed weights on the CPU
+        (labkit.packed; a block of 8 rows then costs about one row's product). Inference only: the
+        packed copies do not follow later weight updates. Returns how many products were packed."""
+        n = pack_linears(self)
+        if n:
+            self.packed_head = PackedLinear(self.head)
+        return n + bool(n)
 
     def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.context_kv(ctx, pos) for layer in self.layers]
@@ -462,8 +475,12 @@ def model_classes(kind: str) -> tuple[type, type]:
     raise LabkitError(f"Unknown drafter kind {kind!r} in the checkpoint's config.json: expected dflash or dspark.")
 
 
-def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32) -> DFlashBackbone:
-    """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target."""
+def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32,
+                  packed: bool | None = None) -> DFlashBackbone:
+    """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target.
+
+    For inference: on the CPU its products run with pre-packed weights unless `packed=False` (or
+    LABKIT_PACKED=0); train a loaded model further only with packed=False."""
     raw = read_config(path)
     model_cls, config_cls = model_classes(raw.get("kind", "dflash"))
     cfg = config_cls.from_dict(raw)
@@ -473,7 +490,10 @@ def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32) 
     head = target.model.get_output_embeddings().weight
     model = model_cls(cfg, emb, head, state["vocab_ids"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model.to(device=target.device, dtype=dtype).eval()
+    model = model.to(device=target.device, dtype=dtype).eval()
+    if packing_wanted(model.head.device, dtype) if packed is None else packed:
+        model.pack_for_inference()
+    return model
 
 
 def param_count(model: nn.Module) -> int:
