@@ -252,12 +252,18 @@ def cmd_train(args) -> None:
     print(f"drafter checkpoint in {path}")
 
 
+def data_config(args):
+    """The DataConfig of a `prepare-data` command line (its defaults keep data/train's settings)."""
+    from labkit.data import DataConfig
+    return DataConfig(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
+                      seed=args.seed, prompts=args.prompts, greedy_share=args.greedy_share,
+                      template_share=args.template_share, batch_size=args.batch_size)
+
+
 def cmd_prepare_data(args) -> None:
-    from labkit.data import DataConfig, prepare_data
+    from labkit.data import prepare_data
     from labkit.target import load_target
-    cfg = DataConfig(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
-                     seed=args.seed, prompts=args.prompts, greedy_share=args.greedy_share,
-                     template_share=args.template_share, batch_size=args.batch_size)
+    cfg = data_config(args)  # before loading the target, so that a bad option fails at once
     target = load_target(args.target, args.device, args.dtype)
     out = prepare_data(target, args.out, cfg, args.benchmarks)
     print(f"training data in {out}")

@@ -1,7 +1,10 @@
 """The project's own training prompts: math, code and chat, written from templates with a seeded RNG.
 
 Training prompts are never taken from the external benchmarks (those are for evaluation only);
-`assert_disjoint` enforces it against any benchmark folder it is given. The templates aim at the
+`assert_disjoint` enforces it against any benchmark folder it is given (exact match after
+normalising case and spaces), and `NearDuplicateIndex` finds near-duplicates (Jaccard similarity of
+word 3-gram shingles, candidates found by MinHash with LSH banding and then checked exactly), which
+`assert_not_near` enforces for prompts not written from these templates. The templates aim at the
 kinds of text the evaluation covers (grade-school word problems, short Python functions, open chat)
 without copying any of it. Responses are the target's own (see `labkit.data`), so only the prompts'
 variety matters here, not their answers.
@@ -11,7 +14,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 from labkit.errors import LabkitError
 
@@ -156,3 +163,98 @@ def assert_disjoint(prompts: list[str], others: set[str], what: str = "evaluatio
         raise LabkitError(f"{len(clash)} training prompts also appear in the {what} set "
                           f"(first: {clash[0][:80]!r}): training and {what} prompts must be disjoint.")
 
+
+
+def assert_not_near(prompts: list[str], index: "NearDuplicateIndex", what: str = "evaluation") -> None:
+    """Refuse training prompts that are near-duplicates of any text in `index` (see NearDuplicateIndex)."""
+    for p in prompts:
+        hit = index.nearest(p)
+        if hit is not None:
+            raise LabkitError(f"A training prompt is a near-duplicate (Jaccard {hit[1]:.2f} >= {index.threshold}) of a "
+                              f"{what} prompt: {p[:80]!r} ~ {str(hit[0])[:80]!r}. Training and {what} prompts must "
+                              "be disjoint: drop it (self-generated prompts are filtered by labkit.magpie).")
+
+
+def benchmark_index(benchmark_dir: str | Path, threshold: float = 0.5) -> "NearDuplicateIndex":
+    """A near-duplicate index of every turn of every JSONL file in a benchmark folder (keys: the turns)."""
+    index = NearDuplicateIndex(threshold)
+    for path in sorted(Path(benchmark_dir).glob("*.jsonl")):
+        for line in path.read_text().split("\n"):  # not splitlines: JSON strings may hold U+2028
+            if line.strip():
+                for turn in json.loads(line).get("turns", []):
+                    index.add(turn, turn)
+    return index
+
+
+_WORD = re.compile(r"[^\W_]+")  # runs of letters and digits, in any script
+
+
+def shingles(text: str, n: int = 3) -> set[str]:
+    """The word n-grams of a text after lower-casing and dropping punctuation (the whole text if shorter)."""
+    words = _WORD.findall(text.lower())
+    if len(words) < n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+_PRIME = (1 << 31) - 1  # a Mersenne prime: (a * h + b) mod p stays below 2^63 for 32-bit h
+
+
+class NearDuplicateIndex:
+    """Texts indexed for near-duplicate look-up: Jaccard similarity of word 3-gram shingles >= threshold.
+
+    MinHash (Broder 1997) with `bands` LSH bands of `num_perm / bands` rows picks candidates: two texts
+    of similarity J share a band with probability 1 - (1 - J^r)^b, which at the defaults (64 bands of
+    2 rows) is above 1 - 1e-7 at J = 0.5, so a true near-duplicate is practically never missed; every
+    candidate is then checked with the exact Jaccard, so none is reported falsely. Deterministic:
+    shingles are hashed with CRC-32, and the permutations come from a fixed seed.
+    """
+
+    def __init__(self, threshold: float = 0.5, n: int = 3, num_perm: int = 128, bands: int = 64, seed: int = 0):
+        if not 0.0 < threshold <= 1.0:
+            raise LabkitError(f"A near-duplicate threshold is a Jaccard similarity in (0, 1], got {threshold}.")
+        if num_perm % bands:
+            raise LabkitError(f"num_perm ({num_perm}) must be a multiple of bands ({bands}).")
+        self.threshold, self.n, self.bands, self.rows = threshold, n, bands, num_perm // bands
+        rng = np.random.default_rng(seed)
+        self._a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64)
+        self._b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64)
+        self._buckets: dict[tuple[int, bytes], list[int]] = {}
+        self._keys: list = []
+        self._shingles: list[set[str]] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _bands(self, sh: set[str]) -> list[tuple[int, bytes]]:
+        h = np.fromiter((zlib.crc32(s.encode()) for s in sh), dtype=np.uint64, count=len(sh)) % np.uint64(_PRIME)
+        sig = ((self._a[:, None] * h[None, :] + self._b[:, None]) % np.uint64(_PRIME)).min(axis=1)
+        return [(b, sig[b * self.rows:(b + 1) * self.rows].tobytes()) for b in range(self.bands)]
+
+    def add(self, text: str, key=None) -> None:
+        """Index a text under `key` (default: its position in the index). Texts without words are skipped."""
+        sh = shingles(text, self.n)
+        if not sh:
+            return
+        idx = len(self._keys)
+        self._keys.append(idx if key is None else key)
+        self._shingles.append(sh)
+        for band in self._bands(sh):
+            self._buckets.setdefault(band, []).append(idx)
+
+    def query(self, text: str) -> list[tuple[object, float]]:
+        """(key, Jaccard) of every indexed text at least `threshold` similar to `text`, most similar first."""
+        sh = shingles(text, self.n)
+        if not sh or not self._keys:
+            return []
+        candidates = {i for band in self._bands(sh) for i in self._buckets.get(band, ())}
+        hits = [(self._keys[i], j) for i in candidates if (j := jaccard(sh, self._shingles[i])) >= self.threshold]
+        return sorted(hits, key=lambda kv: -kv[1])
+
+    def nearest(self, text: str) -> tuple[object, float] | None:
+        hits = self.query(text)
+        return hits[0] if hits else None

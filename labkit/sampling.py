@@ -17,16 +17,20 @@ from labkit.errors import LabkitError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How logits become probabilities: temperature (0 = greedy) and nucleus top-p."""
+    """How logits become probabilities: temperature (0 = greedy), then top-k, then nucleus top-p
+    (the order of HF `generate`'s warpers)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
 
     def __post_init__(self):
         if not (0.0 <= self.temperature < float("inf")):  # also catches NaN
             raise LabkitError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}.")
         if not (0.0 < self.top_p <= 1.0):
             raise LabkitError(f"top-p must lie in (0, 1] (1 = off), got {self.top_p}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LabkitError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k!r}.")
 
     @property
     def greedy(self) -> bool:
@@ -39,9 +43,18 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     probs = torch.softmax(logits / params.temperature, dim=-1)
+    if 0 < params.top_k < logits.shape[-1]:
+        probs = top_k_filter(probs, params.top_k)
     if params.top_p < 1.0:
         probs = top_p_filter(probs, params.top_p)
     return probs
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the top_k most likely tokens of each row (ties broken as torch.topk does); renormalise."""
+    values, order = probs.topk(top_k, dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, order, values)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -58,6 +71,24 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     flat = probs.reshape(-1, probs.shape[-1])
     draws = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
     return draws
+
+
+def sample_logits(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of logits (B, V) -> (B,) ids, distributed as `logits_to_probs(logits, params)`.
+
+    The same distribution computed the cheap way for batched generation: greedy is an argmax, and
+    with top-k the softmax, nucleus and draw run over the k candidates only instead of sorting all V.
+    """
+    if params.greedy:
+        return logits.argmax(-1)
+    if not 0 < params.top_k < logits.shape[-1]:
+        return sample(logits_to_probs(logits, params), generator)
+    values, order = logits.float().topk(params.top_k, dim=-1)  # sorted descending
+    probs = torch.softmax(values / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        probs = top_p_filter(probs, params.top_p)
+    return order.gather(-1, sample(probs, generator).unsqueeze(-1)).squeeze(-1)
 
 
 def residual(p_t: torch.Tensor, p_d: torch.Tensor) -> torch.Tensor:
