@@ -252,7 +252,7 @@ def cmd_train(args) -> None:
     print(f"drafter checkpoint in {path}")
 
 
-def data_config(args):
+def data_config(args: argparse.Namespace) -> "DataConfig":  # noqa: F821 (imported lazily)
     """The DataConfig of a `prepare-data` command line (its defaults keep data/train's settings)."""
     from labkit.data import DataConfig
     return DataConfig(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
