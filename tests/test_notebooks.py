@@ -82,11 +82,12 @@ def test_html_copy_holds_every_figure_and_fetches_nothing(headless_run, notebook
 
 def _render(html: Path, png: Path) -> str:
     """The page's DOM after its scripts ran in headless Chromium with every network name unresolvable
-    and a dead proxy, so anything fetched from outside fails; a screenshot goes to `png`."""
+    and a dead proxy, so anything fetched from outside fails; a screenshot of the page's first 9000
+    pixels (its first figures) goes to `png`."""
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
              "--disable-background-networking", "--disable-component-update", "--disable-quic",
              "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
-             "--virtual-time-budget=20000", "--window-size=1280,2400",
+             "--virtual-time-budget=20000", "--window-size=1280,9000",
              f"--user-data-dir={png.parent / ('chromium-' + png.stem)}"]
     subprocess.run(flags + [f"--screenshot={png}", html.as_uri()], capture_output=True, timeout=180, check=True)
     done = subprocess.run(flags + ["--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=180,
