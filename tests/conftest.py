@@ -25,7 +25,7 @@ from labkit.target import Target, default_target_dir, load_target
 
 # Hypothesis keeps its example database under the working directory by default: keep the repo clean.
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
-    hypothesis.configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "labkit-tests-hypothesis")
+    hypothesis.configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / f"labkit-tests-hypothesis-{os.getuid()}")  # per user: /tmp is shared
 
 # ---------------------------------------------------------------------------------------------------
 # CPU threads. Tiny models spend their time in thread hand-offs: on a shared 2-core machine a
