@@ -109,3 +109,18 @@ def test_real_target_packed_greedy_equals_hf_generate_on_the_stock_model(one_thr
         s_logits, _ = stock.forward(ids, stock.new_cache(), logits_to_keep=len(ids))
         p_logits, _ = packed.forward(ids, packed.new_cache(), logits_to_keep=len(ids))
         assert (s_logits - p_logits).abs().max() <= REL_TOL * s_logits.abs().max()
+
+
+def test_a_loaded_drafter_is_packed_when_its_target_is(make_tiny_target, tmp_path, one_thread):
+    from labkit.drafters.dflash import DFlashConfig, load_backbone, save_drafter
+    from labkit.train import new_backbone
+
+    target = make_tiny_target(vocab_size=32, n_layers=4, hidden=32)
+    cfg = DFlashConfig.for_target(target, n_layers=1, gamma=4, target_layers=(1, 3))
+    path = save_drafter(new_backbone(target, cfg, init_from_target=False), tmp_path / "d")
+    kinds = lambda m: {type(x).__name__ for x in m.modules()}  # noqa: E731
+    assert "PackedLinear" not in kinds(load_backbone(path, target))  # target.packed == 0: stock kernels
+    target.packed = 1
+    loaded = load_backbone(path, target)
+    assert "PackedLinear" in kinds(loaded) and loaded.packed_head is not None
+    assert "PackedLinear" not in kinds(load_backbone(path, target, packed=False))

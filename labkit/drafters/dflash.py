@@ -31,7 +31,7 @@ from torch import nn
 
 from labkit.drafters.base import Proposal
 from labkit.errors import LabkitError
-from labkit.packed import PackedLinear, pack_linears, packing_wanted
+from labkit.packed import PackedLinear, pack_linears
 from labkit.sampling import SamplingParams, logits_to_probs, sample
 
 
@@ -479,8 +479,8 @@ def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32,
                   packed: bool | None = None) -> DFlashBackbone:
     """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target.
 
-    For inference: on the CPU its products run with pre-packed weights unless `packed=False` (or
-    LABKIT_PACKED=0); train a loaded model further only with packed=False."""
+    For inference: its products run with pre-packed weights when the target's do (`packed=None`;
+    True or False forces it); train a loaded model further only with packed=False."""
     raw = read_config(path)
     model_cls, config_cls = model_classes(raw.get("kind", "dflash"))
     cfg = config_cls.from_dict(raw)
@@ -491,7 +491,7 @@ def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32,
     model = model_cls(cfg, emb, head, state["vocab_ids"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model = model.to(device=target.device, dtype=dtype).eval()
-    if packing_wanted(model.head.device, dtype) if packed is None else packed:
+    if getattr(target, "packed", 0) > 0 if packed is None else packed:  # by default, as its target runs
         model.pack_for_inference()
     return model
 
