@@ -117,11 +117,6 @@ def static_widget(model_id: str, state: dict) -> str:
     return WIDGET_NOTE
 
 
-def plotly_figure_count(nb) -> int:
-    """Plotly figures among a notebook's outputs."""
-    return sum(PLOTLY_MIME in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-
-
 def make_offline(nb) -> int:
     """Rewrite an executed notebook's outputs in place for a self-contained HTML copy; returns the
     number of plotly figures.
