@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit.decoding import format_acceptance, generate, position_acceptance, position_counts, sync_device
+from labkit.decoding import generate, sync_device
 from labkit.drafters import check_spec, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
-from labkit.stats import prefix_survival
 from labkit.target import Target
+from labkit.trace import format_acceptance, mean_tau, position_acceptance, position_counts, prefix_survival
 
 #: domain of each external benchmark file in ../shared/benchmarks, by file stem
 DOMAINS = {"gsm8k": "math", "math500": "math", "aime25": "math", "humaneval": "code", "mbpp": "code",
@@ -79,12 +79,6 @@ class MethodStats:
         if rounds is not None:
             self.rounds.extend(rounds)
             self.rounds_by_domain.setdefault(domain, []).extend(rounds)
-
-
-def mean_tau(rounds) -> float | None:
-    """Tokens emitted per round (accepted + 1), over all rounds; None without rounds."""
-    return sum(r.emitted for r in rounds) / len(rounds) if rounds else None
-
 
 
 def tau_by_domain(prompts: list[Prompt], results) -> dict[str, float]:

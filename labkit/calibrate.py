@@ -19,9 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.calibration import STSResult, apply_temperatures, fit_sts, per_position_metrics
-from labkit.decoding import Round, generate
+from labkit.decoding import generate
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
+from labkit.trace import Round
 
 
 @dataclass

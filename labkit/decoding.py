@@ -22,22 +22,7 @@ from labkit.drafters.base import Drafter, Proposal
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams, logits_to_probs, sample, verify_chain
 from labkit.target import Target
-
-
-@dataclass
-class Round:
-    """The trace of one round: drafted k, accepted n (n + 1 tokens emitted), and its two costs."""
-
-    proposed: int
-    accepted: int
-    draft_s: float
-    verify_s: float
-    #: the confidence head's raw logits for the proposed drafts (drafters with one; else None)
-    conf_logits: list[float] | None = None
-
-    @property
-    def emitted(self) -> int:
-        return self.accepted + 1
+from labkit.trace import Round, mean_tau, position_acceptance, position_counts
 
 
 @dataclass
@@ -179,9 +164,7 @@ class GenerationResult:
     @property
     def tau(self) -> float | None:
         """Mean tokens emitted per round (accepted drafts + 1); None when no round ran."""
-        if not self.rounds:
-            return None
-        return sum(r.emitted for r in self.rounds) / len(self.rounds)
+        return mean_tau(self.rounds)
 
     @property
     def tokens_per_s(self) -> float:
@@ -200,69 +183,6 @@ class GenerationResult:
                 "position_acceptance": self.position_acceptance(),
                 "position_rounds": self.position_counts(),
                 "trace": [vars(r) for r in self.rounds]}
-
-
-#: fewer rounds than this behind a position make its acceptance rate a coin toss (1.00 or 0.00 from
-#: one or two rounds); `format_acceptance` and the figures mark such positions
-MIN_ROUNDS = 10
-
-
-def _position_tallies(rounds: list[Round]) -> list[tuple[int, int]]:
-    """(rounds that reached draft position j, rounds that accepted draft j) for j = 1, 2, ...
-
-    A round reaches position j when it proposed at least j tokens and accepted the first j - 1.
-    Positions nobody reached are left out.
-    """
-    out = []
-    depth = max((r.proposed for r in rounds), default=0)
-    for j in range(1, depth + 1):
-        reached = [r for r in rounds if r.proposed >= j and r.accepted >= j - 1]
-        if not reached:
-            break
-        out.append((len(reached), sum(r.accepted >= j for r in reached)))
-    return out
-
-
-def position_acceptance(rounds: list[Round]) -> list[float]:
-    """Conditional acceptance at draft position j: P(draft j accepted | drafts 1..j-1 accepted).
-
-    Only rounds that proposed at least j tokens and accepted the first j - 1 count at position j
-    (paper Fig. 2); `position_counts` gives how many rounds that is. Positions nobody reached are left out.
-    """
-    return [acc / n for n, acc in _position_tallies(rounds)]
-
-
-def position_counts(rounds: list[Round]) -> list[int]:
-    """The number of rounds behind each entry of `position_acceptance` (those that reached position j)."""
-    return [n for n, _ in _position_tallies(rounds)]
-
-
-def format_acceptance(rates: list[float | None], counts: list[int], min_rounds: int = MIN_ROUNDS,
-                      with_counts: bool = True) -> str:
-    """Per-position acceptance as text, a position with fewer than `min_rounds` rounds in parentheses.
-
-    E.g. "0.38 0.27 (0.50) (1.00) | rounds 52 30 4 1; (..) = fewer than 10": a rate from a handful of
-    rounds reads as a measurement unless it is marked. `with_counts=False` leaves out the counts.
-    """
-    if len(rates) != len(counts):
-        raise LabkitError(f"Got {len(rates)} acceptance rates but {len(counts)} round counts: "
-                          "pass position_acceptance(rounds) and position_counts(rounds) of the same rounds.")
-    if not rates:
-        return "none (no round drafted a token)"
-    # a position no round reached (None, 0 rounds: e.g. from calibrate.confidence_vs_acceptance) reads "-"
-    text = " ".join("-" if a is None else f"{a:.2f}" if n >= min_rounds else f"({a:.2f})" for a, n in zip(rates, counts))
-    if with_counts:
-        text += " | rounds " + " ".join(str(n) for n in counts)
-        if any(n < min_rounds for n in counts):
-            text += f"; (..) = fewer than {min_rounds}"
-    elif any(n < min_rounds for n in counts):
-        text += f" ((..): fewer than {min_rounds} rounds)"
-    return text
-
-
-def format_position_acceptance(rounds: list[Round], min_rounds: int = MIN_ROUNDS, with_counts: bool = True) -> str:
-    """`format_acceptance` of a list of rounds: their conditional acceptance with its round counts."""
-    return format_acceptance(position_acceptance(rounds), position_counts(rounds), min_rounds, with_counts)
 
 
 def generate(target: Target, prompt_ids: list[int], drafter: Drafter | None = None,

@@ -17,8 +17,8 @@ from IPython.display import Markdown
 from plotly.subplots import make_subplots
 
 from labkit.costs import ForwardCost, speculative_speedup
-from labkit.decoding import MIN_ROUNDS
 from labkit.sampling import residual
+from labkit.trace import MIN_ROUNDS
 
 COLORS = {"p_t": "#1f77b4", "p_d": "#ff7f0e", "accepted": "#2ca02c", "residual": "#d62728", "bonus": "#9467bd",
           "floor": "#7f7f7f"}

@@ -3,7 +3,8 @@
 Losslessness is tested, never assumed: `speculative_stream` runs the lab's own `verify_chain` round
 after round against a toy target whose distribution does not depend on context, so every emitted token
 must be an independent draw from p_t; `chi_square_test` then says how surprising the observed counts
-are under p_t. Notation follows the paper: p_t is the target's distribution, p_d the drafter's.
+are under p_t. Acceptance statistics of decoding traces (tau, acceptance by position, prefix survival)
+live in `labkit.trace`. Notation follows the paper: p_t is the target's distribution, p_d the drafter's.
 This module knows probabilities and counts, not models; it needs no scipy (the chi-square tail is the
 regularised upper incomplete gamma function, which torch ships).
 """
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.decoding import Round
 from labkit.errors import LabkitError
 from labkit.sampling import verify_chain
 
@@ -112,7 +112,8 @@ class StreamResult:
 
     @property
     def tau(self) -> float:
-        """Mean tokens emitted per round (accepted drafts + 1)."""
+        """Mean tokens emitted per round (accepted drafts + 1), counting the last round's cut-short tokens
+        (`labkit.trace.mean_tau` is the same mean over decoding's `Round` traces)."""
         return len(self.tokens) / max(len(self.rounds), 1)
 
 
@@ -148,19 +149,3 @@ def speculative_stream(p_t: torch.Tensor, p_d: torch.Tensor, n_tokens: int, gamm
         rounds.append(n)
     # Cutting the last round short keeps the prefix of an i.i.d. stream, which is still i.i.d.
     return StreamResult(torch.tensor(tokens[:n_tokens]), source[:n_tokens], rounds)
-
-
-def prefix_survival(rounds: list[Round]) -> list[float]:
-    """Unconditional survival at draft position j: P(drafts 1..j all accepted | j were proposed).
-
-    DeepSpec reports this as `accept_rate@k`; the paper's Fig. 2 shows the conditional acceptance
-    (`labkit.decoding.position_acceptance`). Their ratio at j is the conditional rate at j.
-    """
-    out = []
-    depth = max((r.proposed for r in rounds), default=0)
-    for j in range(1, depth + 1):
-        reached = [r for r in rounds if r.proposed >= j]
-        if not reached:
-            break
-        out.append(sum(r.accepted >= j for r in reached) / len(reached))
-    return out

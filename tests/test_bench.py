@@ -140,7 +140,7 @@ def test_tau_by_domain_pools_rounds_within_a_domain():
     from types import SimpleNamespace
 
     from labkit.bench import Prompt, tau_by_domain
-    from labkit.decoding import Round
+    from labkit.trace import Round
     prompts = [Prompt("a", "math", "x"), Prompt("b", "math", "x"), Prompt("c", "chat", "y")]
     results = [SimpleNamespace(rounds=[Round(4, 3, 0, 0)]), SimpleNamespace(rounds=[Round(4, 0, 0, 0)] * 3),
                SimpleNamespace(rounds=[Round(2, 1, 0, 0)])]
@@ -149,7 +149,7 @@ def test_tau_by_domain_pools_rounds_within_a_domain():
 
 def test_speculative_rows_count_the_rounds_behind_each_position(greedy_result):
     """position_rounds sits beside position_acceptance (overall and by domain), one count per position."""
-    from labkit.decoding import MIN_ROUNDS, format_acceptance
+    from labkit.trace import MIN_ROUNDS, format_acceptance
     for row in greedy_result["rows"]:
         if not row["drafter"]:
             assert row["position_rounds"] is None

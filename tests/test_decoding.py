@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from labkit.decoding import GenerationResult, Round, generate, position_acceptance, prefill, speculative_round
+from labkit.decoding import GenerationResult, generate, prefill, speculative_round
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
 from labkit.drafters.base import Proposal, one_hot_proposal
 from labkit.drafters.layer_skip import shallow_view
 from labkit.drafters.prompt_lookup import find_continuation
 from labkit.sampling import SamplingParams, logits_to_probs, sample
+from labkit.trace import Round, position_acceptance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

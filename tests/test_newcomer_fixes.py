@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from labkit.calibration import STSResult, describe_cut_values, describe_ece_change, fit_sts
-from labkit.decoding import (MIN_ROUNDS, Round, format_acceptance, format_position_acceptance, generate,
-                             position_acceptance, position_counts)
+from labkit.decoding import generate
 from labkit.diagnostics import DraftedBlock, block_showcase, pick_block
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
 from labkit.errors import LabkitError
 from labkit import plots
+from labkit.trace import (MIN_ROUNDS, Round, format_acceptance, format_position_acceptance, position_acceptance,
+                          position_counts)
 from labkit.train import new_backbone
 
 PLOTLY = "application/vnd.plotly.v1+json"

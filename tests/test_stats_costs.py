@@ -16,12 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labkit.costs import (ForwardCost, break_even_tau, forward_cost, memory_bandwidth_gbs, per_token_latency_s,
                           roofline_floor_s, speculative_speedup, time_ar_loops)
-from labkit.decoding import Round
 from labkit.errors import LabkitError
 from labkit import plots
-from labkit.stats import (acceptance_rate, chi_square_test, prefix_survival, speculative_stream,
-                          total_variation)
+from labkit.stats import acceptance_rate, chi_square_test, speculative_stream, total_variation
 from labkit.target import Target
+from labkit.trace import Round, prefix_survival
 from labkit.widgets import check_slider, decoding_dashboard, latency_explorer
 
 P_T = torch.tensor([0.5, 0.2, 0.2, 0.1])
