@@ -97,7 +97,7 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
                          write: bool = True, progress: bool = True) -> dict:
     """`python -m labkit calibrate`: fit STS for each sampling temperature on held-out rounds; report
     ECE before and after per position; store the temperatures in the checkpoint (unless write=False)."""
-    from labkit.drafters.dflash import load_backbone, read_config
+    from labkit.drafters.checkpoint import load_backbone, read_config
     from labkit.drafters.dspark import DSparkDrafter, DSparkModel, calibration_key
     model = load_backbone(path, target)
     if not isinstance(model, DSparkModel) or model.confidence is None:

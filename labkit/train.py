@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from labkit.drafters.dflash import DFlashBackbone, DFlashConfig, save_drafter
+from labkit.drafters.checkpoint import (check_compatible, load_backbone, model_classes, param_count, read_config,
+                                       save_drafter)
+from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.errors import LabkitError
 from labkit.features import FeatureSequence
 
@@ -378,7 +380,6 @@ def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = Non
     target's last layers if asked."""
     emb = target.model.get_input_embeddings().weight
     head = target.model.get_output_embeddings().weight
-    from labkit.drafters.dflash import model_classes
     model = model_classes(cfg.kind)[0](cfg, emb, head, vocab_ids)
     if init_from_target:
         model.init_from_target(target.model)
@@ -388,7 +389,6 @@ def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = Non
 def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype = torch.bfloat16,
            extra: dict | None = None) -> Path:
     """Copy a trained checkpoint to a small shippable one (weights cast to dtype)."""
-    from labkit.drafters.dflash import load_backbone, read_config
     model = load_backbone(checkpoint, target)
     info = read_config(checkpoint).get("extra", {})
     path = save_drafter(model, dest, dtype=dtype, extra={**info, **(extra or {})})
@@ -400,7 +400,6 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
 
 def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) -> Path:
     """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export."""
-    from labkit.drafters.dflash import check_compatible, model_classes, read_config
     from labkit.features import cache_features, feature_sequences
     from labkit.target import load_target
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -440,7 +439,6 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     if cfg.draft_vocab:
         log(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_coverage(items, model.vocab_ids):.2%} "
             "of the training responses")
-    from labkit.drafters.dflash import param_count
     log(f"{len(items)} sequences, {n_tokens} response tokens; drafter {param_count(model) / 1e6:.1f} M "
         f"trainable parameters, {cfg.n_layers} layer(s), gamma {cfg.gamma}, target layers {cfg.target_layers}"
         + (f", {cfg.head} head at rank {cfg.rank} + confidence head" if cfg.kind == "dspark" else ""))

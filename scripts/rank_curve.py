@@ -13,7 +13,7 @@ from pathlib import Path
 
 from labkit.diagnostics import heldout_batch, heldout_items, rank_curve
 from labkit.drafters import SHIPPED, shipped_checkpoint
-from labkit.drafters.dflash import load_backbone, read_config
+from labkit.drafters.checkpoint import load_backbone, read_config
 from labkit.target import load_target
 
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from labkit.data import Sequence
 from labkit.decoding import generate, prefill, speculative_round
-from labkit.drafters.dflash import (ContextCache, DFlashConfig, DFlashDrafter, block_attention_mask,
-                                    default_layers, load_backbone, save_drafter)
+from labkit.drafters.checkpoint import load_backbone, save_drafter
+from labkit.drafters.dflash import ContextCache, DFlashConfig, DFlashDrafter, block_attention_mask, default_layers
 from labkit.errors import LabkitError
 from labkit.features import FeatureSequence, shard_features
 from labkit.sampling import SamplingParams
@@ -308,6 +308,16 @@ def test_checkpoint_for_another_target_is_refused(tiny, make_tiny_target, tmp_pa
 def test_not_a_checkpoint_names_the_fix(tiny, tmp_path):
     with pytest.raises(LabkitError, match="not a drafter checkpoint.*labkit train"):
         load_backbone(tmp_path, tiny)
+
+
+def test_drafter_modules_import_one_way():
+    """dspark imports dflash, never the reverse; checkpoint I/O (which knows both kinds) imports both."""
+    import subprocess
+    import sys
+    code = ("import sys, labkit.drafters.dflash; assert 'labkit.drafters.dspark' not in sys.modules; "
+            "assert 'labkit.drafters.checkpoint' not in sys.modules; import labkit.drafters.checkpoint; "
+            "assert 'labkit.drafters.dspark' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_frequent_tokens_keeps_the_most_common_and_the_stop_tokens(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from labkit.decoding import generate, prefill
-from labkit.drafters.dflash import DFlashConfig, DFlashDrafter, load_backbone, save_drafter
+from labkit.drafters.checkpoint import load_backbone, save_drafter
+from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
 from labkit.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel, calibration_key, with_transition_rank
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams

@@ -16,7 +16,8 @@ import torch
 
 from labkit.decoding import generate, prefill, speculative_round
 from labkit.drafters import BUILTIN, check_spec, make_drafter
-from labkit.drafters.dflash import DFlashDrafter, save_drafter
+from labkit.drafters.checkpoint import save_drafter
+from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.dspark import DSparkDrafter
 from labkit.drafters.hybrid import HybridConfig, HybridDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig

@@ -112,7 +112,8 @@ def test_real_target_packed_greedy_equals_hf_generate_on_the_stock_model(one_thr
 
 
 def test_a_loaded_drafter_is_packed_when_its_target_is(make_tiny_target, tmp_path, one_thread):
-    from labkit.drafters.dflash import DFlashConfig, load_backbone, save_drafter
+    from labkit.drafters.checkpoint import load_backbone, save_drafter
+    from labkit.drafters.dflash import DFlashConfig
     from labkit.train import new_backbone
 
     target = make_tiny_target(vocab_size=32, n_layers=4, hidden=32)

@@ -125,7 +125,7 @@ def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_go
 @pytest.mark.parametrize("name", ["dflash", "dspark"])
 def test_shipped_drafter_is_small_matches_the_target_and_says_how_it_was_made(real_target, name):
     from labkit.drafters import shipped_checkpoint
-    from labkit.drafters.dflash import read_config
+    from labkit.drafters.checkpoint import read_config
     path = shipped_checkpoint(name)
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 60e6, f"{size / 1e6:.0f} MB: the shipped drafter must stay small"
@@ -140,7 +140,7 @@ def test_shipped_dspark_is_comparable_to_dflash_and_calibrated():
     """Same data, steps and depth as the shipped DFlash drafter (a fair comparison), and STS temperatures
     fitted for greedy and temperature-1 decoding, one per position, on held-out rounds."""
     from labkit.drafters import shipped_checkpoint
-    from labkit.drafters.dflash import read_config
+    from labkit.drafters.checkpoint import read_config
     flash, spark = read_config(shipped_checkpoint("dflash")), read_config(shipped_checkpoint("dspark"))
     for key in ("n_layers", "gamma", "target_layers", "draft_vocab", "hidden_size"):
         assert flash[key] == spark[key], key

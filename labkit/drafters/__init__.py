@@ -37,7 +37,7 @@ def check_spec(spec: str | None) -> None:
         _check_hybrid(spec)
         return
     if _is_checkpoint_path(spec):
-        from labkit.drafters.dflash import read_config
+        from labkit.drafters.checkpoint import read_config
         read_config(spec)  # a clear error if it is no checkpoint
         return
     name, _, arg = spec.partition(":")
@@ -73,7 +73,8 @@ def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> 
         from labkit.drafters.hybrid import make_hybrid
         return make_hybrid(make_drafter(spec.partition(":")[2], target, gamma), gamma)
     if _is_checkpoint_path(spec) or spec in SHIPPED:
-        from labkit.drafters.dflash import DFlashDrafter, load_backbone
+        from labkit.drafters.checkpoint import load_backbone
+        from labkit.drafters.dflash import DFlashDrafter
         from labkit.drafters.dspark import DSparkDrafter, DSparkModel
         model = load_backbone(shipped_checkpoint(spec) if spec in SHIPPED else Path(spec), target)
         return (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model, gamma)

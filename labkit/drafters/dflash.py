@@ -12,21 +12,17 @@ At decode time the projected context keys/values live in a per-request `ContextC
 one drafter forward over the block plus the projection of the tokens just accepted.
 
 `DFlashBackbone` is the network; `DFlashDrafter` adapts it to the decoding loop's Drafter protocol.
-DSpark (`labkit.drafters.dspark`) subclasses both, adding its heads to the states `forward` returns.
+DSpark (`labkit.drafters.dspark`) subclasses both, adding its heads to the states `forward` returns;
+checkpoints of either kind are read and written by `labkit.drafters.checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from labkit.drafters.base import Proposal
@@ -413,92 +409,4 @@ class DFlashDrafter:
         self._append(state, self._features(hidden)[: n_accepted + 1])
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def target_signature(target) -> dict:
-    return {"vocab_size": target.vocab_size, "hidden_size": target.hidden_size, "num_layers": target.num_layers}
-
-
-def check_compatible(cfg: DFlashConfig, target, where: str = "") -> None:
-    """Refuse a drafter made for another target, naming both models."""
-    mine = {"vocab_size": cfg.target_vocab_size, "hidden_size": cfg.target_hidden_size,
-            "num_layers": cfg.target_num_layers}
-    theirs = target_signature(target)
-    if mine != theirs:
-        diff = ", ".join(f"{k} {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k])
-        raise LabkitError(
-            f"The drafter{(' at ' + where) if where else ''} was trained for {cfg.target_name or 'another model'} "
-            f"but the target is {target.name} ({diff}): train a drafter for {target.name} with "
-            f"`python -m labkit train --target {target.name} ...`.")
-
-
-def save_drafter(backbone: DFlashBackbone, out_dir: str | Path, dtype: torch.dtype | None = None,
-                 extra: dict | None = None) -> Path:
-    """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-             for k, v in backbone.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    cfg = json.loads(backbone.cfg.to_json())
-    if extra:
-        cfg["extra"] = {**cfg.get("extra", {}), **extra}
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def read_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
-        raise LabkitError(f"{path} is not a drafter checkpoint (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                          "train one with `python -m labkit train --drafter dflash --out PATH`.")
-    return json.loads((path / CONFIG_FILE).read_text())
-
-
-def model_classes(kind: str) -> tuple[type, type]:
-    """(model class, config class) for a checkpoint's `kind`: dflash, or dspark (the backbone + heads)."""
-    if kind == "dflash":
-        return DFlashBackbone, DFlashConfig
-    if kind == "dspark":
-        from labkit.drafters.dspark import DSparkConfig, DSparkModel
-        return DSparkModel, DSparkConfig
-    raise LabkitError(f"Unknown drafter kind {kind!r} in the checkpoint's config.json: expected dflash or dspark.")
-
-
-def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32,
-                  packed: bool | None = None) -> DFlashBackbone:
-    """Rebuild a backbone from a checkpoint folder on the target's device, refusing a mismatched target.
-
-    For inference: its products run with pre-packed weights when the target's do (`packed=None`;
-    True or False forces it); train a loaded model further only with packed=False."""
-    raw = read_config(path)
-    model_cls, config_cls = model_classes(raw.get("kind", "dflash"))
-    cfg = config_cls.from_dict(raw)
-    check_compatible(cfg, target, str(path))
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
-    emb = target.model.get_input_embeddings().weight
-    head = target.model.get_output_embeddings().weight
-    model = model_cls(cfg, emb, head, state["vocab_ids"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    model = model.to(device=target.device, dtype=dtype).eval()
-    if getattr(target, "packed", 0) > 0 if packed is None else packed:  # by default, as its target runs
-        model.pack_for_inference()
-    return model
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-__all__ = ["DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "save_drafter", "load_backbone",
-           "check_compatible", "default_layers", "read_config", "param_count"]
+__all__ = ["DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "default_layers"]
