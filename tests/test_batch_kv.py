@@ -1,0 +1,312 @@
+"""labkit.batch_kv: one batched KV cache with ragged rows, per-row rollback, admission and compaction.
+
+Every batched result is compared with the same request run alone: `Target.forward` on its own
+DynamicCache, unpadded, rolled back with `crop`. Tolerance: max abs difference <= 1e-4 in fp32 (TOL),
+for logits and hidden states. The tiny Llamas here use init 0.2, where fp32 rounding alone moves their
+logits (|logit| up to ~5) by ~3e-6 between a chunked and a one-shot forward, while changing one context
+token moves them by ~1: a leak or a wrong position would be 4 orders of magnitude above TOL.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from labkit.batch_kv import BatchKV, time_step
+from labkit.errors import LabkitError
+from labkit.target import Target
+
+from conftest import ToyTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-4
+VOCAB = 64
+LAYERS = (0, 1, 3)  # embeddings, first and last layer of the 3-layer toy
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def target(request, make_tiny_target):
+    t = make_tiny_target(vocab_size=VOCAB, n_layers=3, hidden=32, init=0.2, seed=1)
+    t.model.set_attn_implementation(request.param)
+    return t
+
+
+@pytest.fixture(scope="module")
+def sdpa_target(make_tiny_target):
+    return make_tiny_target(vocab_size=VOCAB, n_layers=3, hidden=32, init=0.2, seed=2)
+
+
+class Solo:
+    """One request alone: the unpadded reference."""
+
+    def __init__(self, target: Target, prompt: list[int]):
+        self.target, self.cache = target, target.new_cache()
+        self.accepted = list(prompt)
+        logits, hidden = target.forward(prompt, self.cache, hidden_states=True)
+        self.first = logits[-1], tuple(hidden[i][0] for i in LAYERS)
+
+    def step(self, tokens: list[int]):
+        logits, hidden = self.target.forward(tokens, self.cache, logits_to_keep=len(tokens), hidden_states=True)
+        self.accepted += tokens
+        return logits, tuple(hidden[i][0] for i in LAYERS)
+
+    def rollback(self, n: int) -> None:
+        if n:
+            self.cache.crop(-n)
+            del self.accepted[-n:]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def check_row(got, want) -> None:
+    (logits, hidden), (solo_logits, solo_hidden) = got, want
+    assert torch.isfinite(logits).all()
+    assert close(logits, solo_logits) <= TOL
+    if hidden is None:  # a BatchKV without hidden_layers
+        return
+    assert len(hidden) == len(solo_hidden)
+    for h, s in zip(hidden, solo_hidden):
+        assert close(h, s) <= TOL
+
+
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def run_step(kv: BatchKV, solos: dict, widths: dict, rng: random.Random, rollback: bool = True) -> dict:
+    """One batched step checked against every solo; then a random rollback per row (the first token,
+    the one a real engine always keeps, stays). Returns the batched outputs."""
+    inputs = {key: tokens(rng, widths[key]) for key in kv.keys}
+    out = kv.step(inputs)
+    assert list(out) == kv.keys
+    for key, toks in inputs.items():
+        check_row(out[key], solos[key].step(toks))
+        n = rng.randrange(len(toks)) if rollback else 0
+        kv.rollback(key, n)
+        solos[key].rollback(n)
+        assert kv.length(key) == solos[key].cache.get_seq_length() == len(solos[key].accepted)
+    return out
+
+
+def admit(kv: BatchKV, target: Target, solos: dict, key, prompt: list[int]) -> None:
+    solos[key] = Solo(target, prompt)
+    logits, hidden = kv.add(key, prompt)
+    check_row((logits, hidden), solos[key].first)
+    assert hidden is None or hidden[0].shape == (len(prompt), target.hidden_size)
+
+
+@pytest.mark.parametrize("compact_at", [0.5, 0.1])
+def test_mixed_batch_matches_solo_over_steps_with_rollbacks(target, compact_at):
+    """4 prompts of 2-13 tokens, 8 steps of 1-6 tokens per row (ragged), random rollbacks: every row's
+    logits and hidden states equal its solo run within TOL; compact_at=0.1 compacts along the way."""
+    rng = random.Random(0)
+    kv, solos = BatchKV(target, hidden_layers=LAYERS, compact_at=compact_at), {}
+    for key, n in zip("abcd", [2, 7, 13, 4]):
+        admit(kv, target, solos, key, tokens(rng, n))
+    for _ in range(8):
+        run_step(kv, solos, {key: rng.randint(1, 6) for key in kv.keys}, rng)
+    if compact_at < 0.5:
+        assert kv.stats.compactions > 0
+
+
+def test_rows_that_are_mostly_padding_give_no_nan(target):
+    """One row sends 9 tokens, the others 1 (8 of their 9 columns are padding), and a row whose whole
+    last step was rolled back steps again: finite, equal to solo."""
+    rng = random.Random(1)
+    kv, solos = BatchKV(target, hidden_layers=LAYERS), {}
+    for key, n in zip("abc", [1, 5, 3]):
+        admit(kv, target, solos, key, tokens(rng, n))
+    for wide in "abcab":
+        out = run_step(kv, solos, {key: 9 if key == wide else 1 for key in kv.keys}, rng, rollback=False)
+        assert all(torch.isfinite(logits).all() for logits, _ in out.values())
+        kv.rollback(wide, 9)  # the whole step: only holes remain of it
+        solos[wide].rollback(9)
+    assert kv.stats.padding_fraction > 0.5
+
+
+def test_rollback_then_compaction_equals_recompute_from_accepted_tokens(sdpa_target):
+    """After steps with rollbacks and a compaction, the next step's logits equal a from-scratch forward
+    over the accepted tokens only; compaction leaves no holes but left padding."""
+    t, rng = sdpa_target, random.Random(2)
+    kv, solos = BatchKV(t, compact_at=1.0), {}
+    for key, n in zip("abc", [3, 8, 5]):
+        admit(kv, t, solos, key, tokens(rng, n))
+    for _ in range(5):
+        run_step(kv, solos, {key: rng.randint(2, 6) for key in kv.keys}, rng)
+    before = kv.stats
+    assert before.compactions == 0 and before.reclaimable > 0
+    kv.compact()
+    after = kv.stats
+    assert after.compactions == 1 and after.columns == max(kv.length(k) for k in kv.keys) < before.columns
+    assert after.holes == after.rows * after.columns - after.valid  # only left padding is left
+    assert all(kv.valid[r, after.columns - kv.length(k):].all() for r, k in enumerate(kv.keys))
+    new = {key: tokens(rng, rng.randint(1, 4)) for key in kv.keys}
+    out = kv.step(new)
+    for key in kv.keys:
+        logits, _ = t.forward(solos[key].accepted + new[key], t.new_cache(), logits_to_keep=len(new[key]))
+        assert close(out[key][0], logits) <= TOL
+
+
+def test_admission_and_retirement_mid_run_leave_other_rows_unchanged(target):
+    """Rows come and go between steps (a prompt longer than the batch pads the batch, a short one pads
+    itself); every row still equals its solo run, and removal compacts away the columns it owned."""
+    rng = random.Random(3)
+    kv, solos = BatchKV(target, hidden_layers=LAYERS), {}
+    admit(kv, target, solos, "a", tokens(rng, 3))
+    admit(kv, target, solos, "b", tokens(rng, 4))
+    run_step(kv, solos, {"a": 3, "b": 1}, rng)
+    admit(kv, target, solos, "long", tokens(rng, 20))  # longer than the batch's columns
+    run_step(kv, solos, {"a": 2, "b": 4, "long": 5}, rng)
+    admit(kv, target, solos, "short", tokens(rng, 1))
+    run_step(kv, solos, {"a": 1, "b": 2, "long": 3, "short": 6}, rng)
+    columns = kv.columns
+    kv.remove("long")
+    assert kv.keys == ["a", "b", "short"] and kv.columns < columns
+    run_step(kv, solos, {"a": 4, "b": 1, "short": 2}, rng)
+    kv.remove("a")
+    admit(kv, target, solos, "e", tokens(rng, 6))
+    run_step(kv, solos, {"b": 3, "short": 1, "e": 2}, rng)
+    for key in list(kv.keys):
+        kv.remove(key)
+    assert kv.keys == [] and kv.columns == 0
+    admit(kv, target, solos, "again", tokens(rng, 2))  # an emptied cache starts over
+    run_step(kv, solos, {"again": 3}, rng)
+
+
+def _twelve_rows(target: Target, changed: int | None) -> tuple[list, list, list]:
+    """12 rows of different prompts and widths, 3 steps with rollbacks; row `changed` gets other
+    step tokens. Returns (prompts, inputs per step, logits per step)."""
+    rng = random.Random(4)
+    kv = BatchKV(target)
+    prompts = [tokens(rng, 1 + (5 * i) % 11) for i in range(12)]
+    for i, p in enumerate(prompts):
+        kv.add(i, p)
+    steps, outs = [], []
+    for s in range(3):
+        inputs = {i: tokens(rng, 1 + (i + s) % 7) for i in range(12)}
+        if changed is not None:
+            inputs[changed] = [(x + 1) % VOCAB for x in inputs[changed]]
+        steps.append(inputs)
+        outs.append({i: logits for i, (logits, _) in kv.step(inputs).items()})
+        for i in range(12):
+            kv.rollback(i, (i * s) % len(inputs[i]))
+    return prompts, steps, outs
+
+
+def test_twelve_row_batch_has_no_leakage(sdpa_target):
+    """Each of 12 ragged rows equals its solo run; changing one row's tokens changes that row only
+    (the other rows' logits stay bit for bit the same)."""
+    t = sdpa_target
+    prompts, steps, outs = _twelve_rows(t, None)
+    for i, prompt in enumerate(prompts):
+        solo = Solo(t, prompt)
+        for s, (inputs, out) in enumerate(zip(steps, outs)):
+            assert close(out[i], solo.step(inputs[i])[0]) <= TOL
+            solo.rollback((i * s) % len(inputs[i]))
+    _, _, changed = _twelve_rows(t, 5)
+    for s in range(3):
+        for i in range(12):
+            if i == 5:
+                assert close(outs[s][i], changed[s][i]) > 0.1
+            else:
+                assert torch.equal(outs[s][i], changed[s][i])
+
+
+def test_automatic_compaction_keeps_logits(sdpa_target):
+    """Heavy rollbacks push the reclaimable share past compact_at: the step compacts first, and the
+    logits still equal the solo runs."""
+    t, rng = sdpa_target, random.Random(5)
+    kv, solos = BatchKV(t, compact_at=0.3), {}
+    for key, n in zip("xy", [2, 3]):
+        admit(kv, t, solos, key, tokens(rng, n))
+    for _ in range(6):
+        inputs = {key: tokens(rng, 6) for key in kv.keys}
+        out = kv.step(inputs)
+        for key, toks in inputs.items():
+            assert close(out[key][0], solos[key].step(toks)[0]) <= TOL
+            kv.rollback(key, 5)
+            solos[key].rollback(5)
+    stats = kv.stats
+    assert stats.compactions >= 1 and stats.columns < 2 + 6 * 6
+    assert 0.0 <= stats.waste_fraction < 1.0
+
+
+def test_padded_tokens_and_time_step(sdpa_target):
+    assert BatchKV.padded_tokens([1, 4, 2]) == 12 and BatchKV.padded_tokens([]) == 0
+    seconds = time_step(sdpa_target, rows=3, width=2, kv_len=5, repeats=2)
+    assert 0.0 < seconds < 10.0
+
+
+def test_bad_input_names_the_fix(sdpa_target):
+    kv = BatchKV(sdpa_target)
+    with pytest.raises(LabkitError, match="No request is active"):
+        kv.step({})
+    with pytest.raises(LabkitError, match="at least one token"):
+        kv.add("a", [])
+    kv.add("a", [1, 2, 3])
+    kv.add("b", [4])
+    with pytest.raises(LabkitError, match="already active"):
+        kv.add("a", [1])
+    with pytest.raises(LabkitError, match="not active: add it"):
+        kv.rollback("zzz", 1)
+    with pytest.raises(LabkitError, match="not active: add it"):
+        kv.remove("zzz")
+    with pytest.raises(LabkitError, match="missing \\['b'\\]"):
+        kv.step({"a": [1]})
+    with pytest.raises(LabkitError, match="not active \\['c'\\]"):
+        kv.step({"a": [1], "b": [2], "c": [3]})
+    with pytest.raises(LabkitError, match="at least one token id"):
+        kv.step({"a": [1], "b": []})
+    with pytest.raises(LabkitError, match="integer ids in"):
+        kv.step({"a": [1], "b": [VOCAB]})
+    with pytest.raises(LabkitError, match="only the 0 token"):
+        kv.rollback("a", 1)  # nothing stepped yet: the prompt cannot be rolled back
+    kv.step({"a": [1, 2], "b": [3]})
+    with pytest.raises(LabkitError, match="only the 2 token"):
+        kv.rollback("a", 3)
+    kv.rollback("a", 1)
+    with pytest.raises(LabkitError, match="only the 1 token"):
+        kv.rollback("a", 2)
+    with pytest.raises(LabkitError, match="layer indices"):
+        BatchKV(sdpa_target, hidden_layers=(4,))
+    with pytest.raises(LabkitError, match="compact_at"):
+        BatchKV(sdpa_target, compact_at=0.0)
+
+
+def test_sliding_window_caches_are_refused():
+    cfg = MistralConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, sliding_window=4)
+    t = Target(model=MistralForCausalLM(cfg).eval(), tokenizer=ToyTokenizer(16), name="mistral-sw")
+    with pytest.raises(LabkitError, match="DynamicSlidingWindowLayer.*one request at a time"):
+        BatchKV(t)
+
+
+@pytest.mark.slow
+def test_real_target_batched_equals_solo(real_target):
+    """SmolLM2-135M fp32 (packed linears): 3 chat prompts, 3 ragged steps with rollbacks; each row's
+    logits within 1e-3 of its solo run (|logit| ~ 20-30 there) and the same argmax at every position."""
+    t, rng = real_target, random.Random(6)
+    prompts = ["What is 7 * 8?", "Name three colours.", "Write a haiku about the sea, please."]
+    kv, solos = BatchKV(t), {}
+    for key, text in enumerate(prompts):
+        ids = t.encode_prompt(text)
+        solos[key] = Solo(t, ids)
+        logits, _ = kv.add(key, ids)
+        assert close(logits, solos[key].first[0]) <= 1e-3
+    for s in range(3):
+        inputs = {key: [rng.randrange(t.vocab_size) for _ in range(1 + (key + s) % 4)] for key in kv.keys}
+        out = kv.step(inputs)
+        for key, toks in inputs.items():
+            want, _ = solos[key].step(toks)
+            assert close(out[key][0], want) <= 1e-3
+            assert torch.equal(out[key][0].argmax(-1), want.argmax(-1))
+            n = (key + s) % len(toks)
+            kv.rollback(key, n)
+            solos[key].rollback(n)
