@@ -1,0 +1,301 @@
+"""labkit.serving_views: the Fig. 7 / Fig. 8 figures from report dicts, the windowed numbers, and the
+live serving dashboard over a real engine (a tiny random target and a tiny DSpark drafter), headless
+and in its background thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from labkit.drafters.dspark import DSparkDrafter
+from labkit.errors import LabkitError
+from labkit.sampling import SamplingParams
+from labkit.scheduler import CostTable
+from labkit.serving import ServeRequest, StepRecord
+from labkit.serving_views import (LIVE_TRACES, SWEEP_HEADER, SWEEP_POLICIES, PausableClock, ServingDashboard,
+                                  describe_dashboard, describe_sweep, live_figure, load_figure, rolling, run_sweeps,
+                                  sweep_rows, throughput_speed_figure, window_stats)
+from test_dspark import make_dspark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-made reports
+
+
+def _report(policy: str, users: int, agg: float | None, per_user: float | None, budget: float | None) -> dict:
+    return {"policy": policy, "users": users, "aggregate_tokens_per_s": agg, "per_user_tokens_per_s": per_user,
+            "mean_verify_budget": budget, "wasted_verification": 0.25, "tau": 1.5, "steps": 10}
+
+
+REPORTS = [_report(p, n, agg=10.0 * n + i, per_user=10.0 + i - n, budget=2.0 if p == "mtp1" else 6.0 - n)
+           for n in (4, 1, 2) for i, p in enumerate(SWEEP_POLICIES)]
+
+
+def _trace(fig, name: str):
+    found = [t for t in fig.data if t.name == name]
+    assert len(found) == 1, f"{len(found)} traces named {name!r} in {[t.name for t in fig.data]}"
+    return found[0]
+
+
+def test_fig7_builder_plots_one_trace_per_policy_sorted_by_users():
+    fig = throughput_speed_figure(REPORTS)
+    assert [t.name for t in fig.data] == ["MTP-1", "fixed (verify all)", "Algorithm 1", "async top-K (Sec. 5.2)"]
+    a1 = _trace(fig, "Algorithm 1")
+    assert list(a1.text) == ["x1", "x2", "x4"]
+    assert list(a1.y) == [12.0, 22.0, 42.0] and list(a1.x) == [11.0, 10.0, 8.0]
+
+
+def test_fig7_builder_skips_reports_without_numbers_and_keeps_the_order_asked_for():
+    reps = REPORTS + [_report("algorithm1", 8, None, None, None)]
+    fig = throughput_speed_figure(reps, policies=("algorithm1", "mtp1"))
+    assert [t.name for t in fig.data] == ["Algorithm 1", "MTP-1"]
+    assert len(fig.data[0].x) == 3
+    with pytest.raises(LabkitError, match="sweep"):
+        throughput_speed_figure([])
+
+
+def test_fig8_builder_plots_throughput_and_budget_per_policy_against_users():
+    fig = load_figure(REPORTS)
+    assert len(fig.data) == 2 * len(SWEEP_POLICIES)
+    for policy_label in ("MTP-1", "Algorithm 1"):
+        top, bottom = [t for t in fig.data if t.name == policy_label]
+        assert top.showlegend and not bottom.showlegend
+        assert list(top.x) == [1, 2, 4] and list(bottom.x) == [1, 2, 4]
+    mtp1_budget = [t for t in fig.data if t.name == "MTP-1"][1]
+    a1_budget = [t for t in fig.data if t.name == "Algorithm 1"][1]
+    assert list(mtp1_budget.y) == [2.0, 2.0, 2.0] and list(a1_budget.y) == [5.0, 4.0, 2.0]
+    assert fig.layout.xaxis2.title.text.startswith("concurrent users")
+
+
+def test_sweep_table_and_sentence_come_from_the_numbers():
+    rows = sweep_rows(REPORTS)
+    assert len(rows) == len(REPORTS) and all(len(r) == len(SWEEP_HEADER) for r in rows)
+    assert [r[1] for r in rows] == sorted(r[1] for r in rows)  # by users
+    assert rows[0][:5] == ("MTP-1", 1, "10.00", "9.00", "2.00")
+    text = describe_sweep(REPORTS)
+    assert "1.20x" in text  # Algorithm 1 at 1 user: 12 / 10
+    assert "5.00 tokens per request at 1 user(s) to 2.00 at 4" in text
+    assert "x4: async top-K" in text
+    with pytest.raises(LabkitError, match="needs reports"):
+        describe_sweep(REPORTS, policy="threshold")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Windowed numbers from StepRecords
+
+
+def _step(t: float, active: int, accepted: list[int], lengths: list[int], dur: float = 0.5) -> StepRecord:
+    return StepRecord(t_s=t, active=active, lengths=lengths, drafted=[4] * active, accepted=accepted,
+                      batch_tokens=active * (1 + max(lengths)), draft_s=dur / 2, schedule_s=0.0, verify_s=dur / 2)
+
+
+def test_window_stats_counts_tokens_per_second_in_all_and_per_request():
+    steps = [_step(1.0, 2, [1, 3], [2, 4]), _step(2.0, 1, [0], [0])]
+    w = window_stats(steps, start_s=0.0)
+    assert w.seconds == 2.0 and w.tokens == (4 + 2) + (0 + 1)
+    assert w.aggregate == pytest.approx(7 / 2)
+    assert w.per_user == pytest.approx((6 / 2 + 1 / 1) / 2)
+    assert w.budget == pytest.approx((6 + 2 + 1) / 3)
+    assert window_stats([], 0.0).aggregate is None
+    assert window_stats(steps).seconds == pytest.approx(1.5)  # from the first step's own start
+
+
+def test_rolling_window_forgets_old_steps():
+    steps = [_step(float(t), 1, [3 if t < 5 else 0], [3]) for t in range(1, 11)]  # 4 tokens/s, then 1
+    roll = rolling(steps, window_s=2.0)
+    assert roll["t"] == [float(t) for t in range(1, 11)]
+    assert roll["aggregate"][0] == pytest.approx(4.0) and roll["aggregate"][3] == pytest.approx(4.0)
+    assert roll["aggregate"][-1] == pytest.approx(1.0)
+    assert roll["budget"][-1] == pytest.approx(4.0)
+
+
+def test_pausable_clock_stands_still_while_paused():
+    now = [100.0]
+    clock = PausableClock(lambda: now[0])
+    start = clock()
+    now[0] += 5
+    assert clock() == start and clock.paused
+    clock.resume()
+    now[0] += 2
+    assert clock() == start + 2
+    clock.pause()
+    now[0] += 10
+    clock.resume()
+    now[0] += 1
+    assert clock() == start + 3
+
+
+def test_live_figure_has_every_named_trace_even_before_the_first_step():
+    fig = live_figure([], [], [], [], [], [], gamma=4)
+    assert [t.name for t in fig.data] == list(LIVE_TRACES)
+    steps = [_step(float(t), 2, [1, 1], [2, 2]) for t in range(1, 4)]
+    fig = live_figure(steps, [2, 2, 2], [0.5, 0.25], [6, 3], [(2.0, 3.5)], [], gamma=4)
+    assert [t.name for t in fig.data] == list(LIVE_TRACES)
+    assert list(_trace(fig, "active requests").y) == [2, 2, 2]
+    assert list(_trace(fig, "acceptance by position").y) == [0.5, 0.25]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dashboard over a real engine
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny_target):
+    return make_tiny_target(vocab_size=16, n_layers=3, hidden=32, init=0.2)
+
+
+@pytest.fixture(scope="module")
+def dspark(tiny):
+    return DSparkDrafter(make_dspark(tiny, gamma=4))
+
+
+def steep_table() -> CostTable:
+    sizes = list(range(1, 65))
+    return CostTable(device="test", model="tiny", dtype="float32", batch_sizes=sizes,
+                     raw_sps=[1.0 / (1.0 + (b - 1) / 3) for b in sizes])
+
+
+def requests(n: int = 5, new_tokens: int = 12) -> list[ServeRequest]:
+    return [ServeRequest(i, f"prompt {i}", [(2 * i + j) % 16 for j in range(2 + i)], new_tokens,
+                         SamplingParams(0.0), seed=i) for i in range(n)]
+
+
+def test_headless_dashboard_runs_its_steps_and_the_users_change_shows_in_the_active_trace(tiny, dspark):
+    dash = ServingDashboard(tiny, dspark, requests(), steep_table(), users=1, steps=10, then_users=3)
+    dash.run_steps(10, then_users=3, at=4)
+    fig = dash.figure
+    assert [t.name for t in fig.data] == list(LIVE_TRACES)
+    assert list(_trace(fig, "active requests").y) == [1] * 4 + [3] * 6
+    assert list(_trace(fig, "users setting").y) == [1] * 4 + [3] * 6
+    assert len(_trace(fig, "aggregate tokens/s").y) == 10
+    assert all(y > 0 for y in _trace(fig, "aggregate tokens/s").y)
+    assert 1 <= len(_trace(fig, "acceptance by position").y) <= 4
+    assert [s.label for s in dash.segments] == ["x1 algorithm1 <=4", "x3 algorithm1 <=4"]
+    assert len(_trace(fig, "settings so far").x) == 2
+    assert "users 3" in dash.readout_text and "10 steps" in dash.readout_text
+    assert "10 engine steps" in describe_dashboard(dash.stats())
+
+
+def test_requests_are_replaced_as_they_finish_with_fresh_ids(tiny, dspark):
+    dash = ServingDashboard(tiny, dspark, requests(2, new_tokens=3), steep_table(), users=2)
+    dash.run_steps(12)
+    assert dash.finished, "3-token requests finish within 12 steps"
+    assert all(s.active == 2 for s in dash.engine.steps)
+    ids = [r.id for r in dash.engine.done] + list(dash.engine.active)
+    assert len(ids) == len(set(ids)) > 2
+
+
+def test_policy_and_proposal_length_apply_at_the_next_step(tiny, dspark):
+    dash = ServingDashboard(tiny, dspark, requests(), steep_table(), users=2, policy="fixed")
+    dash.run_steps(3)
+    dash.set(policy="mtp1")
+    dash.run_steps(3)
+    dash.set(policy="fixed", max_draft=2)
+    dash.run_steps(3)
+    steps = dash.engine.steps
+    assert all(l == d for s in steps[:3] for l, d in zip(s.lengths, s.drafted))  # fixed: verify all drafted
+    assert all(l <= 1 for s in steps[3:6] for l in s.lengths)  # MTP-1: one draft
+    assert all(d <= 2 for s in steps[6:] for d in s.drafted)  # proposal cut to 2
+    assert [s.label for s in dash.segments] == ["x2 fixed <=4", "x2 mtp1 <=4", "x2 fixed <=2"]
+    assert dash.controls["policy"].value == "fixed" and dash.controls["max_draft"].value == 2
+
+
+def test_moving_a_control_sets_what_the_loop_reads(tiny, dspark):
+    dash = ServingDashboard(tiny, dspark, requests(), steep_table(), users=1)
+    dash.controls["users"].value = 4  # what the slider does in the browser
+    dash.run_steps(1)
+    assert dash.engine.steps[-1].active == 4 and dash.users == 4
+
+
+def test_impossible_values_are_refused_with_the_range(tiny, dspark):
+    with pytest.raises(LabkitError, match="from 1 to 16"):
+        ServingDashboard(tiny, dspark, requests(), users=17)
+    with pytest.raises(LabkitError, match="Unknown policy"):
+        ServingDashboard(tiny, dspark, requests(), policy="fastest")
+    dash = ServingDashboard(tiny, dspark, requests())
+    with pytest.raises(LabkitError, match="max_draft must be a whole number from 1 to 4"):
+        dash.set(max_draft=5)
+    with pytest.raises(LabkitError, match="at least one request"):
+        ServingDashboard(tiny, dspark, [])
+
+
+def test_show_headless_runs_synchronously_and_leaves_a_static_figure(tiny, dspark, monkeypatch, capsys):
+    import plotly.graph_objects as go
+
+    import labkit.serving_views as sv
+
+    shown = []
+    monkeypatch.setenv("LABKIT_HEADLESS", "1")
+    monkeypatch.setattr(sv, "display", shown.append)
+    dash = ServingDashboard(tiny, dspark, requests(), steep_table(), users=1, steps=6, then_users=2)
+    dash.show()
+    assert not dash.running and len(dash.engine.steps) == 6
+    assert len(shown) == 1 and isinstance(shown[0], go.Figure) and not isinstance(shown[0], go.FigureWidget)
+    assert list(_trace(shown[0], "active requests").y) == [1, 1, 1, 2, 2, 2]
+    assert "ran 6 steps" in capsys.readouterr().out
+
+
+def test_background_loop_keeps_every_engine_call_on_its_thread_and_follows_the_users_control(tiny, dspark):
+    dash = ServingDashboard(tiny, dspark, requests(), steep_table(), users=1, redraw_s=0.05)
+    threads = set()
+    real_step, real_add = dash.engine.step, dash.engine.add
+    dash.engine.step = lambda: (threads.add(threading.current_thread()), real_step())[1]
+    dash.engine.add = lambda req: (threads.add(threading.current_thread()), real_add(req))[1]
+
+    def wait(cond, what):
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    dash.start()
+    try:
+        assert dash.running and dash.button.description == "Stop"
+        wait(lambda: len(dash.engine.steps) >= 3, "3 steps")
+        dash.controls["users"].value = 3  # a slider event on this (the kernel's) thread
+        wait(lambda: list(_trace(dash.figure, "active requests").y)[-1:] == [3], "the chart to show 3 active")
+        with dash.paused():
+            assert not dash.running
+            n, t = len(dash.engine.steps), dash.engine.now()
+            time.sleep(0.2)
+            assert len(dash.engine.steps) == n and dash.engine.now() == t  # the clock stood still
+        assert dash.running
+    finally:
+        dash.stop()
+    assert not dash.running and dash.button.description == "Start" and dash.error is None
+    assert len(threads) == 2  # the two loops: the first run and the one after the pause...
+    assert threading.current_thread() not in threads  # ...and never this thread
+    assert {t.name for t in threads} == {"labkit-serving-dashboard"}
+    assert "stopped" in dash.readout_text and "users 3" in dash.readout_text
+
+
+def test_an_error_in_the_loop_is_said_in_the_readout(tiny, dspark):
+    dash = ServingDashboard(tiny, dspark, requests(), steep_table(), users=1)
+
+    def boom():
+        raise RuntimeError("the target fell over")
+
+    dash.engine.step = boom
+    dash.start()
+    dash._thread.join(30)
+    assert "the target fell over" in dash.readout_text and "error" in dash.readout_text
+
+
+def test_run_sweeps_feeds_both_figures_one_trace_per_policy(tiny, dspark, monkeypatch):
+    import labkit.serving_views as sv
+
+    monkeypatch.setattr(tiny, "encode_prompt", lambda text, chat=True: [ord(c) % 16 for c in text])
+    out = run_sweeps(tiny, dspark, ["ab", "cde", "fg"], users=[1, 2], policies=SWEEP_POLICIES, table=steep_table(),
+                     temperatures=[0.0], max_new_tokens=6, requests_per_user=1, drafter_spec="tiny")
+    reps = out[0.0]
+    assert len(reps) == 2 * len(SWEEP_POLICIES) and all(r["temperature"] == 0.0 for r in reps)
+    assert len(throughput_speed_figure(reps).data) == len(SWEEP_POLICIES)
+    assert len(load_figure(reps).data) == 2 * len(SWEEP_POLICIES)
+    assert all(r["mean_verify_budget"] <= 2.0 + 1e-9 for r in reps if r["policy"] == "mtp1")
+    budget = {r["policy"]: r["mean_verify_budget"] for r in reps if r["users"] == 1}
+    assert budget["fixed"] > budget["mtp1"]  # verify-all spends more per request than one draft
+    assert "Algorithm 1 served" in sv.describe_sweep(reps)
