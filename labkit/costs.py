@@ -260,10 +260,10 @@ def _draft_seconds(target: Target, drafter_spec: str, prompt_ids: list[int]) -> 
     drafter = make_drafter(drafter_spec, target)
     state = prefill(target, prompt_ids, 64, SamplingParams(), drafter=drafter)
     gamma = getattr(drafter, "gamma", 8)
-    drafter.propose(state, gamma)  # untimed warm-up
+    drafter.propose(state.request, gamma)  # untimed warm-up
     sync_device(target.device)
     start = time.perf_counter()
-    drafter.propose(state, gamma)
+    drafter.propose(state.request, gamma)
     sync_device(target.device)
     return time.perf_counter() - start
 

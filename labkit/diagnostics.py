@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from labkit.drafters.base import DraftRequest
 from labkit.errors import LabkitError
 from labkit.features import FeatureSequence, shard_features
 from labkit.train import forward_batch, make_batch, target_probs
@@ -139,18 +140,20 @@ def collisions(model, items: list[FeatureSequence], batch: dict, max_examples: i
 
 
 @torch.no_grad()
-def drafting_costs(drafter, state, reps: int = 20) -> dict[str, float]:
-    """Mean seconds of one block's backbone forward and of its sequential head loop (sampling included)."""
+def drafting_costs(drafter, request: DraftRequest, reps: int = 20) -> dict[str, float]:
+    """Mean seconds of one block's backbone forward and of its sequential head loop (sampling included),
+    drafting for `request` (a prefilled state's `.request`)."""
     def clock(fn) -> float:
         fn()  # warm-up
         start = time.perf_counter()
         for _ in range(reps):
             fn()
         return (time.perf_counter() - start) / reps
-    h = drafter.draft_hidden(state)
-    backbone = clock(lambda: drafter.draft_hidden(state))
-    loop = clock(lambda: drafter.sample_sequential(h, state.ids[-1], state.params, state.generator))
-    parallel = clock(lambda: drafter.sample_block(drafter.backbone.logits(h).float(), state.params, state.generator))
+    h = drafter.draft_hidden(request)
+    backbone = clock(lambda: drafter.draft_hidden(request))
+    loop = clock(lambda: drafter.sample_sequential(h, request.ids[-1], request.params, request.generator))
+    parallel = clock(lambda: drafter.sample_block(drafter.backbone.logits(h).float(), request.params,
+                                                  request.generator))
     return {"backbone_s": backbone, "sequential_head_s": loop, "parallel_sampling_s": parallel}
 
 
@@ -239,7 +242,7 @@ def block_showcase(target, drafter, prompts: list[list[int]], max_new_tokens: in
         drafts = []  # (anchor index in new_ids, drafted tokens, p_d rows at T=1)
         while not state.finished:
             anchor = len(state.new_ids) - 1
-            logits = drafter.draft_logits(state)  # (gamma, V_draft): the same forward propose() runs
+            logits = drafter.draft_logits(state.request)  # (gamma, V_draft): the same forward propose() runs
             p_small = logits_to_probs(logits, t1)
             full = drafter.to_proposal(p_small.argmax(-1), p_small)  # greedy tokens, T=1 rows over V
             drafts.append((anchor, full.tokens.tolist(), full.probs))

@@ -1,5 +1,6 @@
 """labkit.decoding and the drafters on tiny random models: greedy speculative output is the target's
-greedy output, whatever the drafter; caches stay exact across rounds; traces add up.
+greedy output, whatever the drafter; caches stay exact across rounds; traces add up; the round's
+phases composed by hand (as the batched engine composes them) are the round itself.
 
 All exact (no statistics). The toy target is a random 3-layer Llama over 16 tokens whose weights are
 large enough (std 0.5) that its argmaxes are far from ties, so fp32 round-off between a batched
@@ -14,13 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from labkit.decoding import GenerationResult, generate, prefill, speculative_round
+from labkit.decoding import (DecodeState, GenerationResult, commit, draft, generate, hidden_layers, judge, new_state,
+                             positions_to_drop, prefill, select_hidden, speculative_round, start, start_state,
+                             verify_inputs)
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
-from labkit.drafters.base import Proposal, one_hot_proposal
+from labkit.drafters.base import DraftRequest, Proposal, check_batchable, needs_target_cache, one_hot_proposal
+from labkit.errors import LabkitError
 from labkit.drafters.layer_skip import shallow_view
 from labkit.drafters.prompt_lookup import find_continuation
 from labkit.sampling import SamplingParams, logits_to_probs, sample
-from labkit.trace import Round, position_acceptance
+from labkit.trace import Round, mean_tau, position_acceptance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -324,3 +328,131 @@ def test_make_drafter_builds_each_builtin(toy_target):
     skip = make_drafter("layer-skip:2", toy_target, gamma=5)
     assert isinstance(skip, LayerSkipDrafter) and (skip.cfg.n_layers, skip.cfg.gamma) == (2, 5)
     assert skip.vocab_size == VOCAB
+
+
+# ----------------------------------------------------------------------------------------------------
+# the phases a batched engine composes: new_state / start, draft / verify_inputs / judge / commit
+
+
+def _dflash(target):
+    from labkit.drafters.dflash import DFlashDrafter
+    from test_dflash import make_backbone  # the shared tiny DFlash backbone (target layers 1, 2)
+    return DFlashDrafter(make_backbone(target, gamma=4))
+
+
+def _dspark(target):
+    from labkit.drafters.dspark import DSparkDrafter
+    from test_dspark import make_dspark  # a tiny DSpark with a non-zero Markov head and a confidence head
+    return DSparkDrafter(make_dspark(target, gamma=4))
+
+
+PHASE_DRAFTERS = {**{k: DRAFTERS[k] for k in ("prompt-lookup", "layer-skip-2-stop", "random", "same")},
+                  "dflash": _dflash, "dspark": _dspark}
+
+
+def _by_hand(target, prompt, drafter, max_new, params, seed, own_cache: bool) -> DecodeState:
+    """`generate` spelled out with the phases and target.forward. own_cache=False is a serving engine's
+    way: the caller keeps the KV cache, runs the prompt forward itself and starts with `start_state`."""
+    wants = bool(hidden_layers(drafter))
+    if own_cache:
+        state = new_state(target, prompt, max_new, params, seed, drafter)
+        cache = state.cache
+        logits, hidden = target.forward(prompt, cache, logits_to_keep=1, hidden_states=wants)
+        start(state, drafter, logits[-1], select_hidden(hidden, drafter))
+    else:
+        cache = target.new_cache()
+        logits, hidden = target.forward(prompt, cache, logits_to_keep=1, hidden_states=wants)
+        state = start_state(target, prompt, max_new, params, seed, drafter, logits[-1], select_hidden(hidden, drafter))
+        assert state.cache is None and state.request.target_cache is None
+    while not state.finished:
+        proposal = draft(state, drafter)
+        inputs = verify_inputs(state, proposal)
+        assert inputs == [state.ids[-1]] + proposal.tokens.tolist()
+        logits, hidden = target.forward(inputs, cache, logits_to_keep=len(inputs), hidden_states=wants)
+        verdict = judge(state, proposal, logits)
+        drop = positions_to_drop(proposal, verdict)
+        assert drop == len(proposal) - verdict.n_accepted >= 0
+        if drop:
+            cache.crop(-drop)
+        rnd = commit(state, proposal, verdict, select_hidden(hidden, drafter), drafter, draft_s=0.0, verify_s=0.0)
+        assert rnd is state.rounds[-1] and (rnd.proposed, rnd.accepted) == (len(proposal), verdict.n_accepted)
+    return state
+
+
+@pytest.mark.parametrize("drafter_name,own_cache", [(name, True) for name in PHASE_DRAFTERS] +
+                         [(name, False) for name in PHASE_DRAFTERS if not name.startswith("layer-skip")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_phases_composed_by_hand_equal_generate(toy_target, drafter_name, own_cache, temperature):
+    """The same seed gives the same tokens and the same trace (drafted, accepted, DSpark's confidence
+    logits) whether the round runs as speculative_round or as its phases around the caller's own
+    forward: the same random draws in the same order."""
+    params = SamplingParams(temperature)
+    for seed, prompt in enumerate(PROMPTS[1:]):
+        ref = generate(toy_target, prompt, PHASE_DRAFTERS[drafter_name](toy_target), 16, params, seed=seed)
+        mine = _by_hand(toy_target, prompt, PHASE_DRAFTERS[drafter_name](toy_target), 16, params, seed, own_cache)
+        assert mine.new_ids == ref.token_ids
+        trace = lambda rounds: [(r.proposed, r.accepted, r.conf_logits) for r in rounds]  # noqa: E731
+        assert trace(mine.rounds) == trace(ref.rounds)
+
+
+def test_interleaved_requests_share_a_drafter_and_match_separate_runs(toy_target):
+    """Two requests advanced round by round in turn through one DFlash drafter give what each gives
+    alone: its per-request state lives in request.memo and its draws in the request's generator."""
+    drafter, params = _dflash(toy_target), SamplingParams(1.0)
+    alone = [generate(toy_target, p, drafter, 16, params, seed=s).token_ids for s, p in enumerate(PROMPTS[1:3])]
+    states = [prefill(toy_target, p, 16, params, seed=s, drafter=drafter) for s, p in enumerate(PROMPTS[1:3])]
+    while not all(s.finished for s in states):
+        for s in states:
+            if not s.finished:
+                speculative_round(toy_target, s, drafter)
+    assert [s.new_ids for s in states] == alone
+
+
+def test_drafters_see_a_request_view_sharing_the_token_list(toy_target):
+    """start / propose / observe get the DraftRequest, not the DecodeState; its ids are the state's list."""
+    seen = []
+
+    class Spy(PromptLookupDrafter):
+        def propose(self, request, max_tokens):
+            seen.append((type(request), request.ids is state.ids, request.target_cache is state.cache))
+            return super().propose(request, max_tokens)
+
+    state = prefill(toy_target, PROMPTS[2], 8, GREEDY, drafter=(spy := Spy(VOCAB)))
+    while not state.finished:
+        speculative_round(toy_target, state, spy)
+    assert seen and set(seen) == {(DraftRequest, True, True)}
+
+
+def test_check_batchable_refuses_layer_skip_with_the_fix(toy_target):
+    skip = DRAFTERS["layer-skip-1"](toy_target)
+    assert needs_target_cache(skip) and not needs_target_cache(PromptLookupDrafter(VOCAB))
+    for call in (lambda: check_batchable(skip),
+                 lambda: new_state(toy_target, PROMPTS[1], 8, GREEDY, drafter=skip, own_cache=False)):
+        with pytest.raises(LabkitError, match=r"layer-skip-1 drafter drafts from the target's own cache and runs "
+                                              r"single-request only; use --drafter dspark\|dflash\|prompt-lookup with serve"):
+            call()
+    for ok in (None, PromptLookupDrafter(VOCAB), _dflash(toy_target), RandomDrafter(VOCAB, 4)):
+        check_batchable(ok)
+    engine_state = new_state(toy_target, PROMPTS[1], 8, GREEDY, drafter=PromptLookupDrafter(VOCAB), own_cache=False)
+    assert engine_state.cache is None and engine_state.request.target_cache is None
+    with pytest.raises(LabkitError, match="own KV cache"):
+        speculative_round(toy_target, engine_state, None)
+
+
+def test_layer_skip_without_the_target_cache_says_so(toy_target):
+    request = DraftRequest(ids=[1, 2, 3], params=GREEDY, generator=None)
+    with pytest.raises(LabkitError, match="single-request"):
+        DRAFTERS["layer-skip-1"](toy_target).propose(request, 3)
+
+
+def test_judge_refuses_logits_of_the_wrong_length(toy_target):
+    state = prefill(toy_target, PROMPTS[1], 8, GREEDY)
+    proposal = one_hot_proposal([1, 2], VOCAB)
+    with pytest.raises(LabkitError, match="3 verified positions"):
+        judge(state, proposal, torch.zeros(2, VOCAB))
+
+
+def test_tau_has_one_definition():
+    rounds = [Round(3, 3, 0.0, 0.0), Round(3, 0, 0.0, 0.0)]
+    assert mean_tau(rounds) == 2.5 and mean_tau([]) is None
+    assert GenerationResult([1] * 5, "", rounds, 0.0, 0.0).tau == mean_tau(rounds)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from labkit.data import Sequence
 from labkit.decoding import generate, prefill, speculative_round
+from labkit.drafters.base import DraftRequest
 from labkit.drafters.checkpoint import load_backbone, save_drafter
 from labkit.drafters.dflash import ContextCache, DFlashConfig, DFlashDrafter, block_attention_mask, default_layers
 from labkit.errors import LabkitError
@@ -101,13 +102,9 @@ def test_decode_time_drafting_matches_training_forward(tiny):
     ids = [3, 1, 4, 1, 5, 9, 2, 6]
     feats = target_features(tiny, ids[:-1], model.cfg.target_layers)
 
-    class S:  # the two fields a drafter reads
-        pass
-    state = S()
-    state.ids = ids
-    state.drafter_state = None
-    drafter.start(state, tuple(feats[None, :, i * 32:(i + 1) * 32] for i in range(2)))
-    dec = drafter.draft_logits(state)
+    request = DraftRequest(ids=ids, params=SamplingParams(), generator=None)  # all a drafter sees
+    drafter.start(request, tuple(feats[:, i * 32:(i + 1) * 32] for i in range(2)))  # (T, H) per layer
+    dec = drafter.draft_logits(request)
     with torch.no_grad():
         full = target_features(tiny, ids, model.cfg.target_layers)[None]
         train_logits = model(full, torch.tensor([[len(ids) - 1]]), torch.tensor([[ids[-1]]]))["logits"][0, 0]
@@ -127,13 +124,12 @@ def test_incremental_context_cache_equals_recomputed(tiny, temperature):
         lengths.add(rnd.accepted)
         if state.finished:
             break
-        cache: ContextCache = state.drafter_state
+        cache: ContextCache = state.request.memo
         assert cache.length == len(state.ids) - 1 == state.cache.get_seq_length()
-        fresh = type("S", (), {})()
-        fresh.ids, fresh.drafter_state = list(state.ids), None
+        fresh = DraftRequest(ids=list(state.ids), params=state.params, generator=None)
         feats = target_features(tiny, state.ids[:-1], model.cfg.target_layers)
-        drafter.start(fresh, tuple(feats[None, :, i * 32:(i + 1) * 32] for i in range(2)))
-        assert torch.allclose(drafter.draft_logits(state), drafter.draft_logits(fresh), atol=1e-5)
+        drafter.start(fresh, tuple(feats[:, i * 32:(i + 1) * 32] for i in range(2)))
+        assert torch.allclose(drafter.draft_logits(state.request), drafter.draft_logits(fresh), atol=1e-5)
     assert len(lengths) >= 2, f"only accepted lengths {lengths}: the test should see crops of several sizes"
 
 
@@ -161,7 +157,7 @@ def test_reduced_draft_vocabulary_is_lossless_and_zero_outside(tiny):
     model = make_backbone(tiny, gamma=3, draft_vocab=len(ids), vocab_ids=ids)
     drafter = DFlashDrafter(model)
     state = prefill(tiny, [1, 2, 3], 10, SamplingParams(1.0), seed=0, drafter=drafter)
-    prop = drafter.propose(state, 3)
+    prop = drafter.propose(state.request, 3)
     outside = torch.ones(VOCAB, dtype=torch.bool)
     outside[ids] = False
     assert torch.all(prop.probs[:, outside] == 0)

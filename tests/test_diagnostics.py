@@ -58,5 +58,5 @@ def test_collisions_count_repairs_and_breaks_consistently(tiny, tiny_data):
 def test_drafting_costs_are_positive(tiny):
     drafter = DSparkDrafter(make_dspark(tiny))
     state = prefill(tiny, [1, 2, 3], 12, SamplingParams(1.0), drafter=drafter)
-    costs = drafting_costs(drafter, state, reps=3)
+    costs = drafting_costs(drafter, state.request, reps=3)
     assert all(v > 0 for v in costs.values())

@@ -37,8 +37,9 @@ def make_dspark(target, rank=4, head="markov", gamma=4, seed=0, scale=0.5, **kw)
     return model.eval()
 
 
-def _state(target, drafter, prompt=(1, 2, 3), temperature=1.0, seed=0):
-    return prefill(target, list(prompt), 12, SamplingParams(temperature), seed=seed, drafter=drafter)
+def _request(target, drafter, prompt=(1, 2, 3), temperature=1.0, seed=0):
+    """The drafter's view of a request just prefilled (what propose reads)."""
+    return prefill(target, list(prompt), 12, SamplingParams(temperature), seed=seed, drafter=drafter).request
 
 
 def test_rank_zero_dspark_equals_dflash(tiny):
@@ -52,8 +53,8 @@ def test_rank_zero_dspark_equals_dflash(tiny):
     assert all(torch.equal(v, dflash.state_dict()[k]) for k, v in flat.items())
     a, b = DFlashDrafter(dflash), DSparkDrafter(dspark)
     for temperature in (0.0, 1.0):
-        pa = a.propose(_state(tiny, a, temperature=temperature, seed=5), 4)
-        pb = b.propose(_state(tiny, b, temperature=temperature, seed=5), 4)
+        pa = a.propose(_request(tiny, a, temperature=temperature, seed=5), 4)
+        pb = b.propose(_request(tiny, b, temperature=temperature, seed=5), 4)
         assert torch.equal(pa.tokens, pb.tokens)
         assert torch.allclose(pa.probs, pb.probs, atol=1e-6)
     assert generate(tiny, [4, 2], a, 20).token_ids == generate(tiny, [4, 2], b, 20).token_ids
@@ -77,12 +78,12 @@ def test_sampled_block_uses_the_teacher_forced_training_distribution(tiny, head,
     from labkit.sampling import logits_to_probs
     model = make_dspark(tiny, head=head)
     drafter = DSparkDrafter(model)
-    state = _state(tiny, drafter, prompt=(3, 1, 4, 1, 5), temperature=temperature, seed=2)
-    prop = drafter.propose(state, 4)
+    request = _request(tiny, drafter, prompt=(3, 1, 4, 1, 5), temperature=temperature, seed=2)
+    prop = drafter.propose(request, 4)
     from test_dflash import target_features
-    feats = target_features(tiny, state.ids, model.cfg.target_layers)[None]
+    feats = target_features(tiny, request.ids, model.cfg.target_layers)[None]
     with torch.no_grad():
-        out = model(feats, torch.tensor([[len(state.ids) - 1]]), torch.tensor([[state.ids[-1]]]), prop.tokens[None, None])
+        out = model(feats, torch.tensor([[len(request.ids) - 1]]), torch.tensor([[request.ids[-1]]]), prop.tokens[None, None])
     expect = logits_to_probs(out["logits"][0, 0].float(), SamplingParams(temperature))
     assert torch.allclose(prop.probs, expect, atol=1e-5)
     assert torch.allclose(prop.conf_logits, out["conf_logits"][0, 0], atol=1e-5)
@@ -108,7 +109,7 @@ def test_reduced_vocabulary_dspark_is_lossless(tiny):
     with torch.no_grad():
         model.seq_head.w2.weight.normal_(0, 1.0)
     drafter = DSparkDrafter(model)
-    prop = drafter.propose(_state(tiny, drafter), 3)
+    prop = drafter.propose(_request(tiny, drafter), 3)
     assert set(prop.tokens.tolist()) <= set(ids.tolist())
     assert torch.allclose(prop.probs.sum(-1), torch.ones(3))
     assert generate(tiny, [1, 2, 3], drafter, 20).token_ids == generate(tiny, [1, 2, 3], None, 20).token_ids
@@ -133,11 +134,11 @@ def test_calibrated_confidences_apply_the_stored_temperatures(tiny):
     model = make_dspark(tiny)
     model.cfg.calibration = {calibration_key(1.0): {"temperatures": [2.0, 0.5, 1.0, 4.0]}}
     drafter = DSparkDrafter(model)
-    prop = drafter.propose(_state(tiny, drafter), 4)
+    prop = drafter.propose(_request(tiny, drafter), 4)
     assert torch.allclose(prop.confidences, torch.sigmoid(prop.conf_logits / torch.tensor([2.0, 0.5, 1.0, 4.0])))
-    greedy = drafter.propose(_state(tiny, drafter, temperature=0.0), 4)  # no greedy fit: raw sigmoid
+    greedy = drafter.propose(_request(tiny, drafter, temperature=0.0), 4)  # no greedy fit: raw sigmoid
     assert torch.allclose(greedy.confidences, torch.sigmoid(greedy.conf_logits))
-    raw = DSparkDrafter(model, calibrated=False).propose(_state(tiny, drafter), 4)
+    raw = DSparkDrafter(model, calibrated=False).propose(_request(tiny, drafter), 4)
     assert torch.allclose(raw.confidences, torch.sigmoid(raw.conf_logits))
 
 

@@ -99,9 +99,9 @@ def test_proposal_rows_are_the_distributions_drawn_from(tiny, kind, temperature)
     for seed in range(3):
         state = prefill(tiny, REPEATING, 24, SamplingParams(temperature), seed=seed, drafter=drafter)
         while not state.finished:
-            copied = drafter.continuation(state, state.remaining - 1)
+            copied = drafter.continuation(state.request, state.remaining - 1)
             gen_before = state.generator.get_state()
-            prop = drafter.propose(state, state.remaining - 1)
+            prop = drafter.propose(state.request, state.remaining - 1)
             n_copy = len(copied)
             assert prop.tokens[:n_copy].tolist() == copied
             assert torch.equal(prop.probs[:n_copy], torch.nn.functional.one_hot(prop.tokens[:n_copy], VOCAB).float())
@@ -113,7 +113,7 @@ def test_proposal_rows_are_the_distributions_drawn_from(tiny, kind, temperature)
                 plain += n_copy == 0
             if n_copy == 0:  # no match: exactly the model drafter's own proposal, confidences included
                 state.generator.set_state(gen_before)
-                own = model.propose(state, state.remaining - 1)
+                own = model.propose(state.request, state.remaining - 1)
                 assert torch.equal(own.tokens, prop.tokens) and torch.equal(own.probs, prop.probs)
                 assert (own.conf_logits is None) == (prop.conf_logits is None)
             else:
@@ -135,12 +135,12 @@ def test_model_tail_tokens_follow_their_rows(tiny, chi2_gof, kind):
     drafter = hybrid(model, min_ngram=1)
     params = SamplingParams(10.0)
     states = (prefill(tiny, REPEATING, 12, params, seed=s, drafter=drafter) for s in range(50))
-    state = next(st for st in states if 0 < len(drafter.continuation(st, 4)) < 4)
-    copied = drafter.continuation(state, 4)
+    state = next(st for st in states if 0 < len(drafter.continuation(st.request, 4)) < 4)
+    copied = drafter.continuation(state.request, 4)
     counts, row = Counter(), None
     for seed in range(3000):
         state.generator.manual_seed(seed)
-        prop = drafter.propose(state, 4)
+        prop = drafter.propose(state.request, 4)
         counts[int(prop.tokens[len(copied)])] += 1
         row = prop.probs[len(copied)] if row is None else row
         assert torch.equal(row, prop.probs[len(copied)])
@@ -148,7 +148,7 @@ def test_model_tail_tokens_follow_their_rows(tiny, chi2_gof, kind):
     fit = chi2_gof([counts[v] for v in range(VOCAB)], row.tolist())
     assert fit.impossible == 0 and not fit.rejects(ALPHA), fit
     other = copied[:-1] + [(copied[-1] + 1) % VOCAB]
-    h = model.draft_hidden(state)[:4]
+    h = model.draft_hidden(state.request)[:4]
     with torch.no_grad():
         rows = [model.sample_sequential(h, state.ids[-1], params, state.generator, forced=f).probs[0]
                 for f in (copied, other)]

@@ -83,7 +83,7 @@ def test_packed_drafter_proposes_what_the_stock_one_does(make_tiny_target, one_t
     for model in (stock.eval(), packed):
         drafter = DFlashDrafter(model)
         state = prefill(target, [3, 1, 4, 1, 5, 9, 2, 6], 16, SamplingParams(1.0), drafter=drafter)
-        blocks.append(drafter.draft_logits(state))
+        blocks.append(drafter.draft_logits(state.request))
     assert (blocks[0] - blocks[1]).abs().max() <= REL_TOL * blocks[0].abs().max()
 
 

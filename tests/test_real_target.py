@@ -84,7 +84,7 @@ def next_token_pair(target, drafter, params: SamplingParams, prompt: str = "Writ
     (exact for these tests: verification never emits a token both give probability 0)."""
     ids = target.encode_prompt(prompt)
     state = prefill(target, ids, 8, params, seed=0, drafter=drafter)
-    p_d = drafter.propose(state, 1).probs[0]
+    p_d = drafter.propose(state.request, 1).probs[0]
     logits, _ = target.forward([state.ids[-1]], state.cache)
     p_t = logits_to_probs(logits[-1], params)
     support = ((p_t > 0) | (p_d > 0)).nonzero().view(-1)

@@ -4,17 +4,44 @@ A drafter proposes a block of tokens together with the exact probabilities it sa
 (`Proposal`), then observes how verification went. Deterministic drafters (prompt lookup) put a
 one-hot row there: verification is still exact, since min(1, p_t/p_d) and norm(max(0, p_t - p_d))
 are defined for any p_d that gives its own token positive mass.
+
+A drafter sees one request through a `DraftRequest`: its tokens, its sampling settings, its random
+stream and a slot for the drafter's own per-request state. It never sees the decode loop (the target's
+KV cache, the trace, the stopping rule), so the single-request loop and the batched engine can drive
+the same drafters. The one exception is explicit: a drafter with `needs_target_cache = True`
+(layer-skip) drafts over the target's own KV cache, which only single-request decoding hands it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from labkit.errors import LabkitError
+from labkit.sampling import SamplingParams
+
 if TYPE_CHECKING:
-    from labkit.decoding import DecodeState
+    from transformers import DynamicCache
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter sees of one request.
+
+    `ids` is the request's own token list (prompt + emitted so far; the last id is not yet in the
+    target's cache), shared with the decoding state and never copied: the drafter reads it, only the
+    loop extends it. `memo` is the drafter's own per-request state (DFlash: its context cache), set in
+    `start` and never read by the loop. `target_cache` is the target's KV cache, filled only by
+    single-request decoding and read only by drafters with `needs_target_cache`; an engine leaves it None.
+    """
+
+    ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    memo: Any = None
+    target_cache: DynamicCache | None = None
 
 
 @dataclass
@@ -44,23 +71,44 @@ class Proposal:
 
 
 class Drafter(Protocol):
-    """propose a block with its probabilities; observe the verdict; keep per-request state on it."""
+    """propose a block with its probabilities; observe the verdict; keep per-request state in request.memo."""
 
     name: str
     #: size of the vocabulary its tokens and probability rows index; must equal the target's
     vocab_size: int
     #: target layers whose hidden states this drafter reads (empty: none, so none are computed)
     hidden_layers: tuple[int, ...]
+    #: True: drafts over the target's KV cache (request.target_cache), so single-request only.
+    #: Optional: a drafter without the attribute needs no target cache (`needs_target_cache`).
+    needs_target_cache: bool
 
-    def start(self, state: "DecodeState", hidden: tuple[torch.Tensor, ...] | None) -> None:
-        """Called once after prefill; `hidden` holds the prompt's hidden states when asked for."""
+    def start(self, request: DraftRequest, hidden: tuple[torch.Tensor, ...] | None) -> None:
+        """Called once after prefill; `hidden` holds the prompt's hidden states when asked for: one
+        (P, H) tensor per entry of hidden_layers, over the request's P prompt positions (no batch dim)."""
 
-    def propose(self, state: "DecodeState", max_tokens: int) -> Proposal:
-        """Draft at most `max_tokens` tokens after state.ids (whose last token is not yet cached)."""
+    def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
+        """Draft at most `max_tokens` tokens after request.ids (whose last token is not yet cached)."""
 
-    def observe(self, state: "DecodeState", n_accepted: int,
+    def observe(self, request: DraftRequest, n_accepted: int,
                 hidden: tuple[torch.Tensor, ...] | None) -> None:
-        """Called after verification: n_accepted drafts survived; state.ids already extended."""
+        """Called after verification: n_accepted drafts survived; request.ids already extended; `hidden`
+        as in `start`, (k + 1, H) per layer over the verified positions (the last emitted token + k drafts)."""
+
+
+def needs_target_cache(drafter: Drafter | None) -> bool:
+    """Whether `drafter` drafts over the target's own KV cache (and so runs single-request only)."""
+    return bool(getattr(drafter, "needs_target_cache", False))
+
+
+def check_batchable(drafter: Drafter | None) -> None:
+    """Refuse a drafter that cannot serve a request in a batch, with a sentence naming the fix.
+
+    A batched engine keeps one KV cache for all its requests and masks it per row; a drafter that
+    appends to and crops the target's cache itself (layer-skip) would corrupt the other rows.
+    """
+    if needs_target_cache(drafter):
+        raise LabkitError(f"The {drafter.name} drafter drafts from the target's own cache and runs single-request "
+                          "only; use --drafter dspark|dflash|prompt-lookup with serve.")
 
 
 def one_hot_proposal(tokens: list[int], vocab_size: int, device: torch.device | str = "cpu") -> Proposal:

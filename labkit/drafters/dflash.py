@@ -8,8 +8,8 @@ followed by mask tokens; one forward yields gamma logits. The target's embedding
 shared and frozen (the LM head may be restricted to the most frequent rows, `draft_vocab`: tokens
 outside get draft probability 0, which verification handles exactly).
 
-At decode time the projected context keys/values live in a per-request `ContextCache`: a round costs
-one drafter forward over the block plus the projection of the tokens just accepted.
+At decode time the projected context keys/values live in a per-request `ContextCache` (the request's
+`memo`): a round costs one drafter forward over the block plus the projection of the tokens just accepted.
 
 `DFlashBackbone` is the network; `DFlashDrafter` adapts it to the decoding loop's Drafter protocol.
 DSpark (`labkit.drafters.dspark`) subclasses both, adding its heads to the states `forward` returns;
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.drafters.base import Proposal
+from labkit.drafters.base import DraftRequest, Proposal
 from labkit.errors import LabkitError
 from labkit.packed import PackedLinear, pack_linears
 from labkit.sampling import SamplingParams, logits_to_probs, sample
@@ -325,7 +325,8 @@ class ContextCache:
 
 
 class DFlashDrafter:
-    """DFlash behind the Drafter protocol: start/observe feed the context cache, propose drafts a block."""
+    """DFlash behind the Drafter protocol: start/observe feed the request's context cache (its `memo`),
+    propose drafts a block."""
 
     name = "dflash"
 
@@ -343,29 +344,29 @@ class DFlashDrafter:
         return self.backbone.fc.weight.device
 
     def _features(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.cat([h[0] for h in hidden], -1).to(self.device)  # (T, m * H)
+        return torch.cat(hidden, -1).to(self.device)  # m layers of (T, H) -> (T, m * H)
 
     @torch.no_grad()
-    def _append(self, state, feats: torch.Tensor) -> None:
-        cache: ContextCache = state.drafter_state
+    def _append(self, request: DraftRequest, feats: torch.Tensor) -> None:
+        cache: ContextCache = request.memo
         start = cache.length
         pos = torch.arange(start, start + feats.shape[0], device=self.device)[None]
         cache.extend(self.backbone.context_kv(self.backbone.context(feats[None]), pos), feats.shape[0])
 
     @torch.no_grad()
-    def start(self, state, hidden) -> None:
+    def start(self, request: DraftRequest, hidden) -> None:
         if hidden is None:
             raise LabkitError("DFlash needs the target's hidden states; the decoding loop did not pass them.")
         empty = [(torch.empty(1, self.cfg.num_kv_heads, 0, self.cfg.head_dim, device=self.device,
                               dtype=self.backbone.fc.weight.dtype),) * 2 for _ in self.backbone.layers]
-        state.drafter_state = ContextCache(kv=empty, length=0)
-        self._append(state, self._features(hidden))
+        request.memo = ContextCache(kv=empty, length=0)
+        self._append(request, self._features(hidden))
 
     @torch.no_grad()
-    def draft_hidden(self, state) -> torch.Tensor:
-        """Normed states (gamma, H) of the block after the anchor state.ids[-1], from the cached context."""
-        cache: ContextCache = state.drafter_state
-        anchor = torch.tensor([state.ids[-1]], device=self.device)
+    def draft_hidden(self, request: DraftRequest) -> torch.Tensor:
+        """Normed states (gamma, H) of the block after the anchor request.ids[-1], from the cached context."""
+        cache: ContextCache = request.memo
+        anchor = torch.tensor([request.ids[-1]], device=self.device)
         x = self.backbone.block_inputs(anchor)
         pos = torch.arange(cache.length, cache.length + self.cfg.n_slots, device=self.device)[None]
         h = self.backbone.block_hidden(x, pos, cache.kv, None)
@@ -373,20 +374,20 @@ class DFlashDrafter:
         return h[0, first: first + self.gamma]
 
     @torch.no_grad()
-    def draft_logits(self, state) -> torch.Tensor:
+    def draft_logits(self, request: DraftRequest) -> torch.Tensor:
         """Logits (gamma, V_draft) of the whole block in one forward (Eq. 3)."""
-        return self.backbone.logits(self.draft_hidden(state)).float()
+        return self.backbone.logits(self.draft_hidden(request)).float()
 
     @torch.no_grad()
-    def propose(self, state, max_tokens: int) -> Proposal:
+    def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
         k = min(self.gamma, max_tokens)
         if k <= 0:
             return Proposal.empty(self.vocab_size, self.device)
-        return self.block_from_states(self.draft_hidden(state)[:k], state)
+        return self.block_from_states(self.draft_hidden(request)[:k], request)
 
-    def block_from_states(self, h: torch.Tensor, state) -> Proposal:
+    def block_from_states(self, h: torch.Tensor, request: DraftRequest) -> Proposal:
         """Draw the block from the slots' states: all positions at once (DFlash); DSpark overrides it."""
-        return self.sample_block(self.backbone.logits(h).float(), state.params, state.generator)
+        return self.sample_block(self.backbone.logits(h).float(), request.params, request.generator)
 
     def sample_block(self, logits: torch.Tensor, params: SamplingParams, generator) -> Proposal:
         """Sample each position from its own draft distribution; return the exact probabilities used."""
@@ -404,9 +405,9 @@ class DFlashDrafter:
         return Proposal(ids[local], probs, **extra)
 
     @torch.no_grad()
-    def observe(self, state, n_accepted: int, hidden) -> None:
+    def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
         # the verify forward saw [anchor, d_1..d_k]; the target keeps anchor + d_1..d_n in its cache
-        self._append(state, self._features(hidden)[: n_accepted + 1])
+        self._append(request, self._features(hidden)[: n_accepted + 1])
 
 
 __all__ = ["DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "default_layers"]

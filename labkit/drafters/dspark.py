@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.drafters.base import Proposal
+from labkit.drafters.base import DraftRequest, Proposal
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig, DFlashDrafter
 from labkit.errors import LabkitError
 from labkit.heads import HEADS, ConfidenceHead, MarkovHead, TokenIndex, TruncatedMarkovHead, make_head
@@ -118,8 +118,8 @@ class DSparkDrafter(DFlashDrafter):
         rec = self.cfg.calibration.get(calibration_key(params.temperature)) if self.calibrated else None
         return None if rec is None else rec["temperatures"]
 
-    def block_from_states(self, h: torch.Tensor, state) -> Proposal:
-        return self.sample_sequential(h, state.ids[-1], state.params, state.generator)
+    def block_from_states(self, h: torch.Tensor, request: DraftRequest) -> Proposal:
+        return self.sample_sequential(h, request.ids[-1], request.params, request.generator)
 
     def sample_sequential(self, h: torch.Tensor, anchor: int, params: SamplingParams, generator,
                           forced: Sequence[int] = ()) -> Proposal:

@@ -1,7 +1,7 @@
 """Hybrid drafting: copy the n-gram continuation where the context repeats itself, let DSpark or DFlash
 draft the rest of the block (issue 11 part 4; the idea of SuffixDecoding and vLLM's ngram-then-EAGLE).
 
-Each round, prompt lookup (`find_continuation`) runs over state.ids, the prompt plus everything
+Each round, prompt lookup (`find_continuation`) runs over request.ids, the prompt plus everything
 emitted so far. If it finds a continuation of L tokens (and L >= `min_copy`), those tokens are drafts
 1..L; the model drafter fills positions L+1..gamma:
 
@@ -18,8 +18,8 @@ No match: the model's block alone, exactly as the model drafter would propose it
 
 Why it is lossless: chain verification (`sampling.verify_chain`) is exact whenever p_d row k is the
 distribution draft k was drawn from given the context and drafts 1..k-1, and gives the drafted token
-positive mass. The copied tokens are a deterministic function of state.ids, so their rows are one-hot;
-whether to copy, and how many, is decided from state.ids alone, never from a random draw; each model
+positive mass. The copied tokens are a deterministic function of request.ids, so their rows are one-hot;
+whether to copy, and how many, is decided from request.ids alone, never from a random draw; each model
 position's row is the exact softmax it was sampled from given the drafted prefix.
 
 Confidences (DSpark): the head gives c_k = sigmoid(w . [h_k ; W1[x_{k-1}]]), trained against
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from labkit.drafters.base import Proposal, one_hot_proposal
+from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, find_continuation
 from labkit.errors import LabkitError
@@ -88,24 +88,24 @@ class HybridDrafter:
         """The model drafter's STS temperatures (what rounds without a copied part were scored with)."""
         return self.model.temperatures(params) if hasattr(self.model, "temperatures") else None
 
-    def start(self, state, hidden) -> None:
-        self.model.start(state, hidden)
+    def start(self, request: DraftRequest, hidden) -> None:
+        self.model.start(request, hidden)
 
-    def observe(self, state, n_accepted: int, hidden) -> None:
-        self.model.observe(state, n_accepted, hidden)
+    def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
+        self.model.observe(request, n_accepted, hidden)
 
-    def continuation(self, state, max_tokens: int) -> list[int]:
-        """The n-gram part of this round's block: prompt lookup over state.ids, or [] if too short."""
-        copied = find_continuation(np.asarray(state.ids, dtype=np.int64), self.cfg.lookup)[:max_tokens]
+    def continuation(self, request: DraftRequest, max_tokens: int) -> list[int]:
+        """The n-gram part of this round's block: prompt lookup over request.ids, or [] if too short."""
+        copied = find_continuation(np.asarray(request.ids, dtype=np.int64), self.cfg.lookup)[:max_tokens]
         return copied if len(copied) >= self.cfg.min_copy else []
 
     @torch.no_grad()
-    def propose(self, state, max_tokens: int) -> Proposal:
-        copied = self.continuation(state, max_tokens)
+    def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
+        copied = self.continuation(request, max_tokens)
         n_model = min(self.model.gamma, max_tokens)  # the model's positions run 1..n_model
         self.counts["rounds"] += 1
         if not copied:
-            prop = self.model.propose(state, max_tokens)
+            prop = self.model.propose(request, max_tokens)
             self.counts["drafted"] += len(prop)
             return prop
         self.counts["copy_rounds"] += 1
@@ -113,16 +113,16 @@ class HybridDrafter:
         head = one_hot_proposal(copied, self.vocab_size, self.model.device)
         if len(copied) >= n_model:  # nothing left for the model: skip its forward
             return head
-        tail = self.model_tail(state, copied, n_model)
+        tail = self.model_tail(request, copied, n_model)
         self.counts["drafted"] += len(tail)
         return Proposal(torch.cat([head.tokens, tail.tokens]), torch.cat([head.probs, tail.probs.to(head.probs)]))
 
-    def model_tail(self, state, copied: list[int], n_model: int) -> Proposal:
+    def model_tail(self, request: DraftRequest, copied: list[int], n_model: int) -> Proposal:
         """The model's drafts for positions len(copied)+1..n_model, given the copied prefix."""
-        h = self.model.draft_hidden(state)[:n_model]
+        h = self.model.draft_hidden(request)[:n_model]
         if hasattr(self.model, "sample_sequential"):  # DSpark: the head reads the copied tokens
-            return self.model.sample_sequential(h, state.ids[-1], state.params, state.generator, forced=copied)
-        return self.model.block_from_states(h[len(copied):], state)  # DFlash: slots ignore earlier drafts
+            return self.model.sample_sequential(h, request.ids[-1], request.params, request.generator, forced=copied)
+        return self.model.block_from_states(h[len(copied):], request)  # DFlash: slots ignore earlier drafts
 
 
 def make_hybrid(model: DFlashDrafter, gamma: int | None = None) -> HybridDrafter:

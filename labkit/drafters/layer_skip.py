@@ -4,7 +4,9 @@ No training (Elhoushi et al. 2024, "LayerSkip", without the fine-tuning). The sh
 that shares the target's modules, so it costs no memory. Because its layers are the target's first n
 layers run on the same tokens, its KV cache for the context is exactly the first n layers of the
 target's cache: drafting appends to those layers and crops them back before verification, so the
-drafter never re-reads the context and never has to catch up on accepted tokens.
+drafter never re-reads the context and never has to catch up on accepted tokens. That sharing is
+also why it runs single-request only: it declares `needs_target_cache`, single-request decoding hands
+it the cache as `request.target_cache`, and a batched engine refuses it (`base.check_batchable`).
 
 Drafting stops early when the drafter's own top probability (at temperature 1) falls below
 `stop_below`: a stopping rule that looks only at the drafter, so it leaves verification exact.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from labkit.drafters.base import Proposal
+from labkit.drafters.base import DraftRequest, Proposal
 from labkit.errors import LabkitError
 from labkit.sampling import logits_to_probs, sample
 from labkit.target import Target
@@ -52,6 +54,8 @@ def shallow_view(model: nn.Module, n_layers: int) -> nn.Module:
 
 class LayerSkipDrafter:
     hidden_layers: tuple[int, ...] = ()
+    #: it drafts over the target's own KV cache (request.target_cache): single-request decoding only
+    needs_target_cache = True
 
     def __init__(self, target: Target, config: LayerSkipConfig | None = None):
         self.cfg = copy.copy(config or LayerSkipConfig())
@@ -67,15 +71,18 @@ class LayerSkipDrafter:
         self.model = shallow_view(target.model, self.cfg.n_layers)
         self.name = f"layer-skip-{self.cfg.n_layers}"
 
-    def start(self, state, hidden) -> None:
+    def start(self, request: DraftRequest, hidden) -> None:
         pass
 
     @torch.inference_mode()
-    def propose(self, state, max_tokens: int) -> Proposal:
+    def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
         gamma = min(self.cfg.gamma, max_tokens)
-        cache, params = state.cache, state.params
+        cache, params = request.target_cache, request.params
+        if cache is None:
+            raise LabkitError("Layer-skip drafts over the target's own KV cache and this request carries none "
+                              "(request.target_cache): it runs in single-request decoding only (generate).")
         shallow = cache.layers[:self.cfg.n_layers]
-        token = torch.tensor([[state.ids[-1]]], device=self.target.device)
+        token = torch.tensor([[request.ids[-1]]], device=self.target.device)
         tokens, probs, forwards = [], [], 0
         for _ in range(gamma):
             forwards += 1
@@ -85,7 +92,7 @@ class LayerSkipDrafter:
             top = torch.softmax(logits, -1).max() if params.greedy else p_d.max()
             if top < self.cfg.stop_below:
                 break
-            token = sample(p_d, state.generator).view(1, 1)
+            token = sample(p_d, request.generator).view(1, 1)
             tokens.append(token.view(()))
             probs.append(p_d)
         for layer in shallow:  # drafted entries are recomputed by the verify forward
@@ -94,5 +101,5 @@ class LayerSkipDrafter:
             return Proposal.empty(self.target.vocab_size, self.target.device)
         return Proposal(torch.stack(tokens), torch.stack(probs))
 
-    def observe(self, state, n_accepted: int, hidden) -> None:
+    def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
         pass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from labkit.drafters.base import Proposal, one_hot_proposal
+from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
 from labkit.errors import LabkitError
 
 
@@ -51,14 +51,14 @@ class PromptLookupDrafter:
         self.vocab_size = vocab_size
         self.name = "prompt-lookup"
 
-    def start(self, state, hidden) -> None:
+    def start(self, request: DraftRequest, hidden) -> None:
         pass
 
-    def propose(self, state, max_tokens: int) -> Proposal:
-        tokens = find_continuation(np.asarray(state.ids, dtype=np.int64), self.cfg)[:max_tokens]
+    def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
+        tokens = find_continuation(np.asarray(request.ids, dtype=np.int64), self.cfg)[:max_tokens]
         if not tokens:
             return Proposal.empty(self.vocab_size)
         return one_hot_proposal(tokens, self.vocab_size)
 
-    def observe(self, state, n_accepted: int, hidden) -> None:
+    def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
         pass
