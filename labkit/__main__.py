@@ -1,4 +1,4 @@
-"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,eval,notebooks} ...`.
+"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,eval,serve,notebooks} ...`.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -135,6 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="build/notebooks", help="where executed copies and HTML go (default: build/notebooks)")
     p.add_argument("--quick", action="store_true", help="quick mode (QUICK=True), as CI runs them")
     p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds a cell may run")
+
+    p = sub.add_parser("serve", help="the batched serving engine: N users, one target forward per step, a prefix policy")
+    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows (first turns)')
+    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    p.add_argument("--policy", default="algorithm1",
+                   choices=("fixed", "mtp1", "threshold", "algorithm1", "retrospective", "async-topk"),
+                   help="how many drafted tokens of each request to verify (default: algorithm1)")
+    p.add_argument("--users", type=_positive_int, default=4, help="concurrent users (closed loop) or, with --rate, "
+                   "the most requests running at once")
+    p.add_argument("--drafter", default="dspark", help="dspark (default), dflash, prompt-lookup, hybrid:dspark, "
+                   "none or a checkpoint path (layer-skip runs single-request only)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--requests", type=_positive_int, default=None, help="requests to serve (default: each prompt once)")
+    stop.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals at this many requests/s")
+    p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
+    p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
+    p.add_argument("--json", dest="json_out", default=None, help="write the report JSON here")
+    _add_model_args(p)
+
+    p = sub.add_parser("serve-sweep", help="aggregate and per-user tokens/s of several policies at several loads, interleaved")
+    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows (first turns)')
+    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    p.add_argument("--users", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="loads to measure")
+    p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "algorithm1"], help="policies to compare")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy")
+    p.add_argument("--requests-per-user", type=_positive_int, default=2, help="requests served per user at each load")
+    p.add_argument("--drafter", default="dspark", help="drafter spec (default: the shipped dspark)")
+    p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
+    p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
+    p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
+    _add_model_args(p)
 
     p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
     p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
@@ -305,9 +337,74 @@ def cmd_notebooks(args) -> None:
     print(f"labkit: executed notebooks and offline HTML copies are in {args.out}/")
 
 
+def cmd_serve(args) -> None:
+    from tqdm.auto import tqdm
+
+    from labkit.bench import load_prompts
+    from labkit.drafters import check_spec, make_drafter
+    from labkit.serving import Engine, closed_loop, cost_table_for, make_requests, open_loop, report
+    from labkit.target import load_target
+    params = _params(args)
+    prompts = load_prompts(args.prompts, args.limit)
+    check_spec(args.drafter)
+    if args.duration is not None and args.duration <= 0:
+        raise LabkitError(f"--duration must be a positive number of seconds, got {args.duration}.")
+    target = load_target(args.target, args.device, args.dtype)
+    drafter = make_drafter(args.drafter, target, args.gamma)
+    table = cost_table_for(target, args.table, args.reprofile)
+    requests = make_requests(target, prompts, args.max_new_tokens, params, args.seed)
+    engine = Engine(target, drafter, args.policy, table)
+    total = args.requests or len(requests)
+    steps = (open_loop(requests, args.rate, args.users, engine, args.requests, args.duration, args.seed)
+             if args.rate is not None else closed_loop(requests, args.users, engine, args.requests, args.duration))
+    with tqdm(total=total, desc=f"serve {args.policy} x{args.users}", unit="req", file=sys.stderr) as bar:
+        for _ in steps:
+            bar.update(len(engine.done) - bar.n)
+        bar.update(len(engine.done) - bar.n)
+    out = report(engine, args.users, args.drafter)
+    failed = [r for r in out["requests"] if "error" in r]
+    print(f"{out['policy']} x{out['users']} on {out['device']}: {out['aggregate_tokens_per_s'] or 0:.1f} tokens/s "
+          f"aggregate, {out['per_user_tokens_per_s'] or 0:.1f} per user, verify budget "
+          f"{out['mean_verify_budget'] or 0:.2f} tokens/request/step, tau {out['tau'] or 0:.2f}, "
+          f"{len(out['requests']) - len(failed)} requests served" + (f", {len(failed)} refused" if failed else ""))
+    for r in failed:
+        print(f"  request {r['id']}: {r['error']}", file=sys.stderr)
+    if args.json_out:
+        _write_json(out, args.json_out)
+
+
+def cmd_serve_sweep(args) -> None:
+    from labkit.bench import load_prompts
+    from labkit.drafters import check_spec, make_drafter
+    from labkit.sampling import SamplingParams
+    from labkit.scheduler import make_policy
+    from labkit.serving import cost_table_for, format_sweep, make_requests, sweep
+    from labkit.target import load_target
+    prompts = load_prompts(args.prompts, args.limit)
+    check_spec(args.drafter)
+    for name in args.policies:
+        make_policy(name)
+    target = load_target(args.target, args.device, args.dtype)
+    drafter = make_drafter(args.drafter, target, args.gamma)
+    table = cost_table_for(target, args.table, args.reprofile)
+    reports = []
+    for temperature in args.temperatures:
+        params = SamplingParams(temperature=temperature, top_p=args.top_p)
+        requests = make_requests(target, prompts, args.max_new_tokens, params, args.seed)
+        for rep in sweep(target, drafter, requests, args.users, args.policies, table, args.requests_per_user,
+                         args.drafter, progress=True):
+            rep["temperature"] = temperature
+            reports.append(rep)
+            print(format_sweep([rep]).split("\n")[-1], flush=True)
+    print(format_sweep(reports))
+    if args.json_out:
+        _write_json({"table": table.to_dict(), "reports": reports}, args.json_out)
+
+
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate,
-            "notebooks": cmd_notebooks, "round-cost": cmd_round_cost}
+            "notebooks": cmd_notebooks, "round-cost": cmd_round_cost, "serve": cmd_serve,
+            "serve-sweep": cmd_serve_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,9 @@ padding), into max(length_r) columns. Why this and not alternatives: a flattened
 (vLLM's layout) needs a paged-attention kernel HF models do not have; per-row caches would cost one
 forward per request. Admission pads on the left (the new row, or the batch if the prompt is
 longer): any placement is correct under the mask, but this one keeps every row's newest tokens in the
-last columns, the layout compaction produces. Logits are computed for pad positions too (HF's
-`logits_to_keep` cannot differ per row); `padded_tokens` counts that cost.
+last columns, the layout compaction produces. The decoder layers run over every padded position
+(`padded_tokens` counts that cost), but the LM head only over real ones (HF's `logits_to_keep`
+cannot differ per row, so the step calls the decoder and the head itself).
 
 Compaction runs automatically when the columns it would reclaim exceed `compact_at` of all columns
 (checked before each step, so a step never pays for dead columns it could have dropped) and after
@@ -202,9 +203,10 @@ class BatchKV:
             self.compact()
         ids, new_valid, positions = self._pad_step(tokens)
         mask = torch.cat([self.valid, new_valid], dim=1)
-        out = self.target.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=self.cache, use_cache=True,
-                                output_hidden_states=bool(self.hidden_layers))
+        out = self.target.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              past_key_values=self.cache, use_cache=True,
+                                              output_hidden_states=bool(self.hidden_layers))
+        logits = self._logits(out.last_hidden_state[new_valid])  # (sum of widths, V): no pad position
         self.valid = mask
         widths = [len(t) for t in tokens]
         for row, w in zip(self._rows, widths):
@@ -213,8 +215,21 @@ class BatchKV:
         self._steps += 1
         self._computed += self.padded_tokens(widths)
         self._real += sum(widths)
-        return {row.key: (out.logits[r, :w].float(), self._row_hidden(out.hidden_states, r, w))
+        starts = [0]
+        for w in widths:
+            starts.append(starts[-1] + w)
+        return {row.key: (logits[starts[r]:starts[r + 1]], self._row_hidden(out.hidden_states, r, w))
                 for r, (row, w) in enumerate(zip(self._rows, widths))}
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over real positions only: with ragged widths most of a padded step's positions
+        are pads, and the head (V x H) is the largest matrix of a small model. Applies the final logit
+        soft-cap of models that have one (Gemma 2/3), as their own forward does."""
+        logits = self.target.model.get_output_embeddings()(h).float()
+        cap = getattr(self.target.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _pad_step(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, validity, positions), each (R, W): right-padded with the pad id; pads masked out.

@@ -1,0 +1,242 @@
+"""The batched serving engine (labkit.serving): lossless per request, whatever else shares the batch.
+
+Tiny random targets (tests/conftest.py) and tiny DSpark drafters with a random, non-zero Markov head
+(so the confidence head's values, and with them Algorithm 1's verification lengths, depend on the
+drafted tokens: the case Appendix A is about). A steep cost table makes the load-aware policies
+truncate blocks at different lengths from step to step; a flat one makes them verify everything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from labkit.decoding import generate
+from labkit.drafters.dspark import DSparkDrafter
+from labkit.drafters.layer_skip import LayerSkipDrafter
+from labkit.drafters.prompt_lookup import PromptLookupDrafter
+from labkit.errors import LabkitError
+from labkit.sampling import SamplingParams
+from labkit.scheduler import CostTable
+from labkit.serving import Engine, ServeRequest, closed_loop, open_loop, padded_batch_tokens, report
+from test_dspark import make_dspark
+from test_lossless_tiny_model import NEW_TOKENS, PROMPT, exact_sequence_probs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GREEDY = SamplingParams(0.0)
+POLICIES = ("fixed", "mtp1", "threshold", "algorithm1", "async-topk")
+
+
+def steep_table(slope: float = 1 / 3) -> CostTable:
+    """Step time grows by `slope` one-token steps per extra token (default a third: worth verifying only
+    the likely drafts of a few requests)."""
+    sizes = list(range(1, 129))
+    return CostTable(device="test", model="tiny", dtype="float32", batch_sizes=sizes,
+                     raw_sps=[1.0 / (1.0 + (b - 1) * slope) for b in sizes])
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny_target):
+    return make_tiny_target(vocab_size=16, n_layers=3, hidden=32, init=0.2)
+
+
+@pytest.fixture(scope="module")
+def dspark(tiny):
+    return DSparkDrafter(make_dspark(tiny, gamma=4))
+
+
+def mixed_requests(n: int, params: SamplingParams = GREEDY) -> list[ServeRequest]:
+    """Prompts of 1 to 12 tokens, 6 to 17 new tokens each: rows of different lengths and widths."""
+    out = []
+    for i in range(n):
+        prompt = [(3 * i + j) % 16 for j in range(1 + (5 * i) % 12)]
+        out.append(ServeRequest(i, f"request {i}", prompt, 6 + (7 * i) % 12, params, seed=i))
+    return out
+
+
+def solo(target, drafter, req: ServeRequest) -> list[int]:
+    return generate(target, req.prompt_ids, drafter, req.max_new_tokens, req.params, req.seed).token_ids
+
+
+def serve(target, drafter, requests, users, policy, table=None, **kw) -> tuple[Engine, dict]:
+    engine = Engine(target, drafter, policy, table, **kw)
+    for _ in closed_loop(requests, users, engine):
+        pass
+    return engine, report(engine, users, "test")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_mixed_batch_greedy_output_equals_solo_greedy(tiny, dspark, policy):
+    """9 requests through 4 slots (admissions and retirements mid-run), ragged verification lengths:
+    every request's greedy tokens equal its own solo greedy decoding, token for token (fp32)."""
+    requests = mixed_requests(9)
+    engine, rep = serve(tiny, dspark, requests, 4, policy, steep_table())
+    assert len(rep["requests"]) == 9 and all(r["token_ids"] for r in rep["requests"])
+    for r in rep["requests"]:
+        assert r["token_ids"] == solo(tiny, dspark, requests[r["id"]]), f"request {r['id']} under {policy}"
+    truncated = sum(l < d for s in engine.steps for l, d in zip(s.lengths, s.drafted))
+    if policy in ("mtp1", "algorithm1", "async-topk", "threshold"):
+        assert truncated > 0, "the steep table should make this policy verify fewer tokens than drafted"
+    else:
+        assert truncated == 0
+
+
+def test_large_batch_keeps_every_request_its_own_tokens(tiny, dspark):
+    """12 requests at once with prompt lookup and with DSpark: no token of one request shows up in
+    another, i.e. each output is its solo output; and changing one request changes no other."""
+    requests = mixed_requests(12)
+    for drafter in (PromptLookupDrafter(16), dspark):
+        _, rep = serve(tiny, drafter, requests, 12, "algorithm1", steep_table())
+        outputs = {r["id"]: r["token_ids"] for r in rep["requests"]}
+        assert outputs == {q.id: solo(tiny, drafter, q) for q in requests}
+    changed = list(requests)
+    changed[5] = ServeRequest(5, "changed", [15, 14, 13], 9, GREEDY, 5)
+    _, rep2 = serve(tiny, dspark, changed, 12, "algorithm1", steep_table())
+    _, rep1 = serve(tiny, dspark, requests, 12, "algorithm1", steep_table())
+    for a, b in zip(rep1["requests"], rep2["requests"]):
+        if a["id"] != 5:
+            assert a["token_ids"] == b["token_ids"]
+
+
+def test_fixed_policy_sampled_output_is_the_solo_output(tiny, dspark):
+    """Temperature 1 under the fixed policy: a request's draws come from its own generator in the same
+    order as solo decoding, so its sampled tokens do not depend on who else is in the batch."""
+    requests = mixed_requests(8, SamplingParams(1.0))
+    _, rep = serve(tiny, dspark, requests, 3, "fixed")
+    for r in rep["requests"]:
+        assert r["token_ids"] == solo(tiny, dspark, requests[r["id"]])
+
+
+@pytest.mark.parametrize("policy", ["algorithm1", "async-topk"])
+def test_sampled_engine_output_follows_the_target(make_tiny_target, chi2_gof, policy):
+    """1200 requests of PROMPT, 4 new tokens each at temperature 1, 8 users at a time, a DSpark drafter
+    whose confidences depend on the drafted tokens, and a cost table (1% more step time per token) under which the policy truncates
+    blocks differently from step to step: the emitted sequences pass a chi-square test against the
+    target's exact distribution over all 8^4 sequences at alpha 0.001 (fixed seeds: deterministic)."""
+    target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
+    torch.manual_seed(0)
+    drafter = DSparkDrafter(make_dspark(target, gamma=3, rank=4, scale=1.0))
+    params = SamplingParams(1.0)
+    exact = exact_sequence_probs(target, PROMPT, NEW_TOKENS, params)
+    requests = [ServeRequest(i, "p", PROMPT, NEW_TOKENS, params, seed=i) for i in range(1200)]
+    engine, rep = serve(target, drafter, requests, 8, policy, steep_table(0.01))
+    lengths = Counter(l for s in engine.steps for l in s.lengths)
+    assert len(lengths) >= 2, f"the policy should pick several verification lengths, got {dict(lengths)}"
+    counts = Counter(tuple(r["token_ids"]) for r in rep["requests"])
+    seqs = list(exact)
+    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
+    assert fit.impossible == 0
+    assert not fit.rejects(0.001), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+
+
+def test_a_failing_request_leaves_the_others_unchanged(tiny, dspark):
+    """An empty prompt and a prompt past the model's window get an error entry each; every other request
+    gets exactly the tokens it gets without them."""
+    good = mixed_requests(5)
+    window = tiny.config.max_position_embeddings
+    bad = [ServeRequest(90, "", [], 8, GREEDY, 0), ServeRequest(91, "long", [1] * window, 8, GREEDY, 0)]
+    mixed = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
+    _, rep = serve(tiny, dspark, mixed, 3, "algorithm1", steep_table())
+    _, clean = serve(tiny, dspark, good, 3, "algorithm1", steep_table())
+    errors = [r for r in rep["requests"] if "error" in r]
+    assert len(errors) == 2
+    assert "empty" in errors[0]["error"] and "window" in errors[1]["error"]
+    by_prompt = {r["prompt"]: r["token_ids"] for r in rep["requests"] if "error" not in r}
+    assert by_prompt == {r["prompt"]: r["token_ids"] for r in clean["requests"]}
+
+
+def test_no_request_starves(tiny, dspark):
+    """With 10 users and a steep table (where most drafts are not worth verifying), every active request
+    still verifies at least its anchor each step: each step advances every request by at least one token."""
+    requests = mixed_requests(10)
+    engine = Engine(tiny, dspark, "algorithm1", steep_table())
+    progress = {}
+    for _ in closed_loop(requests, 10, engine):
+        for rid, act in engine.active.items():
+            n = len(act.state.new_ids)
+            assert n > progress.get(rid, 0), f"request {rid} made no progress in a step"
+            progress[rid] = n
+    assert all(r.finished for r in engine.done)
+
+
+def test_flat_table_verifies_every_draft(tiny, dspark):
+    """An unprofiled (flat) cost table: Algorithm 1 degenerates to verify-all, as SGLang's path does."""
+    engine, _ = serve(tiny, dspark, mixed_requests(6), 3, "algorithm1", CostTable.flat())
+    assert all(s.lengths == s.drafted for s in engine.steps)
+
+
+def test_batch_tokens_charge_the_padding(tiny, dspark):
+    """The scheduler is told what the padded forward computes: R rows x (1 + the longest l)."""
+    assert padded_batch_tokens([0, 3, 1]) == 12
+    engine, _ = serve(tiny, dspark, mixed_requests(6), 3, "fixed")
+    assert all(s.batch_tokens == s.active * (1 + max(s.lengths)) for s in engine.steps)
+
+
+def test_layer_skip_is_refused_with_the_fix(tiny):
+    with pytest.raises(LabkitError, match="single-request"):
+        Engine(tiny, LayerSkipDrafter(tiny), "fixed")
+
+
+def test_policy_changes_between_steps_act_on_the_running_engine(tiny, dspark):
+    requests = mixed_requests(6)
+    engine = Engine(tiny, dspark, "fixed", steep_table())
+    for i, _ in enumerate(closed_loop(requests, 3, engine)):
+        if i == 2:
+            engine.set_policy("mtp1")
+            engine.max_draft = 1
+    assert all(l <= 1 for s in engine.steps[3:] for l in s.lengths)
+    assert any(l > 1 for s in engine.steps[:3] for l in s.lengths)
+
+
+def test_open_loop_serves_every_arrival(tiny, dspark):
+    engine = Engine(tiny, dspark, "algorithm1", steep_table())
+    for _ in open_loop(mixed_requests(5), rate=200.0, max_batch=2, engine=engine):
+        assert len(engine.active) <= 2
+    assert sorted(r.id for r in engine.done) == list(range(5))
+    assert all(r.ttft_s is not None and r.ttft_s >= 0 for r in engine.done)
+
+
+def test_report_holds_the_documented_keys(tiny, dspark):
+    _, rep = serve(tiny, dspark, mixed_requests(4), 2, "algorithm1", steep_table())
+    for key in ("policy", "users", "device", "drafter", "aggregate_tokens_per_s", "per_user_tokens_per_s",
+                "mean_verify_budget", "acceptance_by_position", "steps", "requests"):
+        assert key in rep
+    for r in rep["requests"]:
+        assert {"id", "prompt", "token_ids", "text", "tokens_per_s", "ttft_s", "rounds"} <= set(r)
+    assert 1.0 <= rep["mean_verify_budget"] <= 5.0
+    json.dumps(rep)  # serialisable as is
+
+
+@pytest.mark.slow
+def test_serve_command_writes_its_json(tiny_model_dir, tmp_path):
+    """`python -m labkit serve` on a saved tiny model: one entry per prompt, an empty prompt refused in its own entry."""
+    from labkit.__main__ import main
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [t]}) for t in ["Hello there", "", "Count to five"]))
+    out = tmp_path / "serve.json"
+    code = main(["serve", "--prompts", str(prompts), "--target", str(tiny_model_dir), "--drafter", "prompt-lookup",
+                 "--users", "2", "--max-new-tokens", "8", "--policy", "algorithm1",
+                 "--table", str(tmp_path / "tables.json"), "--json", str(out)])
+    assert code == 0
+    rep = json.loads(out.read_text())
+    assert [("error" in r) for r in rep["requests"]] == [False, True, False]
+    assert all(len(r["token_ids"]) > 0 for r in rep["requests"] if "error" not in r)
+    assert json.loads((tmp_path / "tables.json").read_text())  # the profiled table was stored
+
+
+@pytest.mark.slow
+def test_real_target_engine_greedy_equals_solo(real_target):
+    """The shipped DSpark drafter on the real target, 3 chat prompts through 2 slots: solo greedy tokens."""
+    from labkit.drafters import make_drafter
+    drafter = make_drafter("dspark", real_target)
+    texts = ["What is 12 * 7?", "Write a haiku about rain.", "def fib(n):"]
+    requests = [ServeRequest(i, t, real_target.encode_prompt(t), 24, GREEDY, i) for i, t in enumerate(texts)]
+    table = CostTable(device="test", model="real", dtype="float32", batch_sizes=[1, 8, 32],
+                      raw_sps=[1.0, 0.8, 0.3])
+    _, rep = serve(real_target, drafter, requests, 2, "algorithm1", table)
+    for r in rep["requests"]:
+        assert r["token_ids"] == solo(real_target, drafter, requests[r["id"]])
