@@ -21,7 +21,6 @@ aggregate throughput is all tokens emitted over the same time (prefills included
 from __future__ import annotations
 
 import html
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +38,7 @@ from labkit.sampling import SamplingParams
 from labkit.scheduler import POLICIES, CostTable
 from labkit.serving import Engine, ServeRequest, StepRecord, make_requests, sweep
 from labkit.trace import position_acceptance, position_counts
-from labkit.widgets import LiveFigure, headless
+from labkit.widgets import LiveFigure, headless, plain_text
 
 #: the policies of the Fig. 7 / Fig. 8 sweeps: MTP-1 is the paper's production baseline
 SWEEP_POLICIES = ("mtp1", "fixed", "algorithm1", "async-topk")
@@ -597,7 +596,7 @@ class ServingDashboard:
 
     @property
     def readout_text(self) -> str:
-        return html.unescape(re.sub(r"<[^>]+>", "", self.readout.value))
+        return plain_text(self.readout.value)
 
     def show(self) -> None:
         """Live kernel: display the widget and start the engine. Headless: run `steps` steps with one

@@ -30,6 +30,11 @@ from labkit.sampling import SamplingParams
 from labkit.target import Target
 
 
+def plain_text(markup: str) -> str:
+    """An HTML readout as plain text, for a headless run's printout: tags dropped, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
 class LiveFigure:
     """A figure that can be replaced in place: FigureWidget if possible, else an Output that redraws."""
 
@@ -98,7 +103,7 @@ class Dashboard:
     @property
     def readout_text(self) -> str:
         """The readout line as plain text (its HTML tags dropped)."""
-        return html.unescape(re.sub(r"<[^>]+>", "", self.readout.value))
+        return plain_text(self.readout.value)
 
     def show(self) -> None:
         """Display the dashboard once: the live widget in a live kernel; headless, the static figure of

@@ -17,7 +17,7 @@ from labkit.serving import ServeRequest, StepRecord
 from labkit.serving_views import (LIVE_TRACES, SWEEP_HEADER, SWEEP_POLICIES, PausableClock, ServingDashboard,
                                   describe_dashboard, describe_sweep, live_figure, load_figure, rolling, run_sweeps,
                                   sweep_rows, throughput_speed_figure, window_stats)
-from test_dspark import make_dspark
+from test_serving import dspark, steep_table, tiny  # noqa: F401  (shared fixtures: a tiny target and DSpark drafter)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,22 +141,6 @@ def test_live_figure_has_every_named_trace_even_before_the_first_step():
 
 # ---------------------------------------------------------------------------------------------------
 # The dashboard over a real engine
-
-
-@pytest.fixture(scope="module")
-def tiny(make_tiny_target):
-    return make_tiny_target(vocab_size=16, n_layers=3, hidden=32, init=0.2)
-
-
-@pytest.fixture(scope="module")
-def dspark(tiny):
-    return DSparkDrafter(make_dspark(tiny, gamma=4))
-
-
-def steep_table() -> CostTable:
-    sizes = list(range(1, 65))
-    return CostTable(device="test", model="tiny", dtype="float32", batch_sizes=sizes,
-                     raw_sps=[1.0 / (1.0 + (b - 1) / 3) for b in sizes])
 
 
 def requests(n: int = 5, new_tokens: int = 12) -> list[ServeRequest]:
