@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals at this many requests/s")
     p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
+    p.add_argument("--stream", action="store_true", help="print each request's text as its tokens arrive")
     p.add_argument("--json", dest="json_out", default=None, help="write the report JSON here")
     _add_model_args(p)
 
@@ -353,7 +354,8 @@ def cmd_serve(args) -> None:
     drafter = make_drafter(args.drafter, target, args.gamma)
     table = cost_table_for(target, args.table, args.reprofile)
     requests = make_requests(target, prompts, args.max_new_tokens, params, args.seed)
-    engine = Engine(target, drafter, args.policy, table)
+    stream = (lambda rid, toks: print(f"[{rid}] {target.decode(toks)!r}", flush=True)) if args.stream else None
+    engine = Engine(target, drafter, args.policy, table, on_tokens=stream)
     total = args.requests or len(requests)
     steps = (open_loop(requests, args.rate, args.users, engine, args.requests, args.duration, args.seed)
              if args.rate is not None else closed_loop(requests, args.users, engine, args.requests, args.duration))

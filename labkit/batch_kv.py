@@ -92,7 +92,7 @@ class BatchKV:
     """A batched KV cache over `target` with ragged rows; see the module docstring for the layout.
 
     `hidden_layers` selects hidden states to return: index i is the output of layer i (0 = embeddings),
-    as in HF's hidden_states tuple and `labkit.decoding._select_hidden`.
+    as in HF's hidden_states tuple and `labkit.decoding.select_hidden`.
     """
 
     def __init__(self, target: Target, hidden_layers: tuple[int, ...] = (), compact_at: float = 0.5):

@@ -40,12 +40,16 @@ TAILS = ("proportional", "constant")
 
 
 def monotone_sps(raw: Sequence[float], window: int = 3) -> list[float]:
-    """A noisy SPS curve made non-increasing in B: a centred running median, then a running minimum.
+    """A noisy SPS curve made non-increasing in B: a centred running median, then the upper envelope
+    from the right (SPS(B) = the largest smoothed value at any B' >= B).
 
-    The median (odd `window`, shrunk symmetrically at the ends) removes a single-sample dip before the
-    running minimum can carry it to every larger B; an already non-increasing curve passes unchanged
-    (the median of a monotone window is its centre). The running minimum is what makes the curve
-    monotone, the shape Algorithm 1's early break assumes (Sec. 3.2.2, DESIGN.md Sec. 2).
+    Why the envelope from the right and not a running minimum from the left: interference (another
+    job, a page fault) only ever adds time, so a measured SPS is at most the true one, and the true
+    curve falls with B; hence every measurement at B' >= B is a lower bound on SPS(B) and the largest
+    is the best one. A running minimum would let one slow sample at small B flatten the whole curve
+    (seen here: a slowed B = 1 made Algorithm 1 verify everything). The median (odd `window`, shrunk
+    symmetrically at the ends) first removes a single-sample spike; an already non-increasing curve
+    passes unchanged. Monotone is the shape Algorithm 1's early break assumes (Sec. 3.2.2, DESIGN.md Sec. 2).
     """
     if window < 1 or window % 2 == 0:
         raise LabkitError(f"the smoothing window must be an odd whole number >= 1 (1 = none), got {window}.")
@@ -54,9 +58,9 @@ def monotone_sps(raw: Sequence[float], window: int = 3) -> list[float]:
     for i in range(n):
         h = min(half, i, n - 1 - i)
         medians.append(statistics.median(raw[i - h:i + h + 1]))
-    out: list[float] = []
-    for value in medians:
-        out.append(value if not out else min(out[-1], value))
+    out = list(medians)
+    for i in range(n - 2, -1, -1):
+        out[i] = max(out[i], out[i + 1])
     return out
 
 

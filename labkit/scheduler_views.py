@@ -125,10 +125,10 @@ def describe_sps(table: CostTable) -> str:
     cost = ys[0] / ys[-1]
     half = (f"SPS halves by B = {b_half}" if b_half is not None
             else f"SPS never halves within the profile (B <= {xs[-1]})")
-    lowered = [b for b, r, v in zip(xs, table.raw_sps, ys) if v < 0.8 * r]
-    noise = ("" if not lowered else
-             f" The smoothing lowered SPS by more than 20% at B = {', '.join(map(str, lowered))}: a measurement "
-             "there (or just before) was slower than at larger B, usually another job on the machine; profile again "
+    raised = [b for b, r, v in zip(xs, table.raw_sps, ys) if v > 1.25 * r]
+    noise = ("" if not raised else
+             f" The smoothing raised SPS by more than 20% at B = {', '.join(map(str, raised))}: a measurement "
+             "there was slower than at larger B, usually another job on the machine; profile again "
              "before trusting this curve.")
     return (f"On {table.device} SPS falls from {ys[0]:.3g} steps/s at B = {xs[0]} to {ys[-1]:.3g} at B = {xs[-1]}: "
             f"one forward of {xs[-1]} tokens costs {cost:.2f}x one of {xs[0]}, so {xs[-1] / xs[0] / cost:.1f}x the "

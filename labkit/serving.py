@@ -126,7 +126,8 @@ class Engine:
     """
 
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
-                 table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 on_tokens: Callable[[int, list[int]], None] | None = None):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -142,6 +143,8 @@ class Engine:
         self.rounds: list[Round] = []
         self._clock = clock
         self.t0 = clock()
+        #: streaming: called with (request id, the tokens it just emitted) after its prefill and every step
+        self.on_tokens = on_tokens
         #: per request, the confidences of the last two steps (the production policy reads the older one)
         self._conf_history: dict[int, deque] = {}
 
@@ -167,6 +170,7 @@ class Engine:
                                      request.seed, self.drafter, logits, hidden)
         self.active[request.id] = _Active(request, state, first_token_s=self.now())
         self._conf_history[request.id] = deque(maxlen=2)
+        self._stream(request.id, state.new_ids)
         if state.finished:
             self._retire(request.id)
         return None
@@ -195,6 +199,10 @@ class Engine:
             mean_verify_budget=sum(act.budgets) / len(act.budgets) if act.budgets else None,
             tau=mean_tau(st.rounds),
             finished=True))
+
+    def _stream(self, rid: int, tokens: list[int]) -> None:
+        if self.on_tokens is not None and tokens:
+            self.on_tokens(rid, list(tokens))
 
     # ---- one step -------------------------------------------------------------------------------------
 
@@ -259,6 +267,7 @@ class Engine:
         for rid, prop in zip(ids, proposals):
             act = self.active[rid]
             logits, hidden = outs[rid]
+            before = len(act.state.ids)
             verdict = decoding.judge(act.state, prop, logits)
             rnd = decoding.commit(act.state, prop, verdict, hidden, self.drafter,
                                   draft_s=(t_drafted - t_start) / len(ids), verify_s=0.0)
@@ -266,6 +275,7 @@ class Engine:
             act.budgets.append(len(prop) + 1)
             self.rounds.append(rnd)
             accepted.append(verdict.n_accepted)
+            self._stream(rid, act.state.ids[before:])
         t_end = self._clock()
         for rid in ids:
             if self.active[rid].state.finished:

@@ -240,3 +240,14 @@ def test_real_target_engine_greedy_equals_solo(real_target):
     _, rep = serve(real_target, drafter, requests, 2, "algorithm1", table)
     for r in rep["requests"]:
         assert r["token_ids"] == solo(real_target, drafter, requests[r["id"]])
+
+
+def test_tokens_stream_in_order_as_they_are_emitted(tiny, dspark):
+    """on_tokens gets each request's tokens as they come (first token at admission, then per step):
+    concatenated per request they are exactly its output."""
+    streamed: dict[int, list[int]] = {}
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(),
+                    on_tokens=lambda rid, toks: streamed.setdefault(rid, []).extend(toks))
+    for _ in closed_loop(mixed_requests(5), 2, engine):
+        pass
+    assert streamed == {r.id: r.token_ids for r in engine.done}
