@@ -110,6 +110,24 @@ def padded_batch_tokens(lengths: list[int]) -> int:
 
 
 @dataclass
+class StepCost:
+    """The whole engine step's rate at B verified tokens: 1 / (drafting + verify(B)).
+
+    The cost table times the batched forward alone, but a step also drafts for every request, and on a
+    CPU that is a large, fixed share of the step: Algorithm 1 must weigh a verified token against the
+    whole step, or it stops verifying as soon as the forward slows. The drafting time is the engine's
+    running mean from past steps (per request, times R), never this step's, so the schedule still
+    depends on nothing drawn in this step.
+    """
+
+    table: CostTable
+    fixed_s: float
+
+    def sps(self, batch_tokens: int) -> float:
+        return 1.0 / (self.fixed_s + 1.0 / self.table.sps(batch_tokens))
+
+
+@dataclass
 class _Active:
     request: ServeRequest
     state: decoding.DecodeState
@@ -147,6 +165,8 @@ class Engine:
         self.on_tokens = on_tokens
         #: per request, the confidences of the last two steps (the production policy reads the older one)
         self._conf_history: dict[int, deque] = {}
+        #: running mean of drafting seconds per request and step (StepCost), None before the first step
+        self._draft_s_per_request: float | None = None
 
     def now(self) -> float:
         return self._clock() - self.t0
@@ -209,10 +229,10 @@ class Engine:
     def _confidences(self, proposals: list[Proposal]) -> torch.Tensor:
         """(R, gamma) confidences: the drafter's calibrated c_k, else measured acceptance by position."""
         gamma = max((len(p) for p in proposals), default=0)
-        measured = position_acceptance(self.rounds)
-        counts = position_counts(self.rounds)
-        prior = [measured[j] if j < len(measured) and counts[j] >= MIN_ROUNDS else 0.5
-                 for j in range(gamma)]
+        prior = [0.5] * gamma
+        if any(p.confidences is None and len(p) for p in proposals):
+            measured, counts = position_acceptance(self.rounds), position_counts(self.rounds)
+            prior = [measured[j] if j < len(measured) and counts[j] >= MIN_ROUNDS else 0.5 for j in range(gamma)]
         conf = torch.zeros(len(proposals), gamma)
         for i, p in enumerate(proposals):
             k = len(p)
@@ -252,7 +272,9 @@ class Engine:
         conf = self._confidences(proposals)
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
-        inp = ScheduleInput(conf=conf, table=self.table, max_lengths=max_lengths,
+        per_request = self._draft_s_per_request or 0.0
+        cost = StepCost(self.table, per_request * len(ids))
+        inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=padded_batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
         lengths = self.policy(inp)
@@ -277,6 +299,9 @@ class Engine:
             accepted.append(verdict.n_accepted)
             self._stream(rid, act.state.ids[before:])
         t_end = self._clock()
+        spent = (t_drafted - t_start) / len(ids)
+        self._draft_s_per_request = spent if self._draft_s_per_request is None else (
+            0.8 * self._draft_s_per_request + 0.2 * spent)
         for rid in ids:
             if self.active[rid].state.finished:
                 self._retire(rid)
