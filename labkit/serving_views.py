@@ -38,7 +38,7 @@ from labkit.sampling import SamplingParams
 from labkit.scheduler import POLICIES, CostTable
 from labkit.serving import Engine, ServeRequest, StepRecord, make_requests, sweep
 from labkit.trace import position_acceptance, position_counts
-from labkit.widgets import LiveFigure, headless, plain_text
+from labkit.widgets import FigureWithReadout, LiveFigure, headless
 
 #: the policies of the Fig. 7 / Fig. 8 sweeps: MTP-1 is the paper's production baseline
 SWEEP_POLICIES = ("mtp1", "fixed", "algorithm1", "async-topk")
@@ -346,7 +346,7 @@ def _check_int(name: str, value, lo: int, hi: int) -> int:
     return value
 
 
-class ServingDashboard:
+class ServingDashboard(FigureWithReadout):
     """The real engine, served in a closed loop to a number of users that the controls change.
 
     Controls: users (1..max_users), policy, proposal length (max_draft, 1..gamma) and Start/Stop.
@@ -588,15 +588,6 @@ class ServingDashboard:
     def redraw(self) -> None:
         self.live.show(self._figure())
         self.readout.value = self._readout()
-
-    @property
-    def figure(self) -> go.Figure:
-        """The figure of the last redraw, as a plain go.Figure."""
-        return go.Figure(self.live.figure)
-
-    @property
-    def readout_text(self) -> str:
-        return plain_text(self.readout.value)
 
     def show(self) -> None:
         """Live kernel: display the widget and start the engine. Headless: run `steps` steps with one

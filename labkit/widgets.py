@@ -81,7 +81,22 @@ def check_slider(name: str, value: float, lo: float, hi: float) -> float:
     return value
 
 
-class Dashboard:
+class FigureWithReadout:
+    """What every dashboard offers a headless run: its last figure and its readout as plain text.
+    Needs `self.live` (a LiveFigure) and `self.readout` (an ipywidgets HTML)."""
+
+    @property
+    def figure(self) -> go.Figure:
+        """The figure of the last update, as a plain go.Figure (shows in a headless run)."""
+        return go.Figure(self.live.figure)
+
+    @property
+    def readout_text(self) -> str:
+        """The readout line as plain text (its HTML tags dropped)."""
+        return plain_text(self.readout.value)
+
+
+class Dashboard(FigureWithReadout):
     """Sliders + a live figure + a one-line readout; `update(**values)` redraws from code too."""
 
     def __init__(self, sliders: dict[str, widgets.ValueWidget], render: Callable[..., tuple[go.Figure, str]]):
@@ -94,16 +109,6 @@ class Dashboard:
         self.update()
         for s in sliders.values():
             s.observe(self._on_slider, names="value")
-
-    @property
-    def figure(self) -> go.Figure:
-        """The figure of the last update, as a plain go.Figure (shows in a headless run)."""
-        return go.Figure(self.live.figure)
-
-    @property
-    def readout_text(self) -> str:
-        """The readout line as plain text (its HTML tags dropped)."""
-        return plain_text(self.readout.value)
 
     def show(self) -> None:
         """Display the dashboard once: the live widget in a live kernel; headless, the static figure of
