@@ -378,9 +378,8 @@ def cmd_serve(args) -> None:
 def cmd_serve_sweep(args) -> None:
     from labkit.bench import load_prompts
     from labkit.drafters import check_spec, make_drafter
-    from labkit.sampling import SamplingParams
     from labkit.scheduler import make_policy
-    from labkit.serving import cost_table_for, format_sweep, make_requests, sweep
+    from labkit.serving import cost_table_for, format_sweep, run_sweeps
     from labkit.target import load_target
     prompts = load_prompts(args.prompts, args.limit)
     check_spec(args.drafter)
@@ -389,15 +388,10 @@ def cmd_serve_sweep(args) -> None:
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
     table = cost_table_for(target, args.table, args.reprofile)
-    reports = []
-    for temperature in args.temperatures:
-        params = SamplingParams(temperature=temperature, top_p=args.top_p)
-        requests = make_requests(target, prompts, args.max_new_tokens, params, args.seed)
-        for rep in sweep(target, drafter, requests, args.users, args.policies, table, args.requests_per_user,
-                         args.drafter, progress=True):
-            rep["temperature"] = temperature
-            reports.append(rep)
-            print(format_sweep([rep]).split("\n")[-1], flush=True)
+    by_temperature = run_sweeps(target, drafter, prompts, args.users, args.policies, table, args.temperatures,
+                                args.max_new_tokens, args.requests_per_user, args.seed, args.drafter, progress=True,
+                                top_p=args.top_p)
+    reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
     if args.json_out:
         _write_json({"table": table.to_dict(), "reports": reports}, args.json_out)

@@ -408,10 +408,6 @@ def open_loop(prompts: list[ServeRequest], rate: float, max_batch: int, engine: 
 # ---- the report ------------------------------------------------------------------------------------
 
 
-def acceptance_by_position(engine: Engine) -> list[float]:
-    return position_acceptance(engine.rounds)
-
-
 def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
     """The `serve` JSON: aggregate and per-user speed, verification budget, acceptance, every request."""
     steps = engine.steps
@@ -474,6 +470,21 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
             out.append(run_closed_loop(target, drafter, requests, n, policy, table,
                                        n_requests=max(requests_per_user * n, 1), drafter_spec=drafter_spec,
                                        progress=progress))
+    return out
+
+
+def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: list[int], policies: list[str],
+               table: CostTable | None, temperatures: list[float], max_new_tokens: int,
+               requests_per_user: int = 1, seed: int = 0, drafter_spec: str | None = None,
+               progress: bool = False, top_p: float = 1.0) -> dict[float, list[dict]]:
+    """`serving.sweep` at each sampling temperature over the same prompts; each report gets its
+    "temperature" added. Returns {temperature: [report, ...]}."""
+    out = {}
+    for temp in temperatures:
+        requests = make_requests(target, list(prompts), max_new_tokens, SamplingParams(temperature=float(temp), top_p=top_p), seed)
+        reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
+                     drafter_spec, progress)
+        out[temp] = [dict(r, temperature=float(temp)) for r in reps]
     return out
 
 

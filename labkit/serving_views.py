@@ -34,9 +34,8 @@ from plotly.subplots import make_subplots
 
 from labkit.errors import LabkitError
 from labkit.plots import TEMPLATE
-from labkit.sampling import SamplingParams
 from labkit.scheduler import POLICIES, CostTable
-from labkit.serving import Engine, ServeRequest, StepRecord, make_requests, sweep
+from labkit.serving import Engine, ServeRequest, StepRecord, run_sweeps  # noqa: F401  (run_sweeps: notebook 06 calls it from here)
 from labkit.trace import position_acceptance, position_counts
 from labkit.widgets import FigureWithReadout, LiveFigure, headless
 
@@ -163,21 +162,6 @@ def describe_sweep(reports: Sequence[dict], policy: str = "algorithm1", baseline
     if best:
         parts.append("highest throughput by load: " + ", ".join(best))
     return "; ".join(parts) + "."
-
-
-def run_sweeps(target, drafter, prompts: Sequence, users: Sequence[int], policies: Sequence[str],
-               table: CostTable | None, temperatures: Sequence[float], max_new_tokens: int,
-               requests_per_user: int = 1, seed: int = 0, drafter_spec: str | None = None,
-               progress: bool = False) -> dict[float, list[dict]]:
-    """`serving.sweep` at each sampling temperature over the same prompts; each report gets its
-    "temperature" added. Returns {temperature: [report, ...]}."""
-    out = {}
-    for temp in temperatures:
-        requests = make_requests(target, list(prompts), max_new_tokens, SamplingParams(temperature=float(temp)), seed)
-        reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
-                     drafter_spec, progress)
-        out[temp] = [dict(r, temperature=float(temp)) for r in reps]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
