@@ -1,4 +1,4 @@
-"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,eval,serve,notebooks} ...`.
+"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,export,eval,serve,notebooks} ...`.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor-mode", choices=("anchor-first", "anchor-masks"), default="anchor-first",
                    help="anchor + gamma-1 masks (DSpark) or anchor + gamma masks (original DFlash)")
     p.add_argument("--no-init-from-target", action="store_true", help="random draft layers instead of the target's last")
+    p.add_argument("--qk-norm", action="store_true",
+                   help="per-head RMSNorm of queries and keys (Qwen3-shaped layers; needed by `export`); "
+                        "only a target with q/k norms (Qwen3) then has layers to copy in")
+    p.add_argument("--frozen-mask", action="store_true",
+                   help="keep the mask slots' embedding the target's row (as DeepSpec does; needed by `export`)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--save-every", type=_positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
@@ -120,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report only; leave the checkpoint unchanged")
     p.add_argument("--json", dest="json_out", default=None, help="write the report JSON here")
     _add_model_args(p)
+
+    p = sub.add_parser("export", help="write a drafter in DeepSpec's layout, which vLLM and SGLang load")
+    p.add_argument("out", help="folder to write (config.json, model.safetensors, README.md; replaced atomically)")
+    p.add_argument("--drafter", required=True, help="dflash, dspark (the shipped checkpoints) or a checkpoint path")
+    p.add_argument("--format", choices=("deepspec",), default="deepspec", help="deepspec (the only one)")
+    p.add_argument("--target", default=None,
+                   help="the drafter's target: HF id or local path (default: SmolLM2-135M-Instruct)")
 
     p = sub.add_parser("round-cost", help="T_step, T_verify(k) and T_draft per dtype, stock vs packed kernels, in one run")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="target dtypes to measure")
@@ -253,7 +265,7 @@ def cmd_eval(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from labkit.calibrate import calibrate_checkpoint, format_calibration
-    from labkit.drafters import SHIPPED, check_spec, shipped_checkpoint
+    from labkit.drafters import check_spec, checkpoint_path
     from labkit.target import load_target
     check_spec(args.drafter)
     if args.temperature != 0.0:
@@ -261,7 +273,7 @@ def cmd_calibrate(args) -> None:
                           "(e.g. --temperatures 0 1); --temperature is not used here.")
     if any(t < 0 or t != t for t in args.temperatures):
         raise LabkitError(f"--temperatures must be 0 (greedy) or positive, got {args.temperatures}.")
-    path = shipped_checkpoint(args.drafter) if args.drafter in SHIPPED else Path(args.drafter)
+    path = checkpoint_path(args.drafter, "calibrate")
     target = load_target(args.target, args.device, args.dtype)
     report = calibrate_checkpoint(target, path, args.data, args.n_prompts, tuple(args.temperatures),
                                   args.max_new_tokens, args.seed, write=not args.dry_run)
@@ -269,6 +281,13 @@ def cmd_calibrate(args) -> None:
     print(("left unchanged: " if args.dry_run else "temperatures written to ") + str(path / "config.json"))
     if args.json_out:
         _write_json(report, args.json_out)
+
+
+def cmd_export(args) -> None:
+    from labkit.drafters import checkpoint_path
+    from labkit.export import export_checkpoint
+    out = export_checkpoint(checkpoint_path(args.drafter, "export"), args.target, args.out, args.format)
+    print(f"wrote {out} ({args.format}); serving commands in {out / 'README.md'}")
 
 
 def cmd_train(args) -> None:
@@ -398,7 +417,7 @@ def cmd_serve_sweep(args) -> None:
 
 
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
-            "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate,
+            "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
             "notebooks": cmd_notebooks, "round-cost": cmd_round_cost, "serve": cmd_serve,
             "serve-sweep": cmd_serve_sweep}
 

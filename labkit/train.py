@@ -419,7 +419,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
         vocab_ids = load_file(str(last / "model.safetensors"))["vocab_ids"]
     else:
         overrides = dict(gamma=args.gamma, n_layers=args.layers, draft_vocab=args.draft_vocab,
-                         anchor_predicts=args.anchor_mode == "anchor-first")
+                         anchor_predicts=args.anchor_mode == "anchor-first",
+                         qk_norm=getattr(args, "qk_norm", False), train_mask=not getattr(args, "frozen_mask", False))
         if args.drafter == "dspark":
             overrides.update(head=args.head, rank=args.rank)
         if target_layers:

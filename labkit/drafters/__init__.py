@@ -25,6 +25,18 @@ def shipped_checkpoint(name: str) -> Path:
     return path
 
 
+def checkpoint_path(spec: str, command: str = "this command") -> Path:
+    """The checkpoint folder a --drafter spec names: dflash or dspark (shipped) or a path; else a sentence."""
+    if spec in SHIPPED:
+        return shipped_checkpoint(spec)
+    if not _is_checkpoint_path(spec):
+        raise LabkitError(f"{command} takes a trained drafter: --drafter dflash, dspark or the path of a checkpoint "
+                          f"folder, got {spec!r}.")
+    from labkit.drafters.checkpoint import read_config
+    read_config(spec)  # a clear error if it is no checkpoint
+    return Path(spec)
+
+
 def _is_checkpoint_path(spec: str) -> bool:
     return "/" in spec or spec.startswith(".") or Path(spec).is_dir()
 
@@ -92,5 +104,5 @@ def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> 
     raise AssertionError("unreachable: check_spec accepted an unknown drafter")
 
 
-__all__ = ["Drafter", "Proposal", "make_drafter", "PromptLookupDrafter", "PromptLookupConfig",
+__all__ = ["Drafter", "Proposal", "make_drafter", "checkpoint_path", "PromptLookupDrafter", "PromptLookupConfig",
            "LayerSkipDrafter", "LayerSkipConfig", "BUILTIN"]

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,25 +49,37 @@ def check_compatible(cfg: DFlashConfig, target, where: str = "") -> None:
             f"`python -m labkit train --target {target.name} ...`.")
 
 
-def save_drafter(backbone: DFlashBackbone, out_dir: str | Path, dtype: torch.dtype | None = None,
-                 extra: dict | None = None) -> Path:
-    """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename)."""
+def write_folder(out_dir: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Make out_dir atomically: `fill` writes into a temporary sibling folder, which then replaces out_dir
+    (an interrupted write leaves the old folder, or nothing, never half of one)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-             for k, v in backbone.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    cfg = json.loads(backbone.cfg.to_json())
-    if extra:
-        cfg["extra"] = {**cfg.get("extra", {}), **extra}
-    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out.with_name(out.name + ".old")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def save_drafter(backbone: DFlashBackbone, out_dir: str | Path, dtype: torch.dtype | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename)."""
+    def fill(tmp: Path) -> None:
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                 for k, v in backbone.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg = json.loads(backbone.cfg.to_json())
+        if extra:
+            cfg["extra"] = {**cfg.get("extra", {}), **extra}
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    return write_folder(out_dir, fill)
 
 
 def read_config(path: str | Path) -> dict:
@@ -113,5 +126,5 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "target_signature", "check_compatible", "save_drafter", "read_config",
-           "model_classes", "load_backbone", "param_count"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "target_signature", "check_compatible", "write_folder", "save_drafter",
+           "read_config", "model_classes", "load_backbone", "param_count"]

@@ -64,6 +64,12 @@ class DFlashConfig:
     #: rows of the target's LM head the drafter scores (the most frequent tokens); 0 = all
     draft_vocab: int = 0
     mask_init_token: int = 0
+    #: per-head RMSNorm of queries and keys (context and block keys) before RoPE, as Qwen3 and DeepSpec's
+    #: drafter do; False (checkpoints written before the field) = plain Llama-shaped attention
+    qk_norm: bool = False
+    #: True: the mask slots' embedding is trained (from row `mask_init_token`); False: it stays that
+    #: frozen target row, as DeepSpec's mask token does (what `labkit export --format deepspec` needs)
+    train_mask: bool = True
     kind: str = "dflash"
     extra: dict = field(default_factory=dict)
 
@@ -139,7 +145,11 @@ def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 class DraftLayer(nn.Module):
-    """A Llama-shaped decoder layer whose keys/values are [context ; block] (Eq. 3)."""
+    """A Llama-shaped decoder layer whose keys/values are [context ; block] (Eq. 3).
+
+    With `cfg.qk_norm` it is Qwen3-shaped: each query head and each key head (of the context and of the
+    block alike) goes through its own RMSNorm over head_dim before RoPE.
+    """
 
     def __init__(self, cfg: DFlashConfig):
         super().__init__()
@@ -154,23 +164,32 @@ class DraftLayer(nn.Module):
         self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_eps)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, n, self.cfg.head_dim).transpose(1, 2)
 
+    def _queries(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        q = self._heads(self.q_proj(h), self.cfg.num_heads)
+        return rope(self.q_norm(q) if self.cfg.qk_norm else q, pos, self.cfg.rope_theta)
+
+    def _keys(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        k = self._heads(self.k_proj(h), self.cfg.num_kv_heads)
+        return rope(self.k_norm(k) if self.cfg.qk_norm else k, pos, self.cfg.rope_theta)
+
     def context_kv(self, ctx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of normalised context features ctx (B, C, H) at positions pos (B, C)."""
-        k = rope(self._heads(self.k_proj(ctx), self.cfg.num_kv_heads), pos, self.cfg.rope_theta)
-        return k, self._heads(self.v_proj(ctx), self.cfg.num_kv_heads)
+        return self._keys(ctx, pos), self._heads(self.v_proj(ctx), self.cfg.num_kv_heads)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, Q, H) block states; mask (B, Q, C + Q) True = may attend, None = attend everything."""
         cfg = self.cfg
         h = self.input_layernorm(x)
-        q = rope(self._heads(self.q_proj(h), cfg.num_heads), pos, cfg.rope_theta)
-        k = rope(self._heads(self.k_proj(h), cfg.num_kv_heads), pos, cfg.rope_theta)
+        q, k = self._queries(h, pos), self._keys(h, pos)
         v = self._heads(self.v_proj(h), cfg.num_kv_heads)
         k, v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
         if cfg.num_heads != cfg.num_kv_heads:
@@ -209,7 +228,8 @@ class DFlashBackbone(nn.Module):
         self.ctx_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.mask_embedding = nn.Parameter(embed[cfg.mask_init_token].detach().clone().float())
+        self.mask_embedding = nn.Parameter(embed[cfg.mask_init_token].detach().clone().float(),
+                                           requires_grad=cfg.train_mask)
         self.register_buffer("embed", embed.detach(), persistent=False)
         if vocab_ids is None:
             n = cfg.draft_vocab or cfg.target_vocab_size
@@ -286,23 +306,46 @@ class DFlashBackbone(nn.Module):
         return h.view(b, a, s, -1)[:, :, s - self.cfg.gamma:]
 
     def init_from_target(self, target_model) -> int:
-        """Copy the target's last decoder layers into the draft layers where shapes match; return count."""
+        """Copy the target's last decoder layers into the draft layers; return how many were copied.
+
+        A target layer is copied only where it computes what a draft layer computes: its parameters,
+        named as a draft layer names them, are exactly the draft layer's (Llama into a plain layer, Qwen3
+        with its q/k norms into a `qk_norm` one), with equal shapes, and its MLP activation is silu. A
+        layer with anything more or else (Gemma's pre/post-feedforward norms and (1 + w) scaling, biases,
+        a gelu MLP) is left as initialised: copying it would give a different function, not a head start.
+        """
         layers = getattr(getattr(target_model, "model", target_model), "layers", None)
-        if layers is None:
+        config = getattr(target_model, "config", None)
+        if layers is None or _activation(config) != "silu":
             return 0
         copied = 0
         for mine, theirs in zip(self.layers, list(layers)[-len(self.layers):]):
-            src = {**{f"{n}": p for n, p in theirs.self_attn.named_parameters()},
-                   **{f"{n}": p for n, p in theirs.mlp.named_parameters()},
-                   "input_layernorm.weight": theirs.input_layernorm.weight,
-                   "post_attention_layernorm.weight": theirs.post_attention_layernorm.weight}
+            src = _as_draft_layer_params(theirs)
             dst = dict(mine.named_parameters())
-            if all(k in src and src[k].shape == p.shape for k, p in dst.items()):
+            if set(src) == set(dst) and all(src[k].shape == p.shape for k, p in dst.items()):
                 with torch.no_grad():
                     for k, p in dst.items():
                         p.copy_(src[k])
                 copied += 1
         return copied
+
+
+def _activation(config) -> str:
+    """The MLP activation a Hugging Face config names ("silu" where it names none)."""
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    return str(getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None) or "silu")
+
+
+def _as_draft_layer_params(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A target decoder layer's parameters under a DraftLayer's names (the self_attn. / mlp. prefixes dropped)."""
+    out = {}
+    for name, p in layer.named_parameters():
+        for prefix in ("self_attn.", "mlp."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        out[name] = p
+    return out
 
 
 # ----------------------------------------------------------------------------- decode-time adapter
