@@ -378,7 +378,7 @@ def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = Non
                  init_from_target: bool = True) -> DFlashBackbone:
     """A fresh drafter for `target` (DFlash or DSpark by `cfg.kind`), its draft layers copied from the
     target's last layers if asked."""
-    emb = target.model.get_input_embeddings().weight
+    emb = target.embedding_rows()
     head = target.model.get_output_embeddings().weight
     model = model_classes(cfg.kind)[0](cfg, emb, head, vocab_ids)
     if init_from_target:

@@ -111,7 +111,7 @@ def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32,
     cfg = config_cls.from_dict(raw)
     check_compatible(cfg, target, str(path))
     state = load_file(str(Path(path) / WEIGHTS_FILE))
-    emb = target.model.get_input_embeddings().weight
+    emb = target.embedding_rows()
     head = target.model.get_output_embeddings().weight
     model = model_cls(cfg, emb, head, state["vocab_ids"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
