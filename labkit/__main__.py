@@ -196,6 +196,13 @@ def _params(args):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p)
 
 
+def _target_name(name: str | None) -> str | None:
+    """The display name of a packaged target (shipped drafters are filed under it), else None."""
+    from labkit.target import packaged_target
+    spec = packaged_target(name)
+    return spec.name if spec is not None else None
+
+
 def cmd_setup(args) -> None:
     from labkit.target import load_target
     target = load_target(args.target)
@@ -273,7 +280,7 @@ def cmd_calibrate(args) -> None:
                           "(e.g. --temperatures 0 1); --temperature is not used here.")
     if any(t < 0 or t != t for t in args.temperatures):
         raise LabkitError(f"--temperatures must be 0 (greedy) or positive, got {args.temperatures}.")
-    path = checkpoint_path(args.drafter, "calibrate")
+    path = checkpoint_path(args.drafter, "calibrate", _target_name(args.target))
     target = load_target(args.target, args.device, args.dtype)
     report = calibrate_checkpoint(target, path, args.data, args.n_prompts, tuple(args.temperatures),
                                   args.max_new_tokens, args.seed, write=not args.dry_run)
@@ -286,7 +293,8 @@ def cmd_calibrate(args) -> None:
 def cmd_export(args) -> None:
     from labkit.drafters import checkpoint_path
     from labkit.export import export_checkpoint
-    out = export_checkpoint(checkpoint_path(args.drafter, "export"), args.target, args.out, args.format)
+    out = export_checkpoint(checkpoint_path(args.drafter, "export", _target_name(args.target)), args.target,
+                            args.out, args.format)
     print(f"wrote {out} ({args.format}); serving commands in {out / 'README.md'}")
 
 

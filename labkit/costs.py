@@ -294,3 +294,58 @@ def round_costs(variants: dict[str, Target], ks: Iterable[int] = range(1, 17), d
                       {k: 1e3 * statistics.median(samples[name][k]) for k in ks if k > 1},
                       {d: 1e3 * statistics.median(drafts[name][d]) for d in drafters})
             for name in variants]
+
+
+@dataclass
+class VocabCost:
+    """What drafting a block costs for one draft vocabulary size and Markov rank (fresh weights: the
+    cost does not depend on their values). `head_mb`: the draft LM head rows plus the Markov factors."""
+
+    v_draft: int
+    rank: int
+    draft_ms: float
+    head_mb: float
+
+    def to_dict(self) -> dict:
+        return {"v_draft": self.v_draft, "rank": self.rank, "draft_ms": self.draft_ms, "head_mb": self.head_mb}
+
+
+def _fresh_dspark(target: Target, v_draft: int, rank: int, gamma: int, n_layers: int):
+    from labkit.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
+    v_draft = min(v_draft, target.vocab_size)
+    cfg = DSparkConfig.for_target(target, gamma=gamma, n_layers=n_layers, rank=rank,
+                                  draft_vocab=0 if v_draft == target.vocab_size else v_draft)
+    head = target.model.get_output_embeddings().weight
+    model = DSparkModel(cfg, target.embedding_rows(), head, torch.arange(v_draft)).to(target.device).eval()
+    if getattr(target, "packed", 0):
+        model.pack_for_inference()
+    mb = (model.head.numel() * model.head.element_size()
+          + sum(p.numel() * p.element_size() for p in (model.seq_head.parameters() if model.seq_head else ()))) / 2**20
+    return DSparkDrafter(model), mb
+
+
+@torch.inference_mode()
+def vocab_costs(target: Target, vocab_sizes: Iterable[int], ranks: Iterable[int], prompt_ids: list[int],
+                gamma: int = 8, n_layers: int = 1, repeats: int = 7, progress: bool = True) -> list[VocabCost]:
+    """T_draft of a DSpark block against the draft vocabulary's size and the Markov rank (rank 0 is
+    DFlash), measured interleaved (each repeat times every configuration once; medians kept).
+
+    Verification always runs over the target's full vocabulary, so any cut stays lossless: tokens
+    outside the draft vocabulary get draft probability 0, which rejection sampling handles exactly;
+    the cut only caps which tokens can be drafted (its coverage of real text bounds tau).
+    """
+    from labkit.decoding import prefill
+    configs = [(min(v, target.vocab_size), r) for v in vocab_sizes for r in ranks]
+    built = {c: _fresh_dspark(target, c[0], c[1], gamma, n_layers) for c in dict.fromkeys(configs)}
+    states = {c: prefill(target, prompt_ids, 64, SamplingParams(), drafter=d) for c, (d, _) in built.items()}
+    times: dict[tuple[int, int], list[float]] = {c: [] for c in built}
+    for c, (d, _) in built.items():
+        d.propose(states[c].request, gamma)  # untimed warm-up
+    for _ in tqdm(range(repeats), desc="draft cost by vocabulary", disable=not progress):
+        for c, (d, _) in built.items():
+            sync_device(target.device)
+            start = time.perf_counter()
+            d.propose(states[c].request, gamma)
+            sync_device(target.device)
+            times[c].append(time.perf_counter() - start)
+    return [VocabCost(v, r, 1e3 * statistics.median(times[(v, r)]), built[(v, r)][1]) for v, r in built]

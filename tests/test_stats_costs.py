@@ -239,3 +239,16 @@ def test_decoding_dashboard_runs_real_generations_and_validates_sliders(tiny_tar
             dash.update(**bad)
     with pytest.raises(LabkitError):
         decoding_dashboard(tiny_target, [1, 2, 3], gamma=40)
+
+
+def test_vocab_costs_time_every_configuration_and_size_the_heads(make_tiny_target):
+    """One row per (draft vocabulary, rank), sizes capped at the target's vocabulary; the head's memory
+    grows with the draft vocabulary and with the rank (rank 0 is DFlash: no Markov factors)."""
+    from labkit.costs import vocab_costs
+    target = make_tiny_target(vocab_size=64, n_layers=3, hidden=32)
+    rows = vocab_costs(target, [16, 64, 1000], [0, 8], prompt_ids=[1, 2, 3], gamma=4, repeats=2, progress=False)
+    assert [(r.v_draft, r.rank) for r in rows] == [(16, 0), (16, 8), (64, 0), (64, 8)]
+    assert all(r.draft_ms > 0 for r in rows)
+    mb = {(r.v_draft, r.rank): r.head_mb for r in rows}
+    assert mb[(16, 0)] < mb[(64, 0)] and mb[(16, 0)] < mb[(16, 8)]
+    assert mb[(64, 0)] == pytest.approx(64 * 32 * 4 / 2**20)

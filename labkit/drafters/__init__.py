@@ -8,27 +8,32 @@ from labkit.drafters.base import Drafter, Proposal
 from labkit.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
 from labkit.errors import LabkitError
-from labkit.target import Target
+from labkit.target import DEFAULT_TARGET, Target
 
 BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "hybrid")
 SHIPPED = ("dflash", "dspark")
-#: trained checkpoints shipped with the lab, by the name that `--drafter` takes
+#: trained checkpoints shipped with the lab, by the name that `--drafter` takes: the default target's in
+#: this folder, another packaged target's in a subfolder named after it (data/drafters/gemma-3-270m/dflash)
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "drafters"
 
 
-def shipped_checkpoint(name: str) -> Path:
-    path = SHIPPED_DIR / name
+def shipped_checkpoint(name: str, target_name: str | None = None) -> Path:
+    """The shipped `name` drafter (dflash or dspark) for a target (default: the default target)."""
+    target_name = target_name or DEFAULT_TARGET
+    path = SHIPPED_DIR / name if target_name == DEFAULT_TARGET else SHIPPED_DIR / target_name / name
     if not (path / "config.json").exists():
-        raise LabkitError(f"The shipped {name} drafter is missing from {path}: restore data/drafters from the "
-                          f"repository, or train one with `python -m labkit train --drafter {name} --out PATH` "
+        flag = "" if target_name == DEFAULT_TARGET else f" --target {target_name}"
+        raise LabkitError(f"No shipped {name} drafter for {target_name} at {path}: restore data/drafters from the "
+                          f"repository, or train one with `python -m labkit train --drafter {name}{flag} --out PATH` "
                           "and pass --drafter PATH.")
     return path
 
 
-def checkpoint_path(spec: str, command: str = "this command") -> Path:
-    """The checkpoint folder a --drafter spec names: dflash or dspark (shipped) or a path; else a sentence."""
+def checkpoint_path(spec: str, command: str = "this command", target_name: str | None = None) -> Path:
+    """The checkpoint folder a --drafter spec names: dflash or dspark (shipped for `target_name`) or a
+    path; else a sentence."""
     if spec in SHIPPED:
-        return shipped_checkpoint(spec)
+        return shipped_checkpoint(spec, target_name)
     if not _is_checkpoint_path(spec):
         raise LabkitError(f"{command} takes a trained drafter: --drafter dflash, dspark or the path of a checkpoint "
                           f"folder, got {spec!r}.")
@@ -88,7 +93,7 @@ def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> 
         from labkit.drafters.checkpoint import load_backbone
         from labkit.drafters.dflash import DFlashDrafter
         from labkit.drafters.dspark import DSparkDrafter, DSparkModel
-        model = load_backbone(shipped_checkpoint(spec) if spec in SHIPPED else Path(spec), target)
+        model = load_backbone(shipped_checkpoint(spec, target.name) if spec in SHIPPED else Path(spec), target)
         return (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model, gamma)
     name, _, arg = spec.partition(":")
     if name == "prompt-lookup":
