@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dflash (parallel block drafter) or dspark (+ sequential and confidence heads)")
     p.add_argument("--head", choices=("markov", "rnn"), default="markov", help="DSpark's sequential head")
     p.add_argument("--rank", type=int, default=64, help="DSpark's head rank r (0 = no sequential head)")
-    p.add_argument("--data", default="data/train", help="folder made by prepare-data (default: data/train)")
+    p.add_argument("--data", nargs="+", default=["data/train"],
+                   help="one or more folders made by prepare-data (default: data/train)")
     p.add_argument("--max-shards", type=_positive_int, default=None,
-                   help="train on the first N data shards only (default: all)")
+                   help="train on the first N data shards of each --data folder only (default: all)")
     p.add_argument("--out", required=True, help="run folder: checkpoints (last/), metrics.jsonl; resumed if present")
     p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (accelerate launch sets it per process)")

@@ -132,3 +132,30 @@ def feature_sequences(data_dir: str | Path, layers: tuple[int, ...],
         raise LabkitError(f"No cached target features in {out}: run `python -m labkit train` (it caches them) "
                           "or labkit.features.cache_features first.")
     return items
+
+
+def check_data_target(data_dir: str | Path, target: Target) -> None:
+    """Refuse training data that another model generated (prepare-data records its target)."""
+    manifest = Path(data_dir) / "manifest.json"
+    if not manifest.exists():
+        return
+    made_by = json.loads(manifest.read_text()).get("settings", {}).get("target")
+    if made_by and made_by != target.name:
+        raise LabkitError(f"{data_dir} holds responses of {made_by}, not of the target {target.name}: a drafter "
+                          f"learns its own target's outputs, so make data with `python -m labkit prepare-data "
+                          f"--target {target.name} --out FOLDER` and pass --data FOLDER.")
+
+
+def training_items(target: Target, data_dirs, layers: tuple[int, ...], max_shards: int | None = None,
+                   progress: bool = True) -> list[FeatureSequence]:
+    """The sequences of one or more prepare-data folders (the first `max_shards` of each), their target
+    features cached per folder first; folders made for another target are refused."""
+    dirs = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs)
+    if not dirs:
+        raise LabkitError("No training data folder given: pass --data FOLDER [FOLDER ...].")
+    items: list[FeatureSequence] = []
+    for d in dirs:
+        check_data_target(d, target)
+        cache_features(target, d, layers, progress=progress, max_shards=max_shards)
+        items.extend(feature_sequences(d, layers, max_shards=max_shards))
+    return items

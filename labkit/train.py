@@ -400,7 +400,7 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
 
 def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) -> Path:
     """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export."""
-    from labkit.features import cache_features, feature_sequences
+    from labkit.features import training_items
     from labkit.target import load_target
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise LabkitError(f"--lr must be a positive number, got {args.lr}.")
@@ -427,9 +427,7 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
             overrides["target_layers"] = target_layers
         cfg = model_classes(args.drafter)[1].for_target(target, **overrides)
         vocab_ids = None
-    max_shards = getattr(args, "max_shards", None)
-    cache_features(target, args.data, cfg.target_layers, max_shards=max_shards)
-    items = feature_sequences(args.data, cfg.target_layers, max_shards=max_shards)
+    items = training_items(target, args.data, cfg.target_layers, max_shards=getattr(args, "max_shards", None))
     if cfg.draft_vocab and vocab_ids is None:
         vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
         if len(vocab_ids) < cfg.draft_vocab:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from labkit.__main__ import main
 from labkit.drafters import check_spec
+from labkit.errors import LabkitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,3 +131,27 @@ def test_dspark_train_calibrate_eval_end_to_end(trained, tmp_path, capsys):
         assert len(res[key]) == 3, key
     assert res["calibrated"] is True and res["calibration_rounds"] > 0
     assert all(0 <= e <= 1 for e in res["ece_by_position"] + res["ece_by_position_raw"])
+
+
+def test_training_items_join_folders_and_refuse_another_targets_data(make_tiny_target, tmp_path):
+    """--data takes several prepare-data folders (their sequences are joined, features cached in each),
+    and a folder whose manifest names another target is refused with the command that makes the right one."""
+    import json as _json
+
+    from safetensors.torch import save_file as _save
+    from labkit.features import training_items
+    target = make_tiny_target(vocab_size=16, n_layers=3, hidden=32, name="tiny-a")
+    for i, d in enumerate(("one", "two")):
+        folder = tmp_path / d
+        folder.mkdir()
+        ids = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10][: 6 + i], dtype=torch.int32)
+        _save({"tokens": ids, "offsets": torch.tensor([0, len(ids)]), "prompt_lens": torch.tensor([2]),
+               "prompt_index": torch.tensor([0]), "greedy": torch.tensor([0])}, str(folder / "shard-00000.safetensors"),
+              metadata={"domains": _json.dumps(["math"])})
+        (folder / "manifest.json").write_text(_json.dumps({"settings": {"target": "tiny-a"}}))
+    items = training_items(target, [tmp_path / "one", tmp_path / "two"], (1, 2), progress=False)
+    assert [len(it.seq.ids) for it in items] == [6, 7]
+    assert all((tmp_path / d / "features").is_dir() for d in ("one", "two"))
+    (tmp_path / "two" / "manifest.json").write_text(_json.dumps({"settings": {"target": "tiny-b"}}))
+    with pytest.raises(LabkitError, match="prepare-data --target tiny-a"):
+        training_items(target, [tmp_path / "one", tmp_path / "two"], (1, 2), progress=False)
