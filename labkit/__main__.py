@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-seqs", type=_positive_int, default=4, help="sequences per step (per process)")
     p.add_argument("--anchors", type=_positive_int, default=64, help="random anchor blocks per sequence")
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (warm-up then cosine)")
+    p.add_argument("--ce-weight", type=float, default=0.1, help="weight of cross-entropy to the data token (hard labels)")
+    p.add_argument("--l1-weight", type=float, default=0.9,
+                   help="weight of the L1 distance to the target's full distribution (soft targets)")
     p.add_argument("--gamma", type=_positive_int, default=8, help="block size: tokens drafted per forward")
     p.add_argument("--layers", type=_positive_int, default=1, help="draft decoder layers")
     p.add_argument("--target-layers", default=None, help="comma-separated target layers read (default: 5 spread)")

@@ -404,6 +404,10 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     from labkit.target import load_target
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise LabkitError(f"--lr must be a positive number, got {args.lr}.")
+    ce, l1 = getattr(args, "ce_weight", 0.1), getattr(args, "l1_weight", 0.9)
+    if not (ce >= 0 and l1 >= 0 and ce + l1 > 0):
+        raise LabkitError(f"--ce-weight and --l1-weight must be non-negative and not both 0, got {ce} and {l1} "
+                          "(hard labels only: --ce-weight 1 --l1-weight 0).")
     target = load_target(args.target, args.device)
     for p in target.model.parameters():
         p.requires_grad_(False)
@@ -443,7 +447,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
         + (f", {cfg.head} head at rank {cfg.rank} + confidence head" if cfg.kind == "dspark" else ""))
     tcfg = TrainConfig(steps=args.steps, batch_seqs=args.batch_seqs, anchors_per_seq=args.anchors, lr=args.lr,
                        save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
-                       mixed_precision=args.mixed_precision)
+                       mixed_precision=args.mixed_precision,
+                       loss=LossWeights(ce=getattr(args, "ce_weight", 0.1), l1=getattr(args, "l1_weight", 0.9)))
     info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "train_command": " ".join(
         ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
     path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes, info=info)

@@ -80,6 +80,7 @@ def test_training_resumes_where_it_stopped(trained, capsys):
     (["eval", "--drafter", "prompt-lookup", "--prompts", "x.jsonl"], "does not exist"),
     (["generate", "--prompt", "hi", "--drafter", "./no/such/run"], "not a drafter checkpoint"),
     (["train", "--out", "x", "--lr", "nan"], "--lr must be a positive number"),
+    (["train", "--out", "x", "--ce-weight", "0", "--l1-weight", "0"], "--ce-weight 1 --l1-weight 0"),
     (["train", "--out", "x", "--drafter", "eagle"], "invalid choice: 'eagle'"),
     (["train", "--out", "x", "--drafter", "dspark", "--rank", "-1"], "--rank must be 0"),
     (["calibrate", "--drafter", "dspark", "--temperature", "1"], "--temperature is not used here"),

@@ -1,0 +1,147 @@
+"""Recipe A/Bs and the tau-against-data curve: train named variants ("arms") of one drafter recipe on
+the same data for the same number of steps, then measure every arm on the same held-out sequences
+(teacher-forced tau, greedy and T=1) and in real greedy decoding of held-out prompts (tau, and tokens/s
+against the lab's AR loop, timed interleaved); prints a table and writes JSON.
+
+Each arm's run folder resumes, so an interrupted comparison continues where it stopped; an arm whose
+run already reached --steps is only evaluated. Held-out sequences are the tail of the first --data
+folder, after the --max-shards shards every arm trains on (refused if they overlap).
+
+    python scripts/recipe_ab.py --arms base random-init layers-1 layers-3 hard-labels anchors-128 \\
+        --steps 600 --max-shards 80 --json build/ab/recipe.json
+    python scripts/recipe_ab.py --arms shards-8 shards-16 shards-32 shards-80 --steps 600 \\
+        --max-shards 80 --json build/ab/data-curve.json          # tau against training tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+import torch
+
+from labkit.__main__ import build_parser
+from labkit.decoding import generate
+from labkit.diagnostics import heldout_batch, heldout_items, offline_acceptance
+from labkit.drafters.checkpoint import load_backbone, read_config
+from labkit.drafters.dflash import DFlashDrafter
+from labkit.drafters.dspark import DSparkDrafter, DSparkModel
+from labkit.target import load_target
+from labkit.trace import mean_tau
+
+#: the shipped DSpark recipe; every arm changes one thing
+BASE = ("--drafter dspark --head markov --rank 256 --layers 2 --gamma 8 --draft-vocab 8192 --batch-seqs 4 "
+        "--anchors 64 --lr 1e-3 --mixed-precision bf16 --save-every 150")
+ARMS = {
+    "base": "",
+    "random-init": "--no-init-from-target",
+    "layers-1": "--layers 1",
+    "layers-3": "--layers 3",
+    "hard-labels": "--ce-weight 1 --l1-weight 0",
+    "anchors-128": "--anchors 128",
+    "vocab-4096": "--draft-vocab 4096",
+    "vocab-16384": "--draft-vocab 16384",
+    "gamma-4": "--gamma 4",
+    "gamma-16": "--gamma 16",
+    "dflash": "--drafter dflash",
+}
+
+
+def arm_flags(name: str) -> str:
+    """An arm's train flags: a named lever, or shards-N (the first N shards: the data curve)."""
+    if name.startswith("shards-"):
+        return f"--max-shards {int(name.split('-', 1)[1])}"
+    if name not in ARMS:
+        raise SystemExit(f"unknown arm {name!r}: use one of {', '.join(ARMS)} or shards-N")
+    return ARMS[name]
+
+
+def train_arm(name: str, args) -> Path:
+    """Train (or resume) one arm; returns its final checkpoint folder."""
+    from labkit.train import run_training
+    run = Path(args.runs) / name
+    last = run / "last"
+    if (last / "config.json").exists() and read_config(last).get("extra", {}).get("step") == args.steps:
+        return last
+    flags = f"{BASE} --max-shards {args.max_shards} {arm_flags(name)} --steps {args.steps} --out {run} " \
+            f"--data {' '.join(args.data)}" + (f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
+    train_args = build_parser().parse_args(["train", *shlex.split(flags)])
+    print(f"[{name}] python -m labkit train {flags}")
+    return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"))
+
+
+def trained_sequences(folder: str, max_shards: int) -> int:
+    """How many sequences the first max_shards shards of a folder hold (what every arm may train on)."""
+    from safetensors import safe_open
+    total = 0
+    for shard in sorted(Path(folder).glob("shard-*.safetensors"))[:max_shards]:
+        with safe_open(str(shard), "pt") as f:
+            total += len(json.loads(f.metadata()["domains"]))
+    return total
+
+
+@torch.inference_mode()
+def decode_heldout(target, drafter, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy decoding of held-out prompts with the drafter and without, interleaved per prompt."""
+    rounds, spec_s, ar_s, n_tok = [], 0.0, 0.0, 0
+    generate(target, prompts[0], None, 4), generate(target, prompts[0], drafter, 4)  # untimed warm-up
+    for ids in prompts:
+        t0 = time.perf_counter()
+        ar = generate(target, ids, None, new_tokens)
+        t1 = time.perf_counter()
+        sp = generate(target, ids, drafter, new_tokens)
+        t2 = time.perf_counter()
+        assert sp.token_ids == ar.token_ids, "greedy speculative output differs from greedy output"
+        rounds += sp.rounds
+        ar_s, spec_s, n_tok = ar_s + t1 - t0, spec_s + t2 - t1, n_tok + len(ar.token_ids)
+    return {"decode_tau": mean_tau(rounds), "speedup_vs_ar": ar_s / spec_s, "ar_tok_s": n_tok / ar_s}
+
+
+def evaluate(name: str, ckpt: Path, target, args) -> dict:
+    model = load_backbone(ckpt, target)
+    folder = args.data[0]
+    done = trained_sequences(folder, args.max_shards)
+    layers = tuple(model.cfg.target_layers)
+    items = heldout_items(target, folder, layers, args.n_heldout,
+                          Path(args.runs) / f"heldout-{'-'.join(map(str, layers))}.safetensors", done)
+    acc = offline_acceptance(model, heldout_batch(items, model.cfg.gamma, anchors=32))
+    drafter = (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model)
+    prompts = [it.seq.ids[: it.seq.prompt_len] for it in items[: args.n_decode]]
+    extra = read_config(ckpt).get("extra", {})
+    return {"arm": name, "flags": arm_flags(name), "steps": extra.get("step"),
+            "train_response_tokens": extra.get("data_response_tokens"),
+            "tf_tau_greedy": acc.tau_greedy, "tf_tau_t1": acc.tau_t1, "accept_greedy": acc.accept_greedy,
+            **decode_heldout(target, drafter, prompts, args.new_tokens)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", nargs="+", default=["base"], help=f"{', '.join(ARMS)} or shards-N")
+    p.add_argument("--data", nargs="+", default=["data/train"], help="prepare-data folders (held out: the first's tail)")
+    p.add_argument("--max-shards", type=int, default=80, help="shards of each folder every arm trains on")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--max-minutes", type=float, default=None, help="cap on each arm's training time")
+    p.add_argument("--n-heldout", type=int, default=64, help="held-out sequences (teacher-forced tau)")
+    p.add_argument("--n-decode", type=int, default=8, help="held-out prompts decoded for real")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", default="build/ab", help="run folders, one per arm")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    target = load_target(None)
+    rows = []
+    for name in args.arms:
+        rows.append(evaluate(name, train_arm(name, args), target, args))
+        if args.json:  # after every arm, so a stopped comparison keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"{'arm':<14}{'tokens':>9}{'TF tau greedy':>15}{'TF tau T=1':>12}{'decode tau':>12}{'x AR':>7}")
+    for r in rows:
+        print(f"{r['arm']:<14}{r['train_response_tokens'] or 0:>9}{r['tf_tau_greedy']:>15.3f}{r['tf_tau_t1']:>12.3f}"
+              f"{r['decode_tau']:>12.3f}{r['speedup_vs_ar']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
