@@ -28,15 +28,32 @@ FIGURE_DIV = re.compile(r'<div [^>]*class="plotly-graph-div"')
 CHROMIUM = next((p for p in ("chromium", "chromium-browser", "google-chrome") if shutil.which(p)), None)
 
 
+def _selected_notebooks(session) -> list[str]:
+    """The notebooks (file stems) that the selected tests of this module need: all of them when the
+    whole-run test is selected or no notebook test is (a plain run of the module), else only those
+    that `-k` left, so `pytest tests/test_notebooks.py -k 07` executes notebook 07 alone."""
+    mine = [item for item in session.items if getattr(getattr(item, "module", None), "__name__", None) == __name__]
+    if any(getattr(item, "originalname", "") == "test_headless_command_writes_one_html_file_per_notebook" for item in mine):
+        return []
+    return sorted({item.callspec.params["notebook"].stem for item in mine
+                   if hasattr(item, "callspec") and "notebook" in item.callspec.params})
+
+
 @pytest.fixture(scope="module")
-def headless_run() -> dict[str, int]:
-    """Runs the README's headless command in quick mode from the repository root; its exit code."""
+def headless_run(request) -> dict[str, int]:
+    """Runs the README's headless command in quick mode from the repository root, for the notebooks the
+    selected tests need (`_selected_notebooks`); its exit code."""
     pytest.importorskip("papermill")
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    names = _selected_notebooks(request.session)
+    if names:  # a selection replaces its own notebooks' copies and leaves the others' in place
+        for stale in (p for stem in names for p in ARTIFACTS.glob(f"{stem}.*")):
+            stale.unlink()
+    else:
+        shutil.rmtree(ARTIFACTS, ignore_errors=True)
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        code = main(["notebooks", "--quick", "--out", str(ARTIFACTS.relative_to(ROOT))])
+        code = main(["notebooks", "--quick", "--out", str(ARTIFACTS.relative_to(ROOT)), *names])
     finally:
         os.chdir(cwd)
     return {"exit_code": code}

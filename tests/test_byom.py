@@ -1,0 +1,126 @@
+"""labkit.byom, behind notebook 07: what the adapter derived from a model, command lines, accelerate configs.
+
+Tiny random models only (a Llama from conftest, a Gemma 3 with sliding-window layers built here), no
+forward runs; the accelerate files are read back by accelerate's own config loader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+from conftest import ToyTokenizer
+from labkit.byom import (accelerate_config, command_line, describe_calibration, describe_target, labkit_argv,
+                         parse_command, serving_commands)
+from labkit.calibration import fit_sts
+from labkit.drafters.dflash import default_layers
+from labkit.errors import LabkitError
+from labkit.target import PLAIN_PROMPT, Target
+
+
+def test_describe_target_reads_back_shape_prompt_format_cache_and_drafter_layers(make_tiny_target):
+    target = make_tiny_target(vocab_size=8, n_layers=3, hidden=32, eos={5})
+    s = describe_target(target, example="hi")
+    assert (s.num_layers, s.hidden_size, s.vocab_size, s.num_heads, s.head_dim) == (3, 32, 8, 2, 16)
+    assert s.parameters == sum(p.numel() for p in target.model.parameters())  # tied: the embedding once
+    assert s.prompt_format.startswith("plain") and repr(PLAIN_PROMPT) in s.prompt_format
+    assert s.example_prompt == target.tokenizer.decode(target.encode_prompt("hi"))
+    assert s.eos_tokens == [(5, target.tokenizer.decode([5]))]
+    assert s.attention_layers == {"full_attention": 3}
+    assert s.cache_layers == {"DynamicLayer": 3}
+    assert s.drafter_layers == default_layers(3)
+    assert s.embedding_scale == 1.0 and s.export_problems == []
+    rows = dict(s.rows())
+    assert rows["DeepSpec export (vLLM / SGLang)"].startswith("possible")
+    assert rows["decoder layers, hidden size, vocabulary"] == "3, 32, 8"
+
+
+def tiny_gemma3(n_layers: int = 3, window: int = 4) -> Target:
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                           sliding_window=window, layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"],
+                           query_pre_attn_scalar=16, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return Target(model=Gemma3ForCausalLM(cfg).eval(), tokenizer=ToyTokenizer(16), name="tiny-gemma3")
+
+
+def test_describe_target_names_sliding_layers_kept_full_and_why_a_gemma_export_is_refused():
+    s = describe_target(tiny_gemma3())
+    assert s.attention_layers == {"sliding_attention": 2, "full_attention": 1} and s.sliding_window == 4
+    assert s.cache_layers == {"DynamicLayer": 3}  # the lab keeps every position so rollback stays exact
+    assert s.num_kv_heads == 1
+    assert math.isclose(s.embedding_scale, 32 ** 0.5, rel_tol=1e-6)
+    assert any("scales its embedding" in p for p in s.export_problems)
+    rows = dict(s.rows())
+    assert "(window 4)" in rows["attention layers (config)"]
+    assert rows["DeepSpec export (vLLM / SGLang)"].startswith("refused")
+
+
+def test_the_command_shown_is_the_command_the_cli_parses():
+    argv = labkit_argv("train", target="gemma3-270m", drafter="dspark", qk_norm=True, frozen_mask=True,
+                       draft_vocab=0, layers=1, out="runs/my model", no_init_from_target=False, target_layers=None)
+    assert argv[:3] == ["train", "--target", "gemma3-270m"] and "--no-init-from-target" not in argv
+    line = command_line(argv)
+    assert line.startswith("python -m labkit train ") and "'runs/my model'" in line
+    args = parse_command(argv)
+    assert (args.command, args.drafter, args.qk_norm, args.frozen_mask, args.draft_vocab, args.layers) == \
+        ("train", "dspark", True, True, 0, 1)
+    assert args.out == "runs/my model" and args.target == "gemma3-270m"
+    many = parse_command(labkit_argv("calibrate", drafter="runs/x/last", temperatures=(0, 1), dry_run=True))
+    assert many.temperatures == [0.0, 1.0] and many.dry_run
+    assert parse_command(labkit_argv("export", _=["build/out"], drafter="runs/x/last")).out == "build/out"
+    with pytest.raises(LabkitError, match="not a valid command"):
+        parse_command(labkit_argv("train", out="x", no_such_flag=3))
+
+
+@pytest.mark.parametrize("machines", [1, 2])
+def test_accelerate_config_is_read_back_by_accelerate(tmp_path, machines):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(accelerate_config(8 * machines, machines, machine_rank=machines - 1,
+                                      main_process_ip="10.0.0.1" if machines > 1 else None))
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.distributed_type == "MULTI_GPU" and cfg.num_processes == 8 * machines
+    assert cfg.num_machines == machines and cfg.machine_rank == machines - 1 and cfg.mixed_precision == "bf16"
+    if machines > 1:
+        assert (cfg.main_process_ip, cfg.main_process_port) == ("10.0.0.1", 29500)
+
+
+def test_accelerate_config_refuses_what_launch_could_not_run():
+    with pytest.raises(LabkitError, match="main_process_ip"):
+        accelerate_config(16, 2)
+    with pytest.raises(LabkitError, match="evenly"):
+        accelerate_config(9, 2, main_process_ip="10.0.0.1")
+    with pytest.raises(LabkitError, match="machine_rank"):
+        accelerate_config(8, 1, machine_rank=1)
+
+
+def test_describe_calibration_says_which_positions_had_too_few_examples():
+    # 40 rounds of gamma 2: 20 accepted both drafts, 20 none. Position 1 has 20 positives (< 32): kept at 1.
+    z = torch.randn(40, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    accepted = torch.tensor([2] * 20 + [0] * 20)
+    sts = fit_sts(z, accepted)
+    assert sts.fitted == [False, False]
+    report = {"greedy": {**sts.to_dict(), "rounds": 40, "prompts": 3}}
+    (line,) = describe_calibration(report)
+    assert line.startswith("greedy: 40 full-block rounds from 3 held-out prompts; too few examples at every position")
+    assert "at least 32 accepted and 32 rejected" in line and "STS left the mean ECE" in line
+    half = {"T=1": {**sts.to_dict(), "fitted": [True, False], "rounds": 40, "prompts": 3}}
+    (line,) = describe_calibration(half)
+    assert "position(s) 2 had too few examples" in line
+
+
+def test_serving_commands_quote_the_speculative_config_as_one_json_argument():
+    cmds = serving_commands("HuggingFaceTB/SmolLM2-135M-Instruct", "build/my drafter", 4)
+    vllm = shlex.split(cmds["vLLM"])
+    assert vllm[:3] == ["vllm", "serve", "HuggingFaceTB/SmolLM2-135M-Instruct"] and vllm[3] == "--speculative-config"
+    assert json.loads(vllm[4]) == {"method": "dspark", "model": "build/my drafter", "num_speculative_tokens": 4}
+    sglang = shlex.split(cmds["SGLang"])
+    assert sglang[sglang.index("--speculative-algorithm") + 1] == "DSPARK"
+    assert sglang[sglang.index("--speculative-draft-model-path") + 1] == "build/my drafter"
