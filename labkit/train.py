@@ -408,7 +408,10 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
     if not (ce >= 0 and l1 >= 0 and ce + l1 > 0):
         raise LabkitError(f"--ce-weight and --l1-weight must be non-negative and not both 0, got {ce} and {l1} "
                           "(hard labels only: --ce-weight 1 --l1-weight 0).")
-    target = load_target(args.target, args.device)
+    from accelerate import PartialState
+    state = PartialState()  # under `accelerate launch`: this process's rank and device (shared with train's Accelerator)
+    device = args.device or (state.device if state.num_processes > 1 else None)
+    target = load_target(args.target, device)
     for p in target.model.parameters():
         p.requires_grad_(False)
     out = Path(args.out)
@@ -431,7 +434,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
             overrides["target_layers"] = target_layers
         cfg = model_classes(args.drafter)[1].for_target(target, **overrides)
         vocab_ids = None
-    items = training_items(target, args.data, cfg.target_layers, max_shards=getattr(args, "max_shards", None))
+    with state.main_process_first():  # one process computes the feature cache, the others then read it
+        items = training_items(target, args.data, cfg.target_layers, max_shards=getattr(args, "max_shards", None))
     if cfg.draft_vocab and vocab_ids is None:
         vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
         if len(vocab_ids) < cfg.draft_vocab:
