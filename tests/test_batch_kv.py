@@ -280,12 +280,18 @@ def test_bad_input_names_the_fix(sdpa_target):
         BatchKV(sdpa_target, compact_at=0.0)
 
 
-def test_sliding_window_caches_are_refused():
+def test_sliding_window_models_get_full_layers_and_trimmed_caches_are_refused():
+    """A sliding-window model is served: Target.new_cache keeps full layers (the window lives in the
+    masks); a cache that does trim its window (as transformers builds it from the config) is refused."""
+    from transformers import DynamicCache
+
+    from labkit.batch_kv import _check_cache_type
     cfg = MistralConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=2, sliding_window=4)
     t = Target(model=MistralForCausalLM(cfg).eval(), tokenizer=ToyTokenizer(16), name="mistral-sw")
+    BatchKV(t)
     with pytest.raises(LabkitError, match="DynamicSlidingWindowLayer.*one request at a time"):
-        BatchKV(t)
+        _check_cache_type(DynamicCache(config=cfg), t.name)
 
 
 @pytest.mark.slow
