@@ -79,35 +79,35 @@ def test_greedy_speculative_equals_ar(gemma, prompt_ids, ar_outputs, spec):
     assert proposed > 0, f"{spec} proposed nothing: the test exercised no verification"
 
 
-def test_next_token_distribution_with_layer_skip_draft(gemma, chi2_gof):
-    """10000 first emitted tokens at temperature 1, top-p 0.9, drafted by the first 12 of 18 layers;
-    chi-square against the model's p_t at alpha 0.001, on the union of the two supports."""
+def assert_first_token_follows_target(gemma, drafter, chi2_gof, prompts, band: float, seed: int,
+                                      min_df: int = 1) -> None:
+    """10000 first emitted tokens at temperature 1, top-p 0.9, on the first prompt whose acceptance lies
+    in (band, 1 - band) (the test needs both outcomes); chi-square against p_t at alpha 0.001 on the
+    union of the two supports."""
     params = SamplingParams(1.0, 0.9)
-    drafter = LayerSkipDrafter(gemma, LayerSkipConfig(n_layers=12, gamma=1, stop_below=0.0))
-    for prompt in ("Write a short poem about the sea.", "Give three tips for staying healthy."):
+    for prompt in prompts:
         p_t, p_d, support = next_token_pair(gemma, drafter, params, prompt)
-        if 0.1 < torch.minimum(p_t, p_d).sum().item() < 0.9:
+        acceptance = torch.minimum(p_t, p_d).sum().item()
+        if band < acceptance < 1 - band:
             break
-    acceptance = torch.minimum(p_t, p_d).sum().item()
-    assert 0.1 < acceptance < 0.9, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
-    counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=0)
+    assert band < acceptance < 1 - band, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
+    counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=seed)
     fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
-    assert fit.impossible == 0 and fit.df >= 5
+    assert fit.impossible == 0 and fit.df >= min_df
     assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+
+
+SAMPLED_PROMPTS = ("Write a short poem about the sea.", "Give three tips for staying healthy.",
+                   "Explain what a prime number is.")
+
+
+def test_next_token_distribution_with_layer_skip_draft(gemma, chi2_gof):
+    """Drafted by the first 12 of 18 layers."""
+    drafter = LayerSkipDrafter(gemma, LayerSkipConfig(n_layers=12, gamma=1, stop_below=0.0))
+    assert_first_token_follows_target(gemma, drafter, chi2_gof, SAMPLED_PROMPTS, band=0.1, seed=0, min_df=5)
 
 
 def test_next_token_distribution_with_the_trained_dspark(gemma, chi2_gof):
-    """The same test with the trained DSpark drafter's real p_d (zero outside its draft vocabulary)."""
-    params = SamplingParams(1.0, 0.9)
-    drafter = make_drafter("dspark", gemma)
-    for prompt in ("Write a short poem about the sea.", "Give three tips for staying healthy.",
-                   "Explain what a prime number is."):
-        p_t, p_d, support = next_token_pair(gemma, drafter, params, prompt)
-        acceptance = torch.minimum(p_t, p_d).sum().item()
-        if 0.05 < acceptance < 0.95:
-            break
-    assert 0.05 < acceptance < 0.95, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
-    counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=1)
-    fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
-    assert fit.impossible == 0
-    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+    """With the trained DSpark drafter's real p_d (zero outside its draft vocabulary)."""
+    assert_first_token_follows_target(gemma, make_drafter("dspark", gemma), chi2_gof, SAMPLED_PROMPTS,
+                                      band=0.05, seed=1)
