@@ -20,7 +20,7 @@ from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams, verify_chain
 from labkit.target import PLAIN_PROMPT, load_target
-from test_real_target import ALPHA, N_DRAWS, first_token_counts, next_token_pair
+from test_real_target import ALPHA, N_DRAWS, first_token_counts, next_token_pair, verify_resample_target
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -83,7 +83,8 @@ def assert_first_token_follows_target(gemma, drafter, chi2_gof, prompts, band: f
                                       min_df: int = 1) -> None:
     """10000 first emitted tokens at temperature 1, top-p 0.9, on the first prompt whose acceptance lies
     in (band, 1 - band) (the test needs both outcomes); chi-square against p_t at alpha 0.001 on the
-    union of the two supports."""
+    union of the two supports. The same draws through a verifier that resamples p_t instead of the
+    residual must be rejected, or the test had no power."""
     params = SamplingParams(1.0, 0.9)
     for prompt in prompts:
         p_t, p_d, support = next_token_pair(gemma, drafter, params, prompt)
@@ -95,6 +96,9 @@ def assert_first_token_follows_target(gemma, drafter, chi2_gof, prompts, band: f
     fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
     assert fit.impossible == 0 and fit.df >= min_df
     assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+    wrong = first_token_counts(verify_resample_target, p_t, p_d, N_DRAWS, seed=seed)
+    assert chi2_gof([wrong[i] for i in range(len(support))], p_t.tolist()).rejects(ALPHA), \
+        "the test has no power here: it accepts a verifier that resamples p_t instead of the residual"
 
 
 SAMPLED_PROMPTS = ("Write a short poem about the sea.", "Give three tips for staying healthy.",
@@ -107,7 +111,12 @@ def test_next_token_distribution_with_layer_skip_draft(gemma, chi2_gof):
     assert_first_token_follows_target(gemma, drafter, chi2_gof, SAMPLED_PROMPTS, band=0.1, seed=0, min_df=5)
 
 
+# Open questions whose next token is spread over many words, so the test has power (about 50-220
+# degrees of freedom at 10000 draws) where a rejected draft is resampled from the residual.
+OPEN_PROMPTS = ("What is your favorite food?", "Give me a random word.", "Tell me a story.")
+
+
 def test_next_token_distribution_with_the_trained_dspark(gemma, chi2_gof):
     """With the trained DSpark drafter's real p_d (zero outside its draft vocabulary)."""
-    assert_first_token_follows_target(gemma, make_drafter("dspark", gemma), chi2_gof, SAMPLED_PROMPTS,
-                                      band=0.05, seed=1)
+    assert_first_token_follows_target(gemma, make_drafter("dspark", gemma), chi2_gof, OPEN_PROMPTS,
+                                      band=0.1, seed=1, min_df=20)
