@@ -137,11 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None,
                    help="the drafter's target: HF id or local path (default: SmolLM2-135M-Instruct)")
 
-    p = sub.add_parser("round-cost", help="T_step, T_verify(k) and T_draft per dtype, stock vs packed kernels, in one run")
+    p = sub.add_parser("round-cost", help="T_step, T_verify(k) and T_draft per dtype: stock kernels, packed weights, and grouped attention on top, in one run")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="target dtypes to measure")
     p.add_argument("--ks", nargs="+", type=_positive_int, default=list(range(1, 17)), help="tokens per verify forward")
     p.add_argument("--drafters", nargs="*", default=["dflash", "dspark"], help="drafters whose proposal is timed")
     p.add_argument("--repeats", type=_positive_int, default=7, help="interleaved repeats (medians)")
+    p.add_argument("--context", type=_positive_int, default=200, help="tokens already in the cache when timed")
     p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--json", dest="json_out", default=None, help="write the table as JSON here")
 
@@ -338,24 +339,27 @@ def cmd_round_cost(args) -> None:
 
     from labkit.costs import round_costs
     from labkit.target import load_target
-    variants = {f"{dt} {'packed' if pk else 'stock'}": load_target(args.target, dtype=dt, packed=pk)
-                for dt in args.dtypes for pk in (False, True)}
+    kernels = {"stock": (False, False), "packed": (True, False), "packed+grouped": (True, True)}
+    variants = {f"{dt} {name}": load_target(args.target, dtype=dt, packed=pk, grouped=gq)
+                for dt in args.dtypes for name, (pk, gq) in kernels.items()}
     some = next(iter(variants.values()))
     prompt = some.encode_prompt("Write a Python function that returns the n-th Fibonacci number, with a docstring.")
-    rows = round_costs(variants, args.ks, args.drafters, prompt, repeats=args.repeats)
+    rows = round_costs(variants, args.ks, args.drafters, prompt, context_len=args.context, repeats=args.repeats)
     shown = [k for k in (2, 4, 8, 9, 16) if k in rows[0].verify_ms]
     head = ["variant", "T_step"] + [f"T_v({k})" for k in shown] + [f"T_d({d})" for d in args.drafters]
     head += [f"v(9)/step"] + [f"b/e tau {d}" for d in args.drafters if 9 in rows[0].verify_ms]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ms (medians of {args.repeats})")
-    print("  ".join(f"{h:>14}" for h in head))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.context}-token context, "
+          f"ms (medians of {args.repeats})")
+    first = max(len(r.label) for r in rows)
+    print(f"{head[0]:<{first}}  " + "  ".join(f"{h:>14}" for h in head[1:]))
     for r in rows:
         cells = [r.label, f"{r.step_ms:.1f}"] + [f"{r.verify_ms[k]:.1f}" for k in shown]
         cells += [f"{r.draft_ms[d]:.1f}" for d in args.drafters]
         if 9 in r.verify_ms:
             cells += [f"{r.verify_ms[9] / r.step_ms:.2f}"] + [f"{r.break_even_tau(d, 9):.2f}" for d in args.drafters]
-        print("  ".join(f"{c:>14}" for c in cells))
+        print(f"{cells[0]:<{first}}  " + "  ".join(f"{c:>14}" for c in cells[1:]))
     if args.json_out:
-        _write_json({"threads": torch.get_num_threads(), "repeats": args.repeats,
+        _write_json({"threads": torch.get_num_threads(), "repeats": args.repeats, "context": args.context,
                      "rows": [r.to_dict() for r in rows]}, args.json_out)
 
 

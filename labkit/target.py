@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from labkit.errors import LabkitError
+from labkit.attention import grouped_wanted, use_grouped_sdpa
 from labkit.packed import pack_linears, packing_wanted
 
 DEFAULT_TARGET = "SmolLM2-135M-Instruct"
@@ -189,6 +190,8 @@ class Target:
     eos_token_ids: set[int] = field(default_factory=set)
     #: how many nn.Linear layers run with oneDNN pre-packed weights (labkit.packed; 0 = stock kernels)
     packed: int = 0
+    #: whether several-token forwards run grouped-query attention without a KV copy (labkit.attention)
+    grouped: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -282,14 +285,18 @@ class Target:
 
 
 def load_target(name: str | None = None, device: str | torch.device | None = None,
-                dtype: str | torch.dtype = "float32", packed: bool | None = None) -> Target:
+                dtype: str | torch.dtype = "float32", packed: bool | None = None,
+                grouped: bool | None = None) -> Target:
     """Load the default target (or any HF causal LM by id or path) ready for decoding.
 
     fp32 is the reference precision: greedy speculative output equals greedy output token for token
     in fp32, while bf16 may flip near-tied argmaxes between a batched verify and a one-token forward.
     `packed` (default: on the CPU unless LABKIT_PACKED=0) runs its linear layers with pre-packed
     oneDNN weights (labkit.packed), which makes a forward over 2-16 tokens cost about what one does;
-    HF `generate` on the same model runs them too, so comparisons stay like for like.
+    HF `generate` on the same model runs them too, so comparisons stay like for like. `grouped`
+    (default: on the CPU unless LABKIT_GROUPED=0) runs grouped-query attention over several new tokens
+    without repeating the KV cache per head (labkit.attention); one-token steps, HF `generate`'s, are
+    unchanged by it.
     """
     display, source = resolve_target(name)
     allow_download = os.environ.get("LABKIT_ALLOW_DOWNLOAD") == "1"
@@ -313,8 +320,10 @@ def load_target(name: str | None = None, device: str | torch.device | None = Non
             hf_logging.enable_progress_bar()
     model.to(dev).eval()
     n_packed = pack_linears(model) if (packing_wanted(dev, torch_dtype) if packed is None else packed) else 0
+    is_grouped = use_grouped_sdpa(model) if (grouped_wanted(dev) if grouped is None else grouped) else False
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
-    return Target(model=model, tokenizer=tokenizer, name=display, eos_token_ids=eos_ids, packed=n_packed)
+    return Target(model=model, tokenizer=tokenizer, name=display, eos_token_ids=eos_ids, packed=n_packed,
+                  grouped=is_grouped)

@@ -435,7 +435,8 @@ class DFlashDrafter:
     def sample_block(self, logits: torch.Tensor, params: SamplingParams, generator) -> Proposal:
         """Sample each position from its own draft distribution; return the exact probabilities used."""
         p_small = logits_to_probs(logits, params)  # (k, V_draft)
-        local = torch.stack([sample(p, generator) for p in p_small]) if generator is not None else p_small.argmax(-1)
+        # one draw per row in one call; greedy rows are one-hot, so their argmax is the draw
+        local = p_small.argmax(-1) if generator is None or params.greedy else sample(p_small, generator)
         return self.to_proposal(local, p_small)
 
     def to_proposal(self, local: torch.Tensor, p_small: torch.Tensor, **extra) -> Proposal:

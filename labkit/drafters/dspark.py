@@ -144,7 +144,8 @@ class DSparkDrafter(DFlashDrafter):
                 prev = torch.tensor(forced[j], device=h.device)
                 continue
             p = logits_to_probs(logits[None], params)[0]
-            col = sample(p, generator) if generator is not None else p.argmax()
+            # greedy p is one-hot: its argmax is the draw, without a multinomial over V_draft
+            col = p.argmax() if generator is None or params.greedy else sample(p, generator)
             if m.confidence is not None:
                 conf.append(m.confidence(h[j], feat).float())
             cols.append(col)
