@@ -47,6 +47,7 @@ ARMS = {
     "gamma-4": "--gamma 4",
     "gamma-16": "--gamma 16",
     "dflash": "--drafter dflash",
+    "seed-1": "--seed 1",  # the base recipe again with another seed: how far apart two runs of one arm land
 }
 
 
@@ -106,7 +107,7 @@ def evaluate(name: str, ckpt: Path, target, args) -> dict:
     done = trained_sequences(folder, args.max_shards)
     layers = tuple(model.cfg.target_layers)
     items = heldout_items(target, folder, layers, args.n_heldout,
-                          Path(args.runs) / f"heldout-{'-'.join(map(str, layers))}.safetensors", done)
+                          Path(args.runs) / f"heldout-{args.n_heldout}-{'-'.join(map(str, layers))}.safetensors", done)
     acc = offline_acceptance(model, heldout_batch(items, model.cfg.gamma, anchors=32))
     drafter = (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model)
     prompts = [it.seq.ids[: it.seq.prompt_len] for it in items[: args.n_decode]]
