@@ -139,19 +139,23 @@ def test_sampled_dspark_sequences_follow_the_target(arch, chi2_gof):
     assert_sequences_follow_target(t, dspark(t, gamma=3), chi2_gof)
 
 
+def serve_greedy(target: Target, drafter, n_requests: int, slots: int = 3) -> list[tuple[ServeRequest, list[int]]]:
+    """n greedy requests of growing length through the batched engine: (request, its served tokens)."""
+    requests = [ServeRequest(i, f"r{i}", [(3 * i + j) % VOCAB for j in range(2 + i)], 10 + i, SamplingParams(0.0), i)
+                for i in range(n_requests)]
+    engine = Engine(target, drafter, "fixed", None)
+    for _ in closed_loop(requests, slots, engine):
+        pass
+    return [(requests[r["id"]], r["token_ids"]) for r in report(engine, slots, "test")["requests"]]
+
+
 def test_batched_engine_serves_gemma3_like_solo_decoding():
     """Gemma 3 (sliding-window layers) in the batched engine: 6 requests through 3 slots, each request's
     greedy tokens equal its solo greedy decoding."""
     t = tiny_target("gemma3")
     drafter = dspark(t)
-    requests = [ServeRequest(i, f"r{i}", [(3 * i + j) % VOCAB for j in range(2 + i)], 10 + i, SamplingParams(0.0), i)
-                for i in range(6)]
-    engine = Engine(t, drafter, "fixed", None)
-    for _ in closed_loop(requests, 3, engine):
-        pass
-    for r in report(engine, 3, "test")["requests"]:
-        req = requests[r["id"]]
-        assert r["token_ids"] == generate(t, req.prompt_ids, drafter, req.max_new_tokens).token_ids
+    for req, served in serve_greedy(t, drafter, 6):
+        assert served == generate(t, req.prompt_ids, drafter, req.max_new_tokens).token_ids
 
 
 def test_a_drafter_trains_on_every_architecture(target, tmp_path):

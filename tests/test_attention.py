@@ -11,11 +11,10 @@ import torch
 from labkit import generate, make_drafter
 from labkit.attention import NAME, grouped_sdpa, use_grouped_sdpa
 from labkit.sampling import SamplingParams
-from labkit.serving import Engine, ServeRequest, closed_loop, report
 from labkit.target import Target, load_target
-from test_architectures import ARCHS, VOCAB, dspark, tiny_model, tiny_target
+from test_architectures import ARCHS, dspark, serve_greedy, tiny_model, tiny_target
 
-from conftest import ToyTokenizer, tiny_llama
+from conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,15 +89,8 @@ def test_speculative_greedy_on_grouped_attention_equals_the_stock_model(arch):
 
 def test_the_batched_engine_on_grouped_attention_serves_the_stock_tokens():
     stock, grouped = pair("gemma3")
-    drafter = dspark(grouped)
-    requests = [ServeRequest(i, f"r{i}", [(3 * i + j) % VOCAB for j in range(2 + i)], 10 + i, SamplingParams(0.0), i)
-                for i in range(5)]
-    engine = Engine(grouped, drafter, "fixed", None)
-    for _ in closed_loop(requests, 3, engine):
-        pass
-    for r in report(engine, 3, "test")["requests"]:
-        req = requests[r["id"]]
-        assert r["token_ids"] == generate(stock, req.prompt_ids, None, req.max_new_tokens).token_ids
+    for req, served in serve_greedy(grouped, dspark(grouped), 5):
+        assert served == generate(stock, req.prompt_ids, None, req.max_new_tokens).token_ids
 
 
 def test_models_without_groups_or_sdpa_are_left_alone():
