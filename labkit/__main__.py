@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text for one prompt, with or without a drafter")
     p.add_argument("--prompt", required=True, help="the user's message (goes through the chat template)")
-    p.add_argument("--drafter", default="none", help="none, prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
+    p.add_argument("--drafter", default="none", help="none, prompt-lookup, layer-skip[:N], dflash, dspark, "
+                   "hybrid:dspark, sched:dspark (confident prefixes only) or a checkpoint path")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     _add_model_args(p)
 

@@ -10,7 +10,7 @@ from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafte
 from labkit.errors import LabkitError
 from labkit.target import DEFAULT_TARGET, Target
 
-BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "hybrid")
+BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "hybrid", "sched")
 SHIPPED = ("dflash", "dspark")
 #: trained checkpoints shipped with the lab, by the name that `--drafter` takes: the default target's in
 #: this folder, another packaged target's in a subfolder named after it (data/drafters/gemma-3-270m/dflash)
@@ -50,6 +50,9 @@ def check_spec(spec: str | None) -> None:
     """Refuse a malformed drafter spec before anything slow (loading a model) happens."""
     if spec is None or spec == "none":
         return
+    if spec.partition(":")[0] == "sched":  # before the path test: sched:PATH holds a slash
+        _check_sched(spec)
+        return
     if spec.partition(":")[0] == "hybrid":  # before the path test: hybrid:PATH holds a slash
         _check_hybrid(spec)
         return
@@ -79,13 +82,27 @@ def _check_hybrid(spec: str) -> None:
     check_spec(arg)
 
 
+def _check_sched(spec: str) -> None:
+    """sched:<any other drafter spec> (e.g. sched:dspark, sched:hybrid:dspark)."""
+    arg = spec.partition(":")[2]
+    if not arg or arg == "none" or arg.partition(":")[0] == "sched":
+        raise LabkitError(f"sched schedules another drafter's blocks by their confidences: use sched:dspark or "
+                          f"sched:hybrid:dspark (sched once, around a real drafter), got {spec!r}.")
+    check_spec(arg)
+
+
 def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> Drafter | None:
     """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash' or 'dspark' (the
     shipped checkpoints; dspark calibrated), the path of a trained checkpoint folder (either kind), or
-    'hybrid:<dspark|dflash|PATH>' (prompt lookup, then that model for the rest; `gamma` caps both)."""
+    'hybrid:<dspark|dflash|PATH>' (prompt lookup, then that model for the rest; `gamma` caps both), or
+    'sched:<spec>' (that drafter's confident prefixes only, Algorithm 1 on this device's measured costs)."""
     check_spec(spec)
     if spec is None or spec == "none":
         return None
+    if spec.partition(":")[0] == "sched":
+        from labkit.drafters.scheduled import ScheduledDrafter, verify_table
+        inner = make_drafter(spec.partition(":")[2], target, gamma)
+        return ScheduledDrafter(inner, verify_table(target, 1 + getattr(inner, "gamma", 16)))
     if spec.partition(":")[0] == "hybrid":
         from labkit.drafters.hybrid import make_hybrid
         return make_hybrid(make_drafter(spec.partition(":")[2], target, gamma), gamma)

@@ -109,6 +109,9 @@ def check_batchable(drafter: Drafter | None) -> None:
     if needs_target_cache(drafter):
         raise LabkitError(f"The {drafter.name} drafter drafts from the target's own cache and runs single-request "
                           "only; use --drafter dspark|dflash|prompt-lookup with serve.")
+    if not getattr(drafter, "batchable", True):
+        raise LabkitError(f"The {drafter.name} drafter schedules one request's blocks by itself; the engine "
+                          "schedules all requests together: drop the sched: prefix (e.g. --drafter dspark).")
 
 
 def one_hot_proposal(tokens: list[int], vocab_size: int, device: torch.device | str = "cpu") -> Proposal:
