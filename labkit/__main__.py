@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-mask", action="store_true",
                    help="keep the mask slots' embedding the target's row (as DeepSpec does; needed by `export`)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--feature-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision of the target when it caches its features (bfloat16: about 2x faster on a "
+                        "CPU with bf16 units; a cache of its own)")
     p.add_argument("--save-every", type=_positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,12 @@ of any token v is exp(h_final . W_v - lse) without storing V numbers per positio
 One cache file per data shard (`features/<layers>/shard-XXXXX.safetensors`): ctx (N, m*H) bf16,
 final (N, H) fp16, lse (N,) fp32, rows aligned with the shard's flat token array. Files are written
 atomically, so an interrupted run resumes with the shards it finished.
+
+Features may come from the target run in bf16 (`train --feature-dtype bfloat16`, about 2x faster on a
+CPU with bf16 units): they are training data, not the reference, and live in a folder of their own
+(`layers-...-bfloat16`) so the two precisions never mix. The log-sum-exp is always taken in fp32
+over the stored (fp16) final state, so exp(h . W_v - lse) sums to 1 over the vocabulary as training
+computes it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,12 @@ from labkit.errors import LabkitError
 from labkit.target import Target
 
 
-def cache_dir(data_dir: str | Path, layers: tuple[int, ...]) -> Path:
-    return Path(data_dir) / "features" / ("layers-" + "-".join(map(str, layers)))
+def cache_dir(data_dir: str | Path, layers: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Path:
+    """The folder of one feature cache: by target layers, and by the target's precision when not fp32."""
+    name = "layers-" + "-".join(map(str, layers))
+    if dtype != torch.float32:
+        name += "-" + str(dtype).removeprefix("torch.")
+    return Path(data_dir) / "features" / name
 
 
 @torch.no_grad()
@@ -36,7 +46,7 @@ def shard_features(target: Target, tokens: torch.Tensor, offsets: torch.Tensor, 
                    batch_tokens: int = 2048) -> dict[str, torch.Tensor]:
     """Teacher-forced target forwards over each sequence of one shard (batched, right-padded)."""
     model = target.model
-    head = model.get_output_embeddings().weight
+    head = model.get_output_embeddings().weight.float()
     n = int(offsets[-1])
     ctx = torch.empty(n, len(layers) * target.hidden_size, dtype=torch.bfloat16)
     final = torch.empty(n, target.hidden_size, dtype=torch.float16)
@@ -60,9 +70,9 @@ def shard_features(target: Target, tokens: torch.Tensor, offsets: torch.Tensor, 
             a, b = spans[i]
             t = b - a
             ctx[a:b] = torch.cat([hs[j][r, :t] for j in layers], -1).to("cpu", torch.bfloat16)
-            h = hs[-1][r, :t]
-            final[a:b] = h.to("cpu", torch.float16)
-            lse[a:b] = torch.logsumexp((h @ head.T).float(), -1).cpu()
+            h = hs[-1][r, :t].to(torch.float16)
+            final[a:b] = h.cpu()
+            lse[a:b] = torch.logsumexp(h.float() @ head.T, -1).cpu()
 
     for i in order:
         if batch and (len(batch) + 1) * (spans[i][1] - spans[i][0]) > batch_tokens:
@@ -82,9 +92,10 @@ def cache_features(target: Target, data_dir: str | Path, layers: tuple[int, ...]
     if not shards:
         raise LabkitError(f"No training data in {data_dir}: make it with `python -m labkit prepare-data "
                           f"--out {data_dir}`.")
-    out = cache_dir(data_dir, layers)
+    out = cache_dir(data_dir, layers, target.model.dtype)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "info.json").write_text(json.dumps({"target": target.name, "layers": list(layers)}))
+    (out / "info.json").write_text(json.dumps({"target": target.name, "layers": list(layers),
+                                               "dtype": str(target.model.dtype).removeprefix("torch.")}))
     todo = [s for s in shards if not (out / s.name).exists()]
     for shard in tqdm(todo, desc="target features", unit="shard", disable=not progress or not todo):
         t = load_file(str(shard))
@@ -111,11 +122,11 @@ class FeatureSequence:
         return {k: f.get_slice(k)[a:b] for k in ("ctx", "final", "lse")}
 
 
-def feature_sequences(data_dir: str | Path, layers: tuple[int, ...],
-                      max_shards: int | None = None) -> list[FeatureSequence]:
+def feature_sequences(data_dir: str | Path, layers: tuple[int, ...], max_shards: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> list[FeatureSequence]:
     """Every cached sequence with its feature location; sequences of uncached shards are skipped."""
     data_dir = Path(data_dir)
-    out = cache_dir(data_dir, layers)
+    out = cache_dir(data_dir, layers, dtype)
     items: list[FeatureSequence] = []
     for shard in sorted(data_dir.glob("shard-*.safetensors"))[:max_shards]:
         fpath = out / shard.name
@@ -149,7 +160,8 @@ def check_data_target(data_dir: str | Path, target: Target) -> None:
 def training_items(target: Target, data_dirs, layers: tuple[int, ...], max_shards: int | None = None,
                    progress: bool = True) -> list[FeatureSequence]:
     """The sequences of one or more prepare-data folders (the first `max_shards` of each), their target
-    features cached per folder first; folders made for another target are refused."""
+    features cached per folder first (at the precision `target` runs in); folders made for another
+    target are refused."""
     dirs = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs)
     if not dirs:
         raise LabkitError("No training data folder given: pass --data FOLDER [FOLDER ...].")
@@ -157,5 +169,5 @@ def training_items(target: Target, data_dirs, layers: tuple[int, ...], max_shard
     for d in dirs:
         check_data_target(d, target)
         cache_features(target, d, layers, progress=progress, max_shards=max_shards)
-        items.extend(feature_sequences(d, layers, max_shards=max_shards))
+        items.extend(feature_sequences(d, layers, max_shards=max_shards, dtype=target.model.dtype))
     return items

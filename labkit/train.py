@@ -434,8 +434,12 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
             overrides["target_layers"] = target_layers
         cfg = model_classes(args.drafter)[1].for_target(target, **overrides)
         vocab_ids = None
+    feature_dtype = getattr(args, "feature_dtype", "float32")
+    feature_target = target if feature_dtype == "float32" else load_target(args.target, device, feature_dtype)
     with state.main_process_first():  # one process computes the feature cache, the others then read it
-        items = training_items(target, args.data, cfg.target_layers, max_shards=getattr(args, "max_shards", None))
+        items = training_items(feature_target, args.data, cfg.target_layers,
+                               max_shards=getattr(args, "max_shards", None))
+    del feature_target
     if cfg.draft_vocab and vocab_ids is None:
         vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
         if len(vocab_ids) < cfg.draft_vocab:
@@ -453,7 +457,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
                        save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
                        mixed_precision=args.mixed_precision,
                        loss=LossWeights(ce=getattr(args, "ce_weight", 0.1), l1=getattr(args, "l1_weight", 0.9)))
-    info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "train_command": " ".join(
+    info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "feature_dtype": feature_dtype,
+            "train_command": " ".join(
         ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
     path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes, info=info)
     if args.export:

@@ -156,3 +156,43 @@ def test_training_items_join_folders_and_refuse_another_targets_data(make_tiny_t
     (tmp_path / "two" / "manifest.json").write_text(_json.dumps({"settings": {"target": "tiny-b"}}))
     with pytest.raises(LabkitError, match="prepare-data --target tiny-a"):
         training_items(target, [tmp_path / "one", tmp_path / "two"], (1, 2), progress=False)
+
+
+def test_bf16_features_get_their_own_cache_and_a_consistent_log_sum_exp(make_tiny_target, tmp_path):
+    """Features made by a bf16 target land beside the fp32 cache, never in it, and each row's stored
+    log-sum-exp normalises exp(final . W) over the whole vocabulary as training computes it (fp32 over
+    the stored fp16 state), so the target's probabilities sum to 1; the bf16 states stay close to fp32's."""
+    import json as _json
+
+    from safetensors.torch import load_file as _load, save_file as _save
+    from labkit.features import cache_dir, training_items
+    folder = tmp_path / "data"
+    folder.mkdir()
+    ids = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11, 6, 13, 8, 15], dtype=torch.int32)
+    _save({"tokens": ids, "offsets": torch.tensor([0, 5, len(ids)]), "prompt_lens": torch.tensor([2, 2]),
+           "prompt_index": torch.tensor([0, 1]), "greedy": torch.tensor([0, 0])}, str(folder / "shard-00000.safetensors"),
+          metadata={"domains": _json.dumps(["math", "chat"])})
+    caches = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        target = make_tiny_target(vocab_size=16, n_layers=3, hidden=32)
+        target.model.to(dtype)
+        items = training_items(target, [folder], (1, 2), progress=False)
+        assert len(items) == 2 and all(it.path.parent == cache_dir(folder, (1, 2), dtype) for it in items)
+        caches[dtype] = _load(str(cache_dir(folder, (1, 2), dtype) / "shard-00000.safetensors"))
+        head = target.model.get_output_embeddings().weight.float()
+        p = torch.exp(caches[dtype]["final"].float() @ head.T - caches[dtype]["lse"][:, None])
+        assert torch.allclose(p.sum(-1), torch.ones(len(ids)), atol=1e-5)
+    assert cache_dir(folder, (1, 2), torch.bfloat16) != cache_dir(folder, (1, 2))
+    assert (cache_dir(folder, (1, 2), torch.bfloat16) / "info.json").read_text().count("bfloat16") == 1
+    fp32, bf16 = caches[torch.float32], caches[torch.bfloat16]
+    rel = (bf16["ctx"].float() - fp32["ctx"].float()).norm() / fp32["ctx"].float().norm()
+    assert 0 < rel < 0.05, "bf16 features differ from fp32's, but only by rounding"
+
+
+def test_train_feature_dtype_bfloat16_caches_apart_and_records_it(trained):
+    run = trained["root"] / "run-bf16"
+    assert main(["train", "--target", str(trained["model"]), "--data", str(trained["data"]), "--out", str(run),
+                 "--steps", "2", "--save-every", "2", "--batch-seqs", "2", "--anchors", "4", "--gamma", "3",
+                 "--target-layers", "2,5", "--draft-vocab", "64", "--feature-dtype", "bfloat16"]) == 0
+    assert (trained["data"] / "features" / "layers-2-5-bfloat16").is_dir()
+    assert json.loads((run / "last" / "config.json").read_text())["extra"]["feature_dtype"] == "bfloat16"
