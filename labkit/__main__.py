@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="precision of the target when it caches its features (bfloat16: about 2x faster on a "
                         "CPU with bf16 units; a cache of its own)")
+    p.add_argument("--init-from", default=None, metavar="DRAFTER",
+                   help="go on training a trained drafter (a checkpoint folder of the same kind): its weights, "
+                        "shape and draft vocabulary; a new optimizer and schedule")
     p.add_argument("--save-every", type=_positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--seed", type=int, default=0)

@@ -386,6 +386,20 @@ def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = Non
     return model.to(target.device)
 
 
+def warm_start_config(path: str | Path, kind: str, target) -> tuple[DFlashConfig, torch.Tensor]:
+    """The shape and draft vocabulary of a trained drafter to go on training from (`train --init-from`):
+    same kind and target only; its STS calibration and run record are dropped, since training moves them."""
+    from safetensors.torch import load_file
+    raw = read_config(path)
+    if raw.get("kind", "dflash") != kind:
+        raise LabkitError(f"--init-from {path} is a {raw.get('kind', 'dflash')} drafter, not {kind}: "
+                          f"pass a {kind} checkpoint or --drafter {raw.get('kind', 'dflash')}.")
+    raw = {k: v for k, v in raw.items() if k not in ("calibration", "extra")}
+    cfg = model_classes(kind)[1].from_dict(raw)
+    check_compatible(cfg, target, str(path))
+    return cfg, load_file(str(Path(path) / "model.safetensors"))["vocab_ids"]
+
+
 def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype = torch.bfloat16,
            extra: dict | None = None) -> Path:
     """Copy a trained checkpoint to a small shippable one (weights cast to dtype)."""
@@ -424,6 +438,10 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
         check_compatible(cfg, target, str(last))
         from safetensors.torch import load_file
         vocab_ids = load_file(str(last / "model.safetensors"))["vocab_ids"]
+    elif getattr(args, "init_from", None):
+        cfg, vocab_ids = warm_start_config(args.init_from, args.drafter, target)
+        log(f"warm start from {args.init_from}: its shape ({cfg.n_layers} layer(s), gamma {cfg.gamma}, "
+            f"draft vocabulary {cfg.draft_vocab}) replaces --layers, --gamma and --draft-vocab")
     else:
         overrides = dict(gamma=args.gamma, n_layers=args.layers, draft_vocab=args.draft_vocab,
                          anchor_predicts=args.anchor_mode == "anchor-first",
@@ -446,7 +464,10 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
             log(f"the training responses use only {len(vocab_ids)} distinct tokens: draft vocabulary cut to that")
             cfg.draft_vocab = len(vocab_ids)
     n_tokens = sum(len(it.seq.ids) - it.seq.prompt_len for it in items)
-    model = new_backbone(target, cfg, vocab_ids, init_from_target=not args.no_init_from_target)
+    if getattr(args, "init_from", None) and not (last / "trainer.pt").exists():
+        model = load_backbone(args.init_from, target, packed=False).train()
+    else:
+        model = new_backbone(target, cfg, vocab_ids, init_from_target=not args.no_init_from_target)
     if cfg.draft_vocab:
         log(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_coverage(items, model.vocab_ids):.2%} "
             "of the training responses")
@@ -458,6 +479,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
                        mixed_precision=args.mixed_precision,
                        loss=LossWeights(ce=getattr(args, "ce_weight", 0.1), l1=getattr(args, "l1_weight", 0.9)))
     info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "feature_dtype": feature_dtype,
+            "init_from": str(getattr(args, "init_from", None) or ("target" if not args.no_init_from_target
+                                                                    else "random")),
             "train_command": " ".join(
         ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
     path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes, info=info)

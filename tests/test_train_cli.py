@@ -196,3 +196,27 @@ def test_train_feature_dtype_bfloat16_caches_apart_and_records_it(trained):
                  "--target-layers", "2,5", "--draft-vocab", "64", "--feature-dtype", "bfloat16"]) == 0
     assert (trained["data"] / "features" / "layers-2-5-bfloat16").is_dir()
     assert json.loads((run / "last" / "config.json").read_text())["extra"]["feature_dtype"] == "bfloat16"
+
+
+def test_init_from_goes_on_training_a_trained_drafter(trained, capsys):
+    """`train --init-from` starts from the drafter's weights, shape and draft vocabulary (its --gamma and
+    --draft-vocab win over the command's), and refuses a drafter of another kind in one line."""
+    from safetensors.torch import load_file
+    run = trained["root"] / "run-warm"
+    assert main(["train", "--target", str(trained["model"]), "--data", str(trained["data"]), "--out", str(run),
+                 "--init-from", str(trained["export"]), "--steps", "1", "--save-every", "1", "--batch-seqs", "2",
+                 "--anchors", "4", "--lr", "1e-12", "--gamma", "5", "--draft-vocab", "32"]) == 0
+    assert "warm start from" in capsys.readouterr().out
+    start, cfg = load_file(str(trained["export"] / "model.safetensors")), json.loads(
+        (run / "last" / "config.json").read_text())
+    assert cfg["gamma"] == 3 and cfg["target_layers"] == [2, 5] and cfg["extra"]["init_from"] == str(trained["export"])
+    after = load_file(str(run / "last" / "model.safetensors"))
+    assert torch.equal(after["vocab_ids"], start["vocab_ids"])
+    moved = [k for k, v in start.items() if v.is_floating_point() and not torch.allclose(after[k].float(), v.float(),
+                                                                                         atol=1e-6)]
+    assert not moved, f"a step at lr 1e-12 moved {moved}: the weights did not come from --init-from"
+    assert sum(float(v.float().abs().sum()) for v in start.values() if v.is_floating_point()) > 0
+    assert main(["train", "--target", str(trained["model"]), "--data", str(trained["data"]), "--drafter", "dspark",
+                 "--out", str(trained["root"] / "run-warm-2"), "--init-from", str(trained["export"])]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "is a dflash drafter, not dspark" in err and "\n" not in err
