@@ -23,7 +23,8 @@ from labkit.drafters import check_spec, make_drafter
 from labkit.errors import LabkitError
 from labkit.sampling import SamplingParams
 from labkit.target import Target
-from labkit.trace import format_acceptance, mean_tau, position_acceptance, position_counts, prefix_survival
+from labkit.trace import (format_acceptance, mean_tau, position_acceptance, position_counts, prefix_survival,
+                          token_coverage)
 
 #: domain of each external benchmark file in ../shared/benchmarks, by file stem
 DOMAINS = {"gsm8k": "math", "math500": "math", "aime25": "math", "humaneval": "code", "mbpp": "code",
@@ -188,6 +189,9 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
         if m.drafter_spec:
             row["position_survival"] = prefix_survival(st.rounds)
             row["rounds"] = len(st.rounds)
+            vocab = draft_vocab(m.drafter)
+            if vocab is not None:  # the share of this method's output tokens its drafter could propose
+                row["draft_vocab_coverage"] = token_coverage(st.outputs, vocab.tolist())
             if any(r.conf_logits is not None for r in st.rounds):
                 row["confidence"] = _confidence(m.drafter, st, params)
         if params.greedy and reference is not None and reference is not st:
@@ -197,6 +201,15 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
     return {"model": target.name, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
             "temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": max_new_tokens,
             "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def draft_vocab(drafter) -> torch.Tensor | None:
+    """The token ids a (possibly wrapped: sched:, hybrid:) model drafter can propose; None for drafters
+    without a cut vocabulary (prompt lookup, layer skip)."""
+    while drafter is not None and getattr(drafter, "backbone", None) is None:
+        inner = getattr(drafter, "inner", None) or getattr(drafter, "model", None)
+        drafter = inner if inner is not drafter and not isinstance(inner, torch.nn.Module) else None
+    return None if drafter is None else drafter.backbone.vocab_ids
 
 
 def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | None:

@@ -46,6 +46,14 @@ def mean_tau(rounds: Sequence[Round]) -> float | None:
     return sum(r.emitted for r in rounds) / len(rounds)
 
 
+def token_coverage(token_lists: Sequence[Sequence[int]], vocab: Sequence[int]) -> float:
+    """The share of tokens that a cut draft vocabulary holds: a drafter can never propose the others,
+    so at every position acceptance is capped by it (1.0 for no tokens)."""
+    keep = set(int(t) for t in vocab)
+    total = sum(len(ts) for ts in token_lists)
+    return sum(int(t) in keep for ts in token_lists for t in ts) / total if total else 1.0
+
+
 def _position_tallies(rounds: Sequence[Round]) -> list[tuple[int, int]]:
     """(rounds that reached draft position j, rounds that accepted draft j) for j = 1, 2, ...
 

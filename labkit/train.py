@@ -35,6 +35,7 @@ from labkit.drafters.checkpoint import (check_compatible, load_backbone, model_c
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.errors import LabkitError
 from labkit.features import FeatureSequence
+from labkit.trace import token_coverage
 
 
 @dataclass
@@ -216,13 +217,8 @@ def frequent_tokens(items: list[FeatureSequence], k: int, always: set[int]) -> t
 
 
 def vocab_coverage(items: list[FeatureSequence], vocab_ids: torch.Tensor) -> float:
-    keep = set(vocab_ids.tolist())
-    total = hit = 0
-    for it in items:
-        resp = it.seq.ids[it.seq.prompt_len:]
-        total += len(resp)
-        hit += sum(t in keep for t in resp)
-    return hit / max(total, 1)
+    """The share of training response tokens the draft vocabulary holds."""
+    return token_coverage([it.seq.ids[it.seq.prompt_len:] for it in items], vocab_ids.tolist())
 
 
 # ----------------------------------------------------------------------------- checkpoints

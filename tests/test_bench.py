@@ -160,3 +160,22 @@ def test_speculative_rows_count_the_rounds_behind_each_position(greedy_result):
         for dom in row["by_domain"].values():
             assert len(dom["position_rounds"]) == len(dom["position_acceptance"])
         format_acceptance(row["position_acceptance"], row["position_rounds"], MIN_ROUNDS)
+
+
+def test_token_coverage_counts_the_tokens_a_cut_vocabulary_holds():
+    from labkit.trace import token_coverage
+    assert token_coverage([[1, 2, 3], [3, 9]], [1, 3]) == pytest.approx(3 / 5)
+    assert token_coverage([], [1]) == 1.0
+
+
+def test_draft_vocab_unwraps_scheduled_and_hybrid_drafters():
+    from types import SimpleNamespace
+
+    import torch
+
+    from labkit.bench import draft_vocab
+    ids = torch.tensor([4, 7])
+    model = SimpleNamespace(backbone=SimpleNamespace(vocab_ids=ids))
+    assert draft_vocab(SimpleNamespace(inner=SimpleNamespace(model=model))) is ids
+    assert draft_vocab(SimpleNamespace(model=torch.nn.Linear(1, 1))) is None  # layer skip: a truncated target
+    assert draft_vocab(SimpleNamespace()) is None  # prompt lookup
