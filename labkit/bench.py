@@ -206,10 +206,9 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
 def draft_vocab(drafter) -> torch.Tensor | None:
     """The token ids a (possibly wrapped: sched:, hybrid:) model drafter can propose; None for drafters
     without a cut vocabulary (prompt lookup, layer skip)."""
-    while drafter is not None and getattr(drafter, "backbone", None) is None:
-        inner = getattr(drafter, "inner", None) or getattr(drafter, "model", None)
-        drafter = inner if inner is not drafter and not isinstance(inner, torch.nn.Module) else None
-    return None if drafter is None else drafter.backbone.vocab_ids
+    while drafter is not None and not isinstance(drafter, torch.nn.Module) and not hasattr(drafter, "backbone"):
+        drafter = getattr(drafter, "inner", None) or getattr(drafter, "model", None)
+    return drafter.backbone.vocab_ids if hasattr(drafter, "backbone") else None
 
 
 def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | None:

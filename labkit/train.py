@@ -382,18 +382,18 @@ def new_backbone(target, cfg: DFlashConfig, vocab_ids: torch.Tensor | None = Non
     return model.to(target.device)
 
 
-def warm_start_config(path: str | Path, kind: str, target) -> tuple[DFlashConfig, torch.Tensor]:
-    """The shape and draft vocabulary of a trained drafter to go on training from (`train --init-from`):
-    same kind and target only; its STS calibration and run record are dropped, since training moves them."""
-    from safetensors.torch import load_file
-    raw = read_config(path)
-    if raw.get("kind", "dflash") != kind:
-        raise LabkitError(f"--init-from {path} is a {raw.get('kind', 'dflash')} drafter, not {kind}: "
-                          f"pass a {kind} checkpoint or --drafter {raw.get('kind', 'dflash')}.")
-    raw = {k: v for k, v in raw.items() if k not in ("calibration", "extra")}
-    cfg = model_classes(kind)[1].from_dict(raw)
-    check_compatible(cfg, target, str(path))
-    return cfg, load_file(str(Path(path) / "model.safetensors"))["vocab_ids"]
+def warm_start(path: str | Path, kind: str, target) -> DFlashBackbone:
+    """A trained drafter to go on training from (`train --init-from`): same kind and target only; its STS
+    calibration and run record are dropped, since training moves them."""
+    kind_there = read_config(path).get("kind", "dflash")
+    if kind_there != kind:
+        raise LabkitError(f"--init-from {path} is a {kind_there} drafter, not {kind}: "
+                          f"pass a {kind} checkpoint or --drafter {kind_there}.")
+    model = load_backbone(path, target, packed=False).train()
+    model.cfg.extra = {}
+    if hasattr(model.cfg, "calibration"):
+        model.cfg.calibration = {}
+    return model
 
 
 def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype = torch.bfloat16,
@@ -426,6 +426,7 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
         p.requires_grad_(False)
     out = Path(args.out)
     last = out / "last"
+    warm = None
     if (last / "trainer.pt").exists():
         raw = read_config(last)
         if raw.get("kind", "dflash") != args.drafter:
@@ -435,7 +436,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
         from safetensors.torch import load_file
         vocab_ids = load_file(str(last / "model.safetensors"))["vocab_ids"]
     elif getattr(args, "init_from", None):
-        cfg, vocab_ids = warm_start_config(args.init_from, args.drafter, target)
+        warm = warm_start(args.init_from, args.drafter, target)
+        cfg, vocab_ids = warm.cfg, warm.vocab_ids
         log(f"warm start from {args.init_from}: its shape ({cfg.n_layers} layer(s), gamma {cfg.gamma}, "
             f"draft vocabulary {cfg.draft_vocab}) replaces --layers, --gamma and --draft-vocab")
     else:
@@ -460,8 +462,8 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
             log(f"the training responses use only {len(vocab_ids)} distinct tokens: draft vocabulary cut to that")
             cfg.draft_vocab = len(vocab_ids)
     n_tokens = sum(len(it.seq.ids) - it.seq.prompt_len for it in items)
-    if getattr(args, "init_from", None) and not (last / "trainer.pt").exists():
-        model = load_backbone(args.init_from, target, packed=False).train()
+    if warm is not None:
+        model = warm
     else:
         model = new_backbone(target, cfg, vocab_ids, init_from_target=not args.no_init_from_target)
     if cfg.draft_vocab:
