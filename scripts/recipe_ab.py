@@ -11,12 +11,18 @@ folder, after the --max-shards shards every arm trains on (refused if they overl
         --steps 600 --max-shards 80 --json build/ab/recipe.json
     python scripts/recipe_ab.py --arms shards-8 shards-16 shards-32 shards-80 --steps 600 \\
         --max-shards 80 --json build/ab/data-curve.json          # tau against training tokens
+
+`--epochs E` replaces the fixed step count by E passes over each arm's own training sequences, so that
+a data curve gives every arm the steps its data calls for (at fixed steps, small data wins by seeing
+each sequence more often). `--extra` appends flags to every arm's train command (`--device cuda
+--batch-seqs 32` on a GPU: scripts/gpu/job.sh).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -60,15 +66,35 @@ def arm_flags(name: str) -> str:
     return ARMS[name]
 
 
+def train_flags(name: str, args) -> str:
+    """The arm's train flags before its step count: the base recipe, then the arm's lever, then --extra."""
+    return f"{BASE} --data {' '.join(args.data)} --max-shards {args.max_shards} {arm_flags(name)} {args.extra}"
+
+
+def epoch_steps(sequences: int, batch_seqs: int, epochs: float) -> int:
+    """Optimizer steps for `epochs` passes over `sequences` at `batch_seqs` a step (at least one)."""
+    return max(1, math.ceil(epochs * sequences / batch_seqs))
+
+
+def arm_steps(name: str, args) -> int:
+    """--steps, or with --epochs the steps that make that many passes over this arm's own data."""
+    if not args.epochs:
+        return args.steps
+    parsed = build_parser().parse_args(["train", *shlex.split(train_flags(name, args)), "--out", "-"])
+    sequences = sum(trained_sequences(folder, parsed.max_shards) for folder in parsed.data)
+    return epoch_steps(sequences, parsed.batch_seqs, args.epochs)
+
+
 def train_arm(name: str, args) -> Path:
     """Train (or resume) one arm; returns its final checkpoint folder."""
     from labkit.train import run_training
     run = Path(args.runs) / name
     last = run / "last"
-    if (last / "config.json").exists() and read_config(last).get("extra", {}).get("step") == args.steps:
+    steps = arm_steps(name, args)
+    if (last / "config.json").exists() and read_config(last).get("extra", {}).get("step") == steps:
         return last
-    flags = f"{BASE} --max-shards {args.max_shards} {arm_flags(name)} --steps {args.steps} --out {run} " \
-            f"--data {' '.join(args.data)}" + (f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
+    flags = f"{train_flags(name, args)} --steps {steps} --out {run}" + (
+        f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
     train_args = build_parser().parse_args(["train", *shlex.split(flags)])
     print(f"[{name}] python -m labkit train {flags}")
     return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"))
@@ -87,7 +113,7 @@ def trained_sequences(folder: str, max_shards: int) -> int:
 @torch.inference_mode()
 def decode_heldout(target, drafter, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy decoding of held-out prompts with the drafter and without, interleaved per prompt."""
-    rounds, spec_s, ar_s, n_tok = [], 0.0, 0.0, 0
+    rounds, spec_s, ar_s, n_tok, same = [], 0.0, 0.0, 0, 0
     generate(target, prompts[0], None, 4), generate(target, prompts[0], drafter, 4)  # untimed warm-up
     for ids in prompts:
         t0 = time.perf_counter()
@@ -95,10 +121,13 @@ def decode_heldout(target, drafter, prompts: list[list[int]], new_tokens: int) -
         t1 = time.perf_counter()
         sp = generate(target, ids, drafter, new_tokens)
         t2 = time.perf_counter()
-        assert sp.token_ids == ar.token_ids, "greedy speculative output differs from greedy output"
+        # counted, not asserted: on a GPU, fp32 kernels chosen by shape can flip a near-tie (lossless
+        # decoding itself is tested in tests/), and one flip must not lose the arms measured so far
+        same += sp.token_ids == ar.token_ids
         rounds += sp.rounds
         ar_s, spec_s, n_tok = ar_s + t1 - t0, spec_s + t2 - t1, n_tok + len(ar.token_ids)
-    return {"decode_tau": mean_tau(rounds), "speedup_vs_ar": ar_s / spec_s, "ar_tok_s": n_tok / ar_s}
+    return {"decode_tau": mean_tau(rounds), "speedup_vs_ar": ar_s / spec_s, "ar_tok_s": n_tok / ar_s,
+            "identical": f"{same}/{len(prompts)}"}
 
 
 def evaluate(name: str, ckpt: Path, target, args) -> dict:
@@ -124,6 +153,9 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["data/train"], help="prepare-data folders (held out: the first's tail)")
     p.add_argument("--max-shards", type=int, default=80, help="shards of each folder every arm trains on")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--epochs", type=float, default=None,
+                   help="instead of --steps: this many passes over each arm's own training sequences")
+    p.add_argument("--extra", default="", help="flags appended to every arm's train command")
     p.add_argument("--max-minutes", type=float, default=None, help="cap on each arm's training time")
     p.add_argument("--n-heldout", type=int, default=64, help="held-out sequences (teacher-forced tau)")
     p.add_argument("--n-decode", type=int, default=8, help="held-out prompts decoded for real")
@@ -138,10 +170,11 @@ def main() -> None:
         if args.json:  # after every arm, so a stopped comparison keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(rows, indent=2))
-    print(f"{'arm':<14}{'tokens':>9}{'TF tau greedy':>15}{'TF tau T=1':>12}{'decode tau':>12}{'x AR':>7}")
+    print(f"{'arm':<14}{'tokens':>9}{'steps':>7}{'TF tau greedy':>15}{'TF tau T=1':>12}{'decode tau':>12}"
+          f"{'x AR':>7}{'identical':>11}")
     for r in rows:
-        print(f"{r['arm']:<14}{r['train_response_tokens'] or 0:>9}{r['tf_tau_greedy']:>15.3f}{r['tf_tau_t1']:>12.3f}"
-              f"{r['decode_tau']:>12.3f}{r['speedup_vs_ar']:>7.2f}")
+        print(f"{r['arm']:<14}{r['train_response_tokens'] or 0:>9}{r['steps'] or 0:>7}{r['tf_tau_greedy']:>15.3f}"
+              f"{r['tf_tau_t1']:>12.3f}{r['decode_tau']:>12.3f}{r['speedup_vs_ar']:>7.2f}{r['identical']:>11}")
 
 
 if __name__ == "__main__":
