@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from labkit.costs import ForwardCost, speculative_speedup
 from labkit.sampling import residual
+from labkit.scaling import DataFit
 from labkit.trace import MIN_ROUNDS
 
 COLORS = {"p_t": "#1f77b4", "p_d": "#ff7f0e", "accepted": "#2ca02c", "residual": "#d62728", "bonus": "#9467bd",
@@ -271,6 +272,27 @@ def training_curve_figure(runs: dict[str, Sequence[dict]], x: str = "anchors",
                                          name=f"{name}: {key}"))
     fig.update_layout(template=TEMPLATE, title="Held-out tau estimate during training", xaxis_title=f"{x} seen",
                       yaxis_title="tau (estimated from teacher-forced blocks)")
+    return fig
+
+
+def data_curve_figure(curves: dict[str, Sequence[dict]], fit: DataFit | None = None, upto: float | None = None,
+                      keys: Sequence[str] = ("tf_tau_greedy", "tf_tau_t1")) -> go.Figure:
+    """scripts/recipe_ab.py rows (one per data size) of one or more curves: tau against training tokens on
+    a log2 axis; `fit` (labkit.scaling) drawn as a dashed line, extended to `upto` tokens and labelled so."""
+    fig = go.Figure()
+    for name, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r["train_response_tokens"])
+        for key in keys:
+            fig.add_trace(go.Scatter(x=[r["train_response_tokens"] for r in rows], y=[r[key] for r in rows],
+                                     mode="lines+markers", name=f"{name}: {key}"))
+    if fit is not None:
+        xs = np.geomspace(fit.min_tokens, max(upto or fit.max_tokens, fit.max_tokens), 40)
+        fig.add_trace(go.Scatter(x=xs, y=[fit.tau_at(x) for x in xs], mode="lines", line=dict(dash="dash"),
+                                 name=f"fit: +{fit.per_doubling:.2f} per doubling"
+                                      + (" (extrapolated past the last point)" if upto and upto > fit.max_tokens else "")))
+    fig.update_layout(template=TEMPLATE, title="tau against training data (one epoch each)",
+                      xaxis_title="training response tokens", xaxis_type="log",
+                      yaxis_title="tau on held-out sequences (teacher-forced)")
     return fig
 
 
