@@ -11,6 +11,10 @@ folder, after the --max-shards shards every arm trains on (refused if they overl
         --steps 600 --max-shards 80 --json build/ab/recipe.json
     python scripts/recipe_ab.py --arms shards-8 shards-16 shards-32 shards-80 --steps 600 \\
         --max-shards 80 --json build/ab/data-curve.json          # tau against training tokens
+    python scripts/recipe_ab.py --arms ckpt:data/drafters/dspark --data data/train-v2   # measure a checkpoint
+
+A `ckpt:PATH` arm is a drafter trained elsewhere, measured the same way; the held-out sequences must
+lie beyond what its recorded train command (and the run it was warm-started from) read of that folder.
 
 `--epochs E` replaces the fixed step count by E passes over each arm's own training sequences, so that
 a data curve gives every arm the steps its data calls for (at fixed steps, small data wins by seeing
@@ -59,6 +63,8 @@ ARMS = {
 
 def arm_flags(name: str) -> str:
     """An arm's train flags: a named lever, or shards-N (the first N shards: the data curve)."""
+    if name.startswith("ckpt:"):
+        return f"(trained elsewhere: {name[5:]})"
     if name.startswith("shards-"):
         return f"--max-shards {int(name.split('-', 1)[1])}"
     if name not in ARMS:
@@ -86,8 +92,10 @@ def arm_steps(name: str, args) -> int:
 
 
 def train_arm(name: str, args) -> Path:
-    """Train (or resume) one arm; returns its final checkpoint folder."""
+    """Train (or resume) one arm; returns its final checkpoint folder (a ckpt:PATH arm is only measured)."""
     from labkit.train import run_training
+    if name.startswith("ckpt:"):
+        return Path(name[5:])
     run = Path(args.runs) / name
     last = run / "last"
     steps = arm_steps(name, args)
@@ -100,7 +108,23 @@ def train_arm(name: str, args) -> Path:
     return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"))
 
 
-def trained_sequences(folder: str, max_shards: int) -> int:
+def ckpt_trained_sequences(ckpt: Path, folder: str) -> int:
+    """How many leading sequences of `folder` a checkpoint trained on, read from its recorded train
+    command (and the one it was warm-started from), so that its held-out sequences stay unseen."""
+    extra = read_config(ckpt).get("extra", {})
+    seen = 0
+    words = shlex.split(extra.get("train_command", ""))
+    if "train" in words:  # `python -m labkit train ...`: parse from the subcommand on
+        parsed, _ = build_parser().parse_known_args(words[words.index("train"):])
+        if any(Path(d).resolve() == Path(folder).resolve() for d in parsed.data):
+            seen = trained_sequences(folder, parsed.max_shards)
+    parent = extra.get("init_from")
+    if parent and Path(parent).resolve() != Path(ckpt).resolve() and (Path(parent) / "config.json").exists():
+        seen = max(seen, ckpt_trained_sequences(Path(parent), folder))
+    return seen
+
+
+def trained_sequences(folder: str, max_shards: int | None) -> int:
     """How many sequences the first max_shards shards of a folder hold (what every arm may train on)."""
     from safetensors import safe_open
     total = 0
@@ -134,6 +158,8 @@ def evaluate(name: str, ckpt: Path, target, args) -> dict:
     model = load_backbone(ckpt, target)
     folder = args.data[0]
     done = trained_sequences(folder, args.max_shards)
+    if name.startswith("ckpt:"):
+        done = max(done, ckpt_trained_sequences(ckpt, folder))
     layers = tuple(model.cfg.target_layers)
     items = heldout_items(target, folder, layers, args.n_heldout,
                           Path(args.runs) / f"heldout-{args.n_heldout}-{'-'.join(map(str, layers))}.safetensors", done)
@@ -149,7 +175,7 @@ def evaluate(name: str, ckpt: Path, target, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", nargs="+", default=["base"], help=f"{', '.join(ARMS)} or shards-N")
+    p.add_argument("--arms", nargs="+", default=["base"], help=f"{', '.join(ARMS)}, shards-N or ckpt:PATH")
     p.add_argument("--data", nargs="+", default=["data/train"], help="prepare-data folders (held out: the first's tail)")
     p.add_argument("--max-shards", type=int, default=80, help="shards of each folder every arm trains on")
     p.add_argument("--steps", type=int, default=600)

@@ -54,3 +54,20 @@ def test_epochs_count_every_data_folder():
     a = args(data=[str(v2), str(v1)], epochs=1, extra="--batch-seqs 4")
     expected = math.ceil((shard_sequences(v2, 2) + shard_sequences(v1, 2)) / 4)
     assert recipe_ab.arm_steps("shards-2", a) == expected
+
+
+def test_a_checkpoint_arm_is_measured_not_trained():
+    assert recipe_ab.train_arm("ckpt:data/drafters/dspark", args()) == Path("data/drafters/dspark")
+    assert "trained elsewhere" in recipe_ab.arm_flags("ckpt:data/drafters/dspark")
+
+
+def test_a_checkpoints_own_training_data_is_never_held_out(monkeypatch):
+    ckpt = ROOT / "data" / "drafters" / "dspark"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    command = cfg["extra"]["train_command"]
+    shards = int(command.split("--max-shards ")[1].split()[0])
+    v2 = ROOT / "data" / "train-v2"
+    assert "--data data/train-v2" in command
+    monkeypatch.chdir(ROOT)  # the recorded command names its folders relative to the repository root
+    assert recipe_ab.ckpt_trained_sequences(ckpt, str(v2)) == shard_sequences(v2, shards)
+    assert recipe_ab.ckpt_trained_sequences(ckpt, str(ROOT / "data" / "train-gemma3")) == 0
