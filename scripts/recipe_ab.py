@@ -61,10 +61,15 @@ ARMS = {
 }
 
 
+def checkpoint_arm(name: str) -> Path | None:
+    """The checkpoint a ckpt:PATH arm names (a drafter trained elsewhere, only measured), else None."""
+    return Path(name.removeprefix("ckpt:")) if name.startswith("ckpt:") else None
+
+
 def arm_flags(name: str) -> str:
     """An arm's train flags: a named lever, or shards-N (the first N shards: the data curve)."""
-    if name.startswith("ckpt:"):
-        return f"(trained elsewhere: {name[5:]})"
+    if checkpoint_arm(name):
+        return f"(trained elsewhere: {checkpoint_arm(name)})"
     if name.startswith("shards-"):
         return f"--max-shards {int(name.split('-', 1)[1])}"
     if name not in ARMS:
@@ -94,8 +99,8 @@ def arm_steps(name: str, args) -> int:
 def train_arm(name: str, args) -> Path:
     """Train (or resume) one arm; returns its final checkpoint folder (a ckpt:PATH arm is only measured)."""
     from labkit.train import run_training
-    if name.startswith("ckpt:"):
-        return Path(name[5:])
+    if checkpoint_arm(name):
+        return checkpoint_arm(name)
     run = Path(args.runs) / name
     last = run / "last"
     steps = arm_steps(name, args)
@@ -158,7 +163,7 @@ def evaluate(name: str, ckpt: Path, target, args) -> dict:
     model = load_backbone(ckpt, target)
     folder = args.data[0]
     done = trained_sequences(folder, args.max_shards)
-    if name.startswith("ckpt:"):
+    if checkpoint_arm(name):
         done = max(done, ckpt_trained_sequences(ckpt, folder))
     layers = tuple(model.cfg.target_layers)
     items = heldout_items(target, folder, layers, args.n_heldout,
