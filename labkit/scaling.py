@@ -10,9 +10,11 @@ the line would ask for, not what a run would reach.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,10 @@ def gains_per_doubling(tokens: Sequence[float], taus: Sequence[float]) -> list[f
     if len({t for t, _ in pts}) < len(pts):
         raise ValueError("gains per doubling need one tau per data size: average repeated runs first")
     return [(yb - ya) / math.log2(tb / ta) for (ta, ya), (tb, yb) in zip(pts, pts[1:])]
+
+
+def read_curve(folder: str | Path, pattern: str) -> list[dict]:
+    """The rows of every recipe_ab JSON file matching `pattern` in `folder` (one curve measured in parts),
+    sorted by training tokens; empty when none is there."""
+    rows = [r for f in sorted(Path(folder).glob(pattern)) for r in json.loads(f.read_text())]
+    return sorted(rows, key=lambda r: r["train_response_tokens"])

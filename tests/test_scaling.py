@@ -1,11 +1,12 @@
 """tau against training data: the log2 line, its gain per doubling and its inverse, on hand-made curves."""
 
+import json
 import math
 
 import pytest
 
 from labkit import plots
-from labkit.scaling import fit_data_curve, gains_per_doubling
+from labkit.scaling import fit_data_curve, gains_per_doubling, read_curve
 
 
 def test_fit_recovers_an_exact_log2_line():
@@ -60,3 +61,13 @@ def test_figure_draws_every_curve_key_and_labels_an_extrapolated_fit():
     assert len(fig.data) == 3 and "extrapolated" in fig.data[-1].name
     assert fig.data[-1].x[-1] == pytest.approx(3.2e6)
     assert fig.layout.xaxis.type == "log"
+
+
+def test_read_curve_merges_the_parts_of_one_curve_by_tokens(tmp_path):
+    (tmp_path / "curve-a.json").write_text(json.dumps([{"train_response_tokens": 4e5, "tf_tau_greedy": 1.5},
+                                                       {"train_response_tokens": 1e5, "tf_tau_greedy": 1.2}]))
+    (tmp_path / "curve-b.json").write_text(json.dumps([{"train_response_tokens": 2e5, "tf_tau_greedy": 1.3}]))
+    (tmp_path / "other.json").write_text(json.dumps([{"train_response_tokens": 9e9, "tf_tau_greedy": 9.0}]))
+    rows = read_curve(tmp_path, "curve-*.json")
+    assert [r["train_response_tokens"] for r in rows] == [1e5, 2e5, 4e5]
+    assert read_curve(tmp_path, "missing-*.json") == []
