@@ -172,7 +172,9 @@ def evaluate(name: str, ckpt: Path, target, args) -> dict:
     drafter = (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model)
     prompts = [it.seq.ids[: it.seq.prompt_len] for it in items[: args.n_decode]]
     extra = read_config(ckpt).get("extra", {})
-    return {"arm": name, "flags": arm_flags(name), "steps": extra.get("step"),
+    # the checkpoint's own train command, so a row says which folders it trained on (arm names do not)
+    return {"arm": name, "flags": arm_flags(name), "train_command": extra.get("train_command"),
+            "steps": extra.get("step"),
             "train_response_tokens": extra.get("data_response_tokens"),
             "tf_tau_greedy": acc.tau_greedy, "tf_tau_t1": acc.tau_t1, "accept_greedy": acc.accept_greedy,
             **decode_heldout(target, drafter, prompts, args.new_tokens)}
