@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -320,7 +321,7 @@ def cmd_train(args) -> None:
             layers = tuple(int(x) for x in args.target_layers.split(","))
         except ValueError:
             raise LabkitError(f"--target-layers takes comma-separated integers, got {args.target_layers!r}.") from None
-    path = run_training(args, layers)
+    path = run_training(args, layers, command=shlex.join(["python", "-m", "labkit", *args.argv]))
     print(f"drafter checkpoint in {path}")
 
 
@@ -450,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one line
         return int(exc.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command records of how it was run
     try:
         COMMANDS[args.command](args)
     except LabkitError as exc:

@@ -103,8 +103,8 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
     if not isinstance(model, DSparkModel) or model.confidence is None:
         raise LabkitError(f"{path} has no confidence head to calibrate: train one with "
                           "`python -m labkit train --drafter dspark ...`.")
-    trained = int(read_config(path).get("extra", {}).get("data_sequences", 0))
-    from labkit.data import heldout_sequences
+    from labkit.data import heldout_sequences, sequences_trained_on
+    trained = sequences_trained_on(read_config(path).get("extra", {}), data_dir)
     start, seqs = heldout_sequences(data_dir, n_prompts, trained)
     prompts = [(s.ids[: s.prompt_len], s.domain) for s in seqs]
     drafter = DSparkDrafter(model, calibrated=False)

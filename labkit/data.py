@@ -308,6 +308,27 @@ def load_sequences(data_dir: str | Path) -> list[Sequence]:
     return seqs
 
 
+def shard_sequence_count(data_dir: str | Path, max_shards: int | None = None) -> int:
+    """How many sequences the first `max_shards` shards of a folder hold (all shards if None), read
+    from the shards' metadata without loading their tokens."""
+    total = 0
+    for path in sorted(Path(data_dir).glob("shard-*.safetensors"))[:max_shards]:
+        with safe_open(str(path), "pt") as f:
+            total += len(json.loads(f.metadata()["domains"]))
+    return total
+
+
+def sequences_trained_on(record: dict, data_dir: str | Path) -> int:
+    """How many leading sequences of `data_dir` a drafter trained on, from its checkpoint's `extra`:
+    the per-folder count (`data_folders`) where recorded; else, for older checkpoints that record only
+    their total, that total (which over-counts, so nothing trained on is ever taken as held out)."""
+    folders = record.get("data_folders")
+    if folders is None:
+        return int(record.get("data_sequences", 0))
+    here = Path(data_dir).resolve()
+    return sum(int(n) for folder, n in folders.items() if Path(folder).resolve() == here)
+
+
 def heldout_sequences(data_dir: str | Path, n: int, trained_sequences: int) -> tuple[int, list[Sequence]]:
     """(start, the last n sequences of a data folder), refused if any of them is among the first
     `trained_sequences` (what a drafter was trained on). As the folder grows, "the last n" moves:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -408,8 +407,12 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
     return path
 
 
-def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) -> Path:
-    """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export."""
+def run_training(args, target_layers: tuple[int, ...] | None = None, log=print, command: str | None = None) -> Path:
+    """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export.
+
+    `command` is the `python -m labkit train ...` line to record in the checkpoint (`extra.train_command`):
+    the command line passes the user's, a script the line it built; None records none."""
+    from labkit.data import shard_sequence_count
     from labkit.features import training_items
     from labkit.target import load_target
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -476,11 +479,14 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print) 
                        save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
                        mixed_precision=args.mixed_precision,
                        loss=LossWeights(ce=getattr(args, "ce_weight", 0.1), l1=getattr(args, "l1_weight", 0.9)))
+    data_dirs = [args.data] if isinstance(args.data, (str, Path)) else list(args.data)
+    max_shards = getattr(args, "max_shards", None)
     info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "feature_dtype": feature_dtype,
+            # per folder, so that held-out prompts can be taken from the tail of any of them
+            "data_folders": {str(d): shard_sequence_count(d, max_shards) for d in data_dirs},
             "init_from": str(getattr(args, "init_from", None) or ("target" if not args.no_init_from_target
                                                                     else "random")),
-            "train_command": " ".join(
-        ["python -m labkit train"] + [a for a in sys.argv[1:] if a != "train"])}
+            **({"train_command": command} if command else {})}
     path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes, info=info)
     if args.export:
         dest = export(path, args.export, target, extra=info)

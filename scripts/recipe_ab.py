@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from labkit.__main__ import build_parser
+from labkit.data import sequences_trained_on, shard_sequence_count
 from labkit.decoding import generate
 from labkit.diagnostics import heldout_batch, heldout_items, offline_acceptance
 from labkit.drafters.checkpoint import load_backbone, read_config
@@ -110,13 +111,15 @@ def train_arm(name: str, args) -> Path:
         f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
     train_args = build_parser().parse_args(["train", *shlex.split(flags)])
     print(f"[{name}] python -m labkit train {flags}")
-    return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"))
+    return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"), command=f"python -m labkit train {flags}")
 
 
 def ckpt_trained_sequences(ckpt: Path, folder: str) -> int:
     """How many leading sequences of `folder` a checkpoint trained on, read from its recorded train
     command (and the one it was warm-started from), so that its held-out sequences stay unseen."""
     extra = read_config(ckpt).get("extra", {})
+    if "data_folders" in extra:  # recorded per folder since 2026-12-05
+        return sequences_trained_on(extra, folder)
     seen = 0
     words = shlex.split(extra.get("train_command", ""))
     if "train" in words:  # `python -m labkit train ...`: parse from the subcommand on
@@ -131,12 +134,7 @@ def ckpt_trained_sequences(ckpt: Path, folder: str) -> int:
 
 def trained_sequences(folder: str, max_shards: int | None) -> int:
     """How many sequences the first max_shards shards of a folder hold (what every arm may train on)."""
-    from safetensors import safe_open
-    total = 0
-    for shard in sorted(Path(folder).glob("shard-*.safetensors"))[:max_shards]:
-        with safe_open(str(shard), "pt") as f:
-            total += len(json.loads(f.metadata()["domains"]))
-    return total
+    return shard_sequence_count(folder, max_shards)
 
 
 @torch.inference_mode()

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from labkit.__main__ import build_parser, data_config
-from labkit.data import DataConfig, build_prompts, check_disjoint, load_sequences, prepare_data
+from labkit.data import (DataConfig, build_prompts, check_disjoint, load_sequences, prepare_data,
+                         sequences_trained_on, shard_sequence_count)
 from labkit.errors import LabkitError
 from labkit.magpie import MagpieConfig
 from labkit.prompts import DOMAIN_SHARES, assert_disjoint, benchmark_texts, training_prompts
@@ -221,3 +222,21 @@ def test_bad_data_options_name_the_fix():
         DataConfig(greedy_share=1.5)
     with pytest.raises(LabkitError, match="prompt source"):
         DataConfig(prompts="sharegpt")
+
+
+
+def test_shard_sequence_count_reads_the_first_shards_metadata(tmp_path, tiny_real_vocab_target):
+    prepare_data(tiny_real_vocab_target, tmp_path, DataConfig(n_prompts=5, max_new_tokens=3, shard_size=2),
+                 progress=False)
+    assert shard_sequence_count(tmp_path) == len(load_sequences(tmp_path)) == 5
+    assert [shard_sequence_count(tmp_path, n) for n in (1, 2, 3)] == [2, 4, 5]
+
+
+def test_held_out_prompts_are_counted_per_folder_when_a_drafter_trained_on_several(tmp_path, monkeypatch):
+    record = {"data_sequences": 160, "data_folders": {"data/a": 100, "data/b": 60}}
+    monkeypatch.chdir(tmp_path)  # the record names folders relative to where training ran
+    assert sequences_trained_on(record, "data/a") == 100
+    assert sequences_trained_on(record, tmp_path / "data" / "b") == 60
+    assert sequences_trained_on(record, "data/c") == 0
+    # an older record knows only its total: every folder counts it, so nothing trained on is held out
+    assert sequences_trained_on({"data_sequences": 160}, "data/a") == 160

@@ -5,6 +5,7 @@ checkpoint; and the one-line errors of bad input."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -22,10 +23,11 @@ def trained(tiny_model_dir, tmp_path_factory):
     data, run, export = root / "data", root / "run", root / "export"
     assert main(["prepare-data", "--target", str(tiny_model_dir), "--out", str(data), "--n-prompts", "8",
                  "--max-new-tokens", "12", "--shard-size", "4", "--benchmarks", str(root / "none")]) == 0
-    assert main(["train", "--target", str(tiny_model_dir), "--data", str(data), "--out", str(run),
-                 "--steps", "6", "--save-every", "3", "--batch-seqs", "2", "--anchors", "4", "--gamma", "3",
-                 "--target-layers", "2,5", "--draft-vocab", "64", "--export", str(export)]) == 0
-    return {"data": data, "run": run, "export": export, "model": tiny_model_dir, "root": root}
+    train = ["train", "--target", str(tiny_model_dir), "--data", str(data), "--out", str(run),
+             "--steps", "6", "--save-every", "3", "--batch-seqs", "2", "--anchors", "4", "--gamma", "3",
+             "--target-layers", "2,5", "--draft-vocab", "64", "--export", str(export)]
+    assert main(train) == 0
+    return {"data": data, "run": run, "export": export, "model": tiny_model_dir, "root": root, "argv": train}
 
 
 def test_train_writes_checkpoint_metrics_and_export(trained):
@@ -35,7 +37,10 @@ def test_train_writes_checkpoint_metrics_and_export(trained):
     rows = [json.loads(x) for x in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]
     exported = json.loads((trained["export"] / "config.json").read_text())
-    assert exported["extra"]["data_sequences"] == 8 and "train_command" in exported["extra"]
+    assert exported["extra"]["data_sequences"] == 8
+    assert exported["extra"]["data_folders"] == {str(trained["data"]): 8}
+    # the command that made it, as given (not the argv of whatever process called in)
+    assert shlex.split(exported["extra"]["train_command"]) == ["python", "-m", "labkit", *trained["argv"]]
     assert (trained["export"] / "metrics.jsonl").exists()
     assert list((trained["data"] / "features").iterdir()), "the feature cache was written"
 
