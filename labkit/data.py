@@ -325,8 +325,17 @@ def sequences_trained_on(record: dict, data_dir: str | Path) -> int:
     folders = record.get("data_folders")
     if folders is None:
         return int(record.get("data_sequences", 0))
-    here = Path(data_dir).resolve()
-    return sum(int(n) for folder, n in folders.items() if Path(folder).resolve() == here)
+    return sum(int(n) for folder, n in folders.items() if same_folder(folder, data_dir))
+
+
+def same_folder(recorded: str | Path, data_dir: str | Path) -> bool:
+    """Whether a folder recorded at training time is `data_dir`: a relative record was relative to
+    wherever training ran (the repository root, say, while a notebook runs in notebooks/), so it
+    matches any folder whose path ends with it."""
+    recorded, here = Path(os.path.normpath(recorded)), Path(data_dir).resolve()
+    if recorded.is_absolute() or ".." in recorded.parts:
+        return recorded.resolve() == here
+    return here.parts[-len(recorded.parts):] == recorded.parts
 
 
 def heldout_sequences(data_dir: str | Path, n: int, trained_sequences: int) -> tuple[int, list[Sequence]]:

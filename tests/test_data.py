@@ -238,5 +238,10 @@ def test_held_out_prompts_are_counted_per_folder_when_a_drafter_trained_on_sever
     assert sequences_trained_on(record, "data/a") == 100
     assert sequences_trained_on(record, tmp_path / "data" / "b") == 60
     assert sequences_trained_on(record, "data/c") == 0
+    # recorded relative to the repository root, asked for from a notebook's folder beside data/
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert sequences_trained_on(record, "../data/a") == 100
+    assert sequences_trained_on(record, "../data/ab") == 0
     # an older record knows only its total: every folder counts it, so nothing trained on is held out
     assert sequences_trained_on({"data_sequences": 160}, "data/a") == 160
