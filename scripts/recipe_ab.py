@@ -93,7 +93,7 @@ def arm_steps(name: str, args) -> int:
     if not args.epochs:
         return args.steps
     parsed = build_parser().parse_args(["train", *shlex.split(train_flags(name, args)), "--out", "-"])
-    sequences = sum(trained_sequences(folder, parsed.max_shards) for folder in parsed.data)
+    sequences = sum(shard_sequence_count(folder, parsed.max_shards) for folder in parsed.data)
     return epoch_steps(sequences, parsed.batch_seqs, args.epochs)
 
 
@@ -125,16 +125,11 @@ def ckpt_trained_sequences(ckpt: Path, folder: str) -> int:
     if "train" in words:  # `python -m labkit train ...`: parse from the subcommand on
         parsed, _ = build_parser().parse_known_args(words[words.index("train"):])
         if any(Path(d).resolve() == Path(folder).resolve() for d in parsed.data):
-            seen = trained_sequences(folder, parsed.max_shards)
+            seen = shard_sequence_count(folder, parsed.max_shards)
     parent = extra.get("init_from")
     if parent and Path(parent).resolve() != Path(ckpt).resolve() and (Path(parent) / "config.json").exists():
         seen = max(seen, ckpt_trained_sequences(Path(parent), folder))
     return seen
-
-
-def trained_sequences(folder: str, max_shards: int | None) -> int:
-    """How many sequences the first max_shards shards of a folder hold (what every arm may train on)."""
-    return shard_sequence_count(folder, max_shards)
 
 
 @torch.inference_mode()
@@ -160,7 +155,7 @@ def decode_heldout(target, drafter, prompts: list[list[int]], new_tokens: int) -
 def evaluate(name: str, ckpt: Path, target, args) -> dict:
     model = load_backbone(ckpt, target)
     folder = args.data[0]
-    done = trained_sequences(folder, args.max_shards)
+    done = shard_sequence_count(folder, args.max_shards)
     if checkpoint_arm(name):
         done = max(done, ckpt_trained_sequences(ckpt, folder))
     layers = tuple(model.cfg.target_layers)
