@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from labkit.__main__ import build_parser
-from labkit.data import sequences_trained_on, shard_sequence_count
+from labkit.data import same_folder, sequences_trained_on, shard_sequence_count
 from labkit.decoding import generate
 from labkit.diagnostics import heldout_batch, heldout_items, offline_acceptance
 from labkit.drafters.checkpoint import load_backbone, read_config
@@ -111,20 +111,22 @@ def train_arm(name: str, args) -> Path:
         f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
     train_args = build_parser().parse_args(["train", *shlex.split(flags)])
     print(f"[{name}] python -m labkit train {flags}")
-    return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"), command=f"python -m labkit train {flags}")
+    return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"),
+                        command=f"python -m labkit train {flags}")
 
 
 def ckpt_trained_sequences(ckpt: Path, folder: str) -> int:
-    """How many leading sequences of `folder` a checkpoint trained on, read from its recorded train
-    command (and the one it was warm-started from), so that its held-out sequences stay unseen."""
+    """How many leading sequences of `folder` a checkpoint trained on (its per-folder record, or for older
+    checkpoints its recorded train command), and the one it was warm-started from, so that its held-out
+    sequences stay unseen."""
     extra = read_config(ckpt).get("extra", {})
-    if "data_folders" in extra:  # recorded per folder since 2026-12-05
-        return sequences_trained_on(extra, folder)
     seen = 0
     words = shlex.split(extra.get("train_command", ""))
-    if "train" in words:  # `python -m labkit train ...`: parse from the subcommand on
+    if "data_folders" in extra:  # recorded per folder since 2026-12-05
+        seen = sequences_trained_on(extra, folder)
+    elif "train" in words:  # older: parse `python -m labkit train ...` from the subcommand on
         parsed, _ = build_parser().parse_known_args(words[words.index("train"):])
-        if any(Path(d).resolve() == Path(folder).resolve() for d in parsed.data):
+        if any(same_folder(d, folder) for d in parsed.data):
             seen = shard_sequence_count(folder, parsed.max_shards)
     parent = extra.get("init_from")
     if parent and Path(parent).resolve() != Path(ckpt).resolve() and (Path(parent) / "config.json").exists():
