@@ -41,6 +41,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=_positive_int, default=None, help="most tokens a drafter proposes per round")
 
 
+def _add_prompt_args(p: argparse.ArgumentParser, default_limit: int) -> None:
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help='JSONL files of {"turns": [...]} rows, first turns (default: the evaluation set below)')
+    p.add_argument("--benchmarks", default=None,
+                   help="folder of public benchmark files (gsm8k.jsonl, ...; `benchmarks fetch` writes one) or 'lab' "
+                        "for the lab's own set (default: $LABKIT_BENCHMARKS, else ../shared/benchmarks beside the "
+                        "checkout or build/benchmarks where present, else the lab's own set in data/eval)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help=f"prompts taken from each file (default: all of --prompts; {default_limit} a file of the set)")
+    p.set_defaults(default_limit=default_limit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="labkit", description="The Speculative Decoding Lab.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -56,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     p = sub.add_parser("bench", help="tokens/s of HF generate, HF prompt lookup, the lab's AR and speculative loops")
-    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows')
-    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    _add_prompt_args(p, default_limit=4)
     p.add_argument("--methods", nargs="+", default=None,
-                   help="hf-generate hf-prompt-lookup ar spec:prompt-lookup spec:layer-skip (default: all)")
+                   help="hf-generate, hf-prompt-lookup, ar or spec:<drafter> (default: hf-generate hf-prompt-lookup "
+                        "ar spec:prompt-lookup, and spec:dspark spec:hybrid:dspark where the target has shipped drafters)")
     p.add_argument("--hf-lookup-tokens", type=_positive_int, default=3, help="HF's prompt_lookup_num_tokens")
     p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
     _add_model_args(p)
@@ -71,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest response")
     p.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard")
     p.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
-    p.add_argument("--benchmarks", default="../shared/benchmarks",
-                   help="evaluation prompts that training prompts must not overlap (skipped if absent)")
+    p.add_argument("--benchmarks", default=None,
+                   help="public evaluation prompts that training prompts must not overlap, besides the lab's own "
+                        "(default: the folder bench would use; see `bench --help`)")
     p.add_argument("--prompts", choices=("templates", "magpie", "mixed"), default="templates",
                    help="templates (default), magpie (the target writes the user turns) or mixed "
                         "(CHAMP math problems + templates + magpie)")
@@ -162,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds a cell may run")
 
     p = sub.add_parser("serve", help="the batched serving engine: N users, one target forward per step, a prefix policy")
-    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows (first turns)')
-    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    _add_prompt_args(p, default_limit=4)
     p.add_argument("--policy", default="algorithm1",
                    choices=("fixed", "mtp1", "threshold", "algorithm1", "retrospective", "async-topk"),
                    help="how many drafted tokens of each request to verify (default: algorithm1)")
@@ -182,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     p = sub.add_parser("serve-sweep", help="aggregate and per-user tokens/s of several policies at several loads, interleaved")
-    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows (first turns)')
-    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    _add_prompt_args(p, default_limit=4)
     p.add_argument("--users", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="loads to measure")
     p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "algorithm1"], help="policies to compare")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy")
@@ -196,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
     p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
-    p.add_argument("--prompts", nargs="+", required=True, help='JSONL files of {"turns": [...]} rows')
-    p.add_argument("--limit", type=_positive_int, default=None, help="prompts taken from each file")
+    _add_prompt_args(p, default_limit=4)
     p.add_argument("--vs-hf", action="store_true", help="also time plain HF generate, interleaved, for a speedup")
     p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
     _add_model_args(p)
@@ -252,15 +262,31 @@ def _write_json(data: dict, path_text: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _load_prompts(args):
+    """--prompts FILE ... as given, else the evaluation set --benchmarks resolves (named on stderr)."""
+    from labkit.prompt_sets import load_prompts, prompt_set
+    if args.prompts:
+        if args.benchmarks is not None:
+            raise LabkitError("Pass either --prompts FILE ... or --benchmarks DIR, not both.")
+        return load_prompts(args.prompts, args.limit)
+    chosen = prompt_set(args.benchmarks)
+    prompts = chosen.load(args.limit or args.default_limit)
+    print(chosen.describe(prompts), file=sys.stderr)
+    return prompts
+
+
 def cmd_bench(args) -> None:
-    from labkit.bench import DEFAULT_METHODS, check_method, format_table, load_prompts, run_bench
+    from labkit.bench import DEFAULT_METHODS, check_method, default_methods, format_table, run_bench
     from labkit.target import load_target
     params = _params(args)
-    prompts = load_prompts(args.prompts, args.limit)
-    for name in args.methods or DEFAULT_METHODS:
+    prompts = _load_prompts(args)
+    # another model than a packaged target has no shipped drafters: the training-free methods only
+    packaged = args.target is None or _target_name(args.target) is not None
+    methods = args.methods or (default_methods(_target_name(args.target)) if packaged else DEFAULT_METHODS)
+    for name in methods:
         check_method(name)
     target = load_target(args.target, args.device, args.dtype)
-    result = run_bench(target, prompts, args.methods or DEFAULT_METHODS, args.max_new_tokens, params,
+    result = run_bench(target, prompts, methods, args.max_new_tokens, params,
                        args.seed, args.hf_lookup_tokens, args.gamma)
     print(format_table(result))
     if args.json_out:
@@ -268,14 +294,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from labkit.bench import format_eval, load_prompts, run_eval
+    from labkit.bench import format_eval, run_eval
     from labkit.drafters import check_spec
     from labkit.target import load_target
     params = _params(args)
     if args.drafter in (None, "none"):
         raise LabkitError("eval measures a drafter: pass --drafter prompt-lookup, layer-skip, dflash or a checkpoint.")
     check_spec(args.drafter)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = _load_prompts(args)
     target = load_target(args.target, args.device, args.dtype)
     result = run_eval(target, prompts, args.drafter, args.max_new_tokens, params, args.seed, args.gamma, args.vs_hf)
     print(format_eval(result))
@@ -335,10 +361,12 @@ def data_config(args: argparse.Namespace) -> "DataConfig":  # noqa: F821 (import
 
 def cmd_prepare_data(args) -> None:
     from labkit.data import prepare_data
+    from labkit.prompt_sets import prompt_set
     from labkit.target import load_target
     cfg = data_config(args)  # before loading the target, so that a bad option fails at once
+    public = prompt_set(args.benchmarks).folder  # None: the lab's own set, which is always checked
     target = load_target(args.target, args.device, args.dtype)
-    out = prepare_data(target, args.out, cfg, args.benchmarks)
+    out = prepare_data(target, args.out, cfg, public)
     print(f"training data in {out}")
 
 
@@ -384,12 +412,12 @@ def cmd_notebooks(args) -> None:
 def cmd_serve(args) -> None:
     from tqdm.auto import tqdm
 
-    from labkit.bench import load_prompts
     from labkit.drafters import check_spec, make_drafter
+    from labkit.prompt_sets import describe_prompts
     from labkit.serving import Engine, closed_loop, cost_table_for, make_requests, open_loop, report
     from labkit.target import load_target
     params = _params(args)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = _load_prompts(args)
     check_spec(args.drafter)
     if args.duration is not None and args.duration <= 0:
         raise LabkitError(f"--duration must be a positive number of seconds, got {args.duration}.")
@@ -406,7 +434,7 @@ def cmd_serve(args) -> None:
         for _ in steps:
             bar.update(len(engine.done) - bar.n)
         bar.update(len(engine.done) - bar.n)
-    out = report(engine, args.users, args.drafter)
+    out = {**report(engine, args.users, args.drafter), "prompt_set": describe_prompts(prompts)}
     failed = [r for r in out["requests"] if "error" in r]
     print(f"{out['policy']} x{out['users']} on {out['device']}: {out['aggregate_tokens_per_s'] or 0:.1f} tokens/s "
           f"aggregate, {out['per_user_tokens_per_s'] or 0:.1f} per user, verify budget "
@@ -419,12 +447,12 @@ def cmd_serve(args) -> None:
 
 
 def cmd_serve_sweep(args) -> None:
-    from labkit.bench import load_prompts
     from labkit.drafters import check_spec, make_drafter
+    from labkit.prompt_sets import describe_prompts
     from labkit.scheduler import make_policy
     from labkit.serving import cost_table_for, format_sweep, run_sweeps
     from labkit.target import load_target
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = _load_prompts(args)
     check_spec(args.drafter)
     for name in args.policies:
         make_policy(name)
@@ -437,7 +465,8 @@ def cmd_serve_sweep(args) -> None:
     reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
     if args.json_out:
-        _write_json({"table": table.to_dict(), "reports": reports}, args.json_out)
+        _write_json({"table": table.to_dict(), "reports": reports, "prompt_set": describe_prompts(prompts)},
+                    args.json_out)
 
 
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,

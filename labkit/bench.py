@@ -4,59 +4,41 @@ Every method runs on the same prompts in one process, interleaved prompt by prom
 rotates from one prompt to the next) after an untimed warm-up, so the ratios survive a noisy machine.
 Each method's time includes its prefill, as a user would wait for it. The result is a JSON-ready
 dict whose shape later issues extend and never break:
-{"model", "device", "dtype", "temperature", "max_new_tokens", "rows": [{"method", "drafter",
-"tokens_per_s", "tau", "speedup_vs_hf", "n_prompts", "new_tokens", ...}]}.
+{"model", "device", "dtype", "temperature", "max_new_tokens", "prompt_set": {"sets", "files",
+"domains"}, "rows": [{"method", "drafter", "tokens_per_s", "tau", "speedup_vs_hf", "n_prompts",
+"new_tokens", ...}]}.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from labkit.decoding import generate, sync_device
-from labkit.drafters import check_spec, make_drafter
+from labkit.drafters import check_spec, make_drafter, shipped_checkpoint
 from labkit.errors import LabkitError
+from labkit.prompt_sets import Prompt, describe_prompts, load_prompts  # noqa: F401  (re-exported)
 from labkit.sampling import SamplingParams
 from labkit.target import Target
 from labkit.trace import (format_acceptance, mean_tau, position_acceptance, position_counts, prefix_survival,
                           token_coverage)
 
-#: domain of each external benchmark file in ../shared/benchmarks, by file stem
-DOMAINS = {"gsm8k": "math", "math500": "math", "aime25": "math", "humaneval": "code", "mbpp": "code",
-           "lbpp": "code", "mt-bench": "chat", "arena-hard-v2": "chat"}
-DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "ar", "spec:prompt-lookup", "spec:layer-skip")
+DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "ar", "spec:prompt-lookup")
+#: the lab's main result, added to the default methods where the target has shipped drafters
+SHIPPED_METHODS = ("spec:dspark", "spec:hybrid:dspark")
 
 
-@dataclass
-class Prompt:
-    text: str
-    domain: str
-    source: str
-
-
-def load_prompts(paths: list[str | Path], limit: int | None = None) -> list[Prompt]:
-    """First turns of `{"turns": [...]}` JSONL files, `limit` from each file; domain from the row or file."""
-    if limit is not None and limit <= 0:
-        raise LabkitError(f"--limit must be a positive number of prompts per file, got {limit}.")
-    prompts: list[Prompt] = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise LabkitError(f"Prompt file {path} does not exist: pass a JSONL file of {{\"turns\": [...]}} "
-                              "rows, e.g. ../shared/benchmarks/gsm8k.jsonl.")
-        rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
-        for row in rows[:limit]:
-            turns = row.get("turns") if isinstance(row, dict) else None
-            if not turns or not isinstance(turns[0], str):
-                raise LabkitError(f"{path}: every row needs a non-empty \"turns\" list of strings.")
-            prompts.append(Prompt(turns[0], row.get("domain", DOMAINS.get(path.stem, path.stem)), path.stem))
-    if not prompts:
-        raise LabkitError(f"No prompts found in {', '.join(map(str, paths))}.")
-    return prompts
+def default_methods(target_name: str | None) -> tuple[str, ...]:
+    """The methods `bench` times when none are named: the training-free ones, then the shipped DSpark
+    and the hybrid built on it where `target_name` (a packaged target, None = the default) has them."""
+    try:
+        shipped_checkpoint("dspark", target_name)
+    except LabkitError:
+        return DEFAULT_METHODS
+    return DEFAULT_METHODS + SHIPPED_METHODS
 
 
 @dataclass
@@ -160,7 +142,8 @@ def run_bench(target: Target, prompts: list[Prompt], methods: list[str] | tuple[
             stats[m.name].add(prompt.domain, tokens, time.perf_counter() - start, rounds)
             bar.update(1)
     bar.close()
-    return _summarise(target, runners, stats, params, max_new_tokens, len(prompts))
+    return {**_summarise(target, runners, stats, params, max_new_tokens, len(prompts)),
+            "prompt_set": describe_prompts(prompts)}
 
 
 def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dict:
@@ -221,13 +204,22 @@ def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | No
     return confidence_metrics(rounds, drafter.temperatures(params))
 
 
+def prompt_line(result: dict) -> str:
+    """The prompts a bench or eval result measured, in one line (older results name none)."""
+    ps = result.get("prompt_set")
+    if not ps:
+        return "prompts: not recorded"
+    files = ", ".join(f"{f} {n}" for f, n in ps["files"].items())
+    return f"prompts: {'; '.join(ps['sets'])} ({files})"
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of a benchmark result, one row per method, per-domain speedups at the end."""
     domains = sorted({d for r in result["rows"] for d in r["by_domain"]})
     head = f"{'method':<22}{'tokens/s':>10}{'vs HF':>8}{'tau':>7}" + "".join(f"{d:>9}" for d in domains)
     lines = [f"{result['model']} on {result['device']} ({result['dtype']}), temperature "
              f"{result['temperature']}, {result['max_new_tokens']} new tokens; speedup vs hf-generate by domain",
-             head, "-" * len(head)]
+             prompt_line(result), head, "-" * len(head)]
     for r in result["rows"]:
         tau = f"{r['tau']:.2f}" if r["tau"] is not None else "-"
         vs = f"{r['speedup_vs_hf']:.2f}x" if r["speedup_vs_hf"] is not None else "-"
@@ -266,7 +258,8 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
             "new_tokens": row["new_tokens"], "speedup_vs_hf": row["speedup_vs_hf"],
             "speedup_vs_hf_by_domain": {d: v["speedup_vs_hf"] for d, v in doms.items()},
             "hf_tokens_per_s": bench["rows"][0]["tokens_per_s"] if vs_hf else None,
-            "device": bench["device"], "dtype": bench["dtype"], **_confidence_keys(row.get("confidence"))}
+            "device": bench["device"], "dtype": bench["dtype"], "prompt_set": bench["prompt_set"],
+            **_confidence_keys(row.get("confidence"))}
 
 
 CONFIDENCE_KEYS = ("ece_by_position", "auc_by_position", "brier_by_position", "ece_by_position_raw",
@@ -282,7 +275,7 @@ def _confidence_keys(conf: dict | None) -> dict:
 def format_eval(result: dict) -> str:
     """Plain-text summary of an eval result: tau by domain and the acceptance curve."""
     lines = [f"{result['drafter']} on {result['target']}, temperature {result['temperature']}, "
-             f"{result['n_prompts']} prompts, {result['rounds']} rounds",
+             f"{result['n_prompts']} prompts, {result['rounds']} rounds", prompt_line(result),
              f"tau {result['tau']:.2f}  " + "  ".join(f"{d} {t:.2f}" for d, t in sorted(result["tau_by_domain"].items())
                                                    if t is not None),
              "acceptance at position k given 1..k-1 accepted: " +
@@ -297,20 +290,3 @@ def format_eval(result: dict) -> str:
                      "   raw " + " ".join(f"{e:.3f}" for e in result["ece_by_position_raw"]))
         lines.append("  AUC   " + " ".join("  -  " if a is None else f"{a:.3f}" for a in result["auc_by_position"]))
     return "\n".join(lines)
-
-
-BENCHMARK_FILES = ("gsm8k", "math500", "humaneval", "mbpp", "mt-bench")
-FALLBACK_PROMPTS = (
-    Prompt("A shop sells pens at 3 dollars each. How much do 7 pens cost? Think step by step.", "math", "lab"),
-    Prompt("Write a Python function is_prime(n) and test it on 2, 9 and 13.", "code", "lab"),
-    Prompt("Give three tips for a first trip to Japan.", "chat", "lab"))
-
-
-def benchmark_prompts(bench_dir: str | Path, limit: int | None, names=BENCHMARK_FILES) -> list[Prompt]:
-    """`limit` prompts from each named benchmark file of bench_dir (math, code and chat), or three of
-    the lab's own prompts when the folder is absent (a checkout without ../shared), said on stdout."""
-    files = [Path(bench_dir) / f"{n}.jsonl" for n in names]
-    if all(f.is_file() for f in files):
-        return load_prompts(files, limit)
-    print(f"{bench_dir} not found: using the lab's own three prompts.")
-    return list(FALLBACK_PROMPTS)

@@ -11,8 +11,8 @@ since drafters are evaluated in both modes. Prompts come from `DataConfig.prompt
 - `mixed`: the CHAMP math problems from their MIT-licensed wheel (`labkit.packaged_prompts`), a
   `template_share` of templated prompts and self-generated prompts for the rest, shuffled together.
 
-Every prompt is checked against the benchmark folder where data is made: no exact match and no
-near-duplicate (`labkit.prompts.assert_disjoint`, `assert_not_near`). Output goes to a folder of
+Every prompt is checked against the lab's own evaluation set and the benchmark folder where data is
+made: no exact match and no near-duplicate (`labkit.prompts.assert_disjoint`, `assert_not_near`). Output goes to a folder of
 shards, each a safetensors file holding the token ids of a group of prompts and their responses
 (int32, flat, with offsets), a per-sequence `greedy` flag, and metadata saying how it was made, plus
 `manifest.json` with the settings (and, for self-generated prompts, `prompts.jsonl` with the prompt
@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from labkit.batch_generate import GENERATOR_NAME, BatchStats, generate_batch
 from labkit.errors import LabkitError
 from labkit.magpie import MagpieConfig, PromptFilter, classify_domain, self_generated_prompts
+from labkit.prompt_sets import LAB_DIR
 from labkit.prompts import (assert_disjoint, assert_not_near, benchmark_index, benchmark_texts,
                             training_prompts)
 from labkit.sampling import SamplingParams
@@ -162,9 +163,9 @@ def build_prompts(target: Target | None, cfg: DataConfig, out: Path | None = Non
         prompts = [json.loads(line) for line in cached.read_text().split("\n") if line.strip()]
         counts_path = out / "prompts-filter.json"
         return prompts, (json.loads(counts_path.read_text()) if counts_path.exists() else {})
-    has_bench = benchmark_dir is not None and Path(benchmark_dir).is_dir()
-    filt = PromptFilter(cfg.magpie, benchmark_texts(benchmark_dir) if has_bench else set(),
-                        benchmark_index(benchmark_dir, cfg.magpie.near_duplicate) if has_bench else None)
+    folders = evaluation_folders(benchmark_dir)
+    filt = PromptFilter(cfg.magpie, benchmark_texts(*folders),
+                        benchmark_index(*folders, threshold=cfg.magpie.near_duplicate))
     picked: list[dict] = []
     n_templates = 0
     if cfg.prompts == "mixed":
@@ -204,12 +205,35 @@ def build_prompts(target: Target | None, cfg: DataConfig, out: Path | None = Non
     return prompts, counts
 
 
+def evaluation_folders(benchmark_dir: str | Path | None) -> list[Path]:
+    """The evaluation prompts training prompts must stay clear of: the lab's own set, always, and a
+    folder of public benchmark files where one is given and present."""
+    public = [Path(benchmark_dir)] if benchmark_dir is not None and Path(benchmark_dir).is_dir() else []
+    return [LAB_DIR] + public
+
+
+def folder_prompts(data_dir: str | Path) -> list[str]:
+    """The training prompts a prepare-data folder answered: its prompts.jsonl, or for a templates-only
+    folder the templated prompts its manifest's settings make again."""
+    data_dir = Path(data_dir)
+    manifest = data_dir / "manifest.json"
+    if not manifest.exists():
+        raise LabkitError(f"{data_dir} has no manifest.json: pass a folder made by `python -m labkit prepare-data`.")
+    if (data_dir / PROMPTS_FILE).exists():
+        return [json.loads(line)["text"] for line in (data_dir / PROMPTS_FILE).read_text().split("\n") if line.strip()]
+    settings = json.loads(manifest.read_text())["settings"]
+    if settings.get("prompts", "templates") != "templates":
+        raise LabkitError(f"{data_dir} was made from {settings['prompts']} prompts but has no {PROMPTS_FILE}: "
+                          "rerun its prepare-data command to write it.")
+    return [p["text"] for p in training_prompts(settings["n_prompts"], settings["seed"])]
+
+
 def check_disjoint(prompts: list[str], benchmark_dir: str | Path | None, threshold: float = 0.5) -> None:
-    """Refuse prompts that are, exactly or nearly, turns of the benchmark folder (skipped if it is absent)."""
-    if benchmark_dir is None or not Path(benchmark_dir).is_dir():
-        return
-    assert_disjoint(prompts, benchmark_texts(benchmark_dir))
-    assert_not_near(prompts, benchmark_index(benchmark_dir, threshold))
+    """Refuse prompts that are, exactly or nearly, turns of an evaluation set: the lab's own, and the
+    benchmark folder where it is present."""
+    folders = evaluation_folders(benchmark_dir)
+    assert_disjoint(prompts, benchmark_texts(*folders))
+    assert_not_near(prompts, benchmark_index(*folders, threshold=threshold))
 
 
 def _decoding_label(flags: list[bool]) -> str:

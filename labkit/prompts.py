@@ -142,10 +142,14 @@ def training_prompts(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def benchmark_texts(benchmark_dir: str | Path) -> set[str]:
-    """Every turn of every JSONL file in a benchmark folder, normalised for comparison."""
+def _jsonl_files(folders: tuple[str | Path, ...]) -> list[Path]:
+    return [path for folder in folders for path in sorted(Path(folder).glob("*.jsonl"))]
+
+
+def benchmark_texts(*folders: str | Path) -> set[str]:
+    """Every turn of every JSONL file in the given evaluation folders, normalised for comparison."""
     texts: set[str] = set()
-    for path in Path(benchmark_dir).glob("*.jsonl"):
+    for path in _jsonl_files(folders):
         for line in path.read_text().split("\n"):  # not splitlines: JSON strings may hold U+2028
             if line.strip():
                 texts.update(_norm(t) for t in json.loads(line).get("turns", []))
@@ -175,10 +179,11 @@ def assert_not_near(prompts: list[str], index: "NearDuplicateIndex", what: str =
                               "be disjoint: drop it (self-generated prompts are filtered by labkit.magpie).")
 
 
-def benchmark_index(benchmark_dir: str | Path, threshold: float = 0.5) -> "NearDuplicateIndex":
-    """A near-duplicate index of every turn of every JSONL file in a benchmark folder (keys: the turns)."""
+def benchmark_index(*folders: str | Path, threshold: float = 0.5) -> "NearDuplicateIndex":
+    """A near-duplicate index of every turn of every JSONL file in the given evaluation folders (keys:
+    the turns)."""
     index = NearDuplicateIndex(threshold)
-    for path in sorted(Path(benchmark_dir).glob("*.jsonl")):
+    for path in _jsonl_files(folders):
         for line in path.read_text().split("\n"):  # not splitlines: JSON strings may hold U+2028
             if line.strip():
                 for turn in json.loads(line).get("turns", []):

@@ -252,6 +252,15 @@ def chi2_survival():
     return chi2_sf
 
 
+@pytest.fixture
+def nothing_beside(monkeypatch, tmp_path):
+    """A checkout with no ../shared/benchmarks, no fetched files and no LABKIT_BENCHMARKS: a user's clone."""
+    from labkit import prompt_sets
+    monkeypatch.setattr(prompt_sets, "SHARED_DIR", tmp_path / "no-shared")
+    monkeypatch.setattr(prompt_sets, "FETCHED_DIR", tmp_path / "no-fetched")
+    monkeypatch.delenv(prompt_sets.ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def shared_benchmarks():
     """../shared/benchmarks beside the checkout (evaluation prompts); skips where it is absent."""

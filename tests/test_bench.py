@@ -13,14 +13,15 @@ import json
 import pytest
 
 from labkit.__main__ import main
-from labkit.bench import DEFAULT_METHODS, format_table, load_prompts, run_bench
+from labkit.bench import DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_table, load_prompts, run_bench
 from labkit.sampling import SamplingParams
 from labkit.target import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEW_TOKENS = 8
-TOP_KEYS = {"model", "device", "dtype", "temperature", "max_new_tokens", "rows"}
+TOP_KEYS = {"model", "device", "dtype", "temperature", "max_new_tokens", "prompt_set", "rows"}
+METHODS = DEFAULT_METHODS + ("spec:layer-skip",)  # every training-free method
 ROW_KEYS = {"method", "drafter", "tokens_per_s", "tau", "speedup_vs_hf", "n_prompts", "new_tokens"}
 TEXTS = ["What is 7 * 8?", "Write a Python function that adds two numbers.", "Name three colours."]
 
@@ -42,10 +43,10 @@ def tiny_target(tiny_model_dir):
 @pytest.fixture(scope="module")
 def greedy_result(tiny_target, prompt_file):
     prompts = load_prompts([prompt_file])
-    return run_bench(tiny_target, prompts, max_new_tokens=NEW_TOKENS, progress=False)
+    return run_bench(tiny_target, prompts, METHODS, max_new_tokens=NEW_TOKENS, progress=False)
 
 
-def check_shape(result: dict, n_prompts: int, methods=DEFAULT_METHODS) -> None:
+def check_shape(result: dict, n_prompts: int, methods=METHODS) -> None:
     assert TOP_KEYS <= set(result)
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["max_new_tokens"] == NEW_TOKENS
     assert [row["method"] for row in result["rows"]] == list(methods)
@@ -101,8 +102,9 @@ def test_bench_greedy_methods_agree_token_for_token(greedy_result):
 
 def test_format_table_lists_every_method(greedy_result):
     table = format_table(greedy_result)
-    for method in DEFAULT_METHODS:
+    for method in METHODS:
         assert method in table
+    assert "prompts: files in" in table
     assert "math" in table and "code" in table
 
 
@@ -122,9 +124,30 @@ def test_cli_bench_writes_json(tiny_model_dir, prompt_file, tmp_path, capsys):
     stdout, stderr = capsys.readouterr()
     assert rc == 0
     result = json.loads(out.read_text())
-    check_shape(result, n_prompts=2)
+    check_shape(result, n_prompts=2, methods=DEFAULT_METHODS)  # a model without shipped drafters
+    assert result["prompt_set"]["files"] == {"mixed": 2}
     assert "hf-generate" in stdout and f"wrote {out}" in stderr
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_default_methods_add_the_shipped_dspark_and_its_hybrid_where_the_target_has_them():
+    assert default_methods(None) == DEFAULT_METHODS + SHIPPED_METHODS == default_methods("SmolLM2-135M-Instruct")
+    assert SHIPPED_METHODS == ("spec:dspark", "spec:hybrid:dspark")
+    assert default_methods("a-model-without-drafters") == DEFAULT_METHODS
+
+
+def test_cli_bench_without_prompts_measures_the_lab_set_and_names_it(tiny_model_dir, tmp_path, capsys,
+                                                                      nothing_beside):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--limit", "1", "--methods", "hf-generate", "ar", "--target", str(tiny_model_dir),
+               "--device", "cpu", "--max-new-tokens", "4", "--json", str(out)])
+    _, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    result = json.loads(out.read_text())
+    assert result["prompt_set"] == {"sets": ["the lab's own evaluation set (data/eval)"],
+                                    "files": {"math": 2, "code": 2, "chat": 1}, "domains": {"math": 2, "code": 2,
+                                                                                            "chat": 1}}
+    assert "prompt set: the lab's own evaluation set" in stderr
 
 
 def test_cli_generate_json(tiny_model_dir, capsys):
