@@ -1,4 +1,5 @@
-"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,export,eval,serve,notebooks} ...`.
+"""Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,export,eval,serve,notebooks,
+benchmarks fetch} ...`.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -17,7 +18,8 @@ from labkit.errors import LabkitError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + error
-        self.exit(2, f"labkit: {message} (see `python -m labkit {self.prog.split()[-1]} --help`)\n")
+        command = " ".join(self.prog.split()[1:])  # "bench", or "benchmarks fetch" for a nested command
+        self.exit(2, f"labkit: {message} (see `python -m labkit {command + ' ' if command else ''}--help`)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -204,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
     _add_model_args(p)
+
+    p = sub.add_parser("benchmarks", help="the public evaluation prompt sets: fetch them from the Hugging Face hub")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="fetch", parser_class=_Parser)
+    q = verbs.add_parser("fetch", help="download GSM8K, MATH-500, HumanEval, MBPP, MT-Bench and convert them to JSONL")
+    q.add_argument("--out", default=None, help="folder to write {set}.jsonl into (default: build/benchmarks, where "
+                                               "the lab then finds them)")
+    q.add_argument("--sets", nargs="+", default=None,
+                   help="sets to fetch (default: gsm8k math500 humaneval mbpp mt-bench)")
+    q.add_argument("--endpoint", default=None, help="the dataset viewer's URL (default: $LABKIT_HF_ENDPOINT, else "
+                                                    "https://datasets-server.huggingface.co)")
 
     p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
     p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
@@ -469,10 +481,20 @@ def cmd_serve_sweep(args) -> None:
                     args.json_out)
 
 
+def cmd_benchmarks(args) -> None:
+    from labkit.benchmark_fetch import DEFAULT_OUT, DEFAULT_SETS, fetch_benchmarks
+    out = Path(args.out) if args.out else DEFAULT_OUT
+    counts = fetch_benchmarks(out, args.sets or DEFAULT_SETS, args.endpoint)
+    for name, n in counts.items():
+        print(f"{out / (name + '.jsonl')}: {n} prompts")
+    if out.resolve() != DEFAULT_OUT.resolve():
+        print(f"labkit: measure them with --benchmarks {out} or LABKIT_BENCHMARKS={out}", file=sys.stderr)
+
+
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
             "notebooks": cmd_notebooks, "round-cost": cmd_round_cost, "serve": cmd_serve,
-            "serve-sweep": cmd_serve_sweep}
+            "serve-sweep": cmd_serve_sweep, "benchmarks": cmd_benchmarks}
 
 
 def main(argv: list[str] | None = None) -> int:

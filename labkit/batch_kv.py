@@ -2,7 +2,7 @@
 
 The batched serving engine verifies every active request in ONE target forward per step, each with
 its own number of new tokens, then rolls back each request's rejected drafts on its own. This module
-is the cache underneath. Facts it relies on (DESIGN.md section 7, checked in transformers 5.23):
+is the cache underneath. Facts it relies on (docs/facts.md, "The batched KV cache (transformers 5.x)", checked in transformers 5.23):
 
 - `DynamicCache` layers hold (B, H, T, D) tensors in `.keys` / `.values`; `crop(-n)` cuts every row
   by the same n, `batch_select_indices` keeps rows, and there is no batch concatenation. So a per-row

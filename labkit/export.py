@@ -1,4 +1,4 @@
-"""Export a drafter in DeepSpec's layout, the one vLLM and SGLang load (DESIGN.md section 8).
+"""Export a drafter in DeepSpec's layout, the one vLLM and SGLang load (docs/facts.md, "Export layout for vLLM and SGLang").
 
 DeepSpec (deepseek-ai/DeepSpec) saves a drafter as a Hugging Face folder: config.json (the target's own
 config plus the drafter's fields, architectures ["Qwen3DSparkModel"]) and model.safetensors in bf16.

@@ -49,7 +49,7 @@ def monotone_sps(raw: Sequence[float], window: int = 3) -> list[float]:
     is the best one. A running minimum would let one slow sample at small B flatten the whole curve
     (seen here: a slowed B = 1 made Algorithm 1 verify everything). The median (odd `window`, shrunk
     symmetrically at the ends) first removes a single-sample spike; an already non-increasing curve
-    passes unchanged. Monotone is the shape Algorithm 1's early break assumes (Sec. 3.2.2, DESIGN.md Sec. 2).
+    passes unchanged. Monotone is the shape Algorithm 1's early break assumes (Sec. 3.2.2; docs/method.md, "The hardware-aware prefix scheduler").
     """
     if window < 1 or window % 2 == 0:
         raise LabkitError(f"the smoothing window must be an odd whole number >= 1 (1 = none), got {window}.")

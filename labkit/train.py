@@ -39,7 +39,8 @@ from labkit.trace import token_coverage
 
 @dataclass
 class LossWeights:
-    """Eq. 9: L = ce * L_ce + l1 * L_tv + conf * L_conf, each averaged with position weights exp(-k / decay).
+    """Eq. 12 (terms Eq. 9-11): L = ce * L_ce + l1 * L_tv + conf * L_conf, each averaged with position
+    weights exp(-k / decay).
 
     The confidence term counts only for drafters with a confidence head (DSpark)."""
 
@@ -143,7 +144,7 @@ def target_probs(model: DFlashBackbone, final: torch.Tensor, lse: torch.Tensor) 
 
 def loss_terms(model: DFlashBackbone, out: dict[str, torch.Tensor], batch: dict,
                weights: LossWeights) -> dict[str, torch.Tensor]:
-    """Eq. 9 from a forward's outputs: position-weighted CE to the data token, L1 to the target, and
+    """Eq. 12 (Eq. 9-11) from a forward's outputs: position-weighted CE to the data token, L1 to the target, and
     (when the drafter has a confidence head) BCE of c_k against c*_k = 1 - 0.5 ||p_d - p_t||_1 (Eq. 8).
 
     L1 is the full distance sum_v |p_d - p_t| (2 x TV, as the reference code weights it); target mass

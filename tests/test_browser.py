@@ -1,9 +1,8 @@
 """Notebook 06 as a person uses it: JupyterLab in headless Chromium, Run All, move the users slider.
 
 The test starts JupyterLab on loopback (a free port, a token) over a copy of notebook 06 in a folder
-under build/, laid out like the repository (`<copy>/notebooks/06...ipynb` with `<copy>/../shared`
-linked to the shared/ beside this checkout, so the notebook's `../../shared/benchmarks` resolves as it
-does in notebooks/, and autosaves land in the copy, never in notebooks/). The server's kernels get
+under build/ (`<copy>/notebooks/06...ipynb`, so autosaves land in the copy, never in notebooks/; the
+notebook finds its prompts through the installed labkit, as it does in notebooks/). The server's kernels get
 LABKIT_QUICK=1 (the live notebook's sweeps are then short) and no LABKIT_HEADLESS, so the dashboard is
 the live widget running the real engine in its background thread. Playwright drives Debian's
 /usr/bin/chromium: accept the kernel, Run > Run All Cells, wait for every cell, then press ArrowRight
@@ -31,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_serving_dashboard.ipynb"
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "browser"
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None)
-SHARED = ROOT.parent / "shared"
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +55,11 @@ def _free_port() -> int:
 
 
 def _lay_out_copy(base: Path) -> Path:
-    """base/work/notebooks/<notebook 06> and base/shared -> the shared/ beside the checkout; returns
-    the server's root folder (base/work)."""
+    """base/work/notebooks/<notebook 06>; returns the server's root folder (base/work)."""
     shutil.rmtree(base, ignore_errors=True)
     notebooks = base / "work" / "notebooks"
     notebooks.mkdir(parents=True)
     shutil.copy2(NOTEBOOK, notebooks / NOTEBOOK.name)
-    if SHARED.is_dir():
-        (base / "shared").symlink_to(SHARED, target_is_directory=True)
     # every cell attached to the page, so that the figures can be read wherever the notebook is scrolled
     settings = base / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
@@ -160,7 +155,7 @@ def test_notebook_06_live_in_jupyterlab_the_users_slider_moves_the_charts():
                 page.wait_for_function(f"!({BUSY})()", timeout=RUN_ALL_TIMEOUT_MS, polling=1000)
                 outputs = page.inner_text(".jp-Notebook")
                 assert "Traceback (most recent call last)" not in outputs, "a cell failed in the live kernel"
-                assert "not found: using the lab's own" not in outputs or not SHARED.is_dir()
+                assert "prompt set: " in outputs, "the live notebook does not name its prompt set"
                 assert page.locator(".js-plotly-plot").count() >= 3  # the dashboard, Fig. 7 and Fig. 8
 
                 # after the sweeps the dashboard serves again, at the users it started with

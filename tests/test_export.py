@@ -1,4 +1,4 @@
-"""`labkit export --format deepspec` (labkit/export.py, DESIGN.md section 8).
+"""`labkit export --format deepspec` (labkit/export.py, docs/facts.md, "Export layout for vLLM and SGLang").
 
 The exported folder is read back here through DeepSpec's config keys and tensor names only (json +
 safetensors, no labkit code) into an independent forward written from DeepSpec's description:

@@ -52,7 +52,7 @@ def calibration_key(temperature: float) -> str:
 
 
 class DSparkModel(DFlashBackbone):
-    """The DFlash backbone with a sequential head and a confidence head, trained together (Eq. 9)."""
+    """The DFlash backbone with a sequential head and a confidence head, trained together (Eq. 12)."""
 
     def __init__(self, cfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor,
                  vocab_ids: torch.Tensor | None = None):
