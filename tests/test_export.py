@@ -326,7 +326,7 @@ def test_export_cli_trains_and_exports(tiny_model_dir, tmp_path, capsys):
     from labkit.__main__ import main
     model, data, run = str(tiny_model_dir), tmp_path / "data", tmp_path / "run"
     assert main(["prepare-data", "--target", model, "--out", str(data), "--n-prompts", "4", "--max-new-tokens", "8",
-                 "--shard-size", "4", "--benchmarks", str(tmp_path / "none")]) == 0
+                 "--shard-size", "4", "--benchmarks", "lab"]) == 0
     common = ["--target", model, "--data", str(data), "--steps", "2", "--save-every", "2", "--batch-seqs", "2",
               "--anchors", "4", "--gamma", "3", "--target-layers", "2,5"]
     assert main(["train", "--drafter", "dspark", "--rank", "4", "--out", str(run), "--qk-norm", "--frozen-mask",
