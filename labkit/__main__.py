@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from labkit.errors import LabkitError
+from labkit.core.errors import LabkitError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,27 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args):
-    from labkit.sampling import SamplingParams
+    from labkit.core.sampling import SamplingParams
     return SamplingParams(temperature=args.temperature, top_p=args.top_p)
 
 
 def _target_name(name: str | None) -> str | None:
     """The display name of a packaged target (shipped drafters are filed under it), else None."""
-    from labkit.target import packaged_target
+    from labkit.model.target import packaged_target
     spec = packaged_target(name)
     return spec.name if spec is not None else None
 
 
 def cmd_setup(args) -> None:
-    from labkit.target import load_target
+    from labkit.model.target import load_target
     target = load_target(args.target)
     print(f"{target.name} ready on {target.device}: {target.num_layers} layers, vocabulary {target.vocab_size}.")
 
 
 def cmd_generate(args) -> None:
-    from labkit.decoding import generate
+    from labkit.decode.loop import generate
     from labkit.drafters import check_spec, make_drafter
-    from labkit.target import load_target
+    from labkit.model.target import load_target
     params = _params(args)
     if not args.prompt.strip():
         raise LabkitError("The prompt is empty: pass some text, e.g. --prompt 'What is 7 * 8?'.")
@@ -276,7 +276,7 @@ def _write_json(data: dict, path_text: str) -> None:
 
 def _load_prompts(args):
     """--prompts FILE ... as given, else the evaluation set --benchmarks resolves (named on stderr)."""
-    from labkit.prompt_sets import load_prompts, prompt_set
+    from labkit.pipeline.prompt_sets import load_prompts, prompt_set
     if args.prompts:
         if args.benchmarks is not None:
             raise LabkitError("Pass either --prompts FILE ... or --benchmarks DIR, not both.")
@@ -288,8 +288,8 @@ def _load_prompts(args):
 
 
 def cmd_bench(args) -> None:
-    from labkit.bench import DEFAULT_METHODS, check_method, default_methods, format_table, run_bench
-    from labkit.target import load_target
+    from labkit.measure.bench import DEFAULT_METHODS, check_method, default_methods, format_table, run_bench
+    from labkit.model.target import load_target
     params = _params(args)
     prompts = _load_prompts(args)
     # another model than a packaged target has no shipped drafters: the training-free methods only
@@ -306,9 +306,9 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from labkit.bench import format_eval, run_eval
+    from labkit.measure.bench import format_eval, run_eval
     from labkit.drafters import check_spec
-    from labkit.target import load_target
+    from labkit.model.target import load_target
     params = _params(args)
     if args.drafter in (None, "none"):
         raise LabkitError("eval measures a drafter: pass --drafter prompt-lookup, layer-skip, dflash or a checkpoint.")
@@ -322,9 +322,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from labkit.calibrate import calibrate_checkpoint, format_calibration
+    from labkit.pipeline.calibrate import calibrate_checkpoint, format_calibration
     from labkit.drafters import check_spec, checkpoint_path
-    from labkit.target import load_target
+    from labkit.model.target import load_target
     check_spec(args.drafter)
     if args.temperature != 0.0:
         raise LabkitError("calibrate fits one temperature set per sampling temperature given by --temperatures "
@@ -343,14 +343,14 @@ def cmd_calibrate(args) -> None:
 
 def cmd_export(args) -> None:
     from labkit.drafters import checkpoint_path
-    from labkit.export import export_checkpoint
+    from labkit.drafters.export import export_checkpoint
     out = export_checkpoint(checkpoint_path(args.drafter, "export", _target_name(args.target)), args.target,
                             args.out, args.format)
     print(f"wrote {out} ({args.format}); serving commands in {out / 'README.md'}")
 
 
 def cmd_train(args) -> None:
-    from labkit.train import run_training
+    from labkit.pipeline.train import run_training
     if args.rank < 0:
         raise LabkitError(f"--rank must be 0 (no sequential head) or more, got {args.rank}.")
     layers = None
@@ -365,16 +365,16 @@ def cmd_train(args) -> None:
 
 def data_config(args: argparse.Namespace) -> "DataConfig":  # noqa: F821 (imported lazily)
     """The DataConfig of a `prepare-data` command line (its defaults keep data/train's settings)."""
-    from labkit.data import DataConfig
+    from labkit.pipeline.data import DataConfig
     return DataConfig(n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens, shard_size=args.shard_size,
                       seed=args.seed, prompts=args.prompts, greedy_share=args.greedy_share,
                       template_share=args.template_share, batch_size=args.batch_size)
 
 
 def cmd_prepare_data(args) -> None:
-    from labkit.data import prepare_data
-    from labkit.prompt_sets import prompt_set
-    from labkit.target import load_target
+    from labkit.pipeline.data import prepare_data
+    from labkit.pipeline.prompt_sets import prompt_set
+    from labkit.model.target import load_target
     cfg = data_config(args)  # before loading the target, so that a bad option fails at once
     public = prompt_set(args.benchmarks).folder  # None: the lab's own set, which is always checked
     target = load_target(args.target, args.device, args.dtype)
@@ -385,8 +385,8 @@ def cmd_prepare_data(args) -> None:
 def cmd_round_cost(args) -> None:
     import torch
 
-    from labkit.costs import round_costs
-    from labkit.target import load_target
+    from labkit.measure.costs import round_costs
+    from labkit.model.target import load_target
     kernels = {"stock": (False, False), "packed": (True, False), "packed+grouped": (True, True)}
     variants = {f"{dt} {name}": load_target(args.target, dtype=dt, packed=pk, grouped=gq)
                 for dt in args.dtypes for name, (pk, gq) in kernels.items()}
@@ -412,7 +412,7 @@ def cmd_round_cost(args) -> None:
 
 
 def cmd_notebooks(args) -> None:
-    from labkit.notebooks import find_notebooks, run_notebooks
+    from labkit.lab.notebooks import find_notebooks, run_notebooks
     runs = run_notebooks(find_notebooks(Path(args.dir), args.names), Path(args.out), args.quick, args.timeout)
     failed = [r.notebook.name for r in runs if not r.ok]
     if failed:
@@ -425,9 +425,9 @@ def cmd_serve(args) -> None:
     from tqdm.auto import tqdm
 
     from labkit.drafters import check_spec, make_drafter
-    from labkit.prompt_sets import describe_prompts
-    from labkit.serving import Engine, closed_loop, cost_table_for, make_requests, open_loop, report
-    from labkit.target import load_target
+    from labkit.pipeline.prompt_sets import describe_prompts
+    from labkit.decode.engine import Engine, closed_loop, cost_table_for, make_requests, open_loop, report
+    from labkit.model.target import load_target
     params = _params(args)
     prompts = _load_prompts(args)
     check_spec(args.drafter)
@@ -460,10 +460,10 @@ def cmd_serve(args) -> None:
 
 def cmd_serve_sweep(args) -> None:
     from labkit.drafters import check_spec, make_drafter
-    from labkit.prompt_sets import describe_prompts
-    from labkit.scheduler import make_policy
-    from labkit.serving import cost_table_for, format_sweep, run_sweeps
-    from labkit.target import load_target
+    from labkit.pipeline.prompt_sets import describe_prompts
+    from labkit.core.scheduler import make_policy
+    from labkit.decode.engine import cost_table_for, format_sweep, run_sweeps
+    from labkit.model.target import load_target
     prompts = _load_prompts(args)
     check_spec(args.drafter)
     for name in args.policies:
@@ -482,7 +482,7 @@ def cmd_serve_sweep(args) -> None:
 
 
 def cmd_benchmarks(args) -> None:
-    from labkit.benchmark_fetch import DEFAULT_OUT, DEFAULT_SETS, fetch_benchmarks
+    from labkit.pipeline.benchmark_fetch import DEFAULT_OUT, DEFAULT_SETS, fetch_benchmarks
     out = Path(args.out) if args.out else DEFAULT_OUT
     counts = fetch_benchmarks(out, args.sets or DEFAULT_SETS, args.endpoint)
     for name, n in counts.items():

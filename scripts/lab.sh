@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/bootstrap.sh
 if [ "${1:-}" = "--headless" ]; then
   shift
-  # the same function the test suite runs (labkit.notebooks.run_notebooks): each notebook in its folder
+  # the same function the test suite runs (labkit.lab.notebooks.run_notebooks): each notebook in its folder
   exec python -m labkit notebooks --out build/notebooks "$@"
 fi
 # JupyterLab refuses to start as root unless told; containers often run as root

@@ -11,10 +11,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from labkit.diagnostics import heldout_batch, heldout_items, rank_curve
+from labkit.measure.diagnostics import heldout_batch, heldout_items, rank_curve
 from labkit.drafters import SHIPPED, shipped_checkpoint
 from labkit.drafters.checkpoint import load_backbone, read_config
-from labkit.target import load_target
+from labkit.model.target import load_target
 
 
 def main() -> None:

@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 
 from labkit.__main__ import build_parser
-from labkit.data import same_folder, sequences_trained_on, shard_sequence_count
-from labkit.decoding import generate
-from labkit.diagnostics import heldout_batch, heldout_items, offline_acceptance
+from labkit.pipeline.data import same_folder, sequences_trained_on, shard_sequence_count
+from labkit.decode.loop import generate
+from labkit.measure.diagnostics import heldout_batch, heldout_items, offline_acceptance
 from labkit.drafters.checkpoint import load_backbone, read_config
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.dspark import DSparkDrafter, DSparkModel
-from labkit.target import load_target
-from labkit.trace import mean_tau
+from labkit.model.target import load_target
+from labkit.core.trace import mean_tau
 
 #: the shipped DSpark recipe; every arm changes one thing
 BASE = ("--drafter dspark --head markov --rank 256 --layers 2 --gamma 8 --draft-vocab 8192 --batch-seqs 4 "
@@ -99,7 +99,7 @@ def arm_steps(name: str, args) -> int:
 
 def train_arm(name: str, args) -> Path:
     """Train (or resume) one arm; returns its final checkpoint folder (a ckpt:PATH arm is only measured)."""
-    from labkit.train import run_training
+    from labkit.pipeline.train import run_training
     if checkpoint_arm(name):
         return checkpoint_arm(name)
     run = Path(args.runs) / name

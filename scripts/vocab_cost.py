@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from labkit.costs import forward_cost, vocab_costs
-from labkit.target import load_target
+from labkit.measure.costs import forward_cost, vocab_costs
+from labkit.model.target import load_target
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labkit.errors import LabkitError
-from labkit.target import Target, default_target_dir, load_target
+from labkit.core.errors import LabkitError
+from labkit.model.target import Target, default_target_dir, load_target
 
 # Hypothesis keeps its example database under the working directory by default: keep the repo clean.
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
@@ -255,7 +255,7 @@ def chi2_survival():
 @pytest.fixture
 def nothing_beside(monkeypatch, tmp_path):
     """A checkout with no ../shared/benchmarks, no fetched files and no LABKIT_BENCHMARKS: a user's clone."""
-    from labkit import prompt_sets
+    from labkit.pipeline import prompt_sets
     monkeypatch.setattr(prompt_sets, "SHARED_DIR", tmp_path / "no-shared")
     monkeypatch.setattr(prompt_sets, "FETCHED_DIR", tmp_path / "no-fetched")
     monkeypatch.delenv(prompt_sets.ENV, raising=False)

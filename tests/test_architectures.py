@@ -16,18 +16,18 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           Qwen3ForCausalLM)
 
 from conftest import ToyTokenizer
-from labkit.data import Sequence
-from labkit.decoding import generate
+from labkit.pipeline.data import Sequence
+from labkit.decode.loop import generate
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
 from labkit.drafters.dspark import DSparkConfig, DSparkDrafter
 from labkit.drafters.hybrid import make_hybrid
 from labkit.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter
 from labkit.drafters.prompt_lookup import PromptLookupDrafter
-from labkit.features import FeatureSequence, shard_features
-from labkit.sampling import SamplingParams
-from labkit.serving import Engine, ServeRequest, closed_loop, report
-from labkit.target import Target
-from labkit.train import TrainConfig, loss_terms, make_batch, new_backbone, train
+from labkit.pipeline.features import FeatureSequence, shard_features
+from labkit.core.sampling import SamplingParams
+from labkit.decode.engine import Engine, ServeRequest, closed_loop, report
+from labkit.model.target import Target
+from labkit.pipeline.train import TrainConfig, loss_terms, make_batch, new_backbone, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Grouped-query attention without the KV copy (labkit.attention): the logits of every chunk size equal
+"""Grouped-query attention without the KV copy (labkit.model.attention): the logits of every chunk size equal
 transformers' SDPA path to fp32 rounding on Llama, Gemma 3 (sliding window) and Qwen3, a batch with
 padding included; greedy decoding, solo and in the batched engine, gives the stock model's tokens; the
 real target's greedy speculative output equals HF generate on the stock model."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from labkit import generate, make_drafter
-from labkit.attention import NAME, grouped_sdpa, use_grouped_sdpa
-from labkit.sampling import SamplingParams
-from labkit.target import Target, load_target
+from labkit.model.attention import NAME, grouped_sdpa, use_grouped_sdpa
+from labkit.core.sampling import SamplingParams
+from labkit.model.target import Target, load_target
 from test_architectures import ARCHS, dspark, serve_greedy, tiny_model, tiny_target
 
 from conftest import tiny_llama
@@ -50,7 +50,7 @@ def test_grouped_attention_gives_the_stock_logits_for_every_chunk_size(arch):
 
 def test_grouped_attention_is_the_path_actually_taken(monkeypatch):
     """A multi-token forward over a cache runs the grouped product, not transformers' repeat_kv."""
-    import labkit.attention as attention
+    import labkit.model.attention as attention
     calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 

@@ -1,14 +1,14 @@
-"""labkit.batch_generate: a left-padded batch decodes each row as if it were alone (fp32, tiny Llama)."""
+"""labkit.decode.batch_generate: a left-padded batch decodes each row as if it were alone (fp32, tiny Llama)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from labkit.batch_generate import BatchStats, generate_batch, left_pad
-from labkit.decoding import generate
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
+from labkit.decode.batch_generate import BatchStats, generate_batch, left_pad
+from labkit.decode.loop import generate
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""labkit.batch_kv: one batched KV cache with ragged rows, per-row rollback, admission and compaction.
+"""labkit.model.batch_kv: one batched KV cache with ragged rows, per-row rollback, admission and compaction.
 
 Every batched result is compared with the same request run alone: `Target.forward` on its own
 DynamicCache, unpadded, rolled back with `crop`. Tolerance: max abs difference <= 1e-4 in fp32 (TOL),
@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from labkit.batch_kv import BatchKV, time_step
-from labkit.errors import LabkitError
-from labkit.target import Target
+from labkit.model.batch_kv import BatchKV, time_step
+from labkit.core.errors import LabkitError
+from labkit.model.target import Target
 
 from conftest import ToyTokenizer
 
@@ -285,7 +285,7 @@ def test_sliding_window_models_get_full_layers_and_trimmed_caches_are_refused():
     masks); a cache that does trim its window (as transformers builds it from the config) is refused."""
     from transformers import DynamicCache
 
-    from labkit.batch_kv import _check_cache_type
+    from labkit.model.batch_kv import _check_cache_type
     cfg = MistralConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=2, sliding_window=4)
     t = Target(model=MistralForCausalLM(cfg).eval(), tokenizer=ToyTokenizer(16), name="mistral-sw")

@@ -1,4 +1,4 @@
-"""labkit.bench on a tiny random model with the real tokenizer: the result JSON keeps its shape, its
+"""labkit.measure.bench on a tiny random model with the real tokenizer: the result JSON keeps its shape, its
 ratios are computed from its own rows, and greedy methods agree token for token.
 
 The model is a random 10-layer, 16-wide Llama over SmolLM2's 49152-token vocabulary (10 layers so
@@ -13,9 +13,9 @@ import json
 import pytest
 
 from labkit.__main__ import main
-from labkit.bench import DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_table, load_prompts, run_bench
-from labkit.sampling import SamplingParams
-from labkit.target import load_target
+from labkit.measure.bench import DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_table, load_prompts, run_bench
+from labkit.core.sampling import SamplingParams
+from labkit.model.target import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,8 +162,8 @@ def test_cli_generate_json(tiny_model_dir, capsys):
 def test_tau_by_domain_pools_rounds_within_a_domain():
     from types import SimpleNamespace
 
-    from labkit.bench import Prompt, tau_by_domain
-    from labkit.trace import Round
+    from labkit.measure.bench import Prompt, tau_by_domain
+    from labkit.core.trace import Round
     prompts = [Prompt("a", "math", "x"), Prompt("b", "math", "x"), Prompt("c", "chat", "y")]
     results = [SimpleNamespace(rounds=[Round(4, 3, 0, 0)]), SimpleNamespace(rounds=[Round(4, 0, 0, 0)] * 3),
                SimpleNamespace(rounds=[Round(2, 1, 0, 0)])]
@@ -172,7 +172,7 @@ def test_tau_by_domain_pools_rounds_within_a_domain():
 
 def test_speculative_rows_count_the_rounds_behind_each_position(greedy_result):
     """position_rounds sits beside position_acceptance (overall and by domain), one count per position."""
-    from labkit.trace import MIN_ROUNDS, format_acceptance
+    from labkit.core.trace import MIN_ROUNDS, format_acceptance
     for row in greedy_result["rows"]:
         if not row["drafter"]:
             assert row["position_rounds"] is None
@@ -186,7 +186,7 @@ def test_speculative_rows_count_the_rounds_behind_each_position(greedy_result):
 
 
 def test_token_coverage_counts_the_tokens_a_cut_vocabulary_holds():
-    from labkit.trace import token_coverage
+    from labkit.core.trace import token_coverage
     assert token_coverage([[1, 2, 3], [3, 9]], [1, 3]) == pytest.approx(3 / 5)
     assert token_coverage([], [1]) == 1.0
 
@@ -196,7 +196,7 @@ def test_draft_vocab_unwraps_scheduled_and_hybrid_drafters():
 
     import torch
 
-    from labkit.bench import draft_vocab
+    from labkit.measure.bench import draft_vocab
     ids = torch.tensor([4, 7])
     model = SimpleNamespace(backbone=SimpleNamespace(vocab_ids=ids))
     assert draft_vocab(SimpleNamespace(inner=SimpleNamespace(model=model))) is ids

@@ -1,4 +1,4 @@
-"""labkit.benchmark_fetch against a local stand-in of the Hugging Face dataset viewer: never the network.
+"""labkit.pipeline.benchmark_fetch against a local stand-in of the Hugging Face dataset viewer: never the network.
 
 The stand-in (http.server on 127.0.0.1, port 0) answers `/rows` in the real API's schema, pages of at most
 100 rows, from the fixture rows in tests/fixtures/benchmark_fetch/ (each set's first rows, in its dataset's
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-import labkit.benchmark_fetch as bf
-from labkit.errors import LabkitError
+import labkit.pipeline.benchmark_fetch as bf
+from labkit.core.errors import LabkitError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmark_fetch"
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
@@ -233,7 +233,7 @@ def test_fetch_writes_every_set(hub, tmp_path):
 
 
 def test_fetched_files_are_read_by_bench_load_prompts(hub, tmp_path):
-    from labkit.bench import load_prompts
+    from labkit.measure.bench import load_prompts
     bf.fetch_benchmarks(tmp_path, names=["mbpp", "mt-bench"], endpoint=hub.url, progress=False)
     prompts = load_prompts([tmp_path / "mbpp.jsonl", tmp_path / "mt-bench.jsonl"])
     assert [p.domain for p in prompts] == ["code"] * 3 + ["chat"] * 3
@@ -408,7 +408,7 @@ def test_unwritable_output_folder_is_named(hub, tmp_path):
 
 
 def test_default_output_is_where_prompt_sets_looks():
-    prompt_sets = pytest.importorskip("labkit.prompt_sets")
+    prompt_sets = pytest.importorskip("labkit.pipeline.prompt_sets")
     assert bf.DEFAULT_OUT == prompt_sets.FETCHED_DIR
 
 
@@ -430,7 +430,7 @@ def test_reference_sized_round_trip(hub, tmp_path, reference):
 
 def test_command_line_fetches_into_a_folder_the_lab_then_measures(hub, tmp_path, capsys):
     from labkit.__main__ import main
-    from labkit.prompt_sets import prompt_set
+    from labkit.pipeline.prompt_sets import prompt_set
     out = tmp_path / "public"
     assert main(["benchmarks", "fetch", "--out", str(out), "--endpoint", hub.url]) == 0
     stdout, stderr = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""labkit.byom, behind notebook 07: what the adapter derived from a model, command lines, accelerate configs.
+"""labkit.lab.byom, behind notebook 07: what the adapter derived from a model, command lines, accelerate configs.
 
 Tiny random models only (a Llama from conftest, a Gemma 3 with sliding-window layers built here), no
 forward runs; the accelerate files are read back by accelerate's own config loader.
@@ -15,12 +15,12 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from conftest import ToyTokenizer
-from labkit.byom import (accelerate_config, command_line, describe_calibration, describe_target, labkit_argv,
+from labkit.lab.byom import (accelerate_config, command_line, describe_calibration, describe_target, labkit_argv,
                          parse_command, serving_commands)
-from labkit.calibration import fit_sts
+from labkit.core.calibration import fit_sts
 from labkit.drafters.dflash import default_layers
-from labkit.errors import LabkitError
-from labkit.target import PLAIN_PROMPT, Target
+from labkit.core.errors import LabkitError
+from labkit.model.target import PLAIN_PROMPT, Target
 
 
 def test_describe_target_reads_back_shape_prompt_format_cache_and_drafter_layers(make_tiny_target):

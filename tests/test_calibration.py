@@ -1,4 +1,4 @@
-"""Fast tests of labkit.calibration: ECE, AUC, Brier, survival, prefix labels and STS (paper Sec. 3.2.1).
+"""Fast tests of labkit.core.calibration: ECE, AUC, Brier, survival, prefix labels and STS (paper Sec. 3.2.1).
 
 Every random fixture uses a fixed seed, so each run is deterministic; the thresholds leave room for a
 fresh seed (the noise each statistic has at that sample size is given next to it).
@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit.calibration import (STSResult, apply_temperatures, brier, ece, fit_sts, per_position_metrics,
+from labkit.core.calibration import (STSResult, apply_temperatures, brier, ece, fit_sts, per_position_metrics,
                                 prefix_labels, reliability_bins, roc_auc, survival)
-from labkit.errors import LabkitError
+from labkit.core.errors import LabkitError
 
 
 def _overconfident_rounds(n_rounds: int = 6000, gamma: int = 4, seed: int = 0):
@@ -223,7 +223,7 @@ def test_threshold_sweep_matches_hand_computation():
     """Two rounds, gamma 3. Survival: round 0 (0.9, 0.45, 0.09), round 1 (0.6, 0.36, 0.288); accepted 2 and 0.
     t = 0: verify 3 + 3, accept 2 + 0. t = 0.4: verify 2 (0.9, 0.45) + 1 (0.6), accept 2 + 0.
     t = 0.95: nothing verified."""
-    from labkit.calibration import threshold_sweep
+    from labkit.core.calibration import threshold_sweep
     conf = [[0.9, 0.5, 0.2], [0.6, 0.6, 0.8]]
     rows = threshold_sweep(conf, [2, 0], [0.0, 0.4, 0.95])
     assert rows[0] == {"threshold": 0.0, "accepted_per_step": 1.0, "rejected_per_step": 2.0,
@@ -238,7 +238,7 @@ def test_threshold_sweep_matches_hand_computation():
 def test_confidence_vs_acceptance_and_domain_split_by_hand():
     """Rounds (accepted 2, 0, 1) with conf logits 0 (c = 0.5) everywhere, gamma 2: position 1 reached by all
     three, accepted by two; position 2 reached by the two, accepted by one."""
-    from labkit.calibrate import ConfidenceRounds, by_domain, confidence_vs_acceptance
+    from labkit.pipeline.calibrate import ConfidenceRounds, by_domain, confidence_vs_acceptance
     r = ConfidenceRounds(torch.zeros(3, 2, dtype=torch.float64), torch.tensor([2, 0, 1]), ["math", "chat", "math"])
     out = confidence_vs_acceptance(r)
     assert out["reached"] == [3, 2] and out["predicted"] == [0.5, 0.5]
@@ -253,6 +253,6 @@ def test_confidence_vs_acceptance_and_domain_split_by_hand():
 def test_cut_value_by_hand():
     """The fixture of the threshold-sweep test at cost 0.4: cut verifies 1.5 and accepts 1.0 a step
     (value 1.0 - 0.6 = 0.4); verifying all accepts 1.0 of 3.0 (1.0 - 1.2 = -0.2)."""
-    from labkit.calibration import cut_value
+    from labkit.core.calibration import cut_value
     v = cut_value([[0.9, 0.5, 0.2], [0.6, 0.6, 0.8]], [2, 0], 0.4)
     assert v["cut"] == pytest.approx(0.4) and v["verify_all"] == pytest.approx(-0.2)

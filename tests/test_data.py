@@ -11,12 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from labkit.__main__ import build_parser, data_config
-from labkit.data import (DataConfig, build_prompts, check_disjoint, load_sequences, prepare_data,
+from labkit.pipeline.data import (DataConfig, build_prompts, check_disjoint, load_sequences, prepare_data,
                          sequences_trained_on, shard_sequence_count)
-from labkit.errors import LabkitError
-from labkit.magpie import MagpieConfig
-from labkit.prompts import DOMAIN_SHARES, assert_disjoint, benchmark_texts, training_prompts
-from labkit.target import load_target
+from labkit.core.errors import LabkitError
+from labkit.pipeline.magpie import MagpieConfig
+from labkit.pipeline.prompts import DOMAIN_SHARES, assert_disjoint, benchmark_texts, training_prompts
+from labkit.model.target import load_target
 
 # manifest.json "settings" exactly as prepare-data wrote them before --prompts / --greedy-share existed
 # (data/train's command: --n-prompts 6144, other options at their defaults)
@@ -126,7 +126,7 @@ def test_every_shard_records_how_it_was_made(tmp_path, tiny_real_vocab_target):
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             meta = f.metadata()
-        assert meta["generator"] == "labkit.batch_generate" and meta["prompt_source"] == "templates"
+        assert meta["generator"] == "labkit.decode.batch_generate" and meta["prompt_source"] == "templates"
         assert meta["dtype"] == "float32" and meta["device"] == "cpu" and meta["target"] == tiny_real_vocab_target.name
         assert float(meta["seconds"]) >= 0 and int(meta["response_tokens"]) >= 2 and meta["labkit_commit"]
         assert meta["decoding"] in ("greedy", "sampled", "greedy+sampled")
@@ -137,8 +137,8 @@ def test_every_shard_records_how_it_was_made(tmp_path, tiny_real_vocab_target):
 
 
 def test_greedy_responses_are_the_targets_greedy_continuations(tmp_path, tiny_real_vocab_target):
-    from labkit.decoding import generate
-    from labkit.sampling import SamplingParams
+    from labkit.decode.loop import generate
+    from labkit.core.sampling import SamplingParams
     prepare_data(tiny_real_vocab_target, tmp_path, DataConfig(n_prompts=3, max_new_tokens=5, shard_size=3,
                                                               greedy_share=1.0), progress=False)
     for seq in load_sequences(tmp_path):
@@ -162,7 +162,7 @@ def test_magpie_prompts_are_made_once_filtered_and_kept_for_resuming(tmp_path, m
     turns = ["Write a Python function that checks whether a number is prime.", bench_turn,
              "Write a Python function that checks whether a number is prime!", "", "What is 12% of 250?",
              "Can you suggest three board games for a rainy weekend with friends?"]
-    monkeypatch.setattr("labkit.magpie.sample_user_turns", fake_user_turns(turns))
+    monkeypatch.setattr("labkit.pipeline.magpie.sample_user_turns", fake_user_turns(turns))
     cfg = DataConfig(n_prompts=3, max_new_tokens=3, shard_size=2, prompts="magpie")
     prepare_data(tiny_real_vocab_target, tmp_path, cfg, benchmark_dir=shared_benchmarks, progress=False)
     prompts = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
@@ -176,7 +176,7 @@ def test_magpie_prompts_are_made_once_filtered_and_kept_for_resuming(tmp_path, m
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["settings"]["prompts"] == "magpie" and manifest["prompts_file"] == "prompts.jsonl"
     # a rerun answers the same prompts without sampling any
-    monkeypatch.setattr("labkit.magpie.sample_user_turns", None)
+    monkeypatch.setattr("labkit.pipeline.magpie.sample_user_turns", None)
     (tmp_path / "shard-00001.safetensors").unlink()
     prepare_data(tiny_real_vocab_target, tmp_path, cfg, benchmark_dir=shared_benchmarks, progress=False)
     assert [s.ids for s in load_sequences(tmp_path)][:2] == [s.ids for s in seqs][:2]
@@ -205,8 +205,8 @@ def test_mixed_prompts_take_champ_templates_and_magpie_shuffled(tmp_path, monkey
     champ = tmp_path / "v0.json"
     champ.write_text(json.dumps({"problems": {f"P_{i}": {"_text": f"Prove that {i} squared plus {i} is even, "
                                                                   f"for the integer {i}."} for i in range(3)}}))
-    monkeypatch.setattr("labkit.packaged_prompts.champ_file", lambda: champ)
-    monkeypatch.setattr("labkit.magpie.sample_user_turns", fake_user_turns(
+    monkeypatch.setattr("labkit.pipeline.packaged_prompts.champ_file", lambda: champ)
+    monkeypatch.setattr("labkit.pipeline.magpie.sample_user_turns", fake_user_turns(
         [f"Give me {w} ideas for a birthday party in the park." for w in ("two", "three", "five", "seven", "nine")]))
     cfg = DataConfig(n_prompts=10, prompts="mixed", template_share=0.3, magpie=MagpieConfig(near_duplicate=0.9))
     prompts, counts = build_prompts(tiny_real_vocab_target, cfg, tmp_path, progress=False)

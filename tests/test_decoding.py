@@ -1,4 +1,4 @@
-"""labkit.decoding and the drafters on tiny random models: greedy speculative output is the target's
+"""labkit.decode.loop and the drafters on tiny random models: greedy speculative output is the target's
 greedy output, whatever the drafter; caches stay exact across rounds; traces add up; the round's
 phases composed by hand (as the batched engine composes them) are the round itself.
 
@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from labkit.decoding import (DecodeState, GenerationResult, commit, draft, generate, hidden_layers, judge, new_state,
+from labkit.decode.loop import (DecodeState, GenerationResult, commit, draft, generate, hidden_layers, judge, new_state,
                              positions_to_drop, prefill, select_hidden, speculative_round, start, start_state,
                              verify_inputs)
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
 from labkit.drafters.base import DraftRequest, Proposal, check_batchable, needs_target_cache, one_hot_proposal
-from labkit.errors import LabkitError
+from labkit.core.errors import LabkitError
 from labkit.drafters.layer_skip import shallow_view
 from labkit.drafters.prompt_lookup import find_continuation
-from labkit.sampling import SamplingParams, logits_to_probs, sample
-from labkit.trace import Round, mean_tau, position_acceptance
+from labkit.core.sampling import SamplingParams, logits_to_probs, sample
+from labkit.core.trace import Round, mean_tau, position_acceptance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

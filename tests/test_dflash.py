@@ -10,15 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit.data import Sequence
-from labkit.decoding import generate, prefill, speculative_round
+from labkit.pipeline.data import Sequence
+from labkit.decode.loop import generate, prefill, speculative_round
 from labkit.drafters.base import DraftRequest
 from labkit.drafters.checkpoint import load_backbone, save_drafter
 from labkit.drafters.dflash import ContextCache, DFlashConfig, DFlashDrafter, block_attention_mask, default_layers
-from labkit.errors import LabkitError
-from labkit.features import FeatureSequence, shard_features
-from labkit.sampling import SamplingParams
-from labkit.train import TrainConfig, loss_terms, make_batch, new_backbone, read_metrics, train
+from labkit.core.errors import LabkitError
+from labkit.pipeline.features import FeatureSequence, shard_features
+from labkit.core.sampling import SamplingParams
+from labkit.pipeline.train import TrainConfig, loss_terms, make_batch, new_backbone, read_metrics, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,7 +214,7 @@ def test_make_batch_targets_and_positions(tiny_data):
 
 def test_target_probs_from_cache_match_the_model(tiny, tiny_data):
     """exp(h_final . W - lse) from the feature cache is the target's own next-token distribution."""
-    from labkit.train import target_probs
+    from labkit.pipeline.train import target_probs
     model = make_backbone(tiny)
     batch = make_batch(tiny_data, [0], gamma=4, anchors=4, gen=torch.Generator().manual_seed(1), handles={})
     p = target_probs(model, batch["final"], batch["lse"])
@@ -317,7 +317,7 @@ def test_drafter_modules_import_one_way():
 
 
 def test_frequent_tokens_keeps_the_most_common_and_the_stop_tokens(tmp_path):
-    from labkit.train import frequent_tokens, vocab_coverage
+    from labkit.pipeline.train import frequent_tokens, vocab_coverage
     items = [FeatureSequence(Sequence([9, 9, 1, 1, 1, 2, 3], 2, "chat"), tmp_path, 0),
              FeatureSequence(Sequence([9, 1, 2, 4], 1, "code"), tmp_path, 0)]
     ids = frequent_tokens(items, 3, always={7})

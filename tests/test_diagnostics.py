@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.decoding import prefill
-from labkit.diagnostics import collisions, drafting_costs, heldout_batch, offline_acceptance, rank_curve
+from labkit.decode.loop import prefill
+from labkit.measure.diagnostics import collisions, drafting_costs, heldout_batch, offline_acceptance, rank_curve
 from labkit.drafters.dspark import DSparkDrafter
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
 from test_dflash import tiny_data  # noqa: F401  (12 sequences with cached features)
 from test_dspark import VOCAB, make_dspark  # noqa: F401
 

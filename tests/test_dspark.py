@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.decoding import generate, prefill
+from labkit.decode.loop import generate, prefill
 from labkit.drafters.checkpoint import load_backbone, save_drafter
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
 from labkit.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel, calibration_key, with_transition_rank
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
-from labkit.train import LossWeights, forward_batch, loss_terms, make_batch, new_backbone
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
+from labkit.pipeline.train import LossWeights, forward_batch, loss_terms, make_batch, new_backbone
 from test_dflash import tiny_data  # noqa: F401  (the shared fixture: 12 sequences with cached features)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +75,7 @@ def test_zero_initialised_head_leaves_the_dflash_distribution(tiny):
 def test_sampled_block_uses_the_teacher_forced_training_distribution(tiny, head, temperature):
     """The probabilities a proposal carries are softmax(U_k + B_k(prefix drawn)), the training forward's
     distribution when that same prefix is fed as targets: what is sampled is what is verified."""
-    from labkit.sampling import logits_to_probs
+    from labkit.core.sampling import logits_to_probs
     model = make_dspark(tiny, head=head)
     drafter = DSparkDrafter(model)
     request = _request(tiny, drafter, prompt=(3, 1, 4, 1, 5), temperature=temperature, seed=2)
@@ -161,7 +161,7 @@ def test_transition_rank_truncation_is_the_best_low_rank_approximation(tiny):
 def test_confidence_loss_is_bce_against_one_minus_half_l1(tiny, tiny_data):
     """The conf term equals a hand computation of BCE(c, 1 - 0.5 * L1) with the position weights."""
     import torch.nn.functional as F
-    from labkit.train import position_weights, target_probs
+    from labkit.pipeline.train import position_weights, target_probs
     model = make_dspark(tiny, gamma=4)
     batch = make_batch(tiny_data, [0, 1], 4, 8, torch.Generator().manual_seed(0), {})
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_confidence_loss_is_bce_against_one_minus_half_l1(tiny, tiny_data):
 
 def test_dspark_training_lowers_loss_and_round_trips(tiny, tiny_data, tmp_path):
     from test_dflash import _cfg
-    from labkit.train import train
+    from labkit.pipeline.train import train
     model = make_dspark(tiny, gamma=4).train()
     batch = make_batch(tiny_data, list(range(12)), 4, 16, torch.Generator().manual_seed(5), {})
 

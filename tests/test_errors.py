@@ -8,13 +8,13 @@ import json
 import pytest
 
 from labkit.__main__ import main
-from labkit.bench import Prompt, load_prompts, run_bench
-from labkit.decoding import generate, prefill
+from labkit.measure.bench import Prompt, load_prompts, run_bench
+from labkit.decode.loop import generate, prefill
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
 from labkit.drafters.base import Proposal
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
-from labkit.target import DEFAULT_TARGET, load_target, parse_dtype
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
+from labkit.model.target import DEFAULT_TARGET, load_target, parse_dtype
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""`labkit export --format deepspec` (labkit/export.py, docs/facts.md, "Export layout for vLLM and SGLang").
+"""`labkit export --format deepspec` (labkit/drafters/export.py, docs/facts.md, "Export layout for vLLM and SGLang").
 
 The exported folder is read back here through DeepSpec's config keys and tensor names only (json +
 safetensors, no labkit code) into an independent forward written from DeepSpec's description:
@@ -32,11 +32,11 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3
 from labkit.drafters.base import DraftRequest
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
 from labkit.drafters.dspark import DSparkConfig, DSparkDrafter
-from labkit.errors import LabkitError
-from labkit.export import export_deepspec
-from labkit.sampling import SamplingParams
-from labkit.target import Target
-from labkit.train import new_backbone
+from labkit.core.errors import LabkitError
+from labkit.drafters.export import export_deepspec
+from labkit.core.sampling import SamplingParams
+from labkit.model.target import Target
+from labkit.pipeline.train import new_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.errors import LabkitError
-from labkit.heads import ConfidenceHead, MarkovHead, RNNHead, TokenIndex, make_head
+from labkit.core.errors import LabkitError
+from labkit.drafters.heads import ConfidenceHead, MarkovHead, RNNHead, TokenIndex, make_head
 
 
 def test_token_index_maps_outside_tokens_to_the_shared_row():

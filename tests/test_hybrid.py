@@ -14,15 +14,15 @@ from collections import Counter
 import pytest
 import torch
 
-from labkit.decoding import generate, prefill, speculative_round
+from labkit.decode.loop import generate, prefill, speculative_round
 from labkit.drafters import BUILTIN, check_spec, make_drafter
 from labkit.drafters.checkpoint import save_drafter
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.dspark import DSparkDrafter
 from labkit.drafters.hybrid import HybridConfig, HybridDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams, logits_to_probs
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams, logits_to_probs
 from test_dflash import make_backbone, target_features
 from test_dspark import make_dspark
 
@@ -172,7 +172,7 @@ def test_sampled_hybrid_sequences_follow_target(make_tiny_target, chi2_gof, kind
     torch.manual_seed(0)
     from labkit.drafters.dflash import DFlashConfig
     from labkit.drafters.dspark import DSparkConfig
-    from labkit.train import new_backbone
+    from labkit.pipeline.train import new_backbone
     if kind == "dflash":
         model = DFlashDrafter(new_backbone(target, DFlashConfig.for_target(target, gamma=3, target_layers=(1,)),
                                            init_from_target=True))

@@ -19,11 +19,11 @@ from collections import Counter
 import pytest
 import torch
 
-import labkit.decoding
-import labkit.sampling
-from labkit.decoding import generate
+import labkit.decode.loop
+import labkit.core.sampling
+from labkit.decode.loop import generate
 from labkit.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter
-from labkit.sampling import SamplingParams, logits_to_probs
+from labkit.core.sampling import SamplingParams, logits_to_probs
 
 ALPHA = 0.001
 VOCAB = 8
@@ -111,12 +111,12 @@ def test_sequence_test_rejects_decoder_that_resamples_target(make_tiny_target, c
     of the residual after a rejection, the same 1500-draw, alpha 0.001 test (temperature 1) rejects."""
 
     def resample_target(draft, p_d, p_t, generator=None):
-        verdict = labkit.sampling.verify_chain(draft, p_d, p_t, generator)
+        verdict = labkit.core.sampling.verify_chain(draft, p_d, p_t, generator)
         if verdict.n_accepted < draft.shape[0]:
-            return labkit.sampling.Verdict(verdict.n_accepted,
-                                           int(labkit.sampling.sample(p_t[verdict.n_accepted], generator)))
+            return labkit.core.sampling.Verdict(verdict.n_accepted,
+                                           int(labkit.core.sampling.sample(p_t[verdict.n_accepted], generator)))
         return verdict
 
-    monkeypatch.setattr(labkit.decoding, "verify_chain", resample_target)
+    monkeypatch.setattr(labkit.decode.loop, "verify_chain", resample_target)
     fit = run_case(make_tiny_target, chi2_gof, "t1.0-tied")
     assert fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df did not reject"

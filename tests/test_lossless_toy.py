@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import torch
 
-from labkit.sampling import Verdict, residual, sample, verify_chain
+from labkit.core.sampling import Verdict, residual, sample, verify_chain
 
 ALPHA = 0.001
 V = 6  # single-position vocabulary

@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from labkit.errors import LabkitError
-from labkit.magpie import (MagpieConfig, PromptFilter, classify_domain, end_of_turn_ids, sample_user_turns,
+from labkit.core.errors import LabkitError
+from labkit.pipeline.magpie import (MagpieConfig, PromptFilter, classify_domain, end_of_turn_ids, sample_user_turns,
                            self_generated_prompts, user_header)
-from labkit.packaged_prompts import champ_prompts
-from labkit.prompts import (NearDuplicateIndex, assert_not_near, benchmark_index, benchmark_texts, jaccard,
+from labkit.pipeline.packaged_prompts import champ_prompts
+from labkit.pipeline.prompts import (NearDuplicateIndex, assert_not_near, benchmark_index, benchmark_texts, jaccard,
                             shingles)
-from labkit.target import load_target
+from labkit.model.target import load_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,14 +147,14 @@ def test_self_generated_prompts_fill_up_in_rounds_and_resume_from_raw_turns(tmp_
         start = len(calls) - 1
         return [(pool[(start * n + j) % 40] if j % 2 == 0 else "", True) for j in range(n)]  # half are empty
 
-    monkeypatch.setattr("labkit.magpie.sample_user_turns", fake)
+    monkeypatch.setattr("labkit.pipeline.magpie.sample_user_turns", fake)
     raw = tmp_path / "raw.jsonl"
     got = self_generated_prompts(None, 7, MagpieConfig(near_duplicate=0.95), 0, 4, PromptFilter(), raw_path=raw)
     assert len(got) == 7 and len(calls) == 4  # 2 kept per round of 4
     again = self_generated_prompts(None, 7, MagpieConfig(near_duplicate=0.95), 0, 4, PromptFilter(), raw_path=raw)
     assert again == got and len(calls) == 4  # replayed from raw.jsonl, nothing sampled
     with pytest.raises(LabkitError, match="passed the filter"):
-        monkeypatch.setattr("labkit.magpie.sample_user_turns", lambda t, n, c, seed: [("", True)] * n)
+        monkeypatch.setattr("labkit.pipeline.magpie.sample_user_turns", lambda t, n, c, seed: [("", True)] * n)
         self_generated_prompts(None, 3, MagpieConfig(), 0, 4, PromptFilter(), max_rounds=2)
 
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.calibration import STSResult, describe_cut_values, describe_ece_change, fit_sts
-from labkit.decoding import generate
-from labkit.diagnostics import DraftedBlock, block_showcase, pick_block
+from labkit.core.calibration import STSResult, describe_cut_values, describe_ece_change, fit_sts
+from labkit.decode.loop import generate
+from labkit.measure.diagnostics import DraftedBlock, block_showcase, pick_block
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
-from labkit.errors import LabkitError
-from labkit import plots
-from labkit.trace import (MIN_ROUNDS, Round, format_acceptance, format_position_acceptance, position_acceptance,
+from labkit.core.errors import LabkitError
+from labkit.lab import plots
+from labkit.core.trace import (MIN_ROUNDS, Round, format_acceptance, format_position_acceptance, position_acceptance,
                           position_counts)
-from labkit.train import new_backbone
+from labkit.pipeline.train import new_backbone
 
 PLOTLY = "application/vnd.plotly.v1+json"
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -24,8 +24,8 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 # ---- 4: one display per dashboard ----------------------------------------------------------------
 
 def _tiny_dashboard():
-    from labkit.costs import ForwardCost
-    from labkit.widgets import latency_explorer
+    from labkit.measure.costs import ForwardCost
+    from labkit.lab.widgets import latency_explorer
     cost = ForwardCost(context_len=8, ks=[1, 2, 4, 8], samples_s=[[0.06], [0.1], [0.11], [0.12]])
     return latency_explorer(cost, gamma=3, tau=2.0)
 
@@ -63,7 +63,7 @@ def test_dashboard_show_headless_displays_a_static_figure_and_the_readout(monkey
 
 
 def test_headless_reads_the_environment(monkeypatch):
-    from labkit.widgets import headless
+    from labkit.lab.widgets import headless
     for value, expected in ((None, False), ("", False), ("0", False), ("1", True), ("true", True)):
         if value is None:
             monkeypatch.delenv("LABKIT_HEADLESS", raising=False)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit import prompt_sets
+from labkit.pipeline import prompt_sets
 from labkit.__main__ import main
-from labkit.notebooks import PLOTLY_MIME, WIDGET_MIME, find_notebooks
+from labkit.lab.notebooks import PLOTLY_MIME, WIDGET_MIME, find_notebooks
 from test_prompt_sets import PROMPT_LINE, parse_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def _hand_made_notebook():
 def test_offline_copy_embeds_plotly_once_and_renders_widget_state(tmp_path: Path):
     import nbformat
 
-    from labkit.notebooks import write_html
+    from labkit.lab.notebooks import write_html
 
     executed = tmp_path / "nb.ipynb"
     nbformat.write(_hand_made_notebook(), str(executed))

@@ -1,4 +1,4 @@
-"""Pre-packed linear layers (labkit.packed): same logits as the stock kernels to fp32 rounding, same
+"""Pre-packed linear layers (labkit.model.packed): same logits as the stock kernels to fp32 rounding, same
 greedy text as HF generate on the stock model, nothing else about the model changed."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from labkit import generate, make_drafter
-from labkit.packed import PackedLinear, can_pack, pack_linears
-from labkit.sampling import SamplingParams
-from labkit.target import Target, load_target
+from labkit.model.packed import PackedLinear, can_pack, pack_linears
+from labkit.core.sampling import SamplingParams
+from labkit.model.target import Target, load_target
 
 from conftest import ToyTokenizer, tiny_llama
 
@@ -69,9 +69,9 @@ def test_packed_linear_falls_back_to_autograd_when_gradients_are_needed():
 def test_packed_drafter_proposes_what_the_stock_one_does(make_tiny_target, one_thread):
     """A DFlash drafter with packed products (layers and draft LM head) gives the same block
     probabilities as the stock one, to fp32 rounding."""
-    from labkit.decoding import prefill
+    from labkit.decode.loop import prefill
     from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
-    from labkit.train import new_backbone
+    from labkit.pipeline.train import new_backbone
 
     target = make_tiny_target(vocab_size=32, n_layers=4, hidden=32)
     cfg = DFlashConfig.for_target(target, n_layers=1, gamma=4, target_layers=(1, 3))
@@ -114,7 +114,7 @@ def test_real_target_packed_greedy_equals_hf_generate_on_the_stock_model(one_thr
 def test_a_loaded_drafter_is_packed_when_its_target_is(make_tiny_target, tmp_path, one_thread):
     from labkit.drafters.checkpoint import load_backbone, save_drafter
     from labkit.drafters.dflash import DFlashConfig
-    from labkit.train import new_backbone
+    from labkit.pipeline.train import new_backbone
 
     target = make_tiny_target(vocab_size=32, n_layers=4, hidden=32)
     cfg = DFlashConfig.for_target(target, n_layers=1, gamma=4, target_layers=(1, 3))

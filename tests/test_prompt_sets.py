@@ -1,4 +1,4 @@
-"""The evaluation prompt sets (labkit/prompt_sets.py): the lab's own set in data/eval, which folder of
+"""The evaluation prompt sets (labkit/pipeline/prompt_sets.py): the lab's own set in data/eval, which folder of
 public files is used where, and the line that names what a run measured."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from labkit import prompt_sets
-from labkit.data import folder_prompts
-from labkit.errors import LabkitError
-from labkit.prompt_sets import LAB_DIR, LAB_FILES, PromptSet, eval_prompts, load_prompts, prompt_set
-from labkit.prompts import NearDuplicateIndex, benchmark_index, benchmark_texts
+from labkit.pipeline import prompt_sets
+from labkit.pipeline.data import folder_prompts
+from labkit.core.errors import LabkitError
+from labkit.pipeline.prompt_sets import LAB_DIR, LAB_FILES, PromptSet, eval_prompts, load_prompts, prompt_set
+from labkit.pipeline.prompts import NearDuplicateIndex, benchmark_index, benchmark_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what a notebook prints about its prompts (tests/test_notebooks.py reads it with this pattern)

@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 import torch
 
-from labkit.decoding import generate, prefill
+from labkit.decode.loop import generate, prefill
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, make_drafter
-from labkit.sampling import SamplingParams, Verdict, logits_to_probs, sample, verify_chain
-from labkit.trace import mean_tau
+from labkit.core.sampling import SamplingParams, Verdict, logits_to_probs, sample, verify_chain
+from labkit.core.trace import mean_tau
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -1,4 +1,4 @@
-"""labkit.sampling: probabilities, top-p, the residual and chain verification, on hand-built cases.
+"""labkit.core.sampling: probabilities, top-p, the residual and chain verification, on hand-built cases.
 
 Everything here is exact (no statistics) except where a docstring says otherwise; the distribution
 tests of verification live in test_lossless_toy.py.
@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams, logits_to_probs, residual, sample, top_p_filter, verify_chain
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams, logits_to_probs, residual, sample, top_p_filter, verify_chain
 
 
 def rows(*values) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""labkit.sampling's top-k and the batched sampler `sample_logits` (exact, plus one chi-square test)."""
+"""labkit.core.sampling's top-k and the batched sampler `sample_logits` (exact, plus one chi-square test)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams, logits_to_probs, sample_logits, top_k_filter
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams, logits_to_probs, sample_logits, top_k_filter
 
 
 @pytest.mark.parametrize("top_k", [-1, 1.5, True, "3"])

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from labkit import plots
-from labkit.scaling import fit_data_curve, gains_per_doubling, read_curve
+from labkit.lab import plots
+from labkit.core.scaling import fit_data_curve, gains_per_doubling, read_curve
 
 
 def test_fit_recovers_an_exact_log2_line():

@@ -12,14 +12,14 @@ from collections import Counter
 import pytest
 import torch
 
-from labkit.decoding import generate
+from labkit.decode.loop import generate
 from labkit.drafters import BUILTIN, check_spec, make_drafter
 from labkit.drafters.base import check_batchable
 from labkit.drafters.dspark import DSparkDrafter
 from labkit.drafters.scheduled import RoundRate, ScheduledDrafter, verify_table
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
-from labkit.scheduler import CostTable
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
+from labkit.core.scheduler import CostTable
 from test_dspark import make_dspark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +89,7 @@ def test_greedy_scheduled_equals_target_greedy(tiny, head):
 
 def test_proposals_are_prefixes_with_their_own_rows(tiny):
     """What the wrapper returns is the wrapped drafter's block cut to a prefix, rows untouched."""
-    from labkit.decoding import prefill
+    from labkit.decode.loop import prefill
     inner = DSparkDrafter(make_dspark(tiny, gamma=4, scale=1.0))
     wrapped = ScheduledDrafter(inner, step_table(0.5))
     for seed in range(20):
@@ -137,7 +137,7 @@ def test_sampled_scheduled_sequences_follow_target(make_tiny_target, chi2_gof):
 def _dspark8(target):
     """DSpark gamma 3 reading the 2-layer target's layer 1, random non-zero heads."""
     from labkit.drafters.dspark import DSparkConfig
-    from labkit.train import new_backbone
+    from labkit.pipeline.train import new_backbone
     torch.manual_seed(0)
     cfg = DSparkConfig.for_target(target, gamma=3, target_layers=(1,), rank=4, head="markov")
     model = new_backbone(target, cfg, init_from_target=True)

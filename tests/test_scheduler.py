@@ -1,4 +1,4 @@
-"""The hardware-aware prefix scheduler (labkit.scheduler) on hand-made confidences and cost tables.
+"""The hardware-aware prefix scheduler (labkit.core.scheduler) on hand-made confidences and cost tables.
 
 Paper: Sec. 3.2.2 / Algorithm 1 (greedy admission with the early break), Sec. 5.2 (the production
 variant), Appendix A (the counterexample). No model is loaded here; no assertion reads a clock.
@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labkit.errors import LabkitError
-from labkit.scheduler import (
+from labkit.core.errors import LabkitError
+from labkit.core.scheduler import (
     POLICIES,
     Algorithm1,
     AsyncTopK,
@@ -329,7 +329,7 @@ def test_appendix_a_arithmetic():
 
 
 def test_appendix_a_retrospective_search_is_biased_and_algorithm1_is_not(chi2_gof):
-    """20,000 rounds per policy, seed 0, alpha = 0.01, verified with labkit.sampling.verify_chain.
+    """20,000 rounds per policy, seed 0, alpha = 0.01, verified with labkit.core.sampling.verify_chain.
 
     Algorithm 1's first tokens pass against the target (0.7, 0.3); the retrospective search's fail
     against it and pass against the biased (0.85, 0.15) that Appendix A derives.

@@ -1,4 +1,4 @@
-"""labkit.scheduler_views on hand-made confidences and cost tables: no model, no clock.
+"""labkit.lab.scheduler_views on hand-made confidences and cost tables: no model, no clock.
 
 The walk must agree with the policies it explains (Algorithm 1 stops where the walk breaks; the
 retrospective search keeps the walk's global maximum), the load sweep must reach its limits (a flat
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.errors import LabkitError
-from labkit.scheduler import (
+from labkit.core.errors import LabkitError
+from labkit.core.scheduler import (
     Algorithm1,
     CostTable,
     Retrospective,
@@ -20,7 +20,7 @@ from labkit.scheduler import (
     appendix_a_table,
     expected_throughput,
 )
-from labkit.scheduler_views import (
+from labkit.lab.scheduler_views import (
     ADMISSION_HEADER,
     SWEEP_POLICIES,
     admission_path_figure,

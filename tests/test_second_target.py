@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.decoding import generate
+from labkit.decode.loop import generate
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, make_drafter
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams, verify_chain
-from labkit.target import PLAIN_PROMPT, load_target
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams, verify_chain
+from labkit.model.target import PLAIN_PROMPT, load_target
 from test_real_target import ALPHA, N_DRAWS, first_token_counts, next_token_pair, verify_resample_target
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -1,4 +1,4 @@
-"""The batched serving engine (labkit.serving): lossless per request, whatever else shares the batch.
+"""The batched serving engine (labkit.decode.engine): lossless per request, whatever else shares the batch.
 
 Tiny random targets (tests/conftest.py) and tiny DSpark drafters with a random, non-zero Markov head
 (so the confidence head's values, and with them Algorithm 1's verification lengths, depend on the
@@ -14,14 +14,14 @@ from collections import Counter
 import pytest
 import torch
 
-from labkit.decoding import generate
+from labkit.decode.loop import generate
 from labkit.drafters.dspark import DSparkDrafter
 from labkit.drafters.layer_skip import LayerSkipDrafter
 from labkit.drafters.prompt_lookup import PromptLookupDrafter
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
-from labkit.scheduler import CostTable
-from labkit.serving import Engine, ServeRequest, closed_loop, open_loop, padded_batch_tokens, report
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
+from labkit.core.scheduler import CostTable
+from labkit.decode.engine import Engine, ServeRequest, closed_loop, open_loop, padded_batch_tokens, report
 from test_dspark import make_dspark
 from test_lossless_tiny_model import NEW_TOKENS, PROMPT, exact_sequence_probs
 

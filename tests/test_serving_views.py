@@ -1,4 +1,4 @@
-"""labkit.serving_views: the Fig. 7 / Fig. 8 figures from report dicts, the windowed numbers, and the
+"""labkit.lab.serving_views: the Fig. 7 / Fig. 8 figures from report dicts, the windowed numbers, and the
 live serving dashboard over a real engine (a tiny random target and a tiny DSpark drafter), headless
 and in its background thread."""
 
@@ -10,11 +10,11 @@ import time
 import pytest
 
 from labkit.drafters.dspark import DSparkDrafter
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
-from labkit.scheduler import CostTable
-from labkit.serving import ServeRequest, StepRecord
-from labkit.serving_views import (LIVE_TRACES, SWEEP_HEADER, SWEEP_POLICIES, PausableClock, ServingDashboard,
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
+from labkit.core.scheduler import CostTable
+from labkit.decode.engine import ServeRequest, StepRecord
+from labkit.lab.serving_views import (LIVE_TRACES, SWEEP_HEADER, SWEEP_POLICIES, PausableClock, ServingDashboard,
                                   describe_dashboard, describe_sweep, live_figure, load_figure, rolling, run_sweeps,
                                   sweep_rows, throughput_speed_figure, window_stats)
 from test_serving import dspark, steep_table, tiny  # noqa: F401  (shared fixtures: a tiny target and DSpark drafter)
@@ -210,7 +210,7 @@ def test_impossible_values_are_refused_with_the_range(tiny, dspark):
 def test_show_headless_runs_synchronously_and_leaves_a_static_figure(tiny, dspark, monkeypatch, capsys):
     import plotly.graph_objects as go
 
-    import labkit.serving_views as sv
+    import labkit.lab.serving_views as sv
 
     shown = []
     monkeypatch.setenv("LABKIT_HEADLESS", "1")
@@ -270,7 +270,7 @@ def test_an_error_in_the_loop_is_said_in_the_readout(tiny, dspark):
 
 
 def test_run_sweeps_feeds_both_figures_one_trace_per_policy(tiny, dspark, monkeypatch):
-    import labkit.serving_views as sv
+    import labkit.lab.serving_views as sv
 
     monkeypatch.setattr(tiny, "encode_prompt", lambda text, chat=True: [ord(c) % 16 for c in text])
     out = run_sweeps(tiny, dspark, ["ab", "cde", "fg"], users=[1, 2], policies=SWEEP_POLICIES, table=steep_table(),

@@ -1,4 +1,4 @@
-"""Fast tests of labkit.stats, labkit.costs, labkit.plots and labkit.widgets (no real model needed).
+"""Fast tests of labkit.core.stats, labkit.measure.costs, labkit.lab.plots and labkit.lab.widgets (no real model needed).
 
 Chi-square tests use fixed seeds, so they are deterministic; the docstrings still give the odds a
 fresh seed would fail, to show the thresholds are not tuned to the seed.
@@ -14,14 +14,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labkit.costs import (ForwardCost, break_even_tau, forward_cost, memory_bandwidth_gbs, per_token_latency_s,
+from labkit.measure.costs import (ForwardCost, break_even_tau, forward_cost, memory_bandwidth_gbs, per_token_latency_s,
                           roofline_floor_s, speculative_speedup, time_ar_loops)
-from labkit.errors import LabkitError
-from labkit import plots
-from labkit.stats import acceptance_rate, chi_square_test, speculative_stream, total_variation
-from labkit.target import Target
-from labkit.trace import Round, prefix_survival
-from labkit.widgets import check_slider, decoding_dashboard, latency_explorer
+from labkit.core.errors import LabkitError
+from labkit.lab import plots
+from labkit.core.stats import acceptance_rate, chi_square_test, speculative_stream, total_variation
+from labkit.model.target import Target
+from labkit.core.trace import Round, prefix_survival
+from labkit.lab.widgets import check_slider, decoding_dashboard, latency_explorer
 
 P_T = torch.tensor([0.5, 0.2, 0.2, 0.1])
 P_D = torch.tensor([0.2, 0.5, 0.1, 0.2])
@@ -244,7 +244,7 @@ def test_decoding_dashboard_runs_real_generations_and_validates_sliders(tiny_tar
 def test_vocab_costs_time_every_configuration_and_size_the_heads(make_tiny_target):
     """One row per (draft vocabulary, rank), sizes capped at the target's vocabulary; the head's memory
     grows with the draft vocabulary and with the rank (rank 0 is DFlash: no Markov factors)."""
-    from labkit.costs import vocab_costs
+    from labkit.measure.costs import vocab_costs
     target = make_tiny_target(vocab_size=64, n_layers=3, hidden=32)
     rows = vocab_costs(target, [16, 64, 1000], [0, 8], prompt_ids=[1, 2, 3], gamma=4, repeats=2, progress=False)
     assert [(r.v_draft, r.rank) for r in rows] == [(16, 0), (16, 8), (64, 0), (64, 8)]

@@ -12,7 +12,7 @@ import torch
 
 from labkit.__main__ import main
 from labkit.drafters import check_spec
-from labkit.errors import LabkitError
+from labkit.core.errors import LabkitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,7 +145,7 @@ def test_training_items_join_folders_and_refuse_another_targets_data(make_tiny_t
     import json as _json
 
     from safetensors.torch import save_file as _save
-    from labkit.features import training_items
+    from labkit.pipeline.features import training_items
     target = make_tiny_target(vocab_size=16, n_layers=3, hidden=32, name="tiny-a")
     for i, d in enumerate(("one", "two")):
         folder = tmp_path / d
@@ -170,7 +170,7 @@ def test_bf16_features_get_their_own_cache_and_a_consistent_log_sum_exp(make_tin
     import json as _json
 
     from safetensors.torch import load_file as _load, save_file as _save
-    from labkit.features import cache_dir, training_items
+    from labkit.pipeline.features import cache_dir, training_items
     folder = tmp_path / "data"
     folder.mkdir()
     ids = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11, 6, 13, 8, 15], dtype=torch.int32)

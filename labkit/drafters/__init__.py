@@ -7,8 +7,8 @@ from pathlib import Path
 from labkit.drafters.base import Drafter, Proposal
 from labkit.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
-from labkit.errors import LabkitError
-from labkit.target import DEFAULT_TARGET, Target
+from labkit.core.errors import LabkitError
+from labkit.model.target import DEFAULT_TARGET, Target
 
 BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "hybrid", "sched")
 SHIPPED = ("dflash", "dspark")

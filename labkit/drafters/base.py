@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import DynamicCache

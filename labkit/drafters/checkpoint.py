@@ -25,7 +25,7 @@ from torch import nn
 
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.drafters.dspark import DSparkConfig, DSparkModel
-from labkit.errors import LabkitError
+from labkit.core.errors import LabkitError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

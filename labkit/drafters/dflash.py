@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.drafters.base import DraftRequest, Proposal
-from labkit.errors import LabkitError
-from labkit.packed import PackedLinear, pack_linears
-from labkit.sampling import SamplingParams, logits_to_probs, sample
+from labkit.core.errors import LabkitError
+from labkit.model.packed import PackedLinear, pack_linears
+from labkit.core.sampling import SamplingParams, logits_to_probs, sample
 
 
 def default_layers(num_layers: int, m: int = 5) -> tuple[int, ...]:
@@ -270,7 +270,7 @@ class DFlashBackbone(nn.Module):
 
     def pack_for_inference(self) -> int:
         """Run the linear layers and the draft LM head with oneDNN pre-packed weights on the CPU
-        (labkit.packed; a block of 8 rows then costs about one row's product). Inference only: the
+        (labkit.model.packed; a block of 8 rows then costs about one row's product). Inference only: the
         packed copies do not follow later weight updates. Returns how many products were packed."""
         n = pack_linears(self)
         if n:

@@ -5,7 +5,7 @@ then *sampled left to right*: p_k = softmax(U_k + B_k(x_{k-1}, ...)) (Eq. 4), wh
 backbone's logits and B_k the Markov (Eq. 5) or RNN (Eq. 6) head's bias given the tokens just drawn.
 Each p_k is an exact softmax and is what verification receives, so decoding stays lossless at any
 temperature. The confidence head gives c_k = sigmoid(w . [h_k ; W1[x_{k-1}]]) (Eq. 7), the chance that
-draft k survives given that drafts before it did; Sequential Temperature Scaling (`labkit.calibration`)
+draft k survives given that drafts before it did; Sequential Temperature Scaling (`labkit.core.calibration`)
 fits one temperature per position, stored in the checkpoint's config and applied at decode time.
 
 In training the heads are teacher-forced: x_{k-1} is the data's token, so all positions run at once.
@@ -22,9 +22,9 @@ import torch
 
 from labkit.drafters.base import DraftRequest, Proposal
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig, DFlashDrafter
-from labkit.errors import LabkitError
-from labkit.heads import HEADS, ConfidenceHead, MarkovHead, TokenIndex, TruncatedMarkovHead, make_head
-from labkit.sampling import SamplingParams, logits_to_probs, sample
+from labkit.core.errors import LabkitError
+from labkit.drafters.heads import HEADS, ConfidenceHead, MarkovHead, TokenIndex, TruncatedMarkovHead, make_head
+from labkit.core.sampling import SamplingParams, logits_to_probs, sample
 
 
 @dataclass

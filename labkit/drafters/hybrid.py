@@ -44,8 +44,8 @@ import torch
 from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, find_continuation
-from labkit.errors import LabkitError
-from labkit.sampling import SamplingParams
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from labkit.drafters.base import DraftRequest, Proposal
-from labkit.errors import LabkitError
-from labkit.sampling import logits_to_probs, sample
-from labkit.target import Target
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import logits_to_probs, sample
+from labkit.model.target import Target
 
 
 @dataclass

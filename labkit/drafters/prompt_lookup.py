@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
-from labkit.errors import LabkitError
+from labkit.core.errors import LabkitError
 
 
 @dataclass

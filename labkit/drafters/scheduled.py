@@ -29,9 +29,9 @@ import time
 import torch
 
 from labkit.drafters.base import Drafter, DraftRequest, Proposal
-from labkit.errors import LabkitError
-from labkit.scheduler import Algorithm1, CostTable, ScheduleInput
-from labkit.target import Target
+from labkit.core.errors import LabkitError
+from labkit.core.scheduler import Algorithm1, CostTable, ScheduleInput
+from labkit.model.target import Target
 
 #: weight of the newest proposal's time in the running mean of T_draft
 DRAFT_EMA = 0.2
@@ -55,7 +55,7 @@ class RoundRate:
 def verify_table(target: Target, max_tokens: int, context_len: int = 256, repeats: int = 5,
                  progress: bool = False) -> CostTable:
     """T_verify(k) for k = 1..max_tokens on this device, as a CostTable of forwards per second."""
-    from labkit.costs import forward_cost  # costs builds drafters itself: imported where it is used
+    from labkit.measure.costs import forward_cost  # costs builds drafters itself: imported where it is used
     if max_tokens < 1:
         raise LabkitError(f"the verify table needs max_tokens >= 1 (1 + the longest block), got {max_tokens}.")
     cost = forward_cost(target, context_len, ks=range(1, max_tokens + 1), repeats=repeats, progress=progress)

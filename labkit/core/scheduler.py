@@ -1,0 +1,678 @@
+"""The hardware-aware prefix scheduler as pure math: confidences and a cost table in, lengths out.
+
+Paper references (DSpark): Sec. 3.2.2 and Algorithm 1 (the causal greedy scheduler with its early
+break), Sec. 5.2 (the production variant: capacity from confidences two steps old, a dynamic top-K,
+no break) and Appendix A (why a search past the first drop is biased, with a worked counterexample).
+
+This module knows no model. A batched engine calls a policy once per step with a `ScheduleInput`:
+per-request calibrated confidences c_{r,j} (the probability that draft j survives given that all
+before it did) and a `CostTable` of target forward steps per second, SPS(B), at B tokens. The policy
+returns l_r, the number of request r's drafts to verify; the admitted slots are always a prefix.
+
+Notation: survival a_{r,j} = prod_{i<=j} c_{r,i}; expected accepted tokens tau = sum_r (1 + sum_{j<=l_r}
+a_{r,j}) (the 1 is the token the target always emits); expected throughput theta = tau * SPS(B).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import verify_chain
+
+# ---------------------------------------------------------------------------------------------------
+# Cost table: SPS(B), profiled once per (device, model, dtype)
+
+TAILS = ("proportional", "constant")
+
+
+def monotone_sps(raw: Sequence[float], window: int = 3) -> list[float]:
+    """A noisy SPS curve made non-increasing in B: a centred running median, then the upper envelope
+    from the right (SPS(B) = the largest smoothed value at any B' >= B).
+
+    Why the envelope from the right and not a running minimum from the left: interference (another
+    job, a page fault) only ever adds time, so a measured SPS is at most the true one, and the true
+    curve falls with B; hence every measurement at B' >= B is a lower bound on SPS(B) and the largest
+    is the best one. A running minimum would let one slow sample at small B flatten the whole curve
+    (seen here: a slowed B = 1 made Algorithm 1 verify everything). The median (odd `window`, shrunk
+    symmetrically at the ends) first removes a single-sample spike; an already non-increasing curve
+    passes unchanged. Monotone is the shape Algorithm 1's early break assumes (Sec. 3.2.2; docs/method.md, "The hardware-aware prefix scheduler").
+    """
+    if window < 1 or window % 2 == 0:
+        raise LabkitError(f"the smoothing window must be an odd whole number >= 1 (1 = none), got {window}.")
+    n, half = len(raw), window // 2
+    medians = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        medians.append(statistics.median(raw[i - h:i + h + 1]))
+    out = list(medians)
+    for i in range(n - 2, -1, -1):
+        out[i] = max(out[i], out[i + 1])
+    return out
+
+
+@dataclass
+class CostTable:
+    """Median target forward steps per second at each profiled batch size B (tokens in the forward).
+
+    `raw_sps` is what was measured; `smoothed_sps` is `monotone_sps(raw_sps, window)` unless given,
+    and is what `sps(B)` reads. Past the last profiled size the tail is "proportional" (time per token
+    constant, so SPS falls as 1/B: a guess that never makes a bigger batch look cheaper) or "constant"
+    (only for a flat, unprofiled table).
+    """
+
+    device: str
+    model: str
+    dtype: str
+    batch_sizes: list[int]
+    raw_sps: list[float]
+    smoothed_sps: list[float] | None = None
+    window: int = 3
+    tail: str = "proportional"
+
+    def __post_init__(self):
+        self.batch_sizes = [_whole(b, "every batch size") for b in self.batch_sizes]
+        self.raw_sps = [float(s) for s in self.raw_sps]
+        if not self.batch_sizes or len(self.batch_sizes) != len(self.raw_sps):
+            raise LabkitError(f"a cost table needs one SPS per batch size and at least one of each, got "
+                              f"{len(self.batch_sizes)} batch sizes and {len(self.raw_sps)} SPS values.")
+        if any(b < 1 for b in self.batch_sizes) or any(
+                b1 <= b0 for b0, b1 in zip(self.batch_sizes, self.batch_sizes[1:])):
+            raise LabkitError(f"batch sizes must be positive and strictly increasing, got {self.batch_sizes}: "
+                              "sort them and drop duplicates.")
+        if not all(0.0 < s < math.inf for s in self.raw_sps):
+            raise LabkitError(f"every SPS must be positive and finite, got {self.raw_sps}: re-profile the device.")
+        if self.tail not in TAILS:
+            raise LabkitError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}.")
+        if self.smoothed_sps is None:
+            self.smoothed_sps = monotone_sps(self.raw_sps, self.window)
+        self.smoothed_sps = [float(s) for s in self.smoothed_sps]
+        s = self.smoothed_sps
+        if len(s) != len(self.raw_sps) or not all(0.0 < v < math.inf for v in s) or any(
+                v1 > v0 for v0, v1 in zip(s, s[1:])):
+            raise LabkitError("smoothed_sps must hold one positive value per batch size, non-increasing in B: "
+                              "leave it out and the table computes it from raw_sps.")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.device, self.model, self.dtype)
+
+    def sps(self, batch_tokens: float) -> float:
+        """SPS at B tokens: linear between profiled sizes on the smoothed curve, clamped below the first."""
+        xs, ys = self.batch_sizes, self.smoothed_sps
+        if batch_tokens <= xs[0]:
+            return ys[0]
+        if batch_tokens >= xs[-1]:
+            if self.tail == "constant" or batch_tokens == xs[-1]:
+                return ys[-1]
+            # Beyond the profile, a forward of B tokens is assumed to cost B times the last per-token time.
+            return ys[-1] * (xs[-1] / batch_tokens)
+        i = bisect.bisect_right(xs, batch_tokens)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        # Clamped to the segment so that rounding can never make SPS rise where segments meet.
+        return min(y0, max(y1, y0 + (y1 - y0) * (batch_tokens - x0) / (x1 - x0)))
+
+    def sps_many(self, batch_tokens) -> torch.Tensor:
+        """`sps` at many B in one vectorised lookup: the same float64 operations, so the same values."""
+        b = torch.as_tensor(batch_tokens, dtype=torch.float64)
+        xs = torch.tensor(self.batch_sizes, dtype=torch.float64)
+        ys = torch.tensor(self.smoothed_sps, dtype=torch.float64)
+        if len(xs) == 1:
+            inner = ys[0].expand_as(b)
+        else:
+            i = torch.searchsorted(xs, b, right=True).clamp(1, len(xs) - 1)
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            inner = torch.minimum(y0, torch.maximum(y1, y0 + (y1 - y0) * (b - x0) / (x1 - x0)))
+        tail = ys[-1].expand_as(b) if self.tail == "constant" else ys[-1] * (xs[-1] / b)
+        tail = torch.where(b == xs[-1], ys[-1], tail)
+        return torch.where(b <= xs[0], ys[0], torch.where(b >= xs[-1], tail, inner))
+
+    @classmethod
+    def flat(cls, sps: float = 1.0, device: str = "unprofiled", model: str = "any",
+             dtype: str = "any") -> CostTable:
+        """The same SPS at every B (SGLang's unprofiled table): every cost-aware policy verifies all."""
+        return cls(device, model, dtype, [1], [sps], window=1, tail="constant")
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "model": self.model, "dtype": self.dtype,
+                "batch_sizes": list(self.batch_sizes), "raw_sps": list(self.raw_sps),
+                "smoothed_sps": list(self.smoothed_sps), "window": self.window, "tail": self.tail}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostTable:
+        missing = [k for k in ("device", "model", "dtype", "batch_sizes", "raw_sps") if k not in d]
+        if missing:
+            raise LabkitError(f"a stored cost table lacks {', '.join(missing)}: re-profile and save it again.")
+        known = {"device", "model", "dtype", "batch_sizes", "raw_sps", "smoothed_sps", "window", "tail"}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        """Store this table in the JSON file at `path`, replacing one with the same key, atomically."""
+        tables = load_cost_tables(path)
+        tables[self.key] = self
+        payload = {"version": 1, "tables": [t.to_dict() for t in tables.values()]}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target, then rename: a reader never sees half a file, a crash leaves the old one.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path, device: str, model: str, dtype: str) -> CostTable | None:
+        """The table stored for (device, model, dtype) in the file at `path`; None if there is none."""
+        return load_cost_tables(path).get((device, model, dtype))
+
+
+def load_cost_tables(path: str | Path) -> dict[tuple[str, str, str], CostTable]:
+    """Every table in a cost-table JSON file, keyed by (device, model, dtype); {} if the file is absent."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+        tables = [CostTable.from_dict(d) for d in payload["tables"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LabkitError(f"{path} is not a cost-table file ({exc}): delete it or re-profile to rewrite it."
+                          ) from exc
+    return {t.key: t for t in tables}
+
+
+def profile_sps(step: Callable[[int], None], batch_sizes: list[int], repeats: int = 5, warmup: int = 1,
+                sync: Callable[[], None] | None = None, progress: bool = False,
+                clock: Callable[[], float] = time.perf_counter, **meta) -> CostTable:
+    """Profile SPS(B): for each B, `warmup` untimed calls of step(B), then `repeats` timed ones.
+
+    `step(B)` is the engine's real batched target forward over B tokens; `sync` waits for the device
+    (e.g. torch.cuda.synchronize) so that the clock reads finished work. SPS = 1 / median seconds.
+    `meta` goes to the CostTable: device, model, dtype (default "unknown"), window, tail. `clock` is
+    there so that a test can drive the timing with a fake clock.
+    """
+    sizes = [_whole(b, "every batch size") for b in batch_sizes]
+    repeats, warmup = _whole(repeats, "repeats"), _whole(warmup, "warmup")
+    if repeats < 1 or warmup < 0:
+        raise LabkitError(f"profiling needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
+    unknown = set(meta) - {"device", "model", "dtype", "window", "tail"}
+    if unknown:
+        raise LabkitError(f"profile_sps got unknown settings {sorted(unknown)}: "
+                          "it takes device, model, dtype, window and tail.")
+    sync = sync or (lambda: None)
+    medians = []
+    for b in tqdm(sizes, desc="SPS(B)", disable=not progress):
+        for _ in range(warmup):
+            step(b)
+        sync()
+        seconds = []
+        for _ in range(repeats):
+            t0 = clock()
+            step(b)
+            sync()
+            seconds.append(clock() - t0)
+        medians.append(max(statistics.median(seconds), 1e-12))  # a step can't take 0 s; guards 1/0
+    meta = {"device": "unknown", "model": "unknown", "dtype": "unknown", **meta}
+    return CostTable(batch_sizes=sizes, raw_sps=[1.0 / m for m in medians], **meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a policy sees
+
+
+class HasSPS(Protocol):
+    def sps(self, batch_tokens: float) -> float: ...
+
+
+def packed_tokens(lengths: list[int]) -> int:
+    """B = sum_r (1 + l_r): tokens of a flattened batch (paper Sec. 3.2.2, 5.3); the default count."""
+    return len(lengths) + sum(lengths)
+
+
+@dataclass
+class ScheduleInput:
+    """One step's scheduling problem.
+
+    conf: (R, gamma) calibrated confidences c_{r,j} in [0, 1]; request r has `max_lengths[r]` real
+      drafts (default gamma), entries past that are ignored (they may be padding, even NaN).
+    table: a CostTable or anything with `.sps(B)`.
+    batch_tokens: lengths -> B, the tokens the target forward computes; the default is the packed
+      count; an engine that pads passes its own (e.g. lambda l: len(l) * (1 + max(l))).
+    old_conf / old_max_lengths: confidences of two steps before, row r for the same request r, for the
+      production variant. An old_max_lengths entry of None marks a request that did not exist then
+      (survival 1 at each of its current slots); old_conf None means every request is new.
+    """
+
+    conf: torch.Tensor
+    table: HasSPS
+    max_lengths: list[int] | None = None
+    batch_tokens: Callable[[list[int]], int] = packed_tokens
+    old_conf: torch.Tensor | None = None
+    old_max_lengths: list[int | None] | None = None
+
+    def __post_init__(self):
+        if not callable(getattr(self.table, "sps", None)):
+            raise LabkitError("the cost table must have an sps(B) method: pass a CostTable (CostTable.flat() "
+                              "if the device is not profiled).")
+        self.conf, self.max_lengths = _checked_conf(self.conf, self.max_lengths, "conf", "max_lengths")
+        self.old_conf, self.old_max_lengths = _checked_old(self.old_conf, self.old_max_lengths, self.conf.shape[0])
+
+    @property
+    def n_requests(self) -> int:
+        return self.conf.shape[0]
+
+
+def _checked_old(old_conf, old_lengths, n_req: int) -> tuple[torch.Tensor | None, list[int | None] | None]:
+    """The production variant's history; rows of requests that are new since are not looked at."""
+    if old_conf is None:
+        if old_lengths is not None and any(m is not None for m in old_lengths):
+            raise LabkitError("old_max_lengths was given without old_conf: pass both, or neither "
+                              "(every request then counts as new).")
+        return None, None
+    if not isinstance(old_conf, torch.Tensor) or old_conf.dim() != 2 or old_conf.shape[0] != n_req:
+        raise LabkitError(f"old_conf must have one row per current request ({n_req}), got shape "
+                          f"{tuple(getattr(old_conf, 'shape', ()))}: row r holds request r's confidences of "
+                          "two steps before; mark a request that did not exist then with None in old_max_lengths.")
+    if old_lengths is None:
+        old_lengths = [old_conf.shape[1]] * n_req
+    if len(old_lengths) != n_req:
+        raise LabkitError(f"old_max_lengths must have one entry per request ({n_req}), got {len(old_lengths)}.")
+    old_conf, known = _checked_conf(old_conf, [0 if m is None else m for m in old_lengths],
+                                    "old_conf", "old_max_lengths")
+    return old_conf, [None if m is None else k for m, k in zip(old_lengths, known)]
+
+
+def _whole(x, what: str) -> int:
+    try:
+        whole = not isinstance(x, bool) and float(x).is_integer()
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise LabkitError(f"{what} must be a whole number, got {x!r}.")
+    return int(x)
+
+
+def _checked_conf(conf, max_lengths, name: str, lengths_name: str) -> tuple[torch.Tensor, list[int]]:
+    """conf as float64 on the CPU (the scheduler's arithmetic is a few hundred floats) and its lengths."""
+    if not isinstance(conf, torch.Tensor) or conf.dim() != 2:
+        shape = tuple(conf.shape) if isinstance(conf, torch.Tensor) else type(conf).__name__
+        raise LabkitError(f"{name} must be a 2-D tensor (requests, gamma), got {shape}: stack each request's "
+                          "confidences into one row, padding short rows and giving their max_lengths.")
+    conf = conf.detach().to("cpu", torch.float64)
+    n_req, gamma = conf.shape
+    if max_lengths is None:
+        max_lengths = [gamma] * n_req
+    max_lengths = [_whole(m, f"every entry of {lengths_name}") for m in max_lengths]
+    if len(max_lengths) != n_req:
+        raise LabkitError(f"{lengths_name} must have one entry per row of {name} ({n_req}), "
+                          f"got {len(max_lengths)}.")
+    bad = [m for m in max_lengths if not 0 <= m <= gamma]
+    if bad:
+        raise LabkitError(f"{lengths_name} entries must lie in 0..{gamma} (the width of {name}), got {bad}.")
+    real = torch.arange(gamma) < torch.tensor(max_lengths, dtype=torch.long).view(-1, 1)
+    values = conf[real]
+    if values.numel() and not bool(((values >= 0) & (values <= 1)).all()):  # NaN fails both comparisons
+        worst = values[~((values >= 0) & (values <= 1))][0].item()
+        raise LabkitError(f"{name} must hold probabilities in [0, 1], found {worst}: pass calibrated "
+                          "confidences (sigmoid outputs), not logits, and check the drafter for NaN.")
+    return conf, max_lengths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Survival, the global sort, the throughput objective
+
+
+def survival(conf: torch.Tensor, max_lengths: list[int]) -> torch.Tensor:
+    """a_{r,j} = prod_{i<=j} c_{r,i} (R, gamma), 0 past each request's real drafts."""
+    real = torch.arange(conf.shape[1]) < torch.tensor(max_lengths, dtype=torch.long).view(-1, 1)
+    # cumprod of values in [0, 1] never increases (rounding is monotone): prefixes stay prefixes.
+    return torch.where(real, conf, torch.zeros((), dtype=conf.dtype)).cumprod(1)
+
+
+@dataclass
+class AdmissionPath:
+    """Algorithm 1, line 4: every candidate (r, j) with a_{r,j} > 0 (j counted from 1), in ONE global sort.
+
+    Descending by a; ties by position j, then request r. Because a is non-increasing along a row, a
+    slot never precedes the slot before it, so any leading run of the path is a set of prefixes. Kept
+    as three plain lists because the search walks it with float math, one candidate at a time.
+    """
+
+    requests: list[int]
+    positions: list[int]
+    survival: list[float]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def candidates(self) -> list[tuple[int, int, float]]:
+        return list(zip(self.requests, self.positions, self.survival))
+
+
+def admission_path(inp: ScheduleInput) -> AdmissionPath:
+    """The sorted candidates of `inp` (see AdmissionPath)."""
+    return _path(survival(inp.conf, inp.max_lengths))
+
+
+def _path(a: torch.Tensor) -> AdmissionPath:
+    n_req = a.shape[0]
+    values, order = _sorted(a)
+    if n_req == 0:
+        return AdmissionPath([], [], [])
+    return AdmissionPath((order % n_req).tolist(), (order // n_req + 1).tolist(), values.tolist())
+
+
+def _sorted(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Survivals > 0 best first, and their flat indices j * R + r (0-based j)."""
+    flat = a.t().reshape(-1)  # column-major: index j * R + r, so a stable sort breaks ties by (j, r)
+    values, order = torch.sort(flat, descending=True, stable=True)
+    n = int((values > 0).sum())
+    return values[:n], order[:n]
+
+
+def sorted_candidates(inp: ScheduleInput) -> list[tuple[int, int, float]]:
+    """The admission path as (r, j, a_{r,j}) tuples, best first."""
+    return admission_path(inp).candidates()
+
+
+def expected_throughput(inp: ScheduleInput, lengths: list[int]) -> float:
+    """theta = (R + sum_r sum_{j<=l_r} a_{r,j}) * SPS(batch_tokens(lengths)): what the scheduler maximises."""
+    a = survival(inp.conf, inp.max_lengths)
+    admitted = torch.arange(a.shape[1]) < torch.tensor(lengths, dtype=torch.long).view(-1, 1)
+    tau = inp.n_requests + float(a[admitted].sum())
+    return tau * inp.table.sps(inp.batch_tokens(list(lengths)))
+
+
+def _search(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], int], early_break: bool) -> list[int]:
+    """Walk the greedy admission path of survivals `a`; with `early_break` it is Algorithm 1 line for line.
+
+    Without it, the lengths at the path's global maximum (the retrospective search; vectorised by
+    `_global_best` for a packed batch on a CostTable). Float math in a plain loop over at most
+    R * gamma candidates; with the break SPS is never asked about a batch size past the first drop.
+    """
+    n_req = a.shape[0]
+    lengths = [0] * n_req
+    if n_req == 0:
+        return lengths
+    if not early_break and count is packed_tokens and hasattr(table, "sps_many"):
+        return _global_best(a, table)
+    path = _path(a)
+    sps = table.sps
+    packed = count is packed_tokens  # B += 1 per admission, as the paper writes it; no call needed
+    b = count(lengths)
+    tau = float(n_req)
+    best = tau * sps(b)
+    best_k = 0
+    for k, (r, j, gain) in enumerate(zip(path.requests, path.positions, path.survival), start=1):
+        lengths[r] = j
+        b = b + 1 if packed else count(lengths)
+        tau += gain  # the marginal expected accept of slot j is exactly a_{r,j}
+        theta = tau * sps(b)
+        if theta > best:
+            best, best_k = theta, k
+        elif early_break:
+            lengths[r] = j - 1  # undo the admission that did not pay; the rest is the best so far
+            return lengths
+    return _lengths_of(path, best_k, n_req)
+
+
+def _global_best(a: torch.Tensor, table: CostTable) -> list[int]:
+    """The search without the break, in tensor ops: what `_search` computes, for a packed batch.
+
+    The production variant runs it every step over all R * gamma candidates (no break to stop it
+    early), hence the vectorised form; same float64 operations in the same order, same lengths.
+    """
+    n_req = a.shape[0]
+    values, order = _sorted(a)
+    tau = torch.cat([torch.tensor([float(n_req)], dtype=torch.float64), values]).cumsum(0)  # sequential sums
+    theta = tau * table.sps_many(torch.arange(n_req, n_req + len(values) + 1, dtype=torch.float64))
+    k = int(theta.argmax())  # the first maximum, as the loop's strict '>' keeps it
+    lengths = torch.zeros(n_req, dtype=torch.long)
+    return lengths.scatter_reduce_(0, order[:k] % n_req, order[:k] // n_req + 1, "amax").tolist()
+
+
+def _lengths_of(path: AdmissionPath, k: int, n_req: int) -> list[int]:
+    """Lengths after admitting the first k candidates of the path (each extends a prefix by one)."""
+    lengths = [0] * n_req
+    for r, j in zip(path.requests[:k], path.positions[:k]):
+        lengths[r] = j
+    return lengths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Policies: policy(inp) -> lengths, each with a `name`
+
+
+@dataclass
+class Fixed:
+    """Verify every drafted token (at most `cap` per request, if given): the no-scheduler baseline."""
+
+    cap: int | None = None
+    name = "fixed"
+
+    def __post_init__(self):
+        if self.cap is not None and (_whole(self.cap, "the fixed length cap") < 0):
+            raise LabkitError(f"the fixed length cap must be >= 0 (or None for no cap), got {self.cap}.")
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        return [m if self.cap is None else min(m, int(self.cap)) for m in inp.max_lengths]
+
+
+@dataclass
+class MTP1:
+    """One drafted token per request, two verified: the paper's production baseline (Sec. 5.3, Fig. 7)."""
+
+    name = "mtp1"
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        return [min(1, m) for m in inp.max_lengths]
+
+
+@dataclass
+class Threshold:
+    """Static threshold on prefix survival: l_r = the largest j with a_{r,j} >= t (0 if none).
+
+    The threshold is on the survival a_{r,j}, not on each c_{r,j}: a_{r,j} is the probability that slot
+    j's token is actually accepted, i.e. its expected gain, and thresholding it keeps prefixes by
+    construction (a is non-increasing in j). It ignores the cost table: the static heuristic the
+    paper contrasts with Algorithm 1 (Sec. 3.2.2).
+    """
+
+    t: float = 0.5
+    name = "threshold"
+
+    def __post_init__(self):
+        if not 0.0 < self.t <= 1.0:  # also rejects NaN
+            raise LabkitError(f"the survival threshold t must lie in (0, 1], got {self.t}.")
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        a = survival(inp.conf, inp.max_lengths)
+        return (a >= self.t).sum(1).tolist()
+
+
+@dataclass
+class Algorithm1:
+    """Algorithm 1 (Sec. 3.2.2): greedy admission by survival with the early break; lossless.
+
+    Starts at B = batch_tokens(zeros), tau* = R; admits candidates in sorted order while theta improves
+    and stops at the first non-improvement, so no decision depends on a confidence past the drop
+    (which, with a Markov confidence head, depends on the draft token under decision: Appendix A).
+    Returns all zeros when verifying anything would lower the expected throughput.
+    """
+
+    name = "algorithm1"
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        return _search(survival(inp.conf, inp.max_lengths), inp.table, inp.batch_tokens, early_break=True)
+
+
+@dataclass
+class Retrospective:
+    """BIASED: the admission path's global maximum, searched past the first drop (Appendix A).
+
+    Kept only to demonstrate the paper's counterexample; never use it to serve. Looking past the drop
+    lets c_{r,k+1} (a function of the drafted x_{r,k}) decide whether x_{r,k} is verified, which skews
+    the output distribution away from the target's (e.g. (0.7, 0.3) becomes (0.85, 0.15)).
+    """
+
+    name = "retrospective"
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        return _search(survival(inp.conf, inp.max_lengths), inp.table, inp.batch_tokens, early_break=False)
+
+
+@dataclass
+class AsyncTopK:
+    """The production variant (Sec. 5.2): capacity from two steps before, top-K by current survival.
+
+    K = the number of draft slots the retrospective search (no break) picks on the OLD confidences,
+    where a request that did not exist then has survival 1 at each of its current slots. Then the K
+    current candidates of highest current survival are admitted (ties by position, then request).
+    Lossless although there is no break: K is fixed before the current drafts exist, so no current
+    token can influence whether it is verified; only the ranking uses current confidences.
+    """
+
+    name = "async-topk"
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        return _lengths_of(admission_path(inp), capacity_from_old(inp), inp.n_requests)
+
+
+def capacity_from_old(inp: ScheduleInput) -> int:
+    """K of the production variant: slots the retrospective search admits on the old confidences."""
+    return sum(_search(old_survival(inp), inp.table, inp.batch_tokens, early_break=False))
+
+
+def old_survival(inp: ScheduleInput) -> torch.Tensor:
+    """Survivals of two steps before, row r for request r; 1 at each current slot of a request new since."""
+    n_req, gamma = inp.conf.shape
+    if inp.old_conf is None:
+        return survival(torch.ones(n_req, gamma, dtype=torch.float64), inp.max_lengths)
+    new = torch.tensor([m is None for m in inp.old_max_lengths], dtype=torch.bool).view(-1, 1)
+    width = max(gamma, inp.old_conf.shape[1])
+    old = survival(inp.old_conf, [0 if m is None else m for m in inp.old_max_lengths])
+    fresh = survival(torch.ones(n_req, gamma, dtype=torch.float64), inp.max_lengths)
+    pad = torch.nn.functional.pad
+    return torch.where(new, pad(fresh, (0, width - gamma)), pad(old, (0, width - old.shape[1])))
+
+
+POLICIES: dict[str, type] = {p.name: p for p in (Fixed, MTP1, Threshold, Algorithm1, Retrospective, AsyncTopK)}
+
+
+def make_policy(name: str, **kw):
+    """A policy by name (fixed, mtp1, threshold, algorithm1, retrospective, async-topk) and its settings."""
+    if name not in POLICIES:
+        raise LabkitError(f"unknown scheduler policy {name!r}: choose one of {', '.join(POLICIES)}.")
+    try:
+        return POLICIES[name](**kw)
+    except TypeError as exc:
+        raise LabkitError(f"policy {name!r} does not take {sorted(kw)} ({exc}): "
+                          "fixed takes cap, threshold takes t, the others take nothing.") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Appendix A: the counterexample, as arithmetic and as a simulation with the lab's real verification
+
+APPENDIX_A_P_T = (0.7, 0.3)  # target over {A, B}
+APPENDIX_A_P_D = (0.5, 0.5)  # drafter over {A, B}
+
+
+def appendix_a_table() -> CostTable:
+    """SPS(1) = 1.0, SPS(2) = 0.5, SPS(3) = 0.45: the paper's capacity curve (already monotone)."""
+    return CostTable("appendix-a", "counterexample", "exact", [1, 2, 3], [1.0, 0.5, 0.45], window=1)
+
+
+def appendix_a_c2(x1: int) -> float:
+    """The Markov confidence of position 2 given the drafted x1: 0.9 after A (id 0), 0.0 after B."""
+    return 0.9 if x1 == 0 else 0.0
+
+
+def appendix_a_a1() -> float:
+    """a_1 = sum_x min(p_t(x), p_d(x)) = 0.8: the first draft's acceptance probability."""
+    return sum(min(t, d) for t, d in zip(APPENDIX_A_P_T, APPENDIX_A_P_D))
+
+
+def appendix_a_input(x1: int) -> ScheduleInput:
+    """What the scheduler sees once x1 is drafted: conf [[a_1, c2(x1)]] and the paper's curve."""
+    return ScheduleInput(torch.tensor([[appendix_a_a1(), appendix_a_c2(x1)]], dtype=torch.float64),
+                         appendix_a_table())
+
+
+@dataclass
+class AppendixAArithmetic:
+    """The paper's numbers, computed by this module's objective and policies."""
+
+    a1: float
+    theta_0: float
+    theta_1: float
+    theta_2: dict[str, float]  # "A" (c2 = 0.9) and "B" (c2 = 0)
+    lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # policy -> x1 -> l
+    first_token_probs: dict[str, tuple[float, float]] = field(default_factory=dict)  # policy -> P(Y=A), P(Y=B)
+
+
+def appendix_a_arithmetic() -> AppendixAArithmetic:
+    """theta_0 = 1.0, theta_1 = 0.9, theta_2 = 1.134 (x1 = A) or 0.81 (x1 = B), and what follows."""
+    inputs = {x: appendix_a_input(i) for i, x in enumerate("AB")}
+    theta = expected_throughput
+    out = AppendixAArithmetic(appendix_a_a1(), theta(inputs["A"], [0]), theta(inputs["A"], [1]),
+                              {x: theta(inputs[x], [2]) for x in "AB"})
+    pt_a = APPENDIX_A_P_T[0]
+    for name in ("algorithm1", "retrospective"):
+        policy = make_policy(name)
+        out.lengths[name] = {x: policy(inputs[x])[0] for x in "AB"}
+        # Verified x1: speculative sampling's P(Y = A | x1); nothing verified: Y is drawn from p_t.
+        p_a = 0.0
+        for i, x in enumerate("AB"):
+            admitted = out.lengths[name][x] >= 1
+            p_y_a = _first_token_a_given(i) if admitted else pt_a
+            p_a += APPENDIX_A_P_D[i] * p_y_a
+        out.first_token_probs[name] = (p_a, 1.0 - p_a)
+    return out
+
+
+def _first_token_a_given(x1: int) -> float:
+    """P(Y = A | x1 drafted and verified) under speculative sampling over {A, B}."""
+    pt, pd = APPENDIX_A_P_T, APPENDIX_A_P_D
+    accept = min(1.0, pt[x1] / pd[x1])
+    resid = [max(0.0, t - d) for t, d in zip(pt, pd)]
+    resid_a = resid[0] / sum(resid) if sum(resid) > 0 else pt[0]
+    return accept * (x1 == 0) + (1.0 - accept) * resid_a
+
+
+def appendix_a_simulation(policy, draws: int = 20_000, seed: int = 0) -> list[int]:
+    """Counts [#A, #B] of the first output token over `draws` rounds of the counterexample.
+
+    Each round: draft x1, x2 ~ p_d; the policy (a name or a policy) picks l given conf [[0.8, c2(x1)]];
+    the admitted prefix is verified with `labkit.core.sampling.verify_chain`; the first output token is
+    counted. Algorithm 1 gives the target's (0.7, 0.3); the retrospective search about (0.85, 0.15).
+    A policy is a pure function of its input and only two inputs can occur (x1 = A or B), so it is
+    asked once for each; every round still runs its own verification.
+    """
+    policy = make_policy(policy) if isinstance(policy, str) else policy
+    gen = torch.Generator().manual_seed(seed)
+    p_d = torch.tensor([APPENDIX_A_P_D] * 2, dtype=torch.float64)  # rows for positions 1, 2
+    p_t = torch.tensor([APPENDIX_A_P_T] * 3, dtype=torch.float64)  # positions 1, 2 and the bonus one
+    decision = [policy(appendix_a_input(x))[0] for x in (0, 1)]
+    drafts = torch.multinomial(p_d[0], 2 * draws, replacement=True, generator=gen).view(draws, 2)
+    counts = [0, 0]
+    for x in drafts:
+        l = decision[int(x[0])]
+        verdict = verify_chain(x[:l], p_d[:l], p_t[:l + 1], gen)
+        first = int(x[0]) if verdict.n_accepted >= 1 else verdict.next_token
+        counts[first] += 1
+    return counts

@@ -1,0 +1,538 @@
+"""A batched speculative serving engine: many requests, one target forward per step (DSpark Sec. 3.2.2, 5.3).
+
+Each engine step
+1. drafts a block for every active request (the drafter runs per request, on its own context state),
+2. asks a prefix policy (`labkit.core.scheduler`) how many drafted tokens of each request to verify, from
+   the drafter's confidences and the profiled cost table SPS(B),
+3. verifies ALL requests in ONE batched target forward with a different number of tokens per row
+   (`labkit.model.batch_kv.BatchKV`: one padded KV cache, per-row positions and mask),
+4. accepts per request with that request's own generator (`decoding.judge` / `decoding.commit`, the
+   same functions single-request decoding composes), rolls each row's rejected tokens back,
+5. streams the tokens, retires finished requests and admits new ones (each prefilled alone, so an
+   admission never changes another request's numbers).
+
+Why outputs never depend on who else is in the batch: every request keeps its own sampling settings
+and generator, the drafter runs per request, and the batched forward matches a solo forward to about
+1e-6 in fp32 (tested), so greedy outputs equal solo greedy outputs token for token. Under a fixed or
+MTP-1-like policy sampled outputs are the solo ones too; under a load-aware policy the verification
+length depends on the other requests' confidences, which changes *which* random numbers are drawn but
+not the output distribution (Algorithm 1's early break keeps the admission of draft k independent of
+its value; Appendix A shows what happens without it).
+
+Drafters without a confidence head (prompt lookup, DFlash, hybrid rounds with copied tokens) are
+scheduled with the engine's own measured acceptance by position so far: a non-anticipating estimate
+(it depends on past rounds only), so every policy stays lossless with them too.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from labkit.decode import loop as decoding
+from labkit.model.batch_kv import BatchKV, time_step
+from labkit.drafters.base import Drafter, Proposal, check_batchable
+from labkit.core.errors import LabkitError
+from labkit.core.sampling import SamplingParams
+from labkit.core.scheduler import CostTable, ScheduleInput, make_policy, monotone_sps
+from labkit.model.target import Target
+from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
+
+
+@dataclass
+class ServeRequest:
+    """One request: a prompt (text and ids), its own sampling settings and seed, when it arrived."""
+
+    id: int
+    prompt: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    seed: int
+    arrival_s: float = 0.0
+
+
+@dataclass
+class RequestRecord:
+    """What one request got: its tokens and how fast they came (or the error that refused it)."""
+
+    id: int
+    prompt: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    tokens_per_s: float | None = None  # new tokens / (finish - first token): the speed its user sees
+    ttft_s: float | None = None  # arrival -> first token (queueing + prefill)
+    rounds: int = 0
+    mean_verify_budget: float | None = None  # tokens verified per step, anchor included
+    tau: float | None = None
+    finished: bool = False
+    error: str | None = None
+
+
+@dataclass
+class StepRecord:
+    """One engine step: who ran, what the policy gave them, what it cost and what came out."""
+
+    t_s: float  # seconds since the run started, at the end of the step
+    active: int
+    lengths: list[int]  # drafted tokens verified per request (the policy's l_r)
+    drafted: list[int]  # drafted tokens available per request
+    accepted: list[int]
+    batch_tokens: int  # what the batched forward computed (padded rows x width)
+    draft_s: float
+    schedule_s: float
+    verify_s: float
+
+    @property
+    def emitted(self) -> int:
+        return sum(self.accepted) + self.active
+
+    @property
+    def verified(self) -> int:
+        return sum(self.lengths) + self.active
+
+    @property
+    def wasted(self) -> int:
+        """Verified draft tokens that were rejected (the anchor token is never wasted)."""
+        return sum(self.lengths) - sum(self.accepted)
+
+
+def padded_batch_tokens(lengths: list[int]) -> int:
+    """What the engine's forward computes for these verification lengths: every row padded to the
+    widest, anchor included (R x (1 + max l)); the scheduler's B."""
+    return len(lengths) * (1 + max(lengths)) if lengths else 0
+
+
+@dataclass
+class StepCost:
+    """The whole engine step's rate at B verified tokens: 1 / (drafting + verify(B)).
+
+    The cost table times the batched forward alone, but a step also drafts for every request, and on a
+    CPU that is a large, fixed share of the step: Algorithm 1 must weigh a verified token against the
+    whole step, or it stops verifying as soon as the forward slows. The drafting time is the engine's
+    running mean from past steps (per request, times R), never this step's, so the schedule still
+    depends on nothing drawn in this step.
+    """
+
+    table: CostTable
+    fixed_s: float
+
+    def sps(self, batch_tokens: int) -> float:
+        return 1.0 / (self.fixed_s + 1.0 / self.table.sps(batch_tokens))
+
+
+@dataclass
+class _Active:
+    request: ServeRequest
+    state: decoding.DecodeState
+    first_token_s: float
+    budgets: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous batching over a `BatchKV`, a drafter and a prefix policy.
+
+    `add` admits a request (prefill alone); `step` runs one engine step for every active request and
+    returns its `StepRecord`; finished requests move to `self.done`. `policy` and `max_draft` may be
+    changed between steps (the dashboard's controls do).
+    """
+
+    def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
+                 table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 on_tokens: Callable[[int, list[int]], None] | None = None):
+        if drafter is not None:
+            check_batchable(drafter)
+            decoding.check_drafter(target, drafter)
+        self.target, self.drafter = target, drafter
+        self.policy_name = policy
+        self.policy = make_policy(policy)
+        self.table = table or CostTable.flat(device=str(target.device), model=target.name, dtype=str(target.dtype).removeprefix("torch."))
+        self.max_draft = max_draft
+        self.kv = BatchKV(target, drafter.hidden_layers if drafter is not None else ())
+        self.active: dict[int, _Active] = {}
+        self.done: list[RequestRecord] = []
+        self.steps: list[StepRecord] = []
+        self.rounds: list[Round] = []
+        self._clock = clock
+        self.t0 = clock()
+        #: streaming: called with (request id, the tokens it just emitted) after its prefill and every step
+        self.on_tokens = on_tokens
+        #: per request, the confidences of the last two steps (the production policy reads the older one)
+        self._conf_history: dict[int, deque] = {}
+        #: running mean of drafting seconds per request and step (StepCost), None before the first step
+        self._draft_s_per_request: float | None = None
+
+    def now(self) -> float:
+        return self._clock() - self.t0
+
+    def set_policy(self, name: str) -> None:
+        self.policy = make_policy(name)
+        self.policy_name = name
+
+    # ---- admission and retirement -------------------------------------------------------------------
+
+    def add(self, request: ServeRequest) -> RequestRecord | None:
+        """Prefill `request` alone and make it active; a request that cannot run gets an error record."""
+        try:
+            self._check(request)
+            logits, hidden = self.kv.add(request.id, request.prompt_ids)
+        except LabkitError as exc:
+            record = RequestRecord(request.id, request.prompt, error=str(exc))
+            self.done.append(record)
+            return record
+        state = decoding.start_state(self.target, request.prompt_ids, request.max_new_tokens, request.params,
+                                     request.seed, self.drafter, logits, hidden)
+        self.active[request.id] = _Active(request, state, first_token_s=self.now())
+        self._conf_history[request.id] = deque(maxlen=2)
+        self._stream(request.id, state.new_ids)
+        if state.finished:
+            self._retire(request.id)
+        return None
+
+    def _check(self, request: ServeRequest) -> None:
+        if request.id in self.active:
+            raise LabkitError(f"Request id {request.id} is already running: give every request its own id.")
+        decoding.check_inputs(request.prompt_ids, request.max_new_tokens)
+        window = getattr(self.target.config, "max_position_embeddings", None)
+        if window is not None and len(request.prompt_ids) + request.max_new_tokens > window:
+            raise LabkitError(f"The prompt has {len(request.prompt_ids)} tokens; with max_new_tokens "
+                              f"{request.max_new_tokens} it exceeds the model's window of {window}: "
+                              "shorten the prompt or ask for fewer new tokens.")
+
+    def _retire(self, rid: int) -> None:
+        act = self.active.pop(rid)
+        self._conf_history.pop(rid, None)
+        self.kv.remove(rid)
+        st = act.state
+        elapsed = self.now() - act.first_token_s
+        n = len(st.new_ids)
+        self.done.append(RequestRecord(
+            id=rid, prompt=act.request.prompt, token_ids=st.new_ids, text=self.target.decode(st.new_ids),
+            tokens_per_s=(n - 1) / elapsed if n > 1 and elapsed > 0 else None,
+            ttft_s=act.first_token_s - act.request.arrival_s, rounds=len(st.rounds),
+            mean_verify_budget=sum(act.budgets) / len(act.budgets) if act.budgets else None,
+            tau=mean_tau(st.rounds),
+            finished=True))
+
+    def _stream(self, rid: int, tokens: list[int]) -> None:
+        if self.on_tokens is not None and tokens:
+            self.on_tokens(rid, list(tokens))
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    def _confidences(self, proposals: list[Proposal]) -> torch.Tensor:
+        """(R, gamma) confidences: the drafter's calibrated c_k, else measured acceptance by position."""
+        gamma = max((len(p) for p in proposals), default=0)
+        prior = [0.5] * gamma
+        if any(p.confidences is None and len(p) for p in proposals):
+            measured, counts = position_acceptance(self.rounds), position_counts(self.rounds)
+            prior = [measured[j] if j < len(measured) and counts[j] >= MIN_ROUNDS else 0.5 for j in range(gamma)]
+        conf = torch.zeros(len(proposals), gamma)
+        for i, p in enumerate(proposals):
+            k = len(p)
+            if p.confidences is not None:
+                conf[i, :k] = p.confidences.float().clamp(0, 1).cpu()
+            else:
+                conf[i, :k] = torch.tensor(prior[:k])
+        return conf
+
+    def _old_confidences(self, ids: list[int], gamma: int) -> tuple[torch.Tensor, list[int | None]]:
+        """Confidences from two steps before; None marks a request younger than that (survival 1)."""
+        old = torch.zeros(len(ids), gamma)
+        lengths: list[int | None] = []
+        for i, rid in enumerate(ids):
+            hist = self._conf_history[rid]
+            if len(hist) == 2:
+                c = hist[0][:gamma]
+                old[i, :len(c)] = c
+                lengths.append(len(c))
+            else:
+                lengths.append(None)
+        return old, lengths
+
+    def step(self) -> StepRecord | None:
+        """Draft, schedule, verify in one batched forward, accept, roll back, retire; None when idle."""
+        if not self.active:
+            return None
+        ids = list(self.active)
+        t_start = self._clock()
+        proposals = []
+        for rid in ids:
+            prop = decoding.draft(self.active[rid].state, self.drafter)
+            if self.max_draft is not None:
+                prop = prop.truncate(self.max_draft)
+            proposals.append(prop)
+        t_drafted = self._clock()
+        conf = self._confidences(proposals)
+        max_lengths = [len(p) for p in proposals]
+        old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
+        per_request = self._draft_s_per_request or 0.0
+        cost = StepCost(self.table, per_request * len(ids))
+        inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
+                            batch_tokens=padded_batch_tokens,
+                            old_conf=old_conf, old_max_lengths=old_lengths)
+        lengths = self.policy(inp)
+        for i, rid in enumerate(ids):
+            self._conf_history[rid].append(conf[i, :max_lengths[i]].clone())
+        proposals = [p.truncate(l) for p, l in zip(proposals, lengths)]
+        t_scheduled = self._clock()
+        inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
+        batch_tokens = self.kv.padded_tokens([len(v) for v in inputs.values()])
+        outs = self.kv.step(inputs)
+        accepted = []
+        for rid, prop in zip(ids, proposals):
+            act = self.active[rid]
+            logits, hidden = outs[rid]
+            before = len(act.state.ids)
+            verdict = decoding.judge(act.state, prop, logits)
+            rnd = decoding.commit(act.state, prop, verdict, hidden, self.drafter,
+                                  draft_s=(t_drafted - t_start) / len(ids), verify_s=0.0)
+            self.kv.rollback(rid, len(prop) - verdict.n_accepted)
+            act.budgets.append(len(prop) + 1)
+            self.rounds.append(rnd)
+            accepted.append(verdict.n_accepted)
+            self._stream(rid, act.state.ids[before:])
+        t_end = self._clock()
+        spent = (t_drafted - t_start) / len(ids)
+        self._draft_s_per_request = spent if self._draft_s_per_request is None else (
+            0.8 * self._draft_s_per_request + 0.2 * spent)
+        for rid in ids:
+            if self.active[rid].state.finished:
+                self._retire(rid)
+        record = StepRecord(t_s=t_end - self.t0, active=len(ids), lengths=list(lengths), drafted=max_lengths,
+                            accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
+                            schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled)
+        self.steps.append(record)
+        return record
+
+
+# ---- the cost table ----------------------------------------------------------------------------------
+
+
+def profile_cost_table(target: Target, rows: tuple[int, ...] = (1, 2, 4, 8, 16), widths: tuple[int, ...] = (1, 2, 4, 6, 9),
+                       kv_len: int = 256, repeats: int = 3, progress: bool = False) -> tuple[CostTable, list[dict]]:
+    """SPS(B) on the shapes the engine runs: R rows x W tokens over a KV of `kv_len`, B = R * W.
+
+    The engine pads every row to the widest one, so B counts what the forward really computes.
+    Several (R, W) shapes can give the same B: the table keeps the median of their SPS (the
+    measurements per shape come back too, for a plot). Smoothed and made monotone by
+    `scheduler.monotone_sps`; raw and smoothed are both kept.
+    """
+    from tqdm.auto import tqdm
+    shapes = sorted({(r, w) for r in rows for w in widths}, key=lambda rw: (rw[0] * rw[1], rw))
+    points = []
+    for r, w in tqdm(shapes, desc="profiling SPS(B)", disable=not progress, unit="shape"):
+        seconds = time_step(target, r, w, kv_len, repeats)
+        points.append({"rows": r, "width": w, "batch_tokens": r * w, "seconds": seconds, "sps": 1.0 / seconds})
+    by_b: dict[int, list[float]] = {}
+    for pt in points:
+        by_b.setdefault(pt["batch_tokens"], []).append(pt["sps"])
+    sizes = sorted(by_b)
+    raw = [sorted(by_b[b])[len(by_b[b]) // 2] for b in sizes]
+    table = CostTable(device=str(target.device), model=target.name,
+                      dtype=str(target.dtype).removeprefix("torch."), batch_sizes=sizes, raw_sps=raw,
+                      smoothed_sps=monotone_sps(raw))
+    return table, points
+
+
+# ---- workloads -------------------------------------------------------------------------------------
+
+
+def closed_loop(prompts: list[ServeRequest], users: int, engine: Engine, requests: int | None = None,
+                duration_s: float | None = None) -> Iterator[StepRecord]:
+    """N users, each sending its next prompt as soon as its last one finished; yields every step.
+
+    Stops after `requests` requests finished (default: all prompts once) or after `duration_s`.
+    """
+    if users < 1:
+        raise LabkitError(f"--users must be at least 1, got {users}.")
+    total = requests if requests is not None else len(prompts)
+    queue = deque(prompts[i % len(prompts)] for i in range(total))
+    next_id = 0
+
+    def refill() -> None:
+        nonlocal next_id
+        while queue and len(engine.active) < users:
+            req = queue.popleft()
+            cycle = next_id // len(prompts)  # a prompt sent again gets a fresh seed
+            req = replace(req, id=next_id, arrival_s=engine.now(), seed=req.seed + cycle * len(prompts))
+            next_id += 1
+            engine.add(req)
+
+    refill()
+    while engine.active:
+        if duration_s is not None and engine.now() >= duration_s:
+            break
+        rec = engine.step()
+        refill()
+        if rec is not None:
+            yield rec
+
+
+def open_loop(prompts: list[ServeRequest], rate: float, max_batch: int, engine: Engine, requests: int | None = None,
+              duration_s: float | None = None, seed: int = 0) -> Iterator[StepRecord]:
+    """Arrivals at `rate` requests per second (a Poisson process, seeded), at most `max_batch` running;
+    the others wait in a queue (their time to first token counts the wait)."""
+    if rate <= 0:
+        raise LabkitError(f"--rate must be a positive number of requests per second, got {rate}.")
+    rng = random.Random(seed)
+    total = requests if requests is not None else len(prompts)
+    arrivals, t = [], 0.0
+    for i in range(total):
+        t += rng.expovariate(rate)
+        arrivals.append(replace(prompts[i % len(prompts)], id=i, arrival_s=t))
+    pending: deque[ServeRequest] = deque(arrivals)
+    waiting: deque[ServeRequest] = deque()
+    while pending or waiting or engine.active:
+        now = engine.now()
+        if duration_s is not None and now >= duration_s:
+            break
+        while pending and pending[0].arrival_s <= now:
+            waiting.append(pending.popleft())
+        while waiting and len(engine.active) < max_batch:
+            engine.add(waiting.popleft())
+        if not engine.active:  # idle until the next arrival
+            time.sleep(max(0.0, min(pending[0].arrival_s - engine.now(), 0.05)) if pending else 0.0)
+            continue
+        rec = engine.step()
+        if rec is not None:
+            yield rec
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
+    """The `serve` JSON: aggregate and per-user speed, verification budget, acceptance, every request."""
+    steps = engine.steps
+    elapsed = steps[-1].t_s if steps else 0.0
+    done = [r for r in engine.done if r.finished]
+    emitted = sum(s.emitted for s in steps) + len(done) + len(engine.active)  # + each first token
+    speeds = [r.tokens_per_s for r in done if r.tokens_per_s is not None]
+    verified = sum(s.verified for s in steps)
+    requests = sorted(engine.done, key=lambda r: r.id)
+    return {
+        "policy": engine.policy_name, "users": users, "device": str(engine.target.device),
+        "model": engine.target.name, "dtype": str(engine.target.dtype).removeprefix("torch."),
+        "drafter": drafter_spec or "none", "elapsed_s": elapsed,
+        "aggregate_tokens_per_s": emitted / elapsed if elapsed > 0 else None,
+        "per_user_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "mean_verify_budget": verified / sum(s.active for s in steps) if steps else None,
+        "wasted_verification": sum(s.wasted for s in steps) / verified if verified else None,
+        "acceptance_by_position": position_acceptance(engine.rounds),
+        "acceptance_rounds": position_counts(engine.rounds),
+        "tau": mean_tau(engine.rounds),
+        "steps": len(steps),
+        "step_trace": [{"t_s": s.t_s, "active": s.active, "lengths": s.lengths, "accepted": s.accepted,
+                        "batch_tokens": s.batch_tokens, "draft_s": s.draft_s, "verify_s": s.verify_s}
+                       for s in steps],
+        "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
+                      "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "rounds": r.rounds,
+                      "tau": r.tau, "mean_verify_budget": r.mean_verify_budget,
+                      **({"error": r.error} if r.error else {})} for r in requests],
+    }
+
+
+def run_closed_loop(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: int,
+                    policy: str = "algorithm1", table: CostTable | None = None, n_requests: int | None = None,
+                    duration_s: float | None = None, max_draft: int | None = None, drafter_spec: str | None = None,
+                    progress: bool = False, on_step: Callable[[Engine, StepRecord], None] | None = None) -> dict:
+    """One closed-loop run of `users` users over `requests` with one policy; returns `report(...)`."""
+    from tqdm.auto import tqdm
+    engine = Engine(target, drafter, policy, table, max_draft)
+    total = n_requests if n_requests is not None else len(requests)
+    with tqdm(total=total, desc=f"serve {policy} x{users}", unit="req", disable=not progress) as bar:
+        for rec in closed_loop(requests, users, engine, n_requests, duration_s):
+            bar.update(len(engine.done) - bar.n)
+            if on_step is not None:
+                on_step(engine, rec)
+    return report(engine, users, drafter_spec)
+
+
+def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: list[int],
+          policies: list[str], table: CostTable | None = None, requests_per_user: int = 2,
+          drafter_spec: str | None = None, progress: bool = False) -> list[dict]:
+    """Every (policy, users) pair, policies interleaved at each load (noisy machines): one report each.
+
+    Each run serves `requests_per_user * users` requests (at least len(policies)), so every load gets the
+    same work per user. The figures of throughput against per-user speed (paper Fig. 7) and of throughput
+    and verification budget against concurrency (Fig. 8) are drawn from these reports.
+    """
+    out = []
+    for n in users:
+        for policy in policies:
+            out.append(run_closed_loop(target, drafter, requests, n, policy, table,
+                                       n_requests=max(requests_per_user * n, 1), drafter_spec=drafter_spec,
+                                       progress=progress))
+    return out
+
+
+def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: list[int], policies: list[str],
+               table: CostTable | None, temperatures: list[float], max_new_tokens: int,
+               requests_per_user: int = 1, seed: int = 0, drafter_spec: str | None = None,
+               progress: bool = False, top_p: float = 1.0) -> dict[float, list[dict]]:
+    """`serving.sweep` at each sampling temperature over the same prompts; each report gets its
+    "temperature" added. Returns {temperature: [report, ...]}."""
+    out = {}
+    for temp in temperatures:
+        requests = make_requests(target, list(prompts), max_new_tokens, SamplingParams(temperature=float(temp), top_p=top_p), seed)
+        reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
+                     drafter_spec, progress)
+        out[temp] = [dict(r, temperature=float(temp)) for r in reps]
+    return out
+
+
+def make_requests(target: Target, prompts: list, max_new_tokens: int, params: SamplingParams,
+                  seed: int = 0) -> list[ServeRequest]:
+    """ServeRequests from `bench.Prompt`s or strings: chat-encoded, seeds seed, seed + 1, ... .
+
+    An empty prompt is kept (encoded as no tokens) so that the engine answers it with its own error.
+    """
+    out = []
+    for i, p in enumerate(prompts):
+        text = getattr(p, "text", p)
+        ids = target.encode_prompt(text) if isinstance(text, str) and text.strip() else []
+        out.append(ServeRequest(i, text, ids, max_new_tokens, params, seed + i))
+    return out
+
+
+def default_table_path() -> "Path":
+    """Where profiled cost tables are kept, keyed by device, model and dtype: the lab's cache folder."""
+    from labkit.model.target import cache_root
+    return cache_root() / "cost_tables.json"
+
+
+def cost_table_for(target: Target, path=None, reprofile: bool = False, progress: bool = True,
+                   quick: bool = False) -> CostTable:
+    """The stored SPS(B) table for this device, model and dtype; profiled (and stored) when absent or
+    when `reprofile`. `quick` profiles fewer shapes with fewer repeats (a coarser table)."""
+    from pathlib import Path
+    path = Path(path) if path is not None else default_table_path()
+    dtype = str(target.dtype).removeprefix("torch.")
+    if not reprofile and path.exists():
+        table = CostTable.load(path, str(target.device), target.name, dtype)
+        if table is not None:
+            return table
+    shape = dict(rows=(1, 4, 16), widths=(1, 4, 9), repeats=2) if quick else {}
+    table, _ = profile_cost_table(target, progress=progress, **shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table
+
+
+def format_sweep(reports: list[dict]) -> str:
+    """The sweep as a table: one line per (temperature, users, policy)."""
+    lines = [f"{'T':>4} {'users':>5} {'policy':<12} {'agg tok/s':>9} {'user tok/s':>10} {'budget':>6} {'tau':>5} "
+             f"{'wasted':>6} {'steps':>5}"]
+    for r in reports:
+        lines.append(f"{r.get('temperature', 0.0):>4.1f} {r['users']:>5} {r['policy']:<12} "
+                     f"{r['aggregate_tokens_per_s'] or 0:>9.2f} {r['per_user_tokens_per_s'] or 0:>10.2f} "
+                     f"{r['mean_verify_budget'] or 0:>6.2f} {r['tau'] or 0:>5.2f} "
+                     f"{r['wasted_verification'] or 0:>6.2f} {r['steps']:>5}")
+    return "\n".join(lines)

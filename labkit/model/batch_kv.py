@@ -1,0 +1,402 @@
+"""One batched KV cache for many requests with ragged lengths: per-row rollback, admission, retirement.
+
+The batched serving engine verifies every active request in ONE target forward per step, each with
+its own number of new tokens, then rolls back each request's rejected drafts on its own. This module
+is the cache underneath. Facts it relies on (docs/facts.md, "The batched KV cache (transformers 5.x)", checked in transformers 5.23):
+
+- `DynamicCache` layers hold (B, H, T, D) tensors in `.keys` / `.values`; `crop(-n)` cuts every row
+  by the same n, `batch_select_indices` keeps rows, and there is no batch concatenation. So a per-row
+  rollback is a validity mask with holes (like vLLM, rejected KV is not freed, only stops counting),
+  admission concatenates layer tensors here, and `compact` squeezes the holes out now and then.
+- A 2D attention mask (B, past + q) with explicit per-row `position_ids` handles left padding and
+  holes: `create_causal_mask` ANDs the column-index causal mask with the 2D mask, and positions only
+  feed RoPE. Llama in 5.23 takes no `cache_position` at all (the query offset is the cache's column
+  count), and with a 2D mask and a cache it never tries to infer packed sequences from positions.
+- A fully masked query gives an arbitrary output (torch 2.13's CPU SDPA returns zeros, eager a uniform
+  average; older kernels NaN). It cannot happen here: every row sends >= 1 real token per step, its
+  first new column is valid, and every later (padded) query of the row sees it causally.
+- Tokens leaking between requests when draft lengths differ (vLLM #14645) and wrong positions in a
+  padded batch are the bugs tests/test_batch_kv.py checks for; fp32 batched and solo forwards agree
+  to ~1e-6 on the CPU.
+
+Layout. All R rows share T columns; `valid` (R, T) says which hold a live token of that row, and a
+row's live tokens are always its valid columns in order (never reordered), so "the last n tokens a
+row added" are simply its last n valid columns, whatever compactions ran in between. A step right-
+pads each row to W = max(w_r) with the pad id, appends W columns to every row (the pads invalid),
+with positions length_r + i. Compaction gathers each row's valid columns, right-aligned (left
+padding), into max(length_r) columns. Why this and not alternatives: a flattened ragged batch
+(vLLM's layout) needs a paged-attention kernel HF models do not have; per-row caches would cost one
+forward per request. Admission pads on the left (the new row, or the batch if the prompt is
+longer): any placement is correct under the mask, but this one keeps every row's newest tokens in the
+last columns, the layout compaction produces. The decoder layers run over every padded position
+(`padded_tokens` counts that cost), but the LM head only over real ones (HF's `logits_to_keep`
+cannot differ per row, so the step calls the decoder and the head itself).
+
+Compaction runs automatically when the columns it would reclaim exceed `compact_at` of all columns
+(checked before each step, so a step never pays for dead columns it could have dropped) and after
+each removal (a retired long row may leave columns no other row uses). It gathers every layer's
+keys and values once (a copy of the whole cache), which is why it is not run after every rollback.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from labkit.core.errors import LabkitError
+from labkit.model.target import Target
+
+Hidden = tuple[torch.Tensor, ...] | None
+
+
+@dataclass
+class KVStats:
+    """A snapshot of the cache for the engine's metrics."""
+
+    rows: int
+    columns: int  # T, shared by all rows
+    valid: int  # live tokens over all rows (sum of lengths)
+    holes: int  # cells that hold no live token: rolled-back tokens, step padding, left padding
+    reclaimable: int  # columns a compaction would drop now (T - max length)
+    compactions: int  # compactions run so far
+    steps: int
+    computed_tokens: int  # R * W summed over steps: what the forwards paid for
+    real_tokens: int  # sum of w_r over steps: what the requests asked for
+
+    @property
+    def waste_fraction(self) -> float:
+        """Share of cache cells that hold no live token (attention reads them anyway)."""
+        cells = self.rows * self.columns
+        return self.holes / cells if cells else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the tokens computed in steps that were padding."""
+        return 1.0 - self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
+
+
+@dataclass
+class _Row:
+    key: Hashable
+    length: int  # live tokens = the row's next position id
+    last_added: int  # tokens of the last step that may still be rolled back
+
+
+class BatchKV:
+    """A batched KV cache over `target` with ragged rows; see the module docstring for the layout.
+
+    `hidden_layers` selects hidden states to return: index i is the output of layer i (0 = embeddings),
+    as in HF's hidden_states tuple and `labkit.decode.loop.select_hidden`.
+    """
+
+    def __init__(self, target: Target, hidden_layers: tuple[int, ...] = (), compact_at: float = 0.5):
+        n_layers = target.num_layers
+        if any(not isinstance(i, int) or not 0 <= i <= n_layers for i in hidden_layers):
+            raise LabkitError(f"hidden_layers {hidden_layers!r} must be layer indices from 0 (embeddings) to "
+                              f"{n_layers}: pass indices of the target's hidden_states tuple.")
+        if not 0.0 < compact_at <= 1.0:
+            raise LabkitError(f"compact_at must be a fraction in (0, 1], got {compact_at!r}: e.g. 0.5.")
+        _check_cache_type(target.new_cache(), target.name)
+        self.target = target
+        self.hidden_layers = tuple(hidden_layers)
+        self.compact_at = compact_at
+        self.cache: DynamicCache | None = None  # None while no row is active
+        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=target.device)
+        self._rows: list[_Row] = []
+        self._compactions = self._steps = self._computed = self._real = 0
+
+    # ----------------------------------------------------------------------------------------------
+    # Reading
+
+    @property
+    def keys(self) -> list[Hashable]:
+        """Active request keys, in row order."""
+        return [row.key for row in self._rows]
+
+    @property
+    def columns(self) -> int:
+        return self.valid.shape[1]
+
+    def length(self, key: Hashable) -> int:
+        """Live cached tokens of that request (= the position id of its next token)."""
+        return self._rows[self._index(key)].length
+
+    @staticmethod
+    def padded_tokens(widths: list[int]) -> int:
+        """Tokens a step with these per-row widths computes: R * max(w), pads included."""
+        return len(widths) * max(widths) if widths else 0
+
+    @property
+    def stats(self) -> KVStats:
+        rows, cols = self.valid.shape
+        live = sum(r.length for r in self._rows)
+        longest = max((r.length for r in self._rows), default=0)
+        return KVStats(rows=rows, columns=cols, valid=live, holes=rows * cols - live,
+                       reclaimable=cols - longest, compactions=self._compactions, steps=self._steps,
+                       computed_tokens=self._computed, real_tokens=self._real)
+
+    # ----------------------------------------------------------------------------------------------
+    # Admission and retirement
+
+    @torch.inference_mode()
+    def add(self, key: Hashable, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, Hidden]:
+        """Prefill one request alone (B=1, so other rows' numbers never change) and splice it in.
+
+        Returns its last-position logits (V,) float32 and, if hidden_layers were asked for, the
+        selected hidden states, each (P, H) over the P prompt positions.
+        """
+        if any(row.key == key for row in self._rows):
+            raise LabkitError(f"Request {key!r} is already active: remove it first or use a new key.")
+        ids = self._token_tensor(prompt_ids, f"the prompt of request {key!r}")
+        cache = self.target.new_cache()
+        out = self.target.model(input_ids=ids.view(1, -1), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1, output_hidden_states=bool(self.hidden_layers))
+        _check_cache_type(cache, self.target.name)
+        self._splice(cache, len(ids))
+        self._rows.append(_Row(key=key, length=len(ids), last_added=0))
+        hidden = tuple(out.hidden_states[i][0] for i in self.hidden_layers) if self.hidden_layers else None
+        return out.logits[0, -1].float(), hidden
+
+    def _splice(self, cache: DynamicCache, prompt_len: int) -> None:
+        """Left-pad the new row or the batch to a common T, then concatenate along the batch."""
+        row_valid = torch.ones((1, prompt_len), dtype=torch.bool, device=self.valid.device)
+        if self.cache is None:
+            self.cache, self.valid = cache, row_valid
+            return
+        width = max(self.columns, prompt_len)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.valid = torch.cat([_left_pad(self.valid, width), _left_pad(row_valid, width)])
+
+    @torch.inference_mode()
+    def remove(self, key: Hashable) -> None:
+        """Retire a request: drop its row, then compact (it may have held the only long row)."""
+        index = self._index(key)
+        del self._rows[index]
+        if not self._rows:
+            self.cache, self.valid = None, self.valid[:0, :0]
+            return
+        keep = torch.tensor([i for i in range(self.valid.shape[0]) if i != index], device=self.valid.device)
+        self.cache.batch_select_indices(keep)
+        self.valid = self.valid[keep]
+        self.compact()
+
+    # ----------------------------------------------------------------------------------------------
+    # Stepping and rollback
+
+    @torch.inference_mode()
+    def step(self, inputs: dict[Hashable, Sequence[int]]) -> dict[Hashable, tuple[torch.Tensor, Hidden]]:
+        """One batched forward over every active request's new tokens (>= 1 each, ragged).
+
+        Returns key -> (logits (w_r, V) float32 for that row's new tokens, tuple of (w_r, H) hidden
+        states for the selected layers, or None).
+        """
+        tokens = self._check_step_inputs(inputs)
+        if self.stats.reclaimable > self.compact_at * self.columns:
+            self.compact()
+        ids, new_valid, positions = self._pad_step(tokens)
+        mask = torch.cat([self.valid, new_valid], dim=1)
+        out = self.target.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              past_key_values=self.cache, use_cache=True,
+                                              output_hidden_states=bool(self.hidden_layers))
+        logits = self._logits(out.last_hidden_state[new_valid])  # (sum of widths, V): no pad position
+        self.valid = mask
+        widths = [len(t) for t in tokens]
+        for row, w in zip(self._rows, widths):
+            row.length += w
+            row.last_added = w
+        self._steps += 1
+        self._computed += self.padded_tokens(widths)
+        self._real += sum(widths)
+        starts = [0]
+        for w in widths:
+            starts.append(starts[-1] + w)
+        return {row.key: (logits[starts[r]:starts[r + 1]], self._row_hidden(out.hidden_states, r, w))
+                for r, (row, w) in enumerate(zip(self._rows, widths))}
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head over real positions only: with ragged widths most of a padded step's positions
+        are pads, and the head (V x H) is the largest matrix of a small model. Applies the final logit
+        soft-cap of models that have one (Gemma 2/3), as their own forward does."""
+        logits = self.target.model.get_output_embeddings()(h).float()
+        cap = getattr(self.target.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _pad_step(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, validity, positions), each (R, W): right-padded with the pad id; pads masked out.
+
+        A pad's position continues its row's count: it only feeds RoPE of a query nobody reads and of
+        a key nobody attends to, and staying in range keeps it a valid index."""
+        width = max(len(t) for t in tokens)
+        device = self.valid.device
+        ids = torch.full((len(tokens), width), self.target.pad_token_id, dtype=torch.long, device=device)
+        for r, t in enumerate(tokens):
+            ids[r, : len(t)] = t
+        steps = torch.arange(width, device=device)
+        widths = torch.tensor([len(t) for t in tokens], device=device)
+        lengths = torch.tensor([row.length for row in self._rows], device=device)
+        return ids, steps[None, :] < widths[:, None], lengths[:, None] + steps[None, :]
+
+    def _row_hidden(self, hidden_states, r: int, w: int) -> Hidden:
+        if not self.hidden_layers:
+            return None
+        return tuple(hidden_states[i][r, :w] for i in self.hidden_layers)
+
+    @torch.inference_mode()
+    def rollback(self, key: Hashable, n_drop: int) -> None:
+        """The last n_drop tokens this row added in the last step stop counting (they become holes)."""
+        r = self._index(key)
+        row = self._rows[r]
+        if not isinstance(n_drop, int) or not 0 <= n_drop <= row.last_added:
+            raise LabkitError(
+                f"Cannot roll back {n_drop!r} tokens of request {key!r}: only the {row.last_added} token(s) "
+                "it added in the last step (and not yet rolled back) can be dropped; pass 0 to that many.")
+        if n_drop == 0:
+            return
+        live = self.valid[r].nonzero().squeeze(1)
+        self.valid[r, live[-n_drop:]] = False
+        row.length -= n_drop
+        row.last_added -= n_drop
+
+    # ----------------------------------------------------------------------------------------------
+    # Compaction
+
+    @torch.inference_mode()
+    def compact(self) -> None:
+        """Gather each row's live columns, in order, right-aligned into max(length) columns.
+
+        Attention sums over live columns only, so later logits are unchanged (to fp32 rounding)."""
+        if self.cache is None:
+            return
+        width = max(row.length for row in self._rows)
+        counts = self.valid.sum(dim=1)
+        new_valid = torch.arange(width, device=self.valid.device)[None, :] >= (width - counts)[:, None]
+        if width == self.columns and torch.equal(new_valid, self.valid):
+            return  # already compact
+        # a stable sort puts each row's dead columns first and its live ones after, in their order;
+        # the last `width` of them are the row's live columns behind some dead ones (masked).
+        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, self.columns - width:]
+        for layer in self.cache.layers:
+            layer.keys = _gather_columns(layer.keys, order)
+            layer.values = _gather_columns(layer.values, order)
+        self.valid = new_valid
+        self._compactions += 1
+
+    def _drop_last_columns(self, n: int) -> None:
+        """Undo the last step's columns for every row alike (the profiler's replays; no rollback)."""
+        self.cache.crop(-n)
+        for row in self._rows:
+            row.length -= int(self.valid[self._index(row.key), -n:].sum())
+            row.last_added = 0
+        self.valid = self.valid[:, :-n]
+
+    # ----------------------------------------------------------------------------------------------
+    # Input checks
+
+    def _index(self, key: Hashable) -> int:
+        for i, row in enumerate(self._rows):
+            if row.key == key:
+                return i
+        raise LabkitError(f"Request {key!r} is not active: add it with BatchKV.add first "
+                          f"(active: {self.keys!r}).")
+
+    def _token_tensor(self, ids: Sequence[int], what: str) -> torch.Tensor:
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if not values:
+            raise LabkitError(f"No tokens were given for {what}: pass at least one token id.")
+        vocab = self.target.vocab_size
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab for v in values):
+            raise LabkitError(f"Tokens for {what} must be integer ids in [0, {vocab}): got {values[:8]!r}...; "
+                              "encode text with the target's tokenizer first.")
+        return torch.tensor(values, dtype=torch.long, device=self.valid.device)
+
+    def _check_step_inputs(self, inputs: dict[Hashable, Sequence[int]]) -> list[torch.Tensor]:
+        if not self._rows:
+            raise LabkitError("No request is active: add one with BatchKV.add before calling step.")
+        missing = [k for k in self.keys if k not in inputs]
+        extra = [k for k in inputs if all(k != row.key for row in self._rows)]
+        if missing or extra:
+            raise LabkitError(
+                f"step needs new tokens for exactly the active requests: missing {missing!r}, not active "
+                f"{extra!r}; pass every active key (>= 1 token each) and add new requests with BatchKV.add.")
+        return [self._token_tensor(inputs[row.key], f"request {row.key!r} in this step") for row in self._rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor helpers
+
+
+def _check_cache_type(cache: DynamicCache, name: str) -> None:
+    """Only plain full-attention DynamicLayers are (B, H, T, D) tensors that can be padded and gathered
+    freely; sliding windows, linear attention, indexers, quantisation or offloading keep more state."""
+    layers = getattr(cache, "layers", None)
+    odd = [type(layer).__name__ for layer in layers or [] if type(layer) is not DynamicLayer]
+    if type(cache) is not DynamicCache or layers is None or odd or getattr(cache, "offloading", False):
+        raise LabkitError(
+            f"BatchKV handles a plain DynamicCache of full-attention layers; the target {name} uses "
+            f"{type(cache).__name__} with {sorted(set(odd)) or 'offloading'}: serve it one request at a "
+            "time (labkit.decode.loop) or pick a full-attention target such as the default.")
+    if any(layer.is_initialized and layer.keys.dim() != 4 for layer in layers):
+        raise LabkitError(f"The cache of {name} does not hold (B, H, T, D) tensors: serve it one request at a time.")
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad dimension 2 of a (B, H, T, D) cache tensor, or dimension 1 of a (B, T) mask, on the left
+    with zeros (masked everywhere, so the value only has to be finite)."""
+    dim = 2 if x.dim() == 4 else 1
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _gather_columns(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (R, H, T, D) -> (R, H, T', D): row r takes columns order[r] (R, T')."""
+    r, h, _, d = x.shape
+    return x.gather(2, order[:, None, :, None].expand(r, h, order.shape[1], d))
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiling
+
+
+@torch.inference_mode()
+def time_step(target: Target, rows: int, width: int, kv_len: int, repeats: int = 5, seed: int = 0) -> float:
+    """Median seconds of one BatchKV.step of `rows` rows x `width` new tokens over a KV of `kv_len`.
+
+    For the scheduler's SPS(B) table on the shapes the engine runs. One random prompt of kv_len
+    tokens is prefilled and its row replicated (content does not change the cost); after each timed
+    step its columns are cropped off, so every replay sees the same shapes. One untimed warm-up.
+    """
+    if rows < 1 or width < 1 or kv_len < 1 or repeats < 1:
+        raise LabkitError("time_step needs rows, width, kv_len and repeats >= 1: e.g. rows=4, width=4, "
+                          "kv_len=256, repeats=5.")
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(target.vocab_size, (kv_len,), generator=gen).tolist()
+    kv = BatchKV(target, compact_at=1.0)
+    kv.add(0, prompt)
+    if rows > 1:
+        kv.cache.batch_repeat_interleave(rows)
+        kv.valid = kv.valid.repeat(rows, 1)
+        kv._rows += [_Row(key=i, length=kv_len, last_added=0) for i in range(1, rows)]
+    step = {i: torch.randint(target.vocab_size, (width,), generator=gen).tolist() for i in range(rows)}
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        kv.step(step)
+        if target.device.type == "cuda":
+            torch.cuda.synchronize(target.device)
+        times.append(time.perf_counter() - start)
+        kv._drop_last_columns(width)
+    return statistics.median(times[1:])
