@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from labkit.measure.costs import forward_cost, vocab_costs
+from labkit.measure.costs import vocab_costs
+from labkit.model.timing import forward_cost
 from labkit.model.target import load_target
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."

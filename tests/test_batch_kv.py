@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from labkit.model.batch_kv import BatchKV, time_step
+from labkit.model.batch_kv import BatchKV
+from labkit.model.timing import time_step
 from labkit.core.errors import LabkitError
 from labkit.model.target import Target
 

@@ -24,7 +24,7 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 # ---- 4: one display per dashboard ----------------------------------------------------------------
 
 def _tiny_dashboard():
-    from labkit.measure.costs import ForwardCost
+    from labkit.model.timing import ForwardCost
     from labkit.lab.widgets import latency_explorer
     cost = ForwardCost(context_len=8, ks=[1, 2, 4, 8], samples_s=[[0.06], [0.1], [0.11], [0.12]])
     return latency_explorer(cost, gamma=3, tau=2.0)

@@ -32,8 +32,8 @@ from labkit.core.scheduler import (
     load_cost_tables,
     make_policy,
     monotone_sps,
-    profile_sps,
 )
+from labkit.model.timing import profile_sps
 
 COST_AWARE = ("fixed", "algorithm1", "retrospective", "async-topk")  # verify-all under a flat table
 SORT_BASED = ("algorithm1", "retrospective", "async-topk")  # admit a leading run of the global sort

@@ -35,9 +35,9 @@ from labkit.lab.scheduler_views import (
     describe_budget_sweep,
     describe_sps,
     prefix_grid_figure,
-    profile_fastest,
     sps_figure,
 )
+from labkit.model.timing import profile_fastest
 
 # SPS flat up to 4 tokens, then falling: on 3 requests the first admission is free and later ones must pay.
 KNEE = CostTable("test", "toy", "fp32", [1, 4, 8, 16], [10.0, 10.0, 7.0, 4.0], window=1)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labkit.measure.costs import (ForwardCost, break_even_tau, forward_cost, memory_bandwidth_gbs, per_token_latency_s,
+from labkit.model.timing import ForwardCost, forward_cost, memory_bandwidth_gbs
+from labkit.measure.costs import (break_even_tau, per_token_latency_s,
                           roofline_floor_s, speculative_speedup, time_ar_loops)
 from labkit.core.errors import LabkitError
 from labkit.lab import plots

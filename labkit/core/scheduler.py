@@ -21,14 +21,12 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import verify_chain
@@ -84,7 +82,7 @@ class CostTable:
     tail: str = "proportional"
 
     def __post_init__(self):
-        self.batch_sizes = [_whole(b, "every batch size") for b in self.batch_sizes]
+        self.batch_sizes = [whole_number(b, "every batch size") for b in self.batch_sizes]
         self.raw_sps = [float(s) for s in self.raw_sps]
         if not self.batch_sizes or len(self.batch_sizes) != len(self.raw_sps):
             raise LabkitError(f"a cost table needs one SPS per batch size and at least one of each, got "
@@ -196,41 +194,6 @@ def load_cost_tables(path: str | Path) -> dict[tuple[str, str, str], CostTable]:
     return {t.key: t for t in tables}
 
 
-def profile_sps(step: Callable[[int], None], batch_sizes: list[int], repeats: int = 5, warmup: int = 1,
-                sync: Callable[[], None] | None = None, progress: bool = False,
-                clock: Callable[[], float] = time.perf_counter, **meta) -> CostTable:
-    """Profile SPS(B): for each B, `warmup` untimed calls of step(B), then `repeats` timed ones.
-
-    `step(B)` is the engine's real batched target forward over B tokens; `sync` waits for the device
-    (e.g. torch.cuda.synchronize) so that the clock reads finished work. SPS = 1 / median seconds.
-    `meta` goes to the CostTable: device, model, dtype (default "unknown"), window, tail. `clock` is
-    there so that a test can drive the timing with a fake clock.
-    """
-    sizes = [_whole(b, "every batch size") for b in batch_sizes]
-    repeats, warmup = _whole(repeats, "repeats"), _whole(warmup, "warmup")
-    if repeats < 1 or warmup < 0:
-        raise LabkitError(f"profiling needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}.")
-    unknown = set(meta) - {"device", "model", "dtype", "window", "tail"}
-    if unknown:
-        raise LabkitError(f"profile_sps got unknown settings {sorted(unknown)}: "
-                          "it takes device, model, dtype, window and tail.")
-    sync = sync or (lambda: None)
-    medians = []
-    for b in tqdm(sizes, desc="SPS(B)", disable=not progress):
-        for _ in range(warmup):
-            step(b)
-        sync()
-        seconds = []
-        for _ in range(repeats):
-            t0 = clock()
-            step(b)
-            sync()
-            seconds.append(clock() - t0)
-        medians.append(max(statistics.median(seconds), 1e-12))  # a step can't take 0 s; guards 1/0
-    meta = {"device": "unknown", "model": "unknown", "dtype": "unknown", **meta}
-    return CostTable(batch_sizes=sizes, raw_sps=[1.0 / m for m in medians], **meta)
-
-
 # ---------------------------------------------------------------------------------------------------
 # What a policy sees
 
@@ -297,7 +260,8 @@ def _checked_old(old_conf, old_lengths, n_req: int) -> tuple[torch.Tensor | None
     return old_conf, [None if m is None else k for m, k in zip(old_lengths, known)]
 
 
-def _whole(x, what: str) -> int:
+def whole_number(x, what: str) -> int:
+    """x as an int where it is a whole number (2.0 too), else an error naming `what`."""
     try:
         whole = not isinstance(x, bool) and float(x).is_integer()
     except (TypeError, ValueError):
@@ -317,7 +281,7 @@ def _checked_conf(conf, max_lengths, name: str, lengths_name: str) -> tuple[torc
     n_req, gamma = conf.shape
     if max_lengths is None:
         max_lengths = [gamma] * n_req
-    max_lengths = [_whole(m, f"every entry of {lengths_name}") for m in max_lengths]
+    max_lengths = [whole_number(m, f"every entry of {lengths_name}") for m in max_lengths]
     if len(max_lengths) != n_req:
         raise LabkitError(f"{lengths_name} must have one entry per row of {name} ({n_req}), "
                           f"got {len(max_lengths)}.")
@@ -466,7 +430,7 @@ class Fixed:
     name = "fixed"
 
     def __post_init__(self):
-        if self.cap is not None and (_whole(self.cap, "the fixed length cap") < 0):
+        if self.cap is not None and (whole_number(self.cap, "the fixed length cap") < 0):
             raise LabkitError(f"the fixed length cap must be >= 0 (or None for no cap), got {self.cap}.")
 
     def __call__(self, inp: ScheduleInput) -> list[int]:

@@ -26,7 +26,6 @@ scheduled with the engine's own measured acceptance by position so far: a non-an
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import deque
@@ -36,11 +35,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from labkit.decode import loop as decoding
-from labkit.model.batch_kv import BatchKV, time_step
+from labkit.model.batch_kv import BatchKV
+from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
-from labkit.core.scheduler import CostTable, ScheduleInput, make_policy, monotone_sps
+from labkit.core.scheduler import CostTable, ScheduleInput, make_policy
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
 
@@ -313,32 +313,6 @@ class Engine:
 
 
 # ---- the cost table ----------------------------------------------------------------------------------
-
-
-def profile_cost_table(target: Target, rows: tuple[int, ...] = (1, 2, 4, 8, 16), widths: tuple[int, ...] = (1, 2, 4, 6, 9),
-                       kv_len: int = 256, repeats: int = 3, progress: bool = False) -> tuple[CostTable, list[dict]]:
-    """SPS(B) on the shapes the engine runs: R rows x W tokens over a KV of `kv_len`, B = R * W.
-
-    The engine pads every row to the widest one, so B counts what the forward really computes.
-    Several (R, W) shapes can give the same B: the table keeps the median of their SPS (the
-    measurements per shape come back too, for a plot). Smoothed and made monotone by
-    `scheduler.monotone_sps`; raw and smoothed are both kept.
-    """
-    from tqdm.auto import tqdm
-    shapes = sorted({(r, w) for r in rows for w in widths}, key=lambda rw: (rw[0] * rw[1], rw))
-    points = []
-    for r, w in tqdm(shapes, desc="profiling SPS(B)", disable=not progress, unit="shape"):
-        seconds = time_step(target, r, w, kv_len, repeats)
-        points.append({"rows": r, "width": w, "batch_tokens": r * w, "seconds": seconds, "sps": 1.0 / seconds})
-    by_b: dict[int, list[float]] = {}
-    for pt in points:
-        by_b.setdefault(pt["batch_tokens"], []).append(pt["sps"])
-    sizes = sorted(by_b)
-    raw = [sorted(by_b[b])[len(by_b[b]) // 2] for b in sizes]
-    table = CostTable(device=str(target.device), model=target.name,
-                      dtype=str(target.dtype).removeprefix("torch."), batch_sizes=sizes, raw_sps=raw,
-                      smoothed_sps=monotone_sps(raw))
-    return table, points
 
 
 # ---- workloads -------------------------------------------------------------------------------------

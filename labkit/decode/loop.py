@@ -37,6 +37,7 @@ from labkit.drafters.base import DraftRequest, Drafter, Proposal, check_batchabl
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams, Verdict, logits_to_probs, sample, verify_chain
 from labkit.model.target import Target
+from labkit.model.timing import sync_device
 from labkit.core.trace import Round, mean_tau, position_acceptance, position_counts
 
 
@@ -92,13 +93,6 @@ class DecodeState:
                 return
         if self.remaining <= 0:
             self.finished = True
-
-
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def hidden_layers(drafter: Drafter | None) -> tuple[int, ...]:

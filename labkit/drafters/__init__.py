@@ -100,7 +100,8 @@ def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> 
     if spec is None or spec == "none":
         return None
     if spec.partition(":")[0] == "sched":
-        from labkit.drafters.scheduled import ScheduledDrafter, verify_table
+        from labkit.drafters.scheduled import ScheduledDrafter
+        from labkit.model.timing import verify_table
         inner = make_drafter(spec.partition(":")[2], target, gamma)
         return ScheduledDrafter(inner, verify_table(target, 1 + getattr(inner, "gamma", 16)))
     if spec.partition(":")[0] == "hybrid":

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
 from labkit.core.errors import LabkitError

@@ -10,7 +10,7 @@ Algorithm 1 admits, on a table of round rates for one request:
 
     SPS(1 + l) = 1 / (T_draft + T_verify(1 + l))
 
-with T_verify measured on this device (`verify_table`, the forward cost of notebook 00) and T_draft
+with T_verify measured on this device (`labkit.model.timing.verify_table`, the forward cost of notebook 00) and T_draft
 the wrapped drafter's running mean, measured here around every proposal. The objective is the
 paper's: expected tokens of the round, (1 + sum_{j<=l} a_j), times the rate, where a_j is the
 survival prod_{i<=j} c_i. Proposals without confidences (prompt lookup, a hybrid block with a copied
@@ -31,7 +31,6 @@ import torch
 from labkit.drafters.base import Drafter, DraftRequest, Proposal
 from labkit.core.errors import LabkitError
 from labkit.core.scheduler import Algorithm1, CostTable, ScheduleInput
-from labkit.model.target import Target
 
 #: weight of the newest proposal's time in the running mean of T_draft
 DRAFT_EMA = 0.2
@@ -50,17 +49,6 @@ class RoundRate:
 
     def sps(self, batch_tokens: float) -> float:
         return 1.0 / (self.draft_s + 1.0 / self.verify.sps(batch_tokens))
-
-
-def verify_table(target: Target, max_tokens: int, context_len: int = 256, repeats: int = 5,
-                 progress: bool = False) -> CostTable:
-    """T_verify(k) for k = 1..max_tokens on this device, as a CostTable of forwards per second."""
-    from labkit.measure.costs import forward_cost  # costs builds drafters itself: imported where it is used
-    if max_tokens < 1:
-        raise LabkitError(f"the verify table needs max_tokens >= 1 (1 + the longest block), got {max_tokens}.")
-    cost = forward_cost(target, context_len, ks=range(1, max_tokens + 1), repeats=repeats, progress=progress)
-    dtype = str(target.dtype).removeprefix("torch.")
-    return CostTable(str(target.device), target.name, dtype, cost.ks, [1.0 / s for s in cost.median_s])
 
 
 class ScheduledDrafter:
@@ -121,4 +109,4 @@ class ScheduledDrafter:
         return self.policy(inp)[0]
 
 
-__all__ = ["RoundRate", "ScheduledDrafter", "verify_table"]
+__all__ = ["RoundRate", "ScheduledDrafter"]

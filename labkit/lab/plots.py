@@ -16,7 +16,8 @@ import torch
 from IPython.display import Markdown
 from plotly.subplots import make_subplots
 
-from labkit.measure.costs import ForwardCost, speculative_speedup
+from labkit.measure.costs import speculative_speedup
+from labkit.model.timing import ForwardCost
 from labkit.core.sampling import residual
 from labkit.core.scaling import DataFit
 from labkit.core.trace import MIN_ROUNDS

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
-from tqdm.auto import tqdm
 
 from labkit.core.errors import LabkitError
 from labkit.lab.plots import COLORS, TEMPLATE
@@ -85,37 +84,6 @@ def sps_figure(table: CostTable, points: Sequence[dict] | None = None,
     fig.update_layout(template=TEMPLATE, height=420, legend=dict(orientation="h", y=-0.2),
                       title=title or f"SPS(B) profiled on {table.device} ({table.model}, {table.dtype})")
     return fig
-
-
-def profile_fastest(profile: Callable[[], tuple[CostTable, list[dict]]], passes: int = 2,
-                    progress: bool = False) -> tuple[CostTable, list[dict]]:
-    """Run `profile` (e.g. `lambda: labkit.decode.engine.profile_cost_table(target, ...)`) `passes` times and keep,
-    for every (rows, width) shape, its fastest pass; the table is then rebuilt the way the profiler
-    builds it (the median SPS over the shapes of one B, then `monotone_sps`).
-
-    Another job on a shared machine can only add time to a forward, never remove it, so the fastest of
-    several passes is the better estimate of what the device itself costs; on a quiet device the
-    passes agree and this changes nothing. Each kept point says which pass it came from ("pass", from 0).
-    """
-    if passes < 1:
-        raise LabkitError(f"profile_fastest needs passes >= 1, got {passes}.")
-    best: dict[tuple[int, int], dict] = {}
-    first = None
-    for i in tqdm(range(passes), desc="profiling passes", disable=not progress):
-        table, points = profile()
-        first = first or table
-        for pt in points:
-            key = (pt["rows"], pt["width"])
-            if key not in best or pt["sps"] > best[key]["sps"]:
-                best[key] = {**pt, "pass": i}
-    kept = sorted(best.values(), key=lambda pt: (pt["batch_tokens"], pt["rows"]))
-    by_b: dict[int, list[float]] = {}
-    for pt in kept:
-        by_b.setdefault(pt["batch_tokens"], []).append(pt["sps"])
-    sizes = sorted(by_b)
-    raw = [sorted(by_b[b])[len(by_b[b]) // 2] for b in sizes]  # the profiler's rule: the upper median
-    table = CostTable(first.device, first.model, first.dtype, sizes, raw, window=first.window, tail=first.tail)
-    return table, kept
 
 
 def describe_sps(table: CostTable) -> str:

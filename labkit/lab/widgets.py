@@ -21,7 +21,8 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from IPython.display import clear_output, display
 
-from labkit.measure.costs import ForwardCost, break_even_tau, per_token_latency_s, speculative_speedup
+from labkit.measure.costs import break_even_tau, per_token_latency_s, speculative_speedup
+from labkit.model.timing import ForwardCost
 from labkit.decode.loop import GenerationResult, generate
 from labkit.drafters import make_drafter
 from labkit.core.errors import LabkitError

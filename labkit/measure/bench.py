@@ -11,13 +11,13 @@ dict whose shape later issues extend and never break:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from labkit.decode.loop import generate, sync_device
+from labkit.decode.loop import generate
+from labkit.model.timing import timed_call
 from labkit.drafters import check_spec, make_drafter, shipped_checkpoint
 from labkit.core.errors import LabkitError
 from labkit.pipeline.prompt_sets import Prompt, describe_prompts, load_prompts  # noqa: F401  (re-exported)
@@ -135,11 +135,8 @@ def run_bench(target: Target, prompts: list[Prompt], methods: list[str] | tuple[
     for i, prompt in enumerate(prompts):
         ids = target.encode_prompt(prompt.text)
         for m in runners[i % len(runners):] + runners[:i % len(runners)]:
-            sync_device(target.device)
-            start = time.perf_counter()
-            tokens, rounds = m.run(ids, seed + i)
-            sync_device(target.device)
-            stats[m.name].add(prompt.domain, tokens, time.perf_counter() - start, rounds)
+            seconds, (tokens, rounds) = timed_call(lambda: m.run(ids, seed + i), target.device)
+            stats[m.name].add(prompt.domain, tokens, seconds, rounds)
             bar.update(1)
     bar.close()
     return {**_summarise(target, runners, stats, params, max_new_tokens, len(prompts)),

@@ -1,8 +1,8 @@
 """What decoding costs on this device, measured, and what Eq. 1 of the paper predicts from it.
 
-Notebook 00 is built on these. `forward_cost` times one cached target forward over k new tokens;
-`memory_bandwidth_gbs` and `roofline_floor_s` give the floor a memory-bound forward cannot beat (every
-weight read once); `per_token_latency_s` and `speculative_speedup` are the latency model of Eq. 1,
+Notebook 00 is built on these and on `labkit.model.timing` (the forward cost over k new tokens, memory
+bandwidth). `roofline_floor_s` gives the floor a memory-bound forward cannot beat (every weight read
+once); `per_token_latency_s` and `speculative_speedup` are the latency model of Eq. 1,
 L = (T_draft + T_verify) / tau; `time_ar_loops` puts HF `generate` beside the lab's own loop. Every
 timing warms up first, syncs the device before reading the clock, and reports medians (or the best
 run, for a bandwidth that noise can only lower).
@@ -11,107 +11,18 @@ run, for a bandwidth that noise can only lower).
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from labkit.decode.loop import GenerationResult, generate, sync_device
+from labkit.decode.loop import GenerationResult, generate
+from labkit.model.timing import forward_cost, timed_call
 from labkit.drafters import make_drafter
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
-
-
-@dataclass
-class ForwardCost:
-    """Seconds of one cached forward over k new tokens on a `context_len`-token context, per k."""
-
-    context_len: int
-    ks: list[int]
-    samples_s: list[list[float]] = field(default_factory=list)  # one list of repeats per k
-
-    @property
-    def median_s(self) -> list[float]:
-        return [statistics.median(s) for s in self.samples_s]
-
-    def at(self, k: int) -> float:
-        """Median seconds at k new tokens (k must have been measured)."""
-        if k not in self.ks:
-            raise LabkitError(f"k={k} was not measured: measured ks are {self.ks}.")
-        return self.median_s[self.ks.index(k)]
-
-    def interp(self, k: float) -> float:
-        """Median seconds at any k in the measured range, linear between measured ks."""
-        if not self.ks[0] <= k <= self.ks[-1]:
-            raise LabkitError(f"k={k} lies outside the measured range {self.ks[0]}..{self.ks[-1]}: "
-                              "measure forward_cost over a wider range of ks.")
-        return float(np.interp(k, self.ks, self.median_s))
-
-    def relative(self) -> list[float]:
-        """Cost at each k in units of the smallest k's cost (a one-token forward when k=1 was measured)."""
-        med = self.median_s
-        return [m / med[0] for m in med]
-
-
-@torch.inference_mode()
-def forward_cost(target: Target, context_len: int = 200, ks: Iterable[int] = range(1, 33), repeats: int = 5,
-                 seed: int = 0, progress: bool = True) -> ForwardCost:
-    """Median time of one cached forward over k new tokens, for each k (the T_verify of Eq. 1).
-
-    The context is `context_len` random token ids (cost does not depend on which); after each timed
-    forward the cache is cropped back by k (`cache.crop(-k)`, transformers 5), so every repeat sees
-    the same context. Logits are kept at all k positions, as a verify forward needs them.
-    """
-    ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 1:
-        raise LabkitError(f"ks must be positive token counts, e.g. range(1, 33), got {ks}.")
-    if context_len < 1 or repeats < 1:
-        raise LabkitError(f"context_len and repeats must be >= 1, got {context_len} and {repeats}.")
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, target.vocab_size, (context_len + max(ks),), generator=gen).tolist()
-    context, fresh = ids[:context_len], ids[context_len:]
-    cache = target.new_cache()
-    target.forward(context, cache)
-    target.forward(fresh[:1], cache)  # untimed warm-up of the cached path
-    cache.crop(-1)
-    out = ForwardCost(context_len=context_len, ks=ks)
-    for k in tqdm(ks, desc="forward cost", disable=not progress):
-        runs = []
-        for _ in range(repeats):
-            sync_device(target.device)
-            start = time.perf_counter()
-            target.forward(fresh[:k], cache, logits_to_keep=k)
-            sync_device(target.device)
-            runs.append(time.perf_counter() - start)
-            cache.crop(-k)
-        out.samples_s.append(runs)
-    return out
-
-
-@torch.inference_mode()
-def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5, device: str | torch.device = "cpu") -> float:
-    """Read bandwidth in GB/s: bytes of a large fp32 tensor over the fastest time to sum it.
-
-    The tensor is much larger than any cache, so the sum streams it from memory, as a decode step
-    streams the weights. The fastest of `repeats` runs is kept: noise only ever slows a read down.
-    """
-    if size_mb < 1 or repeats < 1:
-        raise LabkitError(f"size_mb and repeats must be >= 1, got {size_mb} and {repeats}.")
-    device = torch.device(device)
-    x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32, device=device)
-    x.sum()  # warm-up: page the tensor in
-    best = float("inf")
-    for _ in range(repeats):
-        sync_device(device)
-        start = time.perf_counter()
-        x.sum()
-        sync_device(device)
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * x.element_size() / best / 1e9
 
 
 def roofline_floor_s(weight_bytes: float, bandwidth_gbs: float) -> float:
@@ -204,11 +115,7 @@ def time_ar_loops(target: Target, prompt_ids: list[int], max_new_tokens: int = 6
     runs: dict[str, list[tuple[float, list[int]]]] = {name: [] for name in loops}
     for _ in tqdm(range(repeats), desc="AR loops", disable=not progress):
         for name, run in loops.items():
-            sync_device(target.device)
-            start = time.perf_counter()
-            tokens = run(max_new_tokens)
-            sync_device(target.device)
-            runs[name].append((time.perf_counter() - start, tokens))
+            runs[name].append(timed_call(lambda: run(max_new_tokens), target.device))
     out = {}
     for name, timed in runs.items():
         seconds = statistics.median(s for s, _ in timed)
@@ -261,11 +168,7 @@ def _draft_seconds(target: Target, drafter_spec: str, prompt_ids: list[int]) -> 
     state = prefill(target, prompt_ids, 64, SamplingParams(), drafter=drafter)
     gamma = getattr(drafter, "gamma", 8)
     drafter.propose(state.request, gamma)  # untimed warm-up
-    sync_device(target.device)
-    start = time.perf_counter()
-    drafter.propose(state.request, gamma)
-    sync_device(target.device)
-    return time.perf_counter() - start
+    return timed_call(lambda: drafter.propose(state.request, gamma), target.device)[0]
 
 
 def round_costs(variants: dict[str, Target], ks: Iterable[int] = range(1, 17), drafters: Iterable[str] = (),
@@ -343,9 +246,5 @@ def vocab_costs(target: Target, vocab_sizes: Iterable[int], ranks: Iterable[int]
         d.propose(states[c].request, gamma)  # untimed warm-up
     for _ in tqdm(range(repeats), desc="draft cost by vocabulary", disable=not progress):
         for c, (d, _) in built.items():
-            sync_device(target.device)
-            start = time.perf_counter()
-            d.propose(states[c].request, gamma)
-            sync_device(target.device)
-            times[c].append(time.perf_counter() - start)
+            times[c].append(timed_call(lambda: d.propose(states[c].request, gamma), target.device)[0])
     return [VocabCost(v, r, 1e3 * statistics.median(times[(v, r)]), built[(v, r)][1]) for v, r in built]

@@ -17,7 +17,6 @@ was not trained on, so one forward measures every block position at once:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 
 from labkit.drafters.base import DraftRequest
 from labkit.core.errors import LabkitError
+from labkit.model.timing import timed_runs
 from labkit.pipeline.features import FeatureSequence, shard_features
 from labkit.pipeline.train import forward_batch, make_batch, target_probs
 
@@ -144,11 +144,7 @@ def drafting_costs(drafter, request: DraftRequest, reps: int = 20) -> dict[str, 
     """Mean seconds of one block's backbone forward and of its sequential head loop (sampling included),
     drafting for `request` (a prefilled state's `.request`)."""
     def clock(fn) -> float:
-        fn()  # warm-up
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - start) / reps
+        return sum(timed_runs(fn, reps, warmup=1)) / reps
     h = drafter.draft_hidden(request)
     backbone = clock(lambda: drafter.draft_hidden(request))
     loop = clock(lambda: drafter.sample_sequential(h, request.ids[-1], request.params, request.generator))

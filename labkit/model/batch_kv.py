@@ -40,8 +40,6 @@ keys and values once (a copy of the whole cache), which is why it is not run aft
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -291,7 +289,18 @@ class BatchKV:
         self.valid = new_valid
         self._compactions += 1
 
-    def _drop_last_columns(self, n: int) -> None:
+    def replicate(self, rows: int) -> None:
+        """Copy the one active row into `rows` rows keyed 0..rows-1 (the profiler's batches: content
+        does not change the cost of a forward)."""
+        if len(self._rows) != 1 or rows < 1:
+            raise LabkitError(f"replicate needs exactly one active row and rows >= 1, got {len(self._rows)} "
+                              f"row(s) and rows={rows}.")
+        if rows > 1:
+            self.cache.batch_repeat_interleave(rows)
+            self.valid = self.valid.repeat(rows, 1)
+            self._rows += [_Row(key=i, length=self._rows[0].length, last_added=0) for i in range(1, rows)]
+
+    def drop_last_columns(self, n: int) -> None:
         """Undo the last step's columns for every row alike (the profiler's replays; no rollback)."""
         self.cache.crop(-n)
         for row in self._rows:
@@ -371,32 +380,3 @@ def _gather_columns(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 # Profiling
 
 
-@torch.inference_mode()
-def time_step(target: Target, rows: int, width: int, kv_len: int, repeats: int = 5, seed: int = 0) -> float:
-    """Median seconds of one BatchKV.step of `rows` rows x `width` new tokens over a KV of `kv_len`.
-
-    For the scheduler's SPS(B) table on the shapes the engine runs. One random prompt of kv_len
-    tokens is prefilled and its row replicated (content does not change the cost); after each timed
-    step its columns are cropped off, so every replay sees the same shapes. One untimed warm-up.
-    """
-    if rows < 1 or width < 1 or kv_len < 1 or repeats < 1:
-        raise LabkitError("time_step needs rows, width, kv_len and repeats >= 1: e.g. rows=4, width=4, "
-                          "kv_len=256, repeats=5.")
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(target.vocab_size, (kv_len,), generator=gen).tolist()
-    kv = BatchKV(target, compact_at=1.0)
-    kv.add(0, prompt)
-    if rows > 1:
-        kv.cache.batch_repeat_interleave(rows)
-        kv.valid = kv.valid.repeat(rows, 1)
-        kv._rows += [_Row(key=i, length=kv_len, last_added=0) for i in range(1, rows)]
-    step = {i: torch.randint(target.vocab_size, (width,), generator=gen).tolist() for i in range(rows)}
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        kv.step(step)
-        if target.device.type == "cuda":
-            torch.cuda.synchronize(target.device)
-        times.append(time.perf_counter() - start)
-        kv._drop_last_columns(width)
-    return statistics.median(times[1:])

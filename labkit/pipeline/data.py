@@ -28,7 +28,6 @@ import json
 import os
 import random
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
