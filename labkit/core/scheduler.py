@@ -123,21 +123,6 @@ class CostTable:
         # Clamped to the segment so that rounding can never make SPS rise where segments meet.
         return min(y0, max(y1, y0 + (y1 - y0) * (batch_tokens - x0) / (x1 - x0)))
 
-    def sps_many(self, batch_tokens) -> torch.Tensor:
-        """`sps` at many B in one vectorised lookup: the same float64 operations, so the same values."""
-        b = torch.as_tensor(batch_tokens, dtype=torch.float64)
-        xs = torch.tensor(self.batch_sizes, dtype=torch.float64)
-        ys = torch.tensor(self.smoothed_sps, dtype=torch.float64)
-        if len(xs) == 1:
-            inner = ys[0].expand_as(b)
-        else:
-            i = torch.searchsorted(xs, b, right=True).clamp(1, len(xs) - 1)
-            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            inner = torch.minimum(y0, torch.maximum(y1, y0 + (y1 - y0) * (b - x0) / (x1 - x0)))
-        tail = ys[-1].expand_as(b) if self.tail == "constant" else ys[-1] * (xs[-1] / b)
-        tail = torch.where(b == xs[-1], ys[-1], tail)
-        return torch.where(b <= xs[0], ys[0], torch.where(b >= xs[-1], tail, inner))
-
     @classmethod
     def flat(cls, sps: float = 1.0, device: str = "unprofiled", model: str = "any",
              dtype: str = "any") -> CostTable:
@@ -349,11 +334,6 @@ def _sorted(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values[:n], order[:n]
 
 
-def sorted_candidates(inp: ScheduleInput) -> list[tuple[int, int, float]]:
-    """The admission path as (r, j, a_{r,j}) tuples, best first."""
-    return admission_path(inp).candidates()
-
-
 def expected_throughput(inp: ScheduleInput, lengths: list[int]) -> float:
     """theta = (R + sum_r sum_{j<=l_r} a_{r,j}) * SPS(batch_tokens(lengths)): what the scheduler maximises."""
     a = survival(inp.conf, inp.max_lengths)
@@ -362,52 +342,78 @@ def expected_throughput(inp: ScheduleInput, lengths: list[int]) -> float:
     return tau * inp.table.sps(inp.batch_tokens(list(lengths)))
 
 
-def _search(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], int], early_break: bool) -> list[int]:
-    """Walk the greedy admission path of survivals `a`; with `early_break` it is Algorithm 1 line for line.
+@dataclass
+class Walk:
+    """Algorithm 1's admission path walked (to its end, or to the break): after k admissions the batch size
+    B_k, tau*_k = R + sum of the first k survivals, and SPS(B_k); theta_k = tau*_k x SPS(B_k).
 
-    Without it, the lengths at the path's global maximum (the retrospective search; vectorised by
-    `_global_best` for a packed batch on a CostTable). Float math in a plain loop over at most
-    R * gamma candidates; with the break SPS is never asked about a batch size past the first drop.
+    The one home of the walk's arithmetic: `Algorithm1` keeps `algorithm1_k` admissions (it stops at
+    the first admission that does not raise theta above the best so far, `break_at`), the biased
+    retrospective search keeps `peak_k` (the first global maximum), and notebook 05 draws the walk.
     """
+
+    path: AdmissionPath
+    batch_tokens: list[int]
+    tau: list[float]
+    sps: list[float]
+    n_requests: int
+
+    @property
+    def theta(self) -> list[float]:
+        return [t * s for t, s in zip(self.tau, self.sps)]
+
+    @property
+    def break_at(self) -> int | None:
+        theta = self.theta
+        best = theta[0]
+        for k in range(1, len(theta)):
+            if not theta[k] > best:
+                return k
+            best = theta[k]
+        return None
+
+    @property
+    def algorithm1_k(self) -> int:
+        return len(self.theta) - 1 if self.break_at is None else self.break_at - 1
+
+    @property
+    def peak_k(self) -> int:
+        theta = self.theta
+        return max(range(len(theta)), key=lambda k: (theta[k], -k))  # the first maximum
+
+    def lengths(self, k: int) -> list[int]:
+        """l_r after the first k admissions (each extends one request's prefix by one)."""
+        return _lengths_of(self.path, k, self.n_requests)
+
+
+def walk(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], int], until_break: bool = False) -> Walk:
+    """Admit the candidates of the global sort of survivals `a` in turn (Algorithm 1, lines 4-10),
+    recording B, tau* and SPS after each: `count(lengths)` is the batch size the verify forward
+    computes for those lengths (`packed_tokens`: the paper's B = sum_r (1 + l_r)).
+
+    `until_break`: stop at the first admission that does not raise theta (Algorithm 1's break), so
+    that neither SPS nor `count` is asked about anything past it; else walk the whole path."""
     n_req = a.shape[0]
-    lengths = [0] * n_req
-    if n_req == 0:
-        return lengths
-    if not early_break and count is packed_tokens and hasattr(table, "sps_many"):
-        return _global_best(a, table)
     path = _path(a)
-    sps = table.sps
-    packed = count is packed_tokens  # B += 1 per admission, as the paper writes it; no call needed
-    b = count(lengths)
-    tau = float(n_req)
-    best = tau * sps(b)
-    best_k = 0
-    for k, (r, j, gain) in enumerate(zip(path.requests, path.positions, path.survival), start=1):
+    lengths = [0] * n_req
+    out = Walk(path, [count(lengths)], [float(n_req)], [], n_req)
+    out.sps.append(table.sps(out.batch_tokens[0]))
+    best = out.tau[0] * out.sps[0]
+    for r, j, gain in path.candidates():
         lengths[r] = j
-        b = b + 1 if packed else count(lengths)
-        tau += gain  # the marginal expected accept of slot j is exactly a_{r,j}
-        theta = tau * sps(b)
-        if theta > best:
-            best, best_k = theta, k
-        elif early_break:
-            lengths[r] = j - 1  # undo the admission that did not pay; the rest is the best so far
-            return lengths
-    return _lengths_of(path, best_k, n_req)
+        out.batch_tokens.append(count(lengths))
+        out.tau.append(out.tau[-1] + gain)  # the marginal expected accept of slot j is exactly a_{r,j}
+        out.sps.append(table.sps(out.batch_tokens[-1]))
+        theta = out.tau[-1] * out.sps[-1]
+        if not theta > best and until_break:
+            break
+        best = max(best, theta)
+    return out
 
 
-def _global_best(a: torch.Tensor, table: CostTable) -> list[int]:
-    """The search without the break, in tensor ops: what `_search` computes, for a packed batch.
-
-    The production variant runs it every step over all R * gamma candidates (no break to stop it
-    early), hence the vectorised form; same float64 operations in the same order, same lengths.
-    """
-    n_req = a.shape[0]
-    values, order = _sorted(a)
-    tau = torch.cat([torch.tensor([float(n_req)], dtype=torch.float64), values]).cumsum(0)  # sequential sums
-    theta = tau * table.sps_many(torch.arange(n_req, n_req + len(values) + 1, dtype=torch.float64))
-    k = int(theta.argmax())  # the first maximum, as the loop's strict '>' keeps it
-    lengths = torch.zeros(n_req, dtype=torch.long)
-    return lengths.scatter_reduce_(0, order[:k] % n_req, order[:k] // n_req + 1, "amax").tolist()
+def admission_walk(inp: ScheduleInput, until_break: bool = False) -> Walk:
+    """The walk of `inp`'s candidates (see `walk`)."""
+    return walk(survival(inp.conf, inp.max_lengths), inp.table, inp.batch_tokens, until_break)
 
 
 def _lengths_of(path: AdmissionPath, k: int, n_req: int) -> list[int]:
@@ -482,7 +488,8 @@ class Algorithm1:
     name = "algorithm1"
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
-        return _search(survival(inp.conf, inp.max_lengths), inp.table, inp.batch_tokens, early_break=True)
+        w = admission_walk(inp, until_break=True)
+        return w.lengths(w.algorithm1_k)
 
 
 @dataclass
@@ -497,7 +504,8 @@ class Retrospective:
     name = "retrospective"
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
-        return _search(survival(inp.conf, inp.max_lengths), inp.table, inp.batch_tokens, early_break=False)
+        w = admission_walk(inp)
+        return w.lengths(w.peak_k)
 
 
 @dataclass
@@ -519,7 +527,7 @@ class AsyncTopK:
 
 def capacity_from_old(inp: ScheduleInput) -> int:
     """K of the production variant: slots the retrospective search admits on the old confidences."""
-    return sum(_search(old_survival(inp), inp.table, inp.batch_tokens, early_break=False))
+    return walk(old_survival(inp), inp.table, inp.batch_tokens).peak_k
 
 
 def old_survival(inp: ScheduleInput) -> torch.Tensor:

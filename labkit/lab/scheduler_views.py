@@ -35,6 +35,7 @@ from labkit.core.scheduler import (
     packed_tokens,
     survival,
 )
+from labkit.core.scheduler import admission_walk as core_walk
 
 #: the policies the load sweep compares by default (paper Fig. 8: MTP-1 is the production baseline)
 SWEEP_POLICIES = ("algorithm1", "fixed", "mtp1", "async-topk")
@@ -176,34 +177,17 @@ ADMISSION_HEADER = ("k", "candidate", "a_{r,j}", "B", "tau*", "SPS(B)", "theta =
 
 
 def admission_walk(inp: ScheduleInput) -> AdmissionWalk:
-    """Every candidate of `inp`'s global sort admitted in turn, with theta after each.
-
-    The same arithmetic as `Algorithm1` (tau* grows by a_{r,j} in path order, B = inp.batch_tokens of
-    the lengths so far, theta compared strictly with the best so far), so `algorithm1_lengths` equals
-    `Algorithm1()(inp)` and `retrospective_lengths` equals `Retrospective()(inp)`.
+    """Every candidate of `inp`'s global sort admitted in turn, with theta after each, for the table and
+    the figure: the walk itself is `labkit.core.scheduler.admission_walk`, the arithmetic `Algorithm1`
+    and the retrospective search run on, so `algorithm1_lengths` equals `Algorithm1()(inp)` and
+    `retrospective_lengths` equals `Retrospective()(inp)`.
     """
-    path = admission_path(inp)
-    n_req = inp.n_requests
-    lengths = [0] * n_req
-    b = inp.batch_tokens(lengths)
-    tau = float(n_req)
-    sps = inp.table.sps(b)
-    steps = [AdmissionStep(0, None, None, None, b, tau, sps, tau * sps, None)]
-    best, peak_k, break_at = tau * sps, 0, None
-    for k, (r, j, a) in enumerate(path.candidates(), start=1):
-        prev = steps[-1]
-        lengths[r] = j
-        b = inp.batch_tokens(lengths)
-        tau += a
-        sps = inp.table.sps(b)
-        theta = tau * sps
-        steps.append(AdmissionStep(k, r, j, a, b, tau, sps, theta, prev.tau * (prev.sps / sps - 1.0)))
-        if theta > best:
-            best, peak_k = theta, k
-        elif break_at is None:
-            break_at = k
-    algorithm1_k = len(path) if break_at is None else break_at - 1
-    return AdmissionWalk(steps, break_at, algorithm1_k, peak_k, n_req, inp.conf.shape[1])
+    w = core_walk(inp)
+    steps = [AdmissionStep(0, None, None, None, w.batch_tokens[0], w.tau[0], w.sps[0], w.theta[0], None)]
+    for k, (r, j, a) in enumerate(w.path.candidates(), start=1):
+        needed = w.tau[k - 1] * (w.sps[k - 1] / w.sps[k] - 1.0)
+        steps.append(AdmissionStep(k, r, j, a, w.batch_tokens[k], w.tau[k], w.sps[k], w.theta[k], needed))
+    return AdmissionWalk(steps, w.break_at, w.algorithm1_k, w.peak_k, w.n_requests, inp.conf.shape[1])
 
 
 def admission_path_figure(walk: AdmissionWalk, title: str | None = None) -> go.Figure:
