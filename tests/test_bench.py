@@ -189,16 +189,3 @@ def test_token_coverage_counts_the_tokens_a_cut_vocabulary_holds():
     from labkit.core.trace import token_coverage
     assert token_coverage([[1, 2, 3], [3, 9]], [1, 3]) == pytest.approx(3 / 5)
     assert token_coverage([], [1]) == 1.0
-
-
-def test_draft_vocab_unwraps_scheduled_and_hybrid_drafters():
-    from types import SimpleNamespace
-
-    import torch
-
-    from labkit.measure.bench import draft_vocab
-    ids = torch.tensor([4, 7])
-    model = SimpleNamespace(backbone=SimpleNamespace(vocab_ids=ids))
-    assert draft_vocab(SimpleNamespace(inner=SimpleNamespace(model=model))) is ids
-    assert draft_vocab(SimpleNamespace(model=torch.nn.Linear(1, 1))) is None  # layer skip: a truncated target
-    assert draft_vocab(SimpleNamespace()) is None  # prompt lookup

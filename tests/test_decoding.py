@@ -19,7 +19,7 @@ from labkit.decode.loop import (DecodeState, GenerationResult, commit, draft, ge
                              positions_to_drop, prefill, select_hidden, speculative_round, start, start_state,
                              verify_inputs)
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
-from labkit.drafters.base import DraftRequest, Proposal, check_batchable, needs_target_cache, one_hot_proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal, check_batchable, needs_target_cache, one_hot_proposal
 from labkit.core.errors import LabkitError
 from labkit.drafters.layer_skip import shallow_view
 from labkit.drafters.prompt_lookup import find_continuation
@@ -38,7 +38,7 @@ NEW_TOKENS = 20
 # test-only drafters
 
 
-class SameDrafter:
+class SameDrafter(Drafter):
     """The "same" assistant: drafts from the target itself (run without a cache), i.e. p_d = p_t.
 
     Greedy, it proposes the target's argmax continuation; sampled, it samples the target's own
@@ -71,7 +71,7 @@ class SameDrafter:
         pass
 
 
-class RandomDrafter:
+class RandomDrafter(Drafter):
     """Proposes uniformly random tokens with their true probabilities (uniform rows, not one-hot)."""
 
     hidden_layers = ()
@@ -92,12 +92,13 @@ class RandomDrafter:
         pass
 
 
-class Recording:
+class Recording(Drafter):
     """Wraps a drafter and keeps (context ids, proposal) for every propose call."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
         self.name, self.vocab_size, self.hidden_layers = inner.name, inner.vocab_size, inner.hidden_layers
+        self.gamma, self.needs_target_cache = inner.gamma, inner.needs_target_cache
 
     def start(self, state, hidden):
         self.inner.start(state, hidden)

@@ -11,7 +11,7 @@ from labkit.__main__ import main
 from labkit.measure.bench import Prompt, load_prompts, run_bench
 from labkit.decode.loop import generate, prefill
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
-from labkit.drafters.base import Proposal
+from labkit.drafters.base import Drafter, Proposal
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import DEFAULT_TARGET, load_target, parse_dtype
@@ -139,9 +139,9 @@ def test_unknown_dtype():
 # drafter / target mismatch, unknown drafter
 
 
-class WrongVocabDrafter:
+class WrongVocabDrafter(Drafter):
     name = "wrong-vocab-drafter"
-    hidden_layers = ()
+    gamma = 1
 
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size

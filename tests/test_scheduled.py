@@ -16,7 +16,8 @@ from labkit.decode.loop import generate
 from labkit.drafters import BUILTIN, check_spec, make_drafter
 from labkit.drafters.base import check_batchable
 from labkit.drafters.dspark import DSparkDrafter
-from labkit.drafters.scheduled import RoundRate, ScheduledDrafter
+from labkit.core.scheduler import RoundRate
+from labkit.drafters.scheduled import ScheduledDrafter
 from labkit.model.timing import verify_table
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams

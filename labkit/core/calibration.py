@@ -136,11 +136,19 @@ def _matrix(x, name: str) -> torch.Tensor:
     return t
 
 
-def survival(conf) -> torch.Tensor:
-    """Prefix survival a_k = prod_{i<=k} c_i along the positions of a (R, gamma) confidence matrix (Sec. 3.2.1).
+def survival(conf, max_lengths: list[int] | None = None) -> torch.Tensor:
+    """Prefix survival a_k = prod_{i<=k} c_i along the positions of a (R, gamma) confidence matrix
+    (Sec. 3.2.1; Algorithm 1, line 3): the one definition, for calibration and the scheduler alike.
 
-    Keeps the input's dtype and gradient, so it can also be used inside a loss.
+    With `max_lengths` (the scheduler's input, already checked there: each request's real drafts),
+    slots past a request's drafts survive with 0. Keeps the input's dtype and gradient, so it can also
+    be used inside a loss.
     """
+    if max_lengths is not None:
+        real = torch.arange(conf.shape[1]) < torch.tensor(max_lengths, dtype=torch.long).view(-1, 1)
+        conf = torch.where(real, conf, torch.zeros((), dtype=conf.dtype))
+        # cumprod of values in [0, 1] never increases (rounding is monotone): prefixes stay prefixes.
+        return conf.cumprod(1)
     c = _matrix(conf, "conf")
     if (c.detach() < 0).any() or (c.detach() > 1).any():
         raise LabkitError("conf must hold probabilities in [0, 1]: apply a sigmoid to the head's logits first.")

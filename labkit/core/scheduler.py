@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from labkit.core.calibration import survival
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import verify_chain
 
@@ -187,6 +188,34 @@ class HasSPS(Protocol):
     def sps(self, batch_tokens: float) -> float: ...
 
 
+#: weight of the newest measurement in the running mean of drafting time (the engine's and sched:'s)
+DRAFT_EMA = 0.2
+
+
+def running_mean(mean: float | None, new: float, weight: float = DRAFT_EMA) -> float:
+    """An exponential moving average: `new` itself when there is no mean yet."""
+    return new if mean is None else (1 - weight) * mean + weight * new
+
+
+class RoundRate:
+    """A verify-cost table seen as whole rounds (or engine steps): sps(B) = 1 / (T_draft + 1 / verify.sps(B)).
+
+    The table times the target forward alone, but a round also drafts, and on a CPU that is a large,
+    fixed share of it: Algorithm 1 must weigh a verified token against the whole round, or it stops
+    verifying as soon as the forward slows. T_draft is a running mean of past rounds (`running_mean`),
+    never this round's, so the schedule depends on nothing drawn in it. Non-increasing in B whenever
+    `verify` is, which is the shape Algorithm 1's early break assumes.
+    """
+
+    def __init__(self, verify: HasSPS, draft_s: float):
+        if not draft_s >= 0.0:
+            raise LabkitError(f"the drafting time must be >= 0 seconds, got {draft_s}.")
+        self.verify, self.draft_s = verify, float(draft_s)
+
+    def sps(self, batch_tokens: float) -> float:
+        return 1.0 / (self.draft_s + 1.0 / self.verify.sps(batch_tokens))
+
+
 def packed_tokens(lengths: list[int]) -> int:
     """B = sum_r (1 + l_r): tokens of a flattened batch (paper Sec. 3.2.2, 5.3); the default count."""
     return len(lengths) + sum(lengths)
@@ -284,13 +313,6 @@ def _checked_conf(conf, max_lengths, name: str, lengths_name: str) -> tuple[torc
 
 # ---------------------------------------------------------------------------------------------------
 # Survival, the global sort, the throughput objective
-
-
-def survival(conf: torch.Tensor, max_lengths: list[int]) -> torch.Tensor:
-    """a_{r,j} = prod_{i<=j} c_{r,i} (R, gamma), 0 past each request's real drafts."""
-    real = torch.arange(conf.shape[1]) < torch.tensor(max_lengths, dtype=torch.long).view(-1, 1)
-    # cumprod of values in [0, 1] never increases (rounding is monotone): prefixes stay prefixes.
-    return torch.where(real, conf, torch.zeros((), dtype=conf.dtype)).cumprod(1)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import verify_chain
+from labkit.core.trace import expected_acceptance
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ def total_variation(p, q) -> float:
 
 
 def acceptance_rate(p_t: torch.Tensor, p_d: torch.Tensor) -> float:
-    """Probability that one draft x ~ p_d is accepted: sum_x min(p_t(x), p_d(x)) = 1 - TV(p_t, p_d)."""
-    return float(torch.minimum(p_t, p_d).sum())
+    """Probability that one draft x ~ p_d is accepted: sum_x min(p_t(x), p_d(x)) = 1 - TV(p_t, p_d)
+    (`labkit.core.trace.expected_acceptance` of two distributions)."""
+    return float(expected_acceptance(p_d, p_t))
 
 
 @dataclass

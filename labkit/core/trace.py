@@ -7,13 +7,18 @@ the paper's Fig. 2 shows the *conditional* rate (draft j accepted given drafts 1
 `accept_rate@k` is the *unconditional* prefix survival (drafts 1..j all accepted).
 
 Decoding, the bench, calibration, the figures and the notebooks all import these from here, so a number
-called tau or acceptance means the same thing wherever it is printed.
+called tau or acceptance means the same thing wherever it is printed. The same holds for the estimates
+made without decoding, from teacher-forced blocks (training metrics, held-out diagnostics): the
+probability that a draft from p_d survives p_t (`expected_acceptance`, 1 - TV) and the tau it implies
+(`offline_tau`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from labkit.core.errors import LabkitError
 
@@ -25,7 +30,8 @@ class Round:
     proposed: int
     accepted: int
     draft_s: float
-    verify_s: float
+    #: None where the round shared one target forward with other requests (the batched engine)
+    verify_s: float | None
     #: the confidence head's raw logits for the proposed drafts (drafters with one; else None)
     conf_logits: list[float] | None = None
 
@@ -130,3 +136,32 @@ def format_position_acceptance(rounds: Sequence[Round], min_rounds: int = MIN_RO
 
 __all__ = ["Round", "MIN_ROUNDS", "mean_tau", "position_acceptance", "position_counts", "prefix_survival",
            "format_acceptance", "format_position_acceptance"]
+
+
+# ---- estimates from distributions, without decoding (teacher-forced blocks) ------------------------
+
+
+def l1_to_target(p_d: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """||p_d - p_t||_1 over the last dimension, where p_d may cover only a cut draft vocabulary: the
+    target's mass outside it (p_t's rows then sum to less than 1) counts in full, since such tokens are
+    never drafted. 2 x TV; the distillation term of the loss (Eq. 10)."""
+    outside = (1 - p_t.sum(-1)).clamp(min=0)
+    return (p_d - p_t).abs().sum(-1) + outside
+
+
+def acceptance_from_l1(l1: torch.Tensor) -> torch.Tensor:
+    """1 - TV = 1 - ||p_d - p_t||_1 / 2: the probability that a draft x ~ p_d is accepted against p_t
+    by rejection sampling (Sec. 2.1), and the confidence head's label c*_k (Eq. 8)."""
+    return 1 - 0.5 * l1
+
+
+def expected_acceptance(p_d: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """sum_x min(p_t(x), p_d(x)) = 1 - TV(p_d, p_t) along the last dimension (see `l1_to_target`)."""
+    return acceptance_from_l1(l1_to_target(p_d, p_t))
+
+
+def offline_tau(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """tau implied by per-position acceptance of teacher-forced blocks (..., gamma): 1 + the mean over
+    blocks of sum_k prod_{i<=k} accept_i, a block ending at its first invalid position. With
+    probabilities it is the expected tau at temperature 1; with top-1 agreement (0/1), the greedy tau."""
+    return 1 + torch.cumprod(accept.float() * valid.float(), -1).sum(-1).mean()

@@ -40,7 +40,7 @@ from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
-from labkit.core.scheduler import CostTable, ScheduleInput, make_policy
+from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, running_mean
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
 
@@ -110,24 +110,6 @@ def padded_batch_tokens(lengths: list[int]) -> int:
 
 
 @dataclass
-class StepCost:
-    """The whole engine step's rate at B verified tokens: 1 / (drafting + verify(B)).
-
-    The cost table times the batched forward alone, but a step also drafts for every request, and on a
-    CPU that is a large, fixed share of the step: Algorithm 1 must weigh a verified token against the
-    whole step, or it stops verifying as soon as the forward slows. The drafting time is the engine's
-    running mean from past steps (per request, times R), never this step's, so the schedule still
-    depends on nothing drawn in this step.
-    """
-
-    table: CostTable
-    fixed_s: float
-
-    def sps(self, batch_tokens: int) -> float:
-        return 1.0 / (self.fixed_s + 1.0 / self.table.sps(batch_tokens))
-
-
-@dataclass
 class _Active:
     request: ServeRequest
     state: decoding.DecodeState
@@ -165,7 +147,7 @@ class Engine:
         self.on_tokens = on_tokens
         #: per request, the confidences of the last two steps (the production policy reads the older one)
         self._conf_history: dict[int, deque] = {}
-        #: running mean of drafting seconds per request and step (StepCost), None before the first step
+        #: running mean of drafting seconds per request and step (RoundRate), None before the first step
         self._draft_s_per_request: float | None = None
 
     def now(self) -> float:
@@ -273,7 +255,7 @@ class Engine:
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         per_request = self._draft_s_per_request or 0.0
-        cost = StepCost(self.table, per_request * len(ids))
+        cost = RoundRate(self.table, per_request * len(ids))  # the whole step: drafting for all + the forward
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=padded_batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
@@ -292,7 +274,7 @@ class Engine:
             before = len(act.state.ids)
             verdict = decoding.judge(act.state, prop, logits)
             rnd = decoding.commit(act.state, prop, verdict, hidden, self.drafter,
-                                  draft_s=(t_drafted - t_start) / len(ids), verify_s=0.0)
+                                  draft_s=(t_drafted - t_start) / len(ids), verify_s=None)  # one forward for all
             self.kv.rollback(rid, len(prop) - verdict.n_accepted)
             act.budgets.append(len(prop) + 1)
             self.rounds.append(rnd)
@@ -300,8 +282,7 @@ class Engine:
             self._stream(rid, act.state.ids[before:])
         t_end = self._clock()
         spent = (t_drafted - t_start) / len(ids)
-        self._draft_s_per_request = spent if self._draft_s_per_request is None else (
-            0.8 * self._draft_s_per_request + 0.2 * spent)
+        self._draft_s_per_request = running_mean(self._draft_s_per_request, spent)
         for rid in ids:
             if self.active[rid].state.finished:
                 self._retire(rid)

@@ -122,7 +122,7 @@ def check_drafter(target: Target, drafter: Drafter | None) -> None:
     """A drafter must speak the target's vocabulary: token ids and probability rows index the same V."""
     if drafter is None:
         return
-    v_d = getattr(drafter, "vocab_size", None)
+    v_d = drafter.vocab_size
     if v_d is not None and v_d != target.vocab_size:
         raise LabkitError(
             f"Drafter {drafter.name!r} was made for a vocabulary of {v_d} tokens but the target "

@@ -103,7 +103,7 @@ def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> 
         from labkit.drafters.scheduled import ScheduledDrafter
         from labkit.model.timing import verify_table
         inner = make_drafter(spec.partition(":")[2], target, gamma)
-        return ScheduledDrafter(inner, verify_table(target, 1 + getattr(inner, "gamma", 16)))
+        return ScheduledDrafter(inner, verify_table(target, 1 + inner.gamma))
     if spec.partition(":")[0] == "hybrid":
         from labkit.drafters.hybrid import make_hybrid
         return make_hybrid(make_drafter(spec.partition(":")[2], target, gamma), gamma)

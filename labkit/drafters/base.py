@@ -10,12 +10,13 @@ stream and a slot for the drafter's own per-request state. It never sees the dec
 KV cache, the trace, the stopping rule), so the single-request loop and the batched engine can drive
 the same drafters. The one exception is explicit: a drafter with `needs_target_cache = True`
 (layer-skip) drafts over the target's own KV cache, which only single-request decoding hands it.
+`Drafter` declares everything a caller reads, each with its default.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,17 +71,36 @@ class Proposal:
         return Proposal(self.tokens[:k], self.probs[:k], cut(self.conf_logits), cut(self.confidences))
 
 
-class Drafter(Protocol):
-    """propose a block with its probabilities; observe the verdict; keep per-request state in request.memo."""
+class Drafter:
+    """The whole drafter protocol: everything a caller (the decode loop, the engine, the bench, a
+    dashboard) may read of a drafter, each with its default here, so no caller ever probes for an
+    attribute. A drafter subclasses this, sets `name`, `vocab_size` and `gamma`, and implements
+    `propose` (and `start` / `observe` where it keeps per-request state).
+    """
 
-    name: str
+    #: shown in tables and errors, e.g. "dspark" or "hybrid:dspark"
+    name: str = "drafter"
     #: size of the vocabulary its tokens and probability rows index; must equal the target's
     vocab_size: int
+    #: the block length: the most tokens one proposal drafts
+    gamma: int
     #: target layers whose hidden states this drafter reads (empty: none, so none are computed)
-    hidden_layers: tuple[int, ...]
-    #: True: drafts over the target's KV cache (request.target_cache), so single-request only.
-    #: Optional: a drafter without the attribute needs no target cache (`needs_target_cache`).
-    needs_target_cache: bool
+    hidden_layers: tuple[int, ...] = ()
+    #: True: drafts over the target's KV cache (request.target_cache), so single-request decoding only
+    needs_target_cache: bool = False
+    #: False: it schedules its own blocks (sched:), so the batched engine, which schedules all requests
+    #: together, refuses it
+    batchable: bool = True
+    #: True: every non-empty proposal carries the confidence head's logits and calibrated confidences
+    has_confidences: bool = False
+
+    def draft_vocab(self) -> torch.Tensor | None:
+        """The token ids its model part can propose (a cut draft vocabulary), or None for all."""
+        return None
+
+    def temperatures(self, params: SamplingParams) -> list[float] | None:
+        """The STS temperatures of its confidence head for these sampling settings (None: none fitted)."""
+        return None
 
     def start(self, request: DraftRequest, hidden: tuple[torch.Tensor, ...] | None) -> None:
         """Called once after prefill; `hidden` holds the prompt's hidden states when asked for: one
@@ -88,6 +108,7 @@ class Drafter(Protocol):
 
     def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
         """Draft at most `max_tokens` tokens after request.ids (whose last token is not yet cached)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement propose")
 
     def observe(self, request: DraftRequest, n_accepted: int,
                 hidden: tuple[torch.Tensor, ...] | None) -> None:
@@ -97,7 +118,7 @@ class Drafter(Protocol):
 
 def needs_target_cache(drafter: Drafter | None) -> bool:
     """Whether `drafter` drafts over the target's own KV cache (and so runs single-request only)."""
-    return bool(getattr(drafter, "needs_target_cache", False))
+    return drafter is not None and drafter.needs_target_cache
 
 
 def check_batchable(drafter: Drafter | None) -> None:
@@ -106,10 +127,12 @@ def check_batchable(drafter: Drafter | None) -> None:
     A batched engine keeps one KV cache for all its requests and masks it per row; a drafter that
     appends to and crops the target's cache itself (layer-skip) would corrupt the other rows.
     """
-    if needs_target_cache(drafter):
+    if drafter is None:
+        return
+    if drafter.needs_target_cache:
         raise LabkitError(f"The {drafter.name} drafter drafts from the target's own cache and runs single-request "
                           "only; use --drafter dspark|dflash|prompt-lookup with serve.")
-    if not getattr(drafter, "batchable", True):
+    if not drafter.batchable:
         raise LabkitError(f"The {drafter.name} drafter schedules one request's blocks by itself; the engine "
                           "schedules all requests together: drop the sched: prefix (e.g. --drafter dspark).")
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.drafters.base import DraftRequest, Proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal
 from labkit.core.errors import LabkitError
 from labkit.model.packed import PackedLinear, pack_linears
 from labkit.core.sampling import SamplingParams, logits_to_probs, sample
@@ -367,7 +367,7 @@ class ContextCache:
         self.length = length
 
 
-class DFlashDrafter:
+class DFlashDrafter(Drafter):
     """DFlash behind the Drafter protocol: start/observe feed the request's context cache (its `memo`),
     propose drafts a block."""
 
@@ -385,6 +385,10 @@ class DFlashDrafter:
     @property
     def device(self) -> torch.device:
         return self.backbone.fc.weight.device
+
+    def draft_vocab(self) -> torch.Tensor:
+        """The target ids its LM head scores (all of them unless the vocabulary was cut)."""
+        return self.backbone.vocab_ids
 
     def _features(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.cat(hidden, -1).to(self.device)  # m layers of (T, H) -> (T, m * H)

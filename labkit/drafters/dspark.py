@@ -112,6 +112,7 @@ class DSparkDrafter(DFlashDrafter):
                  calibrated: bool = True):
         super().__init__(model, gamma, device, dtype)
         self.calibrated = calibrated
+        self.has_confidences = model.confidence is not None
 
     def temperatures(self, params: SamplingParams) -> list[float] | None:
         """The STS temperatures for this sampling temperature, or None (uncalibrated)."""

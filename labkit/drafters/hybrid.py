@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal, one_hot_proposal
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, find_continuation
 from labkit.core.errors import LabkitError
@@ -57,7 +57,7 @@ class HybridConfig:
     min_copy: int = 1
 
 
-class HybridDrafter:
+class HybridDrafter(Drafter):
     """Drafter protocol over a DFlash or DSpark drafter plus prompt lookup over the context and output.
 
     start/observe always go to the model drafter, so its context cache stays in step with the target
@@ -77,6 +77,7 @@ class HybridDrafter:
         self.name = f"hybrid:{model.name}"
         self.vocab_size = model.vocab_size
         self.hidden_layers = model.hidden_layers
+        self.has_confidences = model.has_confidences
         self.counts = {"rounds": 0, "copy_rounds": 0, "copied": 0, "drafted": 0}
 
     @property
@@ -86,7 +87,11 @@ class HybridDrafter:
 
     def temperatures(self, params: SamplingParams) -> list[float] | None:
         """The model drafter's STS temperatures (what rounds without a copied part were scored with)."""
-        return self.model.temperatures(params) if hasattr(self.model, "temperatures") else None
+        return self.model.temperatures(params)
+
+    def draft_vocab(self) -> torch.Tensor | None:
+        """The model part's vocabulary (the n-gram part copies any token of the context)."""
+        return self.model.draft_vocab()
 
     def start(self, request: DraftRequest, hidden) -> None:
         self.model.start(request, hidden)

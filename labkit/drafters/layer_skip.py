@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from labkit.drafters.base import DraftRequest, Proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import logits_to_probs, sample
 from labkit.model.target import Target
@@ -52,8 +52,7 @@ def shallow_view(model: nn.Module, n_layers: int) -> nn.Module:
     return view.eval()
 
 
-class LayerSkipDrafter:
-    hidden_layers: tuple[int, ...] = ()
+class LayerSkipDrafter(Drafter):
     #: it drafts over the target's own KV cache (request.target_cache): single-request decoding only
     needs_target_cache = True
 
@@ -70,9 +69,7 @@ class LayerSkipDrafter:
         self.vocab_size = target.vocab_size
         self.model = shallow_view(target.model, self.cfg.n_layers)
         self.name = f"layer-skip-{self.cfg.n_layers}"
-
-    def start(self, request: DraftRequest, hidden) -> None:
-        pass
+        self.gamma = self.cfg.gamma
 
     @torch.inference_mode()
     def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
@@ -100,6 +97,3 @@ class LayerSkipDrafter:
         if not tokens:
             return Proposal.empty(self.target.vocab_size, self.target.device)
         return Proposal(torch.stack(tokens), torch.stack(probs))
-
-    def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
-        pass

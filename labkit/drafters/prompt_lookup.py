@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labkit.drafters.base import DraftRequest, Proposal, one_hot_proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal, one_hot_proposal
 from labkit.core.errors import LabkitError
 
 
@@ -38,26 +38,20 @@ def find_continuation(ids: np.ndarray, cfg: PromptLookupConfig) -> list[int]:
     return []
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     """Drafter interface over `find_continuation`; keeps no state between rounds."""
 
-    hidden_layers: tuple[int, ...] = ()
+    name = "prompt-lookup"
 
     def __init__(self, vocab_size: int, config: PromptLookupConfig | None = None):
         self.cfg = config or PromptLookupConfig()
         if not (1 <= self.cfg.min_ngram <= self.cfg.max_ngram) or self.cfg.gamma < 1:
             raise LabkitError(f"Prompt lookup needs 1 <= min_ngram <= max_ngram and gamma >= 1, got {self.cfg}.")
         self.vocab_size = vocab_size
-        self.name = "prompt-lookup"
-
-    def start(self, request: DraftRequest, hidden) -> None:
-        pass
+        self.gamma = self.cfg.gamma
 
     def propose(self, request: DraftRequest, max_tokens: int) -> Proposal:
         tokens = find_continuation(np.asarray(request.ids, dtype=np.int64), self.cfg)[:max_tokens]
         if not tokens:
             return Proposal.empty(self.vocab_size)
         return one_hot_proposal(tokens, self.vocab_size)
-
-    def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
-        pass

@@ -30,28 +30,9 @@ import torch
 
 from labkit.drafters.base import Drafter, DraftRequest, Proposal
 from labkit.core.errors import LabkitError
-from labkit.core.scheduler import Algorithm1, CostTable, ScheduleInput
+from labkit.core.scheduler import Algorithm1, CostTable, RoundRate, ScheduleInput, running_mean
 
-#: weight of the newest proposal's time in the running mean of T_draft
-DRAFT_EMA = 0.2
-
-
-class RoundRate:
-    """A verify-cost table seen as whole rounds: sps(B) = 1 / (T_draft + 1 / verify.sps(B)).
-
-    Non-increasing in B whenever `verify` is, which is the shape Algorithm 1's early break assumes.
-    """
-
-    def __init__(self, verify: CostTable, draft_s: float):
-        if not draft_s >= 0.0:
-            raise LabkitError(f"the drafting time must be >= 0 seconds, got {draft_s}.")
-        self.verify, self.draft_s = verify, float(draft_s)
-
-    def sps(self, batch_tokens: float) -> float:
-        return 1.0 / (self.draft_s + 1.0 / self.verify.sps(batch_tokens))
-
-
-class ScheduledDrafter:
+class ScheduledDrafter(Drafter):
     """Drafter protocol around `inner`: each confident proposal is cut to the prefix Algorithm 1 admits.
 
     `counts`: rounds seen, rounds scheduled (they had confidences), rounds cut short, rounds cut to
@@ -67,7 +48,8 @@ class ScheduledDrafter:
         self.name = f"sched:{inner.name}"
         self.vocab_size = inner.vocab_size
         self.hidden_layers = inner.hidden_layers
-        self.needs_target_cache = bool(getattr(inner, "needs_target_cache", False))
+        self.needs_target_cache = inner.needs_target_cache
+        self.has_confidences = inner.has_confidences
         self.policy = Algorithm1()
         self.draft_s: float | None = None
         self.counts = {"rounds": 0, "scheduled": 0, "cut": 0, "skipped": 0, "dropped": 0}
@@ -78,7 +60,10 @@ class ScheduledDrafter:
 
     def temperatures(self, params):
         """The wrapped drafter's STS temperatures (None if it has none)."""
-        return self.inner.temperatures(params) if hasattr(self.inner, "temperatures") else None
+        return self.inner.temperatures(params)
+
+    def draft_vocab(self) -> torch.Tensor | None:
+        return self.inner.draft_vocab()
 
     def start(self, request: DraftRequest, hidden) -> None:
         self.inner.start(request, hidden)
@@ -93,7 +78,7 @@ class ScheduledDrafter:
         if prop.confidences is None or len(prop) == 0:
             return prop
         spent = time.perf_counter() - begin
-        self.draft_s = spent if self.draft_s is None else (1 - DRAFT_EMA) * self.draft_s + DRAFT_EMA * spent
+        self.draft_s = running_mean(self.draft_s, spent)
         keep = self.length(prop.confidences)
         self.counts["scheduled"] += 1
         if keep < len(prop):
@@ -109,4 +94,4 @@ class ScheduledDrafter:
         return self.policy(inp)[0]
 
 
-__all__ = ["RoundRate", "ScheduledDrafter"]
+__all__ = ["ScheduledDrafter"]

@@ -33,8 +33,8 @@ from labkit.core.scheduler import (
     expected_throughput,
     make_policy,
     packed_tokens,
-    survival,
 )
+from labkit.core.calibration import survival
 from labkit.core.scheduler import admission_walk as core_walk
 
 #: the policies the load sweep compares by default (paper Fig. 8: MTP-1 is the production baseline)

@@ -33,6 +33,7 @@ from IPython.display import display
 from plotly.subplots import make_subplots
 
 from labkit.core.errors import LabkitError
+from labkit.drafters.base import check_batchable
 from labkit.lab.plots import TEMPLATE
 from labkit.core.scheduler import POLICIES, CostTable
 from labkit.decode.engine import Engine, ServeRequest, StepRecord, run_sweeps  # noqa: F401  (run_sweeps: notebook 06 calls it from here)
@@ -349,9 +350,10 @@ class ServingDashboard(FigureWithReadout):
                  width: int | None = 920):
         if not requests:
             raise LabkitError("The dashboard needs at least one request to cycle through: pass make_requests(...).")
-        self.gamma = int(getattr(drafter, "gamma", 0) or 0)
-        if self.gamma < 1:
+        if drafter is None:
             raise LabkitError("The serving dashboard needs a drafter that proposes tokens (dspark, dflash, prompt-lookup).")
+        check_batchable(drafter)
+        self.gamma = drafter.gamma
         self.policies = list(policies or POLICIES)
         if policy not in self.policies:
             raise LabkitError(f"Unknown policy {policy!r}: choose one of {', '.join(self.policies)}.")

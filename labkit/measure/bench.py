@@ -169,7 +169,7 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
         if m.drafter_spec:
             row["position_survival"] = prefix_survival(st.rounds)
             row["rounds"] = len(st.rounds)
-            vocab = draft_vocab(m.drafter)
+            vocab = m.drafter.draft_vocab()
             if vocab is not None:  # the share of this method's output tokens its drafter could propose
                 row["draft_vocab_coverage"] = token_coverage(st.outputs, vocab.tolist())
             if any(r.conf_logits is not None for r in st.rounds):
@@ -181,14 +181,6 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
     return {"model": target.name, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
             "temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": max_new_tokens,
             "torch_threads": torch.get_num_threads(), "rows": rows}
-
-
-def draft_vocab(drafter) -> torch.Tensor | None:
-    """The token ids a (possibly wrapped: sched:, hybrid:) model drafter can propose; None for drafters
-    without a cut vocabulary (prompt lookup, layer skip)."""
-    while drafter is not None and not isinstance(drafter, torch.nn.Module) and not hasattr(drafter, "backbone"):
-        drafter = getattr(drafter, "inner", None) or getattr(drafter, "model", None)
-    return drafter.backbone.vocab_ids if hasattr(drafter, "backbone") else None
 
 
 def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | None:

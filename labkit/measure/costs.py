@@ -166,7 +166,7 @@ def _draft_seconds(target: Target, drafter_spec: str, prompt_ids: list[int]) -> 
     from labkit.decode.loop import prefill
     drafter = make_drafter(drafter_spec, target)
     state = prefill(target, prompt_ids, 64, SamplingParams(), drafter=drafter)
-    gamma = getattr(drafter, "gamma", 8)
+    gamma = drafter.gamma
     drafter.propose(state.request, gamma)  # untimed warm-up
     return timed_call(lambda: drafter.propose(state.request, gamma), target.device)[0]
 

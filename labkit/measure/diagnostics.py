@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from labkit.drafters.base import DraftRequest
 from labkit.core.errors import LabkitError
+from labkit.core.trace import expected_acceptance, offline_tau
 from labkit.model.timing import timed_runs
 from labkit.pipeline.features import FeatureSequence, shard_features
 from labkit.pipeline.train import forward_batch, make_batch, target_probs
@@ -66,8 +67,7 @@ def _block_stats(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     out = forward_batch(model, batch)
     q = torch.softmax(out["logits"].float(), -1)
     p_t = target_probs(model, batch["final"], batch["lse"])
-    outside = (1 - p_t.sum(-1)).clamp(min=0)
-    accept = 1 - 0.5 * ((q - p_t).abs().sum(-1) + outside)
+    accept = expected_acceptance(q, p_t)
     top1 = out["logits"].argmax(-1) == p_t.argmax(-1)
     return accept, top1, batch["valid"]
 
@@ -82,8 +82,7 @@ def offline_acceptance(model, batch: dict, gamma: int | None = None) -> OfflineA
     accept, top1, v = accept[..., :g], top1[..., :g].float(), valid[..., :g].float()
     per = lambda x: [float((x[..., k] * v[..., k]).sum() / v[..., k].sum().clamp(min=1)) for k in range(g)]
     return OfflineAcceptance(accept_t1=per(accept), accept_greedy=per(top1),
-                             tau_t1=float(1 + torch.cumprod(accept * v, -1).sum(-1).mean()),
-                             tau_greedy=float(1 + torch.cumprod(top1 * v, -1).sum(-1).mean()))
+                             tau_t1=float(offline_tau(accept, v)), tau_greedy=float(offline_tau(top1, v)))
 
 
 def rank_curve(model, batch: dict, ranks: list[int]) -> list[dict]:

@@ -167,11 +167,6 @@ def convert_packaged_target(spec: PackagedTarget | None = None, out_dir: Path | 
     return out_dir
 
 
-def convert_default_target(out_dir: Path | None = None, log=None) -> Path:
-    """`convert_packaged_target` for the default target (SmolLM2)."""
-    return convert_packaged_target(PACKAGED_TARGETS[DEFAULT_TARGET], out_dir, log)
-
-
 def resolve_target(name: str | None) -> tuple[str, str]:
     """Map a user's target name to (display name, local path or hub id)."""
     spec = packaged_target(name)
