@@ -55,6 +55,62 @@ def _add_prompt_args(p: argparse.ArgumentParser, default_limit: int) -> None:
     p.set_defaults(default_limit=default_limit)
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of `train`: one per field of labkit.pipeline.train.TrainJob, by the same name
+    (dest), with the default written there."""
+    from labkit.pipeline.train import ANCHOR_MODES, DRAFTERS, FEATURE_DTYPES, HEADS, MIXED_PRECISIONS, TrainJob as J
+    p.add_argument("--drafter", default=J.drafter, choices=DRAFTERS,
+                   help="dflash (parallel block drafter) or dspark (+ sequential and confidence heads)")
+    p.add_argument("--head", choices=HEADS, default=J.head, help="DSpark's sequential head")
+    p.add_argument("--rank", type=int, default=J.rank, help="DSpark's head rank r (0 = no sequential head)")
+    p.add_argument("--data", nargs="+", default=list(J.data),
+                   help=f"one or more folders made by prepare-data (default: {' '.join(J.data)})")
+    p.add_argument("--max-shards", type=_positive_int, default=J.max_shards,
+                   help="train on the first N data shards of each --data folder only (default: all)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints (last/), metrics.jsonl; resumed if present")
+    p.add_argument("--target", default=J.target, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=J.device, help="cuda, mps or cpu (accelerate launch sets it per process)")
+    p.add_argument("--steps", type=_positive_int, default=J.steps, help="optimizer steps in the schedule")
+    p.add_argument("--batch-seqs", type=_positive_int, default=J.batch_seqs, help="sequences per step (per process)")
+    p.add_argument("--anchors", type=_positive_int, default=J.anchors, help="random anchor blocks per sequence")
+    p.add_argument("--lr", type=float, default=J.lr, help="peak learning rate (warm-up then cosine)")
+    p.add_argument("--ce-weight", type=float, default=J.ce_weight,
+                   help="weight of cross-entropy to the data token (hard labels)")
+    p.add_argument("--l1-weight", type=float, default=J.l1_weight,
+                   help="weight of the L1 distance to the target's full distribution (soft targets)")
+    p.add_argument("--gamma", type=_positive_int, default=J.gamma, help="block size: tokens drafted per forward")
+    p.add_argument("--layers", type=_positive_int, default=J.layers, help="draft decoder layers")
+    p.add_argument("--target-layers", default=J.target_layers,
+                   help="comma-separated target layers read (default: 5 spread)")
+    p.add_argument("--draft-vocab", type=int, default=J.draft_vocab,
+                   help="score only the K most frequent response tokens (0 = the whole vocabulary)")
+    p.add_argument("--anchor-mode", choices=ANCHOR_MODES, default=J.anchor_mode,
+                   help="anchor + gamma-1 masks (DSpark) or anchor + gamma masks (original DFlash)")
+    p.add_argument("--no-init-from-target", dest="init_from_target", action="store_false", default=J.init_from_target,
+                   help="random draft layers instead of the target's last")
+    p.add_argument("--qk-norm", action="store_true", default=J.qk_norm,
+                   help="per-head RMSNorm of queries and keys (Qwen3-shaped layers; needed by `export`); "
+                        "only a target with q/k norms (Qwen3) then has layers to copy in")
+    p.add_argument("--frozen-mask", action="store_true", default=J.frozen_mask,
+                   help="keep the mask slots' embedding the target's row (as DeepSpec does; needed by `export`)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=J.mixed_precision)
+    p.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default=J.feature_dtype,
+                   help="precision of the target when it caches its features (bfloat16: about 2x faster on a "
+                        "CPU with bf16 units; a cache of its own)")
+    p.add_argument("--init-from", default=J.init_from, metavar="DRAFTER",
+                   help="go on training a trained drafter (a checkpoint folder of the same kind): its weights, "
+                        "shape and draft vocabulary; a new optimizer and schedule")
+    p.add_argument("--save-every", type=_positive_int, default=J.save_every, help="steps between checkpoints")
+    p.add_argument("--max-minutes", type=float, default=J.max_minutes, help="stop (with a checkpoint) after this long")
+    p.add_argument("--seed", type=int, default=J.seed)
+    p.add_argument("--export", default=J.export, help="also write a small bf16 copy of the result here")
+
+
+def _data_defaults():
+    from labkit.pipeline.data import DataConfig
+    return DataConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="labkit", description="The Speculative Decoding Lab.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -81,66 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/train", help="folder of shards (default: data/train)")
     p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--n-prompts", type=_positive_int, default=2048, help="training prompts to answer")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest response")
-    p.add_argument("--shard-size", type=_positive_int, default=64, help="prompts per shard")
-    p.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
+    data = _data_defaults()  # each default written once, in DataConfig
+    p.add_argument("--n-prompts", type=_positive_int, default=data.n_prompts, help="training prompts to answer")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=data.max_new_tokens, help="longest response")
+    p.add_argument("--shard-size", type=_positive_int, default=data.shard_size, help="prompts per shard")
+    p.add_argument("--seed", type=int, default=data.seed, help="prompt and sampling seed")
     p.add_argument("--benchmarks", default=None,
                    help="public evaluation prompts that training prompts must not overlap, besides the lab's own "
                         "(default: the folder bench would use; see `bench --help`)")
-    p.add_argument("--prompts", choices=("templates", "magpie", "mixed"), default="templates",
+    p.add_argument("--prompts", choices=("templates", "magpie", "mixed"), default=data.prompts,
                    help="templates (default), magpie (the target writes the user turns) or mixed "
                         "(CHAMP math problems + templates + magpie)")
-    p.add_argument("--greedy-share", type=float, default=0.0,
+    p.add_argument("--greedy-share", type=float, default=data.greedy_share,
                    help="fraction of prompts answered greedily instead of sampled (default 0)")
-    p.add_argument("--template-share", type=float, default=0.3, help="--prompts mixed: share of templated prompts")
+    p.add_argument("--template-share", type=float, default=data.template_share,
+                   help="--prompts mixed: share of templated prompts")
     p.add_argument("--dtype", default="float32", help="target precision for data: float32 (default) or bfloat16")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="generation rows per batch, in whole shards (default: one shard; 256-512 on a GPU)")
 
     p = sub.add_parser("train", help="train a drafter on target-regenerated data (accelerate: CPU, 1 or many GPUs)")
-    p.add_argument("--drafter", default="dflash", choices=("dflash", "dspark"),
-                   help="dflash (parallel block drafter) or dspark (+ sequential and confidence heads)")
-    p.add_argument("--head", choices=("markov", "rnn"), default="markov", help="DSpark's sequential head")
-    p.add_argument("--rank", type=int, default=64, help="DSpark's head rank r (0 = no sequential head)")
-    p.add_argument("--data", nargs="+", default=["data/train"],
-                   help="one or more folders made by prepare-data (default: data/train)")
-    p.add_argument("--max-shards", type=_positive_int, default=None,
-                   help="train on the first N data shards of each --data folder only (default: all)")
-    p.add_argument("--out", required=True, help="run folder: checkpoints (last/), metrics.jsonl; resumed if present")
-    p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (accelerate launch sets it per process)")
-    p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps in the schedule")
-    p.add_argument("--batch-seqs", type=_positive_int, default=4, help="sequences per step (per process)")
-    p.add_argument("--anchors", type=_positive_int, default=64, help="random anchor blocks per sequence")
-    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (warm-up then cosine)")
-    p.add_argument("--ce-weight", type=float, default=0.1, help="weight of cross-entropy to the data token (hard labels)")
-    p.add_argument("--l1-weight", type=float, default=0.9,
-                   help="weight of the L1 distance to the target's full distribution (soft targets)")
-    p.add_argument("--gamma", type=_positive_int, default=8, help="block size: tokens drafted per forward")
-    p.add_argument("--layers", type=_positive_int, default=1, help="draft decoder layers")
-    p.add_argument("--target-layers", default=None, help="comma-separated target layers read (default: 5 spread)")
-    p.add_argument("--draft-vocab", type=int, default=0,
-                   help="score only the K most frequent response tokens (0 = the whole vocabulary)")
-    p.add_argument("--anchor-mode", choices=("anchor-first", "anchor-masks"), default="anchor-first",
-                   help="anchor + gamma-1 masks (DSpark) or anchor + gamma masks (original DFlash)")
-    p.add_argument("--no-init-from-target", action="store_true", help="random draft layers instead of the target's last")
-    p.add_argument("--qk-norm", action="store_true",
-                   help="per-head RMSNorm of queries and keys (Qwen3-shaped layers; needed by `export`); "
-                        "only a target with q/k norms (Qwen3) then has layers to copy in")
-    p.add_argument("--frozen-mask", action="store_true",
-                   help="keep the mask slots' embedding the target's row (as DeepSpec does; needed by `export`)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    p.add_argument("--feature-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="precision of the target when it caches its features (bfloat16: about 2x faster on a "
-                        "CPU with bf16 units; a cache of its own)")
-    p.add_argument("--init-from", default=None, metavar="DRAFTER",
-                   help="go on training a trained drafter (a checkpoint folder of the same kind): its weights, "
-                        "shape and draft vocabulary; a new optimizer and schedule")
-    p.add_argument("--save-every", type=_positive_int, default=250, help="steps between checkpoints")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--export", default=None, help="also write a small bf16 copy of the result here")
+    _add_train_args(p)
 
     p = sub.add_parser("calibrate", help="fit a DSpark drafter's confidence temperatures (STS) on held-out rounds")
     p.add_argument("--drafter", required=True, help="dspark (the shipped checkpoint) or a DSpark checkpoint path")
@@ -349,17 +366,32 @@ def cmd_export(args) -> None:
     print(f"wrote {out} ({args.format}); serving commands in {out / 'README.md'}")
 
 
+def train_job(args: argparse.Namespace) -> "TrainJob":  # noqa: F821 (imported lazily)
+    """The TrainJob of a parsed `train` command line (its options are the job's fields, by name)."""
+    from dataclasses import fields
+
+    from labkit.pipeline.train import TrainJob
+    return TrainJob(**{f.name: getattr(args, f.name) for f in fields(TrainJob)})
+
+
+def train_overrides(flags: list[str]) -> dict:
+    """The TrainJob fields that some `train` options set, and only those, e.g. ["--layers", "1"] ->
+    {"layers": 1} (scripts/recipe_ab.py's --extra); a bad option raises LabkitError."""
+    p = _Parser(prog="labkit train")
+    _add_train_args(p)
+    for action in p._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    try:
+        given = vars(p.parse_args(flags))
+    except SystemExit:  # argparse already printed its one line
+        raise LabkitError(f"Not options of `python -m labkit train`: {shlex.join(flags)}.") from None
+    return given
+
+
 def cmd_train(args) -> None:
     from labkit.pipeline.train import run_training
-    if args.rank < 0:
-        raise LabkitError(f"--rank must be 0 (no sequential head) or more, got {args.rank}.")
-    layers = None
-    if args.target_layers:
-        try:
-            layers = tuple(int(x) for x in args.target_layers.split(","))
-        except ValueError:
-            raise LabkitError(f"--target-layers takes comma-separated integers, got {args.target_layers!r}.") from None
-    path = run_training(args, layers, command=shlex.join(["python", "-m", "labkit", *args.argv]))
+    job = train_job(args)  # before loading anything, so that a bad option fails at once
+    path = run_training(job, command=shlex.join(["python", "-m", "labkit", *args.argv]))
     print(f"drafter checkpoint in {path}")
 
 

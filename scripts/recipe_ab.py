@@ -18,8 +18,11 @@ lie beyond what its recorded train command (and the run it was warm-started from
 
 `--epochs E` replaces the fixed step count by E passes over each arm's own training sequences, so that
 a data curve gives every arm the steps its data calls for (at fixed steps, small data wins by seeing
-each sequence more often). `--extra` appends flags to every arm's train command (`--device cuda
---batch-seqs 32` on a GPU: scripts/gpu/job.sh).
+each sequence more often). `--extra` adds train options to every arm (`--device cuda --batch-seqs 32`
+on a GPU: scripts/gpu/job.sh), over the arm's own.
+
+Each arm is a `labkit.pipeline.train.TrainJob` (the shipped recipe, the data, the arm's lever, --extra)
+run by `run_training`; it prints and records the equivalent `python -m labkit train` line.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import json
 import math
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from labkit.__main__ import build_parser
+from labkit.__main__ import build_parser, train_overrides
+from labkit.core.errors import LabkitError
 from labkit.pipeline.data import same_folder, sequences_trained_on, shard_sequence_count
 from labkit.decode.loop import generate
 from labkit.measure.diagnostics import heldout_batch, heldout_items, offline_acceptance
@@ -42,23 +47,22 @@ from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.dspark import DSparkDrafter, DSparkModel
 from labkit.model.target import load_target
 from labkit.core.trace import mean_tau
+from labkit.pipeline.train import SHIPPED_RECIPE, TrainJob, run_training, train_options
 
-#: the shipped DSpark recipe; every arm changes one thing
-BASE = ("--drafter dspark --head markov --rank 256 --layers 2 --gamma 8 --draft-vocab 8192 --batch-seqs 4 "
-        "--anchors 64 --lr 1e-3 --mixed-precision bf16 --save-every 150")
+#: every arm changes one thing of the shipped DSpark recipe (labkit.pipeline.train.SHIPPED_RECIPE): TrainJob fields
 ARMS = {
-    "base": "",
-    "random-init": "--no-init-from-target",
-    "layers-1": "--layers 1",
-    "layers-3": "--layers 3",
-    "hard-labels": "--ce-weight 1 --l1-weight 0",
-    "anchors-128": "--anchors 128",
-    "vocab-4096": "--draft-vocab 4096",
-    "vocab-16384": "--draft-vocab 16384",
-    "gamma-4": "--gamma 4",
-    "gamma-16": "--gamma 16",
-    "dflash": "--drafter dflash",
-    "seed-1": "--seed 1",  # the base recipe again with another seed: how far apart two runs of one arm land
+    "base": {},
+    "random-init": {"init_from_target": False},
+    "layers-1": {"layers": 1},
+    "layers-3": {"layers": 3},
+    "hard-labels": {"ce_weight": 1.0, "l1_weight": 0.0},
+    "anchors-128": {"anchors": 128},
+    "vocab-4096": {"draft_vocab": 4096},
+    "vocab-16384": {"draft_vocab": 16384},
+    "gamma-4": {"gamma": 4},
+    "gamma-16": {"gamma": 16},
+    "dflash": {"drafter": "dflash"},
+    "seed-1": {"seed": 1},  # the base recipe again with another seed: how far apart two runs of one arm land
 }
 
 
@@ -67,20 +71,36 @@ def checkpoint_arm(name: str) -> Path | None:
     return Path(name.removeprefix("ckpt:")) if name.startswith("ckpt:") else None
 
 
-def arm_flags(name: str) -> str:
-    """An arm's train flags: a named lever, or shards-N (the first N shards: the data curve)."""
-    if checkpoint_arm(name):
-        return f"(trained elsewhere: {checkpoint_arm(name)})"
+def arm_overrides(name: str) -> dict:
+    """An arm's change to the recipe (TrainJob fields): a named lever, or shards-N (the first N shards: the
+    data curve)."""
     if name.startswith("shards-"):
-        return f"--max-shards {int(name.split('-', 1)[1])}"
+        return {"max_shards": int(name.split("-", 1)[1])}
     if name not in ARMS:
         raise SystemExit(f"unknown arm {name!r}: use one of {', '.join(ARMS)} or shards-N")
     return ARMS[name]
 
 
-def train_flags(name: str, args) -> str:
-    """The arm's train flags before its step count: the base recipe, then the arm's lever, then --extra."""
-    return f"{BASE} --data {' '.join(args.data)} --max-shards {args.max_shards} {arm_flags(name)} {args.extra}"
+def arm_flags(name: str) -> str:
+    """An arm's change as train options (for the table), or where a ckpt:PATH arm was trained."""
+    if checkpoint_arm(name):
+        return f"(trained elsewhere: {checkpoint_arm(name)})"
+    return shlex.join(train_options(arm_overrides(name)))
+
+
+def extra_overrides(args) -> dict:
+    """--extra's train options as TrainJob fields (only those it names)."""
+    try:
+        return train_overrides(shlex.split(args.extra))
+    except LabkitError as exc:
+        raise SystemExit(f"--extra: {exc}") from None
+
+
+def recipe_job(name: str, args, out: str) -> TrainJob:
+    """The arm's recipe: the shipped one on --data (the first --max-shards shards of each), then the arm's
+    lever, then --extra (which wins), run in `out`."""
+    job = TrainJob(**SHIPPED_RECIPE, data=args.data, max_shards=args.max_shards, out=out)
+    return replace(job, **{**arm_overrides(name), **extra_overrides(args), "out": out})
 
 
 def epoch_steps(sequences: int, batch_seqs: int, epochs: float) -> int:
@@ -92,27 +112,28 @@ def arm_steps(name: str, args) -> int:
     """--steps, or with --epochs the steps that make that many passes over this arm's own data."""
     if not args.epochs:
         return args.steps
-    parsed = build_parser().parse_args(["train", *shlex.split(train_flags(name, args)), "--out", "-"])
-    sequences = sum(shard_sequence_count(folder, parsed.max_shards) for folder in parsed.data)
-    return epoch_steps(sequences, parsed.batch_seqs, args.epochs)
+    job = recipe_job(name, args, out="-")
+    sequences = sum(shard_sequence_count(folder, job.max_shards) for folder in job.data)
+    return epoch_steps(sequences, job.batch_seqs, args.epochs)
+
+
+def arm_job(name: str, args) -> TrainJob:
+    """The arm's training job: its recipe for its steps (arm_steps) in its run folder under --runs, capped
+    at --max-minutes when given."""
+    job = recipe_job(name, args, out=str(Path(args.runs) / name))
+    return replace(job, steps=arm_steps(name, args), **({"max_minutes": args.max_minutes} if args.max_minutes else {}))
 
 
 def train_arm(name: str, args) -> Path:
     """Train (or resume) one arm; returns its final checkpoint folder (a ckpt:PATH arm is only measured)."""
-    from labkit.pipeline.train import run_training
     if checkpoint_arm(name):
         return checkpoint_arm(name)
-    run = Path(args.runs) / name
-    last = run / "last"
-    steps = arm_steps(name, args)
-    if (last / "config.json").exists() and read_config(last).get("extra", {}).get("step") == steps:
+    job = arm_job(name, args)
+    last = Path(job.out) / "last"
+    if (last / "config.json").exists() and read_config(last).get("extra", {}).get("step") == job.steps:
         return last
-    flags = f"{train_flags(name, args)} --steps {steps} --out {run}" + (
-        f" --max-minutes {args.max_minutes}" if args.max_minutes else "")
-    train_args = build_parser().parse_args(["train", *shlex.split(flags)])
-    print(f"[{name}] python -m labkit train {flags}")
-    return run_training(train_args, log=lambda msg: print(f"[{name}] {msg}"),
-                        command=f"python -m labkit train {flags}")
+    print(f"[{name}] {job.command_line()}")
+    return run_training(job, log=lambda msg: print(f"[{name}] {msg}"))
 
 
 def ckpt_trained_sequences(ckpt: Path, folder: str) -> int:

@@ -15,12 +15,20 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from conftest import ToyTokenizer
-from labkit.lab.byom import (accelerate_config, command_line, describe_calibration, describe_target, labkit_argv,
-                         parse_command, serving_commands)
+from labkit.__main__ import build_parser, data_config, train_job
+from labkit.lab.byom import (accelerate_config, command_line, data_argv, describe_calibration, describe_target,
+                             labkit_argv, serving_commands)
 from labkit.core.calibration import fit_sts
 from labkit.drafters.dflash import default_layers
 from labkit.core.errors import LabkitError
 from labkit.model.target import PLAIN_PROMPT, Target
+from labkit.pipeline.data import DataConfig
+from labkit.pipeline.train import TrainJob
+
+
+def parse_command(argv: list[str]):
+    """What `python -m labkit` builds of `argv` (the tests read the command line; labkit.lab does not)."""
+    return build_parser().parse_args(argv)
 
 
 def test_describe_target_reads_back_shape_prompt_format_cache_and_drafter_layers(make_tiny_target):
@@ -74,8 +82,38 @@ def test_the_command_shown_is_the_command_the_cli_parses():
     many = parse_command(labkit_argv("calibrate", drafter="runs/x/last", temperatures=(0, 1), dry_run=True))
     assert many.temperatures == [0.0, 1.0] and many.dry_run
     assert parse_command(labkit_argv("export", _=["build/out"], drafter="runs/x/last")).out == "build/out"
-    with pytest.raises(LabkitError, match="not a valid command"):
+    with pytest.raises(SystemExit):
         parse_command(labkit_argv("train", out="x", no_such_flag=3))
+
+
+def test_the_training_command_shown_is_the_job_the_notebook_runs():
+    """Notebook 07 runs a TrainJob and prints `command_line(job.argv())`: that line, through the CLI's
+    parser, is the same job (paths with spaces quoted, several data folders, flags both ways)."""
+    job = TrainJob(target="gemma3-270m", drafter="dspark", qk_norm=True, frozen_mask=True, draft_vocab=0, layers=1,
+                   gamma=4, data=["build/my data", "build/more"], max_shards=3, out="runs/my model", steps=60,
+                   target_layers=(1, 3), init_from_target=False, max_minutes=1.5, lr=3e-4, seed=2)
+    line = command_line(job.argv())
+    assert line.startswith("python -m labkit train ") and "'runs/my model'" in line and "'build/my data'" in line
+    words = shlex.split(line)
+    assert train_job(parse_command(words[3:])) == job
+    assert "--qk-norm" in words and "--no-init-from-target" in words and "--target-layers" in words
+
+
+def test_data_argv_is_the_command_that_makes_the_data_config():
+    """Notebook 07 builds a DataConfig and prints `data_argv(...)`: the CLI maps that line back to the same
+    config, folder, target and evaluation set; settings the command cannot express are refused."""
+    cfg = DataConfig(n_prompts=16, max_new_tokens=64, shard_size=4, seed=3, prompts="mixed", greedy_share=0.25,
+                     template_share=0.5, batch_size=8)
+    argv = data_argv(cfg, "build/my data", target="gemma3-270m", benchmarks="lab")
+    assert "'build/my data'" in command_line(argv)
+    args = parse_command(argv)
+    assert data_config(args) == cfg
+    assert (args.command, args.out, args.target, args.benchmarks) == ("prepare-data", "build/my data", "gemma3-270m",
+                                                                      "lab")
+    assert data_argv(DataConfig(), "d") == ["prepare-data", "--out", "d"]
+    assert data_config(parse_command(data_argv(DataConfig(), "d"))) == DataConfig()
+    with pytest.raises(LabkitError, match="no option for temperature"):
+        data_argv(DataConfig(temperature=1.0), "d")
 
 
 @pytest.mark.parametrize("machines", [1, 2])

@@ -225,3 +225,33 @@ def test_init_from_goes_on_training_a_trained_drafter(trained, capsys):
                  "--out", str(trained["root"] / "run-warm-2"), "--init-from", str(trained["export"])]) != 0
     err = capsys.readouterr().err.strip()
     assert "is a dflash drafter, not dspark" in err and "\n" not in err
+
+
+def test_the_function_and_the_command_line_train_the_same_drafter(trained, tmp_path, capsys):
+    """`run_training(job)` is what `python -m labkit train` runs: the tiny preset is this file's settings,
+    and from the same seed the command line and the function give the same weights, metrics and
+    config; each records the command that reproduces its run."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from labkit.__main__ import build_parser, train_job
+    from labkit.pipeline.train import read_metrics, run_training, train_preset
+    job = train_preset("tiny", target=str(trained["model"]), data=[str(trained["data"])], out=str(tmp_path / "fn"))
+    assert train_job(build_parser().parse_args(trained["argv"])) == \
+        replace(job, out=str(trained["run"]), export=str(trained["export"]))
+    cli = replace(job, out=str(tmp_path / "cli"))
+    torch.manual_seed(0)
+    assert main(cli.argv()) == 0
+    torch.manual_seed(0)
+    assert run_training(job, log=lambda *_: None) == tmp_path / "fn" / "last"
+    a, b = (load_file(str(tmp_path / d / "last" / "model.safetensors")) for d in ("cli", "fn"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    configs = [json.loads((tmp_path / d / "last" / "config.json").read_text()) for d in ("cli", "fn")]
+    commands = [c["extra"].pop("train_command") for c in configs]
+    assert configs[0] == configs[1]
+    assert shlex.split(commands[0]) == ["python", "-m", "labkit", *cli.argv()]
+    assert commands[1] == job.command_line()
+    assert train_job(build_parser().parse_args(shlex.split(commands[1])[3:])) == job
+    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(tmp_path / d)] for d in ("cli", "fn")]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [3, 6]

@@ -59,7 +59,6 @@ def _bin_index(p: torch.Tensor, n_bins: int) -> torch.Tensor:
 def _ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
     """ECE of already checked float64 vectors (the fast path `fit_sts` calls many times)."""
     idx = _bin_index(p, n_bins)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(p))
     sum_p = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, p)
     sum_y = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, y)
     # sum_b (n_b / N) |mean_y - mean_p| = sum_b |sum_y - sum_p| / N; empty bins add 0.

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,7 @@ from labkit.core.sampling import SamplingParams
 from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, running_mean
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
+from labkit.model.target import cache_root
 
 
 @dataclass
@@ -457,9 +459,8 @@ def make_requests(target: Target, prompts: list, max_new_tokens: int, params: Sa
     return out
 
 
-def default_table_path() -> "Path":
+def default_table_path() -> Path:
     """Where profiled cost tables are kept, keyed by device, model and dtype: the lab's cache folder."""
-    from labkit.model.target import cache_root
     return cache_root() / "cost_tables.json"
 
 

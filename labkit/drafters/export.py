@@ -30,6 +30,8 @@ from labkit.drafters.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_compatib
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.core.errors import LabkitError
 from labkit.drafters.heads import MarkovHead, RNNHead
+from labkit.drafters.checkpoint import load_backbone, model_classes, read_config
+from labkit.model.target import load_target
 
 FORMATS = ("deepspec",)
 ARCHITECTURE = "Qwen3DSparkModel"
@@ -271,8 +273,6 @@ def export_checkpoint(path: str | Path, target_name: str | None, out_dir: str | 
                       device: str | None = "cpu") -> Path:
     """`python -m labkit export`: refuse what the drafter's config cannot express before loading anything,
     then load the target and the drafter and export."""
-    from labkit.drafters.checkpoint import load_backbone, model_classes, read_config
-    from labkit.model.target import load_target
     if fmt not in FORMATS:
         raise LabkitError(f"Unknown export format {fmt!r}: use {', '.join(FORMATS)}.")
     raw = read_config(path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from labkit.core.errors import LabkitError
 
 
 class TokenIndex(nn.Module):
@@ -112,7 +113,6 @@ HEADS = {"markov": MarkovHead, "rnn": RNNHead}
 def make_head(kind: str, n_rows: int, n_out: int, rank: int, hidden: int) -> nn.Module | None:
     """The sequential head `kind` ("markov" or "rnn") at rank r; None at rank 0 (plain DFlash)."""
     if kind not in HEADS:
-        from labkit.core.errors import LabkitError
         raise LabkitError(f"Unknown head {kind!r}: use markov or rnn.")
     return None if rank == 0 else HEADS[kind](n_rows, n_out, rank, hidden)
 

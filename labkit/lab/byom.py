@@ -3,8 +3,9 @@
 Notebook 07 walks a researcher's own model through the whole pipeline (data, training, calibration,
 evaluation, serving, export). This module holds the little that needs code of its own and is not one
 of those steps: `describe_target` reads back what the target adapter (`labkit.model.target.Target`) derived
-from a model, and `labkit_argv` / `command_line` build a subcommand once, so the notebook prints the
-very command line it then runs through the CLI's own parser (`labkit.__main__.build_parser`).
+from a model, and `labkit_argv` / `command_line` write a subcommand's line, so the notebook prints the
+command that does what it runs through the library (`data_argv` the line of a prepare-data
+`DataConfig`, `TrainJob.argv()` that of a training job; the tests parse both back with the CLI's parser).
 `describe_calibration` reads a calibration report aloud (where too few rounds kept a temperature at
 1), `serving_commands` gives the vLLM and SGLang lines for an exported drafter, and `accelerate_config`
 writes the YAML that `accelerate launch --config_file` reads for one node of several GPUs, or for
@@ -20,6 +21,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from labkit.core.errors import LabkitError
+from labkit.core.calibration import describe_ece_change, fit_sts
+from labkit.drafters.dflash import default_layers
+from labkit.drafters.export import embedding_scale, target_problems
+from labkit.model.target import PLAIN_PROMPT
 
 #: how the notebook shows a subcommand; `accelerate launch -m labkit` runs the same module
 LAUNCHER = "python -m labkit"
@@ -82,9 +87,6 @@ class TargetSummary:
 
 def describe_target(target, example: str = "What is 7 * 8?") -> TargetSummary:
     """Read back what the target adapter derived from `target`'s model and tokenizer (no forward runs)."""
-    from labkit.drafters.dflash import default_layers
-    from labkit.drafters.export import embedding_scale, target_problems
-    from labkit.model.target import PLAIN_PROMPT
 
     cfg, tok = target.config, target.tokenizer
     heads = getattr(cfg, "num_attention_heads", 0) or 0
@@ -147,19 +149,27 @@ def labkit_argv(command: str, target: str | None = None, **options) -> list[str]
 
 
 def command_line(argv: list[str], launcher: str = LAUNCHER) -> str:
-    """The shell command of an argument list from `labkit_argv`, quoted where needed."""
+    """The shell command of an argument list (`labkit_argv`, `data_argv`, `TrainJob.argv()`), quoted where needed."""
     return f"{launcher} {shlex.join(argv)}"
 
 
-def parse_command(argv: list[str]):
-    """The argparse namespace the CLI builds for `argv` (what `python -m labkit` would run); a bad
-    option raises LabkitError with the parser's own sentence instead of exiting."""
-    from labkit.__main__ import build_parser
+#: the DataConfig fields that `prepare-data` has an option for, by the same name
+DATA_OPTIONS = {"n_prompts", "max_new_tokens", "shard_size", "seed", "prompts", "greedy_share", "template_share",
+                "batch_size"}
 
-    try:
-        return build_parser().parse_args(argv)
-    except SystemExit as exc:
-        raise LabkitError(f"`{command_line(argv)}` is not a valid command (see the message above).") from exc
+
+def data_argv(cfg, out, target: str | None = None, benchmarks: str | None = None) -> list[str]:
+    """The argument list of `python -m labkit prepare-data` that makes `cfg` (a
+    `labkit.pipeline.data.DataConfig`) in `out`: the options that differ from DataConfig's defaults.
+    Settings the command has no option for (sampling, magpie) must keep their defaults."""
+    from dataclasses import fields
+
+    default = type(cfg)()
+    given = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    fixed = sorted(set(given) - DATA_OPTIONS)
+    if fixed:
+        raise LabkitError(f"prepare-data has no option for {', '.join(fixed)}: this DataConfig has no command line.")
+    return labkit_argv("prepare-data", target=target, out=out, **given, benchmarks=benchmarks)
 
 
 # ----------------------------------------------------------------------------- calibration and serving
@@ -169,7 +179,6 @@ def describe_calibration(report: dict) -> list[str]:
     """One sentence per sampling temperature of a `labkit.pipeline.calibrate.calibrate_checkpoint` report: the
     full-block rounds it had, the positions that kept T = 1 because `fit_sts` saw fewer than `min_each`
     accepted or rejected rounds there (too few examples to move a temperature), and the ECE change."""
-    from labkit.core.calibration import describe_ece_change, fit_sts
 
     min_each = inspect.signature(fit_sts).parameters["min_each"].default  # what calibrate_checkpoint fits with
     out = []
@@ -233,5 +242,5 @@ def accelerate_config(num_processes: int, num_machines: int = 1, machine_rank: i
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TargetSummary", "describe_target", "labkit_argv", "command_line", "parse_command", "describe_calibration",
+__all__ = ["TargetSummary", "describe_target", "labkit_argv", "command_line", "data_argv", "describe_calibration",
            "serving_commands", "accelerate_config", "LAUNCHER"]

@@ -29,6 +29,9 @@ from labkit.core.errors import LabkitError
 from labkit.lab.plots import dashboard_figure, speedup_heatmap
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
+from labkit.drafters.dspark import with_transition_rank
+from labkit.lab.plots import position_acceptance_figure
+from labkit.measure.diagnostics import offline_acceptance
 
 
 def plain_text(markup: str) -> str:
@@ -242,9 +245,6 @@ def rank_explorer(model, batch: dict, rank: int | None = None, gamma: int | None
     Each move runs the drafter's forward on the held-out batch (labkit.measure.diagnostics.offline_acceptance):
     per-position acceptance (greedy top-1 and temperature-1 1 - TV) and the tau they imply.
     """
-    from labkit.measure.diagnostics import offline_acceptance
-    from labkit.drafters.dspark import with_transition_rank
-    from labkit.lab.plots import position_acceptance_figure
     max_rank, max_gamma = model.cfg.rank, model.cfg.gamma
     rank = max_rank if rank is None else rank
     gamma = max_gamma if gamma is None else gamma

@@ -25,6 +25,7 @@ from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
 from labkit.core.trace import (format_acceptance, mean_tau, position_acceptance, position_counts, prefix_survival,
                           token_coverage)
+from labkit.pipeline.calibrate import confidence_metrics, full_block_rounds
 
 DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "ar", "spec:prompt-lookup")
 #: the lab's main result, added to the default methods where the target has shipped drafters
@@ -185,7 +186,6 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
 
 def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | None:
     """Calibration metrics of a confidence-head drafter on this run's full-block rounds (None if none)."""
-    from labkit.pipeline.calibrate import confidence_metrics, full_block_rounds
     try:
         rounds = full_block_rounds([(d, rs) for d, rs in st.rounds_by_domain.items()], drafter.gamma)
     except LabkitError:

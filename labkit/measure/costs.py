@@ -23,6 +23,8 @@ from labkit.drafters import make_drafter
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
+from labkit.decode.loop import prefill
+from labkit.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
 
 
 def roofline_floor_s(weight_bytes: float, bandwidth_gbs: float) -> float:
@@ -163,7 +165,6 @@ class RoundCost:
 @torch.inference_mode()
 def _draft_seconds(target: Target, drafter_spec: str, prompt_ids: list[int]) -> float:
     """Seconds of one greedy `propose` of a full block after prefilling `prompt_ids` (after a warm-up)."""
-    from labkit.decode.loop import prefill
     drafter = make_drafter(drafter_spec, target)
     state = prefill(target, prompt_ids, 64, SamplingParams(), drafter=drafter)
     gamma = drafter.gamma
@@ -214,7 +215,6 @@ class VocabCost:
 
 
 def _fresh_dspark(target: Target, v_draft: int, rank: int, gamma: int, n_layers: int):
-    from labkit.drafters.dspark import DSparkConfig, DSparkDrafter, DSparkModel
     v_draft = min(v_draft, target.vocab_size)
     cfg = DSparkConfig.for_target(target, gamma=gamma, n_layers=n_layers, rank=rank,
                                   draft_vocab=0 if v_draft == target.vocab_size else v_draft)
@@ -237,7 +237,6 @@ def vocab_costs(target: Target, vocab_sizes: Iterable[int], ranks: Iterable[int]
     outside the draft vocabulary get draft probability 0, which rejection sampling handles exactly;
     the cut only caps which tokens can be drafted (its coverage of real text bounds tau).
     """
-    from labkit.decode.loop import prefill
     configs = [(min(v, target.vocab_size), r) for v in vocab_sizes for r in ranks]
     built = {c: _fresh_dspark(target, c[0], c[1], gamma, n_layers) for c in dict.fromkeys(configs)}
     states = {c: prefill(target, prompt_ids, 64, SamplingParams(), drafter=d) for c, (d, _) in built.items()}

@@ -29,12 +29,16 @@ from labkit.core.trace import expected_acceptance, offline_tau
 from labkit.model.timing import timed_runs
 from labkit.pipeline.features import FeatureSequence, shard_features
 from labkit.pipeline.train import forward_batch, make_batch, target_probs
+from labkit.core.sampling import SamplingParams, logits_to_probs
+from labkit.decode.loop import prefill, speculative_round
+from labkit.drafters.dflash import DFlashDrafter
+from labkit.drafters.dspark import with_transition_rank
+from labkit.pipeline.data import heldout_sequences
 
 
 def heldout_items(target, data_dir: str | Path, layers: tuple[int, ...], n: int, cache: str | Path,
                   trained_sequences: int = 0) -> list[FeatureSequence]:
     """The last n sequences of a data folder with their target features (computed once into `cache`)."""
-    from labkit.pipeline.data import heldout_sequences
     seqs = heldout_sequences(data_dir, n, trained_sequences)[1]
     cache = Path(cache)
     tokens = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
@@ -87,7 +91,6 @@ def offline_acceptance(model, batch: dict, gamma: int | None = None) -> OfflineA
 
 def rank_curve(model, batch: dict, ranks: list[int]) -> list[dict]:
     """tau (greedy and T=1) of a DSpark drafter with its Markov transition cut to each rank by SVD."""
-    from labkit.drafters.dspark import with_transition_rank
     rows = []
     for r in ranks:
         m = with_transition_rank(model, r)
@@ -224,9 +227,6 @@ def block_showcase(target, drafter, prompts: list[list[int]], max_new_tokens: in
     Greedy speculative output equals the target's greedy output (fp32, tested), so those tokens are the
     target's own continuation. Rounds too near the end to have gamma tokens after them are skipped.
     """
-    from labkit.decode.loop import prefill, speculative_round
-    from labkit.drafters.dflash import DFlashDrafter
-    from labkit.core.sampling import SamplingParams, logits_to_probs
     if not isinstance(drafter, DFlashDrafter) or type(drafter).block_from_states is not DFlashDrafter.block_from_states:
         raise LabkitError("block_showcase reads a parallel drafter's per-slot distributions: pass a DFlash drafter "
                           "(a DSpark head makes each slot depend on the token drafted before it).")

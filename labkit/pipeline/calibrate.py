@@ -23,6 +23,9 @@ from labkit.decode.loop import generate
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.core.trace import Round
+from labkit.drafters.checkpoint import load_backbone, read_config
+from labkit.drafters.dspark import DSparkDrafter, DSparkModel, calibration_key
+from labkit.pipeline.data import heldout_sequences, sequences_trained_on
 
 
 @dataclass
@@ -65,7 +68,6 @@ def decode_rounds(target, drafter, prompts: list[tuple[list[int], str]], params:
 def heldout_prompts(data_dir: str | Path, n: int, trained_sequences: int) -> list[tuple[list[int], str]]:
     """The prompts (token ids, domain) of the last n sequences of a data folder, refused if any of them
     is among the first `trained_sequences` (those the drafter was trained on)."""
-    from labkit.pipeline.data import heldout_sequences
     return [(s.ids[: s.prompt_len], s.domain) for s in heldout_sequences(data_dir, n, trained_sequences)[1]]
 
 
@@ -97,13 +99,10 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
                          write: bool = True, progress: bool = True) -> dict:
     """`python -m labkit calibrate`: fit STS for each sampling temperature on held-out rounds; report
     ECE before and after per position; store the temperatures in the checkpoint (unless write=False)."""
-    from labkit.drafters.checkpoint import load_backbone, read_config
-    from labkit.drafters.dspark import DSparkDrafter, DSparkModel, calibration_key
     model = load_backbone(path, target)
     if not isinstance(model, DSparkModel) or model.confidence is None:
         raise LabkitError(f"{path} has no confidence head to calibrate: train one with "
                           "`python -m labkit train --drafter dspark ...`.")
-    from labkit.pipeline.data import heldout_sequences, sequences_trained_on
     trained = sequences_trained_on(read_config(path).get("extra", {}), data_dir)
     start, seqs = heldout_sequences(data_dir, n_prompts, trained)
     prompts = [(s.ids[: s.prompt_len], s.domain) for s in seqs]

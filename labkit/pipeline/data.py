@@ -44,6 +44,7 @@ from labkit.pipeline.prompts import (assert_disjoint, assert_not_near, benchmark
                             training_prompts)
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
+from labkit.pipeline.packaged_prompts import champ_prompts
 
 PROMPT_SOURCES = ("templates", "magpie", "mixed")
 PROMPTS_FILE = "prompts.jsonl"
@@ -168,7 +169,6 @@ def build_prompts(target: Target | None, cfg: DataConfig, out: Path | None = Non
     picked: list[dict] = []
     n_templates = 0
     if cfg.prompts == "mixed":
-        from labkit.pipeline.packaged_prompts import champ_prompts
         for p in champ_prompts():
             if len(picked) < cfg.n_prompts and filt.offer(p["text"]):
                 picked.append({"domain": "math", "text": filt.kept[-1], "source": "champ"})

@@ -10,6 +10,10 @@ Three separate pieces, so DSpark's heads extend them without copies:
   (`accelerate launch -m labkit train ...`), with a progress bar, atomic safetensors checkpoints,
   resume, and a stop with a clear message on a non-finite loss.
 
+`TrainJob` is one whole training run (every option of `python -m labkit train`, each default written
+once, here), `train_preset` names a few (`tiny` for tests, the shipped `dspark` and `dflash`), and
+`run_training(job)` runs one; the command line only maps its arguments to a job.
+
 Batches are drawn with a generator seeded by (seed, step, process): a resumed run sees exactly the
 batches it would have seen, with no data-loader state to save.
 """
@@ -19,10 +23,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -34,7 +39,10 @@ from labkit.drafters.checkpoint import (check_compatible, load_backbone, model_c
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.core.errors import LabkitError
 from labkit.pipeline.features import FeatureSequence
-from labkit.core.trace import token_coverage
+from labkit.core.trace import acceptance_from_l1, l1_to_target, offline_tau, token_coverage
+from labkit.model.target import load_target
+from labkit.pipeline.data import shard_sequence_count
+from labkit.pipeline.features import training_items
 
 
 @dataclass
@@ -158,26 +166,25 @@ def loss_terms(model: DFlashBackbone, out: dict[str, torch.Tensor], batch: dict,
     q = logq.exp()
     with torch.no_grad():
         p_t = target_probs(model, batch["final"], batch["lse"])
-        outside = (1 - p_t.sum(-1)).clamp(min=0)
     valid = batch["valid"].float()
     w = position_weights(logits.shape[2], weights.decay, logits.device) * valid
     norm = w.sum().clamp(min=1e-6)
     local, in_vocab = _local_targets(model, batch["targets"])
     ce = -(logq.gather(-1, local[..., None]).squeeze(-1))
     ce_w = w * in_vocab.float()
-    l1 = (q - p_t).abs().sum(-1) + outside
+    l1 = l1_to_target(q, p_t)
     terms = {"ce": (ce * ce_w).sum() / ce_w.sum().clamp(min=1e-6), "l1": (l1 * w).sum() / norm}
     terms["loss"] = weights.ce * terms["ce"] + weights.l1 * terms["l1"]
     if "conf_logits" in out:
         z = out["conf_logits"].float()
-        c_star = (1 - 0.5 * l1.detach()).clamp(0, 1)
+        c_star = acceptance_from_l1(l1.detach()).clamp(0, 1)
         bce = F.binary_cross_entropy_with_logits(z, c_star, reduction="none")
         terms["conf"] = (bce * w).sum() / norm
         terms["loss"] = terms["loss"] + weights.conf * terms["conf"]
         with torch.no_grad():
             terms["conf_mae"] = ((torch.sigmoid(z) - c_star).abs() * valid).sum() / valid.sum().clamp(min=1)
     with torch.no_grad():
-        terms.update(block_metrics(1 - 0.5 * l1.detach(), q.argmax(-1) == p_t.argmax(-1), batch["valid"]))
+        terms.update(block_metrics(acceptance_from_l1(l1.detach()), q.argmax(-1) == p_t.argmax(-1), batch["valid"]))
     return terms
 
 
@@ -194,9 +201,7 @@ def _local_targets(model: DFlashBackbone, targets: torch.Tensor) -> tuple[torch.
 def block_metrics(accept: torch.Tensor, top1: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
     """tau estimates from per-position acceptance (B, A, gamma); invalid positions end the block."""
     v = valid.float()
-    surv = torch.cumprod(accept * v, -1)
-    greedy = torch.cumprod(top1.float() * v, -1)
-    return {"tau_est": 1 + surv.sum(-1).mean(), "tau_greedy_est": 1 + greedy.sum(-1).mean(),
+    return {"tau_est": offline_tau(accept, v), "tau_greedy_est": offline_tau(top1, v),
             "accept_1": (accept[..., 0] * v[..., 0]).sum() / v[..., 0].sum().clamp(min=1)}
 
 
@@ -408,57 +413,213 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
     return path
 
 
-def run_training(args, target_layers: tuple[int, ...] | None = None, log=print, command: str | None = None) -> Path:
-    """`python -m labkit train`: features -> backbone (new, or the run's last checkpoint) -> train -> export.
+# ----------------------------------------------------------------------------- one training run
 
-    `command` is the `python -m labkit train ...` line to record in the checkpoint (`extra.train_command`):
-    the command line passes the user's, a script the line it built; None records none."""
-    from labkit.pipeline.data import shard_sequence_count
-    from labkit.pipeline.features import training_items
-    from labkit.model.target import load_target
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise LabkitError(f"--lr must be a positive number, got {args.lr}.")
-    ce, l1 = getattr(args, "ce_weight", 0.1), getattr(args, "l1_weight", 0.9)
-    if not (ce >= 0 and l1 >= 0 and ce + l1 > 0):
-        raise LabkitError(f"--ce-weight and --l1-weight must be non-negative and not both 0, got {ce} and {l1} "
-                          "(hard labels only: --ce-weight 1 --l1-weight 0).")
+DRAFTERS = ("dflash", "dspark")
+HEADS = ("markov", "rnn")
+ANCHOR_MODES = ("anchor-first", "anchor-masks")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # accelerate's names
+FEATURE_DTYPES = ("float32", "bfloat16")
+
+#: the command that runs a job (`accelerate launch -m labkit` runs the same module)
+LAUNCHER = ("python", "-m", "labkit")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """One run of `python -m labkit train`: every option of the command, by the same name, with its
+    default (the command line reads its defaults from here). `run_training(job)` runs it; `job.argv()`
+    is the command line that runs it.
+
+    Paths are kept as text (`data` a tuple of folders, a single folder allowed); `target_layers` takes
+    a tuple of layer numbers or the command line's "2,5". Bad values raise LabkitError at once, in the
+    command line's words."""
+
+    target: str | None = None  # HF causal LM id or local path (None: the default target)
+    drafter: str = "dflash"  # dflash (parallel block drafter) or dspark (+ sequential and confidence heads)
+    head: str = "markov"  # DSpark's sequential head: markov or rnn
+    rank: int = 64  # DSpark's head rank r (0 = no sequential head)
+    layers: int = 1  # draft decoder layers
+    gamma: int = 8  # block size: tokens drafted per forward
+    draft_vocab: int = 0  # score only the K most frequent response tokens (0 = the whole vocabulary)
+    target_layers: tuple[int, ...] | None = None  # target layers read (None: 5 spread)
+    anchor_mode: str = "anchor-first"  # anchor + gamma-1 masks (DSpark) or anchor + gamma masks ("anchor-masks")
+    init_from_target: bool = True  # draft layers start as the target's last (False: random)
+    qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3-shaped layers; needed by `export`)
+    frozen_mask: bool = False  # the mask slots keep the target's embedding row (needed by `export`)
+    init_from: str | None = None  # go on training a trained drafter of the same kind (a checkpoint folder)
+    data: tuple[str, ...] = ("data/train",)  # prepare-data folders
+    max_shards: int | None = None  # the first N shards of each data folder (None: all)
+    feature_dtype: str = "float32"  # precision of the target when it caches its features
+    batch_seqs: int = TrainConfig.batch_seqs  # sequences per step (per process)
+    anchors: int = TrainConfig.anchors_per_seq  # random anchor blocks per sequence
+    lr: float = TrainConfig.lr  # peak learning rate (warm-up then cosine)
+    ce_weight: float = LossWeights.ce  # cross-entropy to the data token (hard labels)
+    l1_weight: float = LossWeights.l1  # L1 distance to the target's distribution (soft targets)
+    mixed_precision: str = TrainConfig.mixed_precision
+    steps: int = TrainConfig.steps  # optimizer steps in the schedule
+    save_every: int = TrainConfig.save_every  # steps between checkpoints (and held-out metrics)
+    max_minutes: float | None = None  # stop (with a checkpoint) after this long
+    seed: int = TrainConfig.seed
+    device: str | None = None  # cuda, mps or cpu (None: the best available; accelerate launch sets it)
+    out: str  # run folder: checkpoints (last/), metrics.jsonl; resumed if present
+    export: str | None = None  # also write a small bf16 copy of the result here
+
+    def __post_init__(self):
+        text = lambda v: None if v is None else str(v)  # noqa: E731
+        data = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
+        for name, value in (("out", str(self.out)), ("export", text(self.export)), ("init_from", text(self.init_from)),
+                            ("target", text(self.target)), ("data", tuple(str(d) for d in data)),
+                            ("target_layers", _layer_tuple(self.target_layers))):
+            object.__setattr__(self, name, value)
+        for name, allowed in (("drafter", DRAFTERS), ("head", HEADS), ("anchor_mode", ANCHOR_MODES),
+                              ("mixed_precision", MIXED_PRECISIONS), ("feature_dtype", FEATURE_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise LabkitError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
+        if self.rank < 0:
+            raise LabkitError(f"--rank must be 0 (no sequential head) or more, got {self.rank}.")
+        for name in ("layers", "gamma", "batch_seqs", "anchors", "save_every", "steps", "max_shards"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise LabkitError(f"{_flag(name)} must be a positive integer, got {value}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise LabkitError(f"--lr must be a positive number, got {self.lr}.")
+        ce, l1 = self.ce_weight, self.l1_weight
+        if not (ce >= 0 and l1 >= 0 and ce + l1 > 0):
+            raise LabkitError(f"--ce-weight and --l1-weight must be non-negative and not both 0, got {ce} and {l1} "
+                              "(hard labels only: --ce-weight 1 --l1-weight 0).")
+        if not self.data:
+            raise LabkitError("No training data folder given: pass --data FOLDER [FOLDER ...].")
+
+    def argv(self) -> list[str]:
+        """The arguments of `python -m labkit train` that make this job: `train`, then every option that
+        differs from its default (`--out` always)."""
+        return ["train", *train_options({f.name: getattr(self, f.name) for f in fields(self)
+                                         if f.name == "out" or getattr(self, f.name) != f.default})]
+
+    def command_line(self) -> str:
+        """The shell line that runs this job (what its checkpoints record as `extra.train_command`)."""
+        return shlex.join([*LAUNCHER, *self.argv()])
+
+    def train_config(self) -> TrainConfig:
+        """The training loop's settings (`train`)."""
+        return TrainConfig(steps=self.steps, batch_seqs=self.batch_seqs, anchors_per_seq=self.anchors, lr=self.lr,
+                           save_every=self.save_every, eval_every=self.save_every, seed=self.seed,
+                           mixed_precision=self.mixed_precision,
+                           loss=LossWeights(ce=self.ce_weight, l1=self.l1_weight))
+
+
+def _flag(name: str) -> str:
+    """A TrainJob field's option on the command line."""
+    return "--" + name.replace("_", "-")
+
+
+def train_options(values: dict) -> list[str]:
+    """TrainJob fields as `train` options, e.g. {"layers": 2, "init_from_target": False} ->
+    ["--layers", "2", "--no-init-from-target"] (None, and False for a flag, give no option)."""
+    words: list[str] = []
+    for name, value in values.items():
+        if name == "init_from_target":
+            words += [] if value else ["--no-init-from-target"]
+        elif value is None or value is False:
+            continue
+        elif value is True:
+            words.append(_flag(name))
+        elif name == "data":
+            words += [_flag(name), *([value] if isinstance(value, (str, Path)) else value)]
+        elif name == "target_layers":
+            words += [_flag(name), value if isinstance(value, str) else ",".join(map(str, value))]
+        else:
+            words += [_flag(name), str(value)]
+    return [str(w) for w in words]
+
+
+def _layer_tuple(layers) -> tuple[int, ...] | None:
+    """Target layers as a tuple of ints, from a sequence or the command line's comma-separated text."""
+    if layers is None or layers == "":
+        return None
+    if isinstance(layers, str):
+        try:
+            return tuple(int(x) for x in layers.split(","))
+        except ValueError:
+            raise LabkitError(f"--target-layers takes comma-separated integers, got {layers!r}.") from None
+    return tuple(int(x) for x in layers)
+
+
+#: the shipped drafters' recipe (shape, loss and optimizer); scripts/recipe_ab.py's base arm, and what
+#: the presets "dspark" and "dflash" train on the data, for the steps, they were shipped with
+SHIPPED_RECIPE = dict(drafter="dspark", head="markov", rank=256, layers=2, gamma=8, draft_vocab=8192, batch_seqs=4,
+                      anchors=64, lr=1e-3, mixed_precision="bf16", save_every=150)
+_SHIPPED_RUN = dict(SHIPPED_RECIPE, data=("data/train-v2", "data/train"), max_shards=156, feature_dtype="bfloat16",
+                    steps=4032)
+
+#: named jobs, as TrainJob fields: "tiny" (the tests' settings, for a model of 6 or more layers: give
+#: target, data and out), and the train commands the shipped drafters record in their config.json
+#: (`extra.train_command`, run from the repository root; they write data/drafters/<name>)
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(steps=6, save_every=3, batch_seqs=2, anchors=4, gamma=3, target_layers=(2, 5), draft_vocab=64),
+    "dspark": dict(_SHIPPED_RUN, out="build/ab-fullset/base", export="data/drafters/dspark"),
+    "dflash": dict(_SHIPPED_RUN, drafter="dflash", out="build/ab-fullset/dflash", export="data/drafters/dflash"),
+}
+
+
+def train_preset(name: str, **overrides) -> TrainJob:
+    """The TrainJob a preset names (TRAIN_PRESETS), with `overrides` (TrainJob fields) on top."""
+    if name not in TRAIN_PRESETS:
+        raise LabkitError(f"No training preset {name!r}: use one of {', '.join(TRAIN_PRESETS)}.")
+    names = {f.name for f in fields(TrainJob)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise LabkitError(f"TrainJob has no field {', '.join(unknown)}: use {', '.join(sorted(names))}.")
+    chosen = {**TRAIN_PRESETS[name], **overrides}
+    if "out" not in chosen:
+        raise LabkitError(f"The {name} preset names no run folder: pass out=FOLDER.")
+    return TrainJob(**chosen)
+
+
+def run_training(job: TrainJob, *, log=print, command: str | None = None) -> Path:
+    """Run a training job (`python -m labkit train`): features -> backbone (new, warm-started, or the run's
+    last checkpoint) -> train -> export; returns the last checkpoint's folder.
+
+    `command` is the line recorded in the checkpoint (`extra.train_command`): the command line passes the
+    user's own; by default the job's (`job.command_line()`)."""
+    if not isinstance(job, TrainJob):
+        raise LabkitError(f"run_training takes a TrainJob (labkit.pipeline.train), got {type(job).__name__}.")
     from accelerate import PartialState
     state = PartialState()  # under `accelerate launch`: this process's rank and device (shared with train's Accelerator)
-    device = args.device or (state.device if state.num_processes > 1 else None)
-    target = load_target(args.target, device)
+    device = job.device or (state.device if state.num_processes > 1 else None)
+    target = load_target(job.target, device)
     for p in target.model.parameters():
         p.requires_grad_(False)
-    out = Path(args.out)
+    out = Path(job.out)
     last = out / "last"
     warm = None
     if (last / "trainer.pt").exists():
         raw = read_config(last)
-        if raw.get("kind", "dflash") != args.drafter:
-            raise LabkitError(f"{out} holds a {raw.get('kind')} run, not {args.drafter}: pick another --out.")
-        cfg = model_classes(args.drafter)[1].from_dict(raw)
+        if raw.get("kind", "dflash") != job.drafter:
+            raise LabkitError(f"{out} holds a {raw.get('kind')} run, not {job.drafter}: pick another --out.")
+        cfg = model_classes(job.drafter)[1].from_dict(raw)
         check_compatible(cfg, target, str(last))
         from safetensors.torch import load_file
         vocab_ids = load_file(str(last / "model.safetensors"))["vocab_ids"]
-    elif getattr(args, "init_from", None):
-        warm = warm_start(args.init_from, args.drafter, target)
+    elif job.init_from:
+        warm = warm_start(job.init_from, job.drafter, target)
         cfg, vocab_ids = warm.cfg, warm.vocab_ids
-        log(f"warm start from {args.init_from}: its shape ({cfg.n_layers} layer(s), gamma {cfg.gamma}, "
+        log(f"warm start from {job.init_from}: its shape ({cfg.n_layers} layer(s), gamma {cfg.gamma}, "
             f"draft vocabulary {cfg.draft_vocab}) replaces --layers, --gamma and --draft-vocab")
     else:
-        overrides = dict(gamma=args.gamma, n_layers=args.layers, draft_vocab=args.draft_vocab,
-                         anchor_predicts=args.anchor_mode == "anchor-first",
-                         qk_norm=getattr(args, "qk_norm", False), train_mask=not getattr(args, "frozen_mask", False))
-        if args.drafter == "dspark":
-            overrides.update(head=args.head, rank=args.rank)
-        if target_layers:
-            overrides["target_layers"] = target_layers
-        cfg = model_classes(args.drafter)[1].for_target(target, **overrides)
+        overrides = dict(gamma=job.gamma, n_layers=job.layers, draft_vocab=job.draft_vocab,
+                         anchor_predicts=job.anchor_mode == "anchor-first",
+                         qk_norm=job.qk_norm, train_mask=not job.frozen_mask)
+        if job.drafter == "dspark":
+            overrides.update(head=job.head, rank=job.rank)
+        if job.target_layers:
+            overrides["target_layers"] = job.target_layers
+        cfg = model_classes(job.drafter)[1].for_target(target, **overrides)
         vocab_ids = None
-    feature_dtype = getattr(args, "feature_dtype", "float32")
-    feature_target = target if feature_dtype == "float32" else load_target(args.target, device, feature_dtype)
+    feature_target = target if job.feature_dtype == "float32" else load_target(job.target, device, job.feature_dtype)
     with state.main_process_first():  # one process computes the feature cache, the others then read it
-        items = training_items(feature_target, args.data, cfg.target_layers,
-                               max_shards=getattr(args, "max_shards", None))
+        items = training_items(feature_target, list(job.data), cfg.target_layers, max_shards=job.max_shards)
     del feature_target
     if cfg.draft_vocab and vocab_ids is None:
         vocab_ids = frequent_tokens(items, cfg.draft_vocab, set(target.eos_token_ids))
@@ -469,27 +630,20 @@ def run_training(args, target_layers: tuple[int, ...] | None = None, log=print, 
     if warm is not None:
         model = warm
     else:
-        model = new_backbone(target, cfg, vocab_ids, init_from_target=not args.no_init_from_target)
+        model = new_backbone(target, cfg, vocab_ids, init_from_target=job.init_from_target)
     if cfg.draft_vocab:
         log(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_coverage(items, model.vocab_ids):.2%} "
             "of the training responses")
     log(f"{len(items)} sequences, {n_tokens} response tokens; drafter {param_count(model) / 1e6:.1f} M "
         f"trainable parameters, {cfg.n_layers} layer(s), gamma {cfg.gamma}, target layers {cfg.target_layers}"
         + (f", {cfg.head} head at rank {cfg.rank} + confidence head" if cfg.kind == "dspark" else ""))
-    tcfg = TrainConfig(steps=args.steps, batch_seqs=args.batch_seqs, anchors_per_seq=args.anchors, lr=args.lr,
-                       save_every=args.save_every, eval_every=args.save_every, seed=args.seed,
-                       mixed_precision=args.mixed_precision,
-                       loss=LossWeights(ce=getattr(args, "ce_weight", 0.1), l1=getattr(args, "l1_weight", 0.9)))
-    data_dirs = [args.data] if isinstance(args.data, (str, Path)) else list(args.data)
-    max_shards = getattr(args, "max_shards", None)
-    info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "feature_dtype": feature_dtype,
+    info = {"data_sequences": len(items), "data_response_tokens": n_tokens, "feature_dtype": job.feature_dtype,
             # per folder, so that held-out prompts can be taken from the tail of any of them
-            "data_folders": {str(d): shard_sequence_count(d, max_shards) for d in data_dirs},
-            "init_from": str(getattr(args, "init_from", None) or ("target" if not args.no_init_from_target
-                                                                    else "random")),
-            **({"train_command": command} if command else {})}
-    path = train(model, items, out, tcfg, log=log, max_minutes=args.max_minutes, info=info)
-    if args.export:
-        dest = export(path, args.export, target, extra=info)
+            "data_folders": {d: shard_sequence_count(d, job.max_shards) for d in job.data},
+            "init_from": job.init_from or ("target" if job.init_from_target else "random"),
+            "train_command": command or job.command_line()}
+    path = train(model, items, out, job.train_config(), log=log, max_minutes=job.max_minutes, info=info)
+    if job.export:
+        dest = export(path, job.export, target, extra=info)
         log(f"exported {dest}")
     return path
