@@ -60,6 +60,7 @@ def _lay_out_copy(base: Path) -> Path:
     notebooks = base / "work" / "notebooks"
     notebooks.mkdir(parents=True)
     shutil.copy2(NOTEBOOK, notebooks / NOTEBOOK.name)
+    shutil.copy2(NOTEBOOK.parent / "lab_setup.py", notebooks / "lab_setup.py")  # every notebook imports it
     # every cell attached to the page, so that the figures can be read wherever the notebook is scrolled
     settings = base / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
