@@ -1,7 +1,8 @@
 """A batched speculative serving engine: many requests, one target forward per step (DSpark Sec. 3.2.2, 5.3).
 
 Each engine step
-1. drafts a block for every active request (the drafter runs per request, on its own context state),
+1. drafts a block for every active request in one call of the drafter (`Drafter.propose_many`: one
+   backbone forward for all requests where the drafter batches, each request on its own context state),
 2. asks a prefix policy (`labkit.core.scheduler`) how many drafted tokens of each request to verify, from
    the drafter's confidences and the profiled cost table SPS(B),
 3. verifies ALL requests in ONE batched target forward with a different number of tokens per row
@@ -246,12 +247,7 @@ class Engine:
             return None
         ids = list(self.active)
         t_start = self._clock()
-        proposals = []
-        for rid in ids:
-            prop = decoding.draft(self.active[rid].state, self.drafter)
-            if self.max_draft is not None:
-                prop = prop.truncate(self.max_draft)
-            proposals.append(prop)
+        proposals = decoding.draft_many([self.active[rid].state for rid in ids], self.drafter, self.max_draft)
         t_drafted = self._clock()
         conf = self._confidences(proposals)
         max_lengths = [len(p) for p in proposals]

@@ -210,6 +210,19 @@ def draft(state: DecodeState, drafter: Drafter | None) -> Proposal:
     return Proposal.empty(state.vocab_size, state.generator.device)  # the generator lives on the target's device
 
 
+def draft_many(states: list[DecodeState], drafter: Drafter | None, max_draft: int | None = None) -> list[Proposal]:
+    """`draft` for several requests in one call of the drafter (`Drafter.propose_many`), each capped
+    as `draft` caps it and at `max_draft` (a proposal length the caller can use at most)."""
+    caps = [s.remaining - 1 if max_draft is None else min(s.remaining - 1, max_draft) for s in states]
+    if drafter is None:
+        return [Proposal.empty(s.vocab_size, s.generator.device) for s in states]
+    live = [i for i, k in enumerate(caps) if k > 0]
+    out = [Proposal.empty(s.vocab_size, s.generator.device) for s in states]
+    for i, prop in zip(live, drafter.propose_many([states[i].request for i in live], [caps[i] for i in live])):
+        out[i] = prop.truncate(caps[i])
+    return out
+
+
 def verify_inputs(state: DecodeState, proposal: Proposal) -> list[int]:
     """The verify forward's new tokens: the last emitted id (not yet cached), then the k drafts.
 

@@ -110,6 +110,13 @@ class Drafter:
         """Draft at most `max_tokens` tokens after request.ids (whose last token is not yet cached)."""
         raise NotImplementedError(f"{type(self).__name__} must implement propose")
 
+    def propose_many(self, requests: list[DraftRequest], max_tokens: list[int]) -> list[Proposal]:
+        """`propose` for several requests at once (the batched engine's step). The default drafts one
+        request after the other; a drafter that can batch (DFlash, DSpark) runs one forward for all.
+        Either way each request's tokens, probabilities and confidences are those `propose` gives it,
+        drawn from its own generator in the same order."""
+        return [self.propose(r, k) for r, k in zip(requests, max_tokens)]
+
     def observe(self, request: DraftRequest, n_accepted: int,
                 hidden: tuple[torch.Tensor, ...] | None) -> None:
         """Called after verification: n_accepted drafts survived; request.ids already extended; `hidden`

@@ -421,6 +421,51 @@ class DFlashDrafter(Drafter):
         return h[0, first: first + self.gamma]
 
     @torch.no_grad()
+    def draft_hidden_many(self, requests: list[DraftRequest]) -> torch.Tensor:
+        """`draft_hidden` for R requests in one forward: (R, gamma, H). Each request's context keys and
+        values are padded to the longest and masked, so a row reads only its own context (its keys
+        carry their own positions already) and its own block."""
+        caches: list[ContextCache] = [r.memo for r in requests]
+        longest = max(c.length for c in caches)
+        kv = [tuple(torch.cat([F.pad(c.kv[i][j], (0, 0, 0, longest - c.length)) for c in caches]) for j in (0, 1))
+              for i in range(len(self.backbone.layers))]
+        s = self.cfg.n_slots
+        lengths = torch.tensor([c.length for c in caches], device=self.device)
+        mask = torch.cat([torch.arange(longest, device=self.device)[None] < lengths[:, None],
+                          torch.ones(len(caches), s, dtype=torch.bool, device=self.device)], 1)  # (R, C + S)
+        anchors = torch.tensor([r.ids[-1] for r in requests], device=self.device)
+        x = self.backbone.block_inputs(anchors)
+        pos = lengths[:, None] + torch.arange(s, device=self.device)[None]
+        h = self.backbone.block_hidden(x, pos, kv, mask[:, None].expand(-1, s, -1))
+        first = s - self.cfg.gamma  # the slot that predicts anchor + 1
+        return h[:, first: first + self.gamma]
+
+    @torch.no_grad()
+    def propose_many(self, requests: list[DraftRequest], max_tokens: list[int]) -> list[Proposal]:
+        """One backbone forward for all requests (`draft_hidden_many`), one LM-head matmul, then each
+        request's block drawn with its own settings and generator (`blocks_from_states`)."""
+        ks = [min(self.gamma, k) for k in max_tokens]
+        live = [i for i, k in enumerate(ks) if k > 0]
+        out = [Proposal.empty(self.vocab_size, self.device) for _ in requests]
+        if live:
+            h = self.draft_hidden_many([requests[i] for i in live])
+            for i, prop in zip(live, self.blocks_from_states(h, [requests[i] for i in live], [ks[i] for i in live])):
+                out[i] = prop
+        return out
+
+    def block_after(self, h: torch.Tensor, request: DraftRequest, forced: list[int]) -> Proposal:
+        """The drafts for the slots after a prefix `forced` that another drafter fixed (the hybrid's
+        copied tokens): DFlash's slots ignore earlier drafts, so they are drawn as usual."""
+        return self.block_from_states(h[len(forced):], request)
+
+    def blocks_from_states(self, h: torch.Tensor, requests: list[DraftRequest], ks: list[int]) -> list[Proposal]:
+        """Draw each request's block from its slots' states h (R, gamma, H), request r's first ks[r]
+        positions: all positions at once (DFlash); DSpark overrides it."""
+        logits = self.backbone.logits(h).float()  # (R, gamma, V_draft): one matmul for all
+        return [self.sample_block(logits[r, :k], req.params, req.generator)
+                for r, (req, k) in enumerate(zip(requests, ks))]
+
+    @torch.no_grad()
     def draft_logits(self, request: DraftRequest) -> torch.Tensor:
         """Logits (gamma, V_draft) of the whole block in one forward (Eq. 3)."""
         return self.backbone.logits(self.draft_hidden(request)).float()

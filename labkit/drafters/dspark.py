@@ -122,6 +122,52 @@ class DSparkDrafter(DFlashDrafter):
     def block_from_states(self, h: torch.Tensor, request: DraftRequest) -> Proposal:
         return self.sample_sequential(h, request.ids[-1], request.params, request.generator)
 
+    def block_after(self, h: torch.Tensor, request: DraftRequest, forced: list[int]) -> Proposal:
+        """The head reads the forced prefix as x_{k-1} and carries its state through it."""
+        return self.sample_sequential(h, request.ids[-1], request.params, request.generator, forced=forced)
+
+    def blocks_from_states(self, h: torch.Tensor, requests: list[DraftRequest], ks: list[int]) -> list[Proposal]:
+        """Eq. 4 for R requests at once: the head steps over all rows together (one W1 lookup, one W2
+        matmul and one confidence projection a position), while each row's token is drawn with its own
+        settings and generator, in the order `sample_sequential` draws it, and only up to its ks[r]."""
+        m: DSparkModel = self.backbone
+        base = m.logits(h).float()  # (R, gamma, V_draft)
+        head = m.seq_head
+        n = h.shape[0]
+        hstate = head.init_state((n,), h.device, h.dtype) if head is not None else None
+        prev = torch.tensor([r.ids[-1] for r in requests], device=h.device)
+        cols: list[list] = [[] for _ in range(n)]
+        rows: list[list] = [[] for _ in range(n)]
+        conf: list[list] = [[] for _ in range(n)]
+        for j in range(max(ks)):
+            logits, feat = base[:, j], None
+            if head is not None:
+                bias, feat, hstate = head.step(h[:, j], m.token_index(prev), hstate)
+                logits = logits + bias.float()
+            z = m.confidence(h[:, j], feat).float() if m.confidence is not None else None
+            prev = prev.clone()
+            for r, req in enumerate(requests):
+                if j >= ks[r]:
+                    continue
+                p = logits_to_probs(logits[r][None], req.params)[0]
+                greedy = req.generator is None or req.params.greedy
+                col = p.argmax() if greedy else sample(p, req.generator)
+                cols[r].append(col)
+                rows[r].append(p)
+                if z is not None:
+                    conf[r].append(z[r])
+                prev[r] = m.vocab_ids[col]
+        out = []
+        for r, req in enumerate(requests):
+            extra = {}
+            if conf[r]:
+                zr = torch.stack(conf[r])
+                temps = self.temperatures(req.params)
+                t = torch.ones_like(zr) if temps is None else torch.tensor(temps[:len(zr)], device=zr.device)
+                extra = {"conf_logits": zr, "confidences": torch.sigmoid(zr / t)}
+            out.append(self.to_proposal(torch.stack(cols[r]), torch.stack(rows[r]), **extra))
+        return out
+
     def sample_sequential(self, h: torch.Tensor, anchor: int, params: SamplingParams, generator,
                           forced: Sequence[int] = ()) -> Proposal:
         """Eq. 4: x_k ~ softmax(U_k + B_k(x_{k-1}, ...)), k = 1..len(h); the exact p_k go to verification.

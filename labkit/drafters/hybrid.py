@@ -115,19 +115,53 @@ class HybridDrafter(Drafter):
             return prop
         self.counts["copy_rounds"] += 1
         self.counts["copied"] += len(copied)
-        head = one_hot_proposal(copied, self.vocab_size, self.model.device)
-        if len(copied) >= n_model:  # nothing left for the model: skip its forward
-            return head
-        tail = self.model_tail(request, copied, n_model)
-        self.counts["drafted"] += len(tail)
-        return Proposal(torch.cat([head.tokens, tail.tokens]), torch.cat([head.probs, tail.probs.to(head.probs)]))
+        # a copy that fills the block leaves nothing for the model: its forward is skipped
+        tail = None if len(copied) >= n_model else self.model_tail(request, copied, n_model)
+        self.counts["drafted"] += 0 if tail is None else len(tail)
+        return self._with_copy(request, copied, tail)
 
-    def model_tail(self, request: DraftRequest, copied: list[int], n_model: int) -> Proposal:
-        """The model's drafts for positions len(copied)+1..n_model, given the copied prefix."""
-        h = self.model.draft_hidden(request)[:n_model]
-        if hasattr(self.model, "sample_sequential"):  # DSpark: the head reads the copied tokens
-            return self.model.sample_sequential(h, request.ids[-1], request.params, request.generator, forced=copied)
-        return self.model.block_from_states(h[len(copied):], request)  # DFlash: slots ignore earlier drafts
+    def model_tail(self, request: DraftRequest, copied: list[int], n_model: int,
+                   h: torch.Tensor | None = None) -> Proposal:
+        """The model's drafts for positions len(copied)+1..n_model, given the copied prefix (`h`: the
+        block's slot states when already computed)."""
+        h = self.model.draft_hidden(request) if h is None else h
+        return self.model.block_after(h[:n_model], request, copied)
+
+    @torch.no_grad()
+    def propose_many(self, requests: list[DraftRequest], max_tokens: list[int]) -> list[Proposal]:
+        """`propose` for all requests with ONE model forward: every request whose block the model
+        (partly) drafts gets its slot states from one `draft_hidden_many`; rounds without a copied
+        part then draw through the model's batched head, rounds with one finish request by request."""
+        copies = [self.continuation(r, k) for r, k in zip(requests, max_tokens)]
+        n_models = [min(self.model.gamma, k) for k in max_tokens]
+        out: list[Proposal | None] = [None] * len(requests)
+        needs = [i for i, (c, n) in enumerate(zip(copies, n_models)) if len(c) < n and n > 0]
+        h = self.model.draft_hidden_many([requests[i] for i in needs]) if needs else None
+        plain = [j for j, i in enumerate(needs) if not copies[i]]
+        if plain:
+            props = self.model.blocks_from_states(h[plain], [requests[needs[j]] for j in plain],
+                                                  [n_models[needs[j]] for j in plain])
+            for j, prop in zip(plain, props):
+                out[needs[j]] = prop
+        for j, i in enumerate(needs):
+            if copies[i]:
+                out[i] = self._with_copy(requests[i], copies[i], self.model_tail(requests[i], copies[i], n_models[i], h[j]))
+        for i, prop in enumerate(out):
+            if prop is None:  # nothing for the model: a copy that fills the block, or no room at all
+                out[i] = self._with_copy(requests[i], copies[i], None) if copies[i] else \
+                    Proposal.empty(self.vocab_size, self.model.device)
+        for c, prop in zip(copies, out):
+            self.counts["rounds"] += 1
+            self.counts["copy_rounds"] += bool(c)
+            self.counts["copied"] += len(c)
+            self.counts["drafted"] += len(prop) - len(c)
+        return out
+
+    def _with_copy(self, request: DraftRequest, copied: list[int], tail: Proposal | None) -> Proposal:
+        head = one_hot_proposal(copied, self.vocab_size, self.model.device)
+        if tail is None:
+            return head
+        return Proposal(torch.cat([head.tokens, tail.tokens]), torch.cat([head.probs, tail.probs.to(head.probs)]))
 
 
 def make_hybrid(model: DFlashDrafter, gamma: int | None = None) -> HybridDrafter:
