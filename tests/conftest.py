@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,40 @@ from labkit.model.target import Target, default_target_dir, load_target
 # Hypothesis keeps its example database under the working directory by default: keep the repo clean.
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     hypothesis.configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir()) / f"labkit-tests-hypothesis-{os.getuid()}")  # per user: /tmp is shared
+
+# ---------------------------------------------------------------------------------------------------
+# CI mode (LABKIT_CI=1, set by .ci/run): a test that would skip for a missing component fails instead,
+# so CI can never be green while a part of the lab did not run. The skips it lets through are named
+# here; "gpu" always, the others only where LABKIT_CI_ALLOW lists them (the fresh-clone run lists
+# "no-public-benchmarks": a user's clone has no public benchmark files beside it, by design).
+
+ALLOWED_SKIPS = {
+    "gpu": re.compile(r"\b(CUDA|GPU)\b"),
+    "no-public-benchmarks": re.compile(r"benchmarks is absent"),
+}
+
+
+def skip_allowed(reason: str, env=os.environ) -> bool:
+    """Whether a skip with this reason may stand: always outside CI mode; in CI mode only an allowed one."""
+    if env.get("LABKIT_CI") != "1":
+        return True
+    names = {"gpu"} | {n.strip() for n in env.get("LABKIT_CI_ALLOW", "").split(",") if n.strip()}
+    unknown = names - ALLOWED_SKIPS.keys()
+    if unknown:
+        raise pytest.UsageError(f"LABKIT_CI_ALLOW names unknown skips {sorted(unknown)}: use {sorted(ALLOWED_SKIPS)}.")
+    return any(ALLOWED_SKIPS[n].search(reason) for n in names)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not skip_allowed(reason):
+            report.outcome = "failed"
+            report.longrepr = (f"CI mode (LABKIT_CI=1) allows no skip for a missing component ({report.location[0]}): "
+                               f"{reason}. Install what it names, or list an allowed skip in LABKIT_CI_ALLOW.")
+
 
 # ---------------------------------------------------------------------------------------------------
 # CPU threads. Tiny models spend their time in thread hand-offs: on a shared 2-core machine a

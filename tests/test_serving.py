@@ -79,7 +79,10 @@ def test_mixed_batch_greedy_output_equals_solo_greedy(tiny, dspark, policy):
     for r in rep["requests"]:
         assert r["token_ids"] == solo(tiny, dspark, requests[r["id"]]), f"request {r['id']} under {policy}"
     truncated = sum(l < d for s in engine.steps for l, d in zip(s.lengths, s.drafted))
-    if policy in ("mtp1", "algorithm1", "async-topk", "threshold"):
+    if policy == "mtp1":  # it never verifies more than one draft, so the engine drafts no more than one
+        assert all(d <= 1 for s in engine.steps for d in s.drafted) and truncated == 0
+        assert any(l == 1 for s in engine.steps for l in s.lengths)
+    elif policy in ("algorithm1", "async-topk", "threshold"):
         assert truncated > 0, "the steep table should make this policy verify fewer tokens than drafted"
     else:
         assert truncated == 0

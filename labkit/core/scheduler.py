@@ -447,7 +447,9 @@ def _lengths_of(path: AdmissionPath, k: int, n_req: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Policies: policy(inp) -> lengths, each with a `name`
+# Policies: policy(inp) -> lengths, each with a `name` and a `draft_cap`: the most drafts a request can
+# have verified under the policy whatever the confidences (None: no cap), so that an engine never pays
+# for drafts the policy will drop. The cap is fixed before anything is drafted, so it stays lossless.
 
 
 @dataclass
@@ -456,6 +458,10 @@ class Fixed:
 
     cap: int | None = None
     name = "fixed"
+
+    @property
+    def draft_cap(self) -> int | None:
+        return None if self.cap is None else int(self.cap)
 
     def __post_init__(self):
         if self.cap is not None and (whole_number(self.cap, "the fixed length cap") < 0):
@@ -470,6 +476,7 @@ class MTP1:
     """One drafted token per request, two verified: the paper's production baseline (Sec. 5.3, Fig. 7)."""
 
     name = "mtp1"
+    draft_cap = 1
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
         return [min(1, m) for m in inp.max_lengths]
@@ -487,6 +494,7 @@ class Threshold:
 
     t: float = 0.5
     name = "threshold"
+    draft_cap = None
 
     def __post_init__(self):
         if not 0.0 < self.t <= 1.0:  # also rejects NaN
@@ -508,6 +516,7 @@ class Algorithm1:
     """
 
     name = "algorithm1"
+    draft_cap = None
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
         w = admission_walk(inp, until_break=True)
@@ -524,6 +533,7 @@ class Retrospective:
     """
 
     name = "retrospective"
+    draft_cap = None
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
         w = admission_walk(inp)
@@ -542,6 +552,7 @@ class AsyncTopK:
     """
 
     name = "async-topk"
+    draft_cap = None
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
         return _lengths_of(admission_path(inp), capacity_from_old(inp), inp.n_requests)

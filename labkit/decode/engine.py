@@ -247,7 +247,9 @@ class Engine:
             return None
         ids = list(self.active)
         t_start = self._clock()
-        proposals = decoding.draft_many([self.active[rid].state for rid in ids], self.drafter, self.max_draft)
+        caps = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
+        proposals = decoding.draft_many([self.active[rid].state for rid in ids], self.drafter,
+                                        min(caps) if caps else None)  # no drafts the policy would drop
         t_drafted = self._clock()
         conf = self._confidences(proposals)
         max_lengths = [len(p) for p in proposals]
