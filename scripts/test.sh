@@ -14,4 +14,5 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-ge
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 fi
-python -m pytest tests "$@"
+# no path given: pytest runs pyproject's testpaths (tests/); paths given (as .ci/run does): only those
+python -m pytest "$@"
