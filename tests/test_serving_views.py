@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from labkit.lab.plots import POLICY_LABELS
+
 from labkit.drafters.dspark import DSparkDrafter
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
@@ -43,7 +45,7 @@ def _trace(fig, name: str):
 
 def test_fig7_builder_plots_one_trace_per_policy_sorted_by_users():
     fig = throughput_speed_figure(REPORTS)
-    assert [t.name for t in fig.data] == ["MTP-1", "fixed (verify all)", "Algorithm 1", "async top-K (Sec. 5.2)"]
+    assert [t.name for t in fig.data] == [POLICY_LABELS["mtp1"], "fixed (verify all)", "Algorithm 1", "async top-K (Sec. 5.2)"]
     a1 = _trace(fig, "Algorithm 1")
     assert list(a1.text) == ["x1", "x2", "x4"]
     assert list(a1.y) == [12.0, 22.0, 42.0] and list(a1.x) == [11.0, 10.0, 8.0]
@@ -52,7 +54,7 @@ def test_fig7_builder_plots_one_trace_per_policy_sorted_by_users():
 def test_fig7_builder_skips_reports_without_numbers_and_keeps_the_order_asked_for():
     reps = REPORTS + [_report("algorithm1", 8, None, None, None)]
     fig = throughput_speed_figure(reps, policies=("algorithm1", "mtp1"))
-    assert [t.name for t in fig.data] == ["Algorithm 1", "MTP-1"]
+    assert [t.name for t in fig.data] == ["Algorithm 1", POLICY_LABELS["mtp1"]]
     assert len(fig.data[0].x) == 3
     with pytest.raises(LabkitError, match="sweep"):
         throughput_speed_figure([])
@@ -61,11 +63,11 @@ def test_fig7_builder_skips_reports_without_numbers_and_keeps_the_order_asked_fo
 def test_fig8_builder_plots_throughput_and_budget_per_policy_against_users():
     fig = load_figure(REPORTS)
     assert len(fig.data) == 2 * len(SWEEP_POLICIES)
-    for policy_label in ("MTP-1", "Algorithm 1"):
+    for policy_label in (POLICY_LABELS["mtp1"], "Algorithm 1"):
         top, bottom = [t for t in fig.data if t.name == policy_label]
         assert top.showlegend and not bottom.showlegend
         assert list(top.x) == [1, 2, 4] and list(bottom.x) == [1, 2, 4]
-    mtp1_budget = [t for t in fig.data if t.name == "MTP-1"][1]
+    mtp1_budget = [t for t in fig.data if t.name == POLICY_LABELS["mtp1"]][1]
     a1_budget = [t for t in fig.data if t.name == "Algorithm 1"][1]
     assert list(mtp1_budget.y) == [2.0, 2.0, 2.0] and list(a1_budget.y) == [5.0, 4.0, 2.0]
     assert fig.layout.xaxis2.title.text.startswith("concurrent users")
@@ -75,7 +77,7 @@ def test_sweep_table_and_sentence_come_from_the_numbers():
     rows = sweep_rows(REPORTS)
     assert len(rows) == len(REPORTS) and all(len(r) == len(SWEEP_HEADER) for r in rows)
     assert [r[1] for r in rows] == sorted(r[1] for r in rows)  # by users
-    assert rows[0][:5] == ("MTP-1", 1, "10.00", "9.00", "2.00")
+    assert rows[0][:5] == (POLICY_LABELS["mtp1"], 1, "10.00", "9.00", "2.00")
     text = describe_sweep(REPORTS)
     assert "1.20x" in text  # Algorithm 1 at 1 user: 12 / 10
     assert "5.00 tokens per request at 1 user(s) to 2.00 at 4" in text

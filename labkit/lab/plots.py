@@ -27,6 +27,15 @@ COLORS = {"p_t": "#1f77b4", "p_d": "#ff7f0e", "accepted": "#2ca02c", "residual":
 TEMPLATE = "plotly_white"
 
 
+#: how every figure and table names and colours the prefix policies. "mtp1" is the production
+#: baseline's shape (one draft, two tokens verified) played by the DSpark drafter's first draft, not a
+#: separately trained MTP module: the label says so.
+POLICY_LABELS = {"algorithm1": "Algorithm 1", "fixed": "fixed (verify all)", "mtp1": "MTP-1 (DSpark's 1st draft)",
+                 "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
+                 "threshold": "static threshold"}
+POLICY_COLORS = {"algorithm1": "#2ca02c", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
+                 "retrospective": "#d62728", "threshold": "#8c564b"}
+
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)
 

@@ -22,7 +22,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from labkit.core.errors import LabkitError
-from labkit.lab.plots import COLORS, TEMPLATE
+from labkit.lab.plots import COLORS, POLICY_COLORS, POLICY_LABELS, TEMPLATE
 from labkit.core.scheduler import (
     APPENDIX_A_P_T,
     AppendixAArithmetic,
@@ -39,11 +39,6 @@ from labkit.core.scheduler import admission_walk as core_walk
 
 #: the policies the load sweep compares by default (paper Fig. 8: MTP-1 is the production baseline)
 SWEEP_POLICIES = ("algorithm1", "fixed", "mtp1", "async-topk")
-POLICY_COLORS = {"algorithm1": "#2ca02c", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
-                 "retrospective": "#d62728", "threshold": "#8c564b"}
-POLICY_LABELS = {"algorithm1": "Algorithm 1", "fixed": "fixed (verify all)", "mtp1": "MTP-1",
-                 "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
-                 "threshold": "static threshold"}
 
 # ---------------------------------------------------------------------------------------------------
 # The profiled SPS(B) curve

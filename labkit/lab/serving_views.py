@@ -34,7 +34,7 @@ from plotly.subplots import make_subplots
 
 from labkit.core.errors import LabkitError
 from labkit.drafters.base import check_batchable
-from labkit.lab.plots import TEMPLATE
+from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS, TEMPLATE
 from labkit.core.scheduler import POLICIES, CostTable
 from labkit.decode.engine import Engine, ServeRequest, StepRecord, run_sweeps  # noqa: F401  (run_sweeps: notebook 06 calls it from here)
 from labkit.core.trace import position_acceptance, position_counts
@@ -42,11 +42,6 @@ from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 
 #: the policies of the Fig. 7 / Fig. 8 sweeps: MTP-1 is the paper's production baseline
 SWEEP_POLICIES = ("mtp1", "fixed", "algorithm1", "async-topk")
-POLICY_LABELS = {"algorithm1": "Algorithm 1", "fixed": "fixed (verify all)", "mtp1": "MTP-1",
-                 "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
-                 "threshold": "static threshold"}
-POLICY_COLORS = {"algorithm1": "#2ca02c", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
-                 "retrospective": "#d62728", "threshold": "#8c564b"}
 
 # ---------------------------------------------------------------------------------------------------
 # The sweeps: paper Figs. 7 and 8 from `serving.sweep` reports
@@ -236,7 +231,7 @@ class Segment:
 # The live dashboard's figure
 
 LIVE_TRACES = ("aggregate tokens/s", "per-user tokens/s", "finished requests", "settings so far",
-               "verify budget / request", "MTP-1 budget (2)", "acceptance by position", "active requests",
+               "verify budget / request", "MTP-1 budget (2 tokens)", "acceptance by position", "active requests",
                "users setting")
 
 
