@@ -48,8 +48,8 @@ def _add_prompt_args(p: argparse.ArgumentParser, default_limit: int) -> None:
                    help='JSONL files of {"turns": [...]} rows, first turns (default: the evaluation set below)')
     p.add_argument("--benchmarks", default=None,
                    help="folder of public benchmark files (gsm8k.jsonl, ...; `benchmarks fetch` writes one) or 'lab' "
-                        "for the lab's own set (default: $LABKIT_BENCHMARKS, else ../shared/benchmarks beside the "
-                        "checkout or build/benchmarks where present, else the lab's own set in data/eval)")
+                        "for the lab's own set (default: $LABKIT_BENCHMARKS, else a shared/benchmarks folder beside "
+                        "the checkout or build/benchmarks where present, else the lab's own set in data/eval)")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help=f"prompts taken from each file (default: all of --prompts; {default_limit} a file of the set)")
     p.set_defaults(default_limit=default_limit)

@@ -97,28 +97,31 @@ def test_every_drafter_runs_in_the_bench(target, specs):
         assert ("draft_vocab_coverage" in row) == (kind not in ("prompt-lookup", "layer-skip")), kind
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_the_engine_serves_every_batchable_drafter_and_refuses_the_others_by_name(target, specs, kind):
+def served_or_refused(target, specs, kind, serve):
+    """serve(drafter, requests) for a batchable kind; for the others, the refusal that names the drafter."""
     d = make_drafter(specs[kind], target)
     requests = make_requests(target, PROMPTS, NEW_TOKENS, SamplingParams(), seed=0)
     if kind in SINGLE_REQUEST_ONLY:
         with pytest.raises(LabkitError, match=d.name):
-            run_closed_loop(target, d, requests, 2, "algorithm1", CostTable.flat())
-        return
-    rep = run_closed_loop(target, d, requests, 2, "algorithm1", CostTable.flat())
-    solo = {i: generate(target, target.encode_prompt(p.text), None, NEW_TOKENS, SamplingParams()).token_ids
-            for i, p in enumerate(PROMPTS)}
-    assert {r["id"]: r["token_ids"] for r in rep["requests"]} == solo
+            serve(d, requests)
+        return d, None
+    return d, serve(d, requests)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_engine_serves_every_batchable_drafter_and_refuses_the_others_by_name(target, specs, kind):
+    _, rep = served_or_refused(target, specs, kind,
+                               lambda d, reqs: run_closed_loop(target, d, reqs, 2, "algorithm1", CostTable.flat()))
+    if rep is not None:
+        solo = {i: generate(target, target.encode_prompt(p.text), None, NEW_TOKENS, SamplingParams()).token_ids
+                for i, p in enumerate(PROMPTS)}
+        assert {r["id"]: r["token_ids"] for r in rep["requests"]} == solo
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_serving_dashboard_takes_every_batchable_drafter(target, specs, kind):
     """Prompt lookup included: its block length is declared, not guessed."""
-    d = make_drafter(specs[kind], target)
-    requests = make_requests(target, PROMPTS, NEW_TOKENS, SamplingParams(), seed=0)
-    if kind in SINGLE_REQUEST_ONLY:
-        with pytest.raises(LabkitError, match=d.name):
-            ServingDashboard(target, d, requests, CostTable.flat())
-        return
-    dash = ServingDashboard(target, d, requests, CostTable.flat())
-    assert dash.gamma == d.gamma and dash.controls["max_draft"].max == d.gamma
+    d, dash = served_or_refused(target, specs, kind,
+                                lambda d, reqs: ServingDashboard(target, d, reqs, CostTable.flat()))
+    if dash is not None:
+        assert dash.gamma == d.gamma and dash.controls["max_draft"].max == d.gamma

@@ -2,7 +2,7 @@
 
 One code path for `bash scripts/lab.sh --headless` (`python -m labkit notebooks`) and for the test
 suite, so the two cannot drift apart. Each notebook runs in its own folder, as in JupyterLab, so its
-relative paths (`../data/train`, `../../shared/benchmarks`) resolve wherever the command was started;
+relative paths (`../data/train`) resolve wherever the command was started;
 the kernel gets LABKIT_HEADLESS=1 (dashboards then leave a static figure) and LABKIT_QUICK for quick
 mode. The HTML copy needs no network: plotly figures become divs with plotly.js embedded once,
 equations are typeset by an inlined MathJax 3 (SVG output, so no fonts to fetch), and widget views,

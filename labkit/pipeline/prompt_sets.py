@@ -7,7 +7,7 @@ format; `python -m labkit benchmarks fetch` writes one) is used where one is fou
 
 1. a folder named explicitly (`--benchmarks DIR`, a notebook's `BENCH_DIR`);
 2. the `LABKIT_BENCHMARKS` environment variable;
-3. `../shared/benchmarks` beside the checkout, where present (as on the project's CI machines);
+3. a `shared/benchmarks` folder beside the checkout, where present (as on the project's CI machines);
 4. `build/benchmarks`, where `benchmarks fetch` writes by default;
 5. otherwise the lab's own set.
 
