@@ -13,7 +13,8 @@ import json
 import pytest
 
 from labkit.__main__ import main
-from labkit.measure.bench import DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_table, load_prompts, run_bench
+from labkit.measure.bench import DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_table, run_bench
+from labkit.pipeline.prompt_sets import load_prompts
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import load_target
 
@@ -162,7 +163,8 @@ def test_cli_generate_json(tiny_model_dir, capsys):
 def test_tau_by_domain_pools_rounds_within_a_domain():
     from types import SimpleNamespace
 
-    from labkit.measure.bench import Prompt, tau_by_domain
+    from labkit.measure.bench import tau_by_domain
+    from labkit.pipeline.prompt_sets import Prompt
     from labkit.core.trace import Round
     prompts = [Prompt("a", "math", "x"), Prompt("b", "math", "x"), Prompt("c", "chat", "y")]
     results = [SimpleNamespace(rounds=[Round(4, 3, 0, 0)]), SimpleNamespace(rounds=[Round(4, 0, 0, 0)] * 3),

@@ -233,7 +233,7 @@ def test_fetch_writes_every_set(hub, tmp_path):
 
 
 def test_fetched_files_are_read_by_bench_load_prompts(hub, tmp_path):
-    from labkit.measure.bench import load_prompts
+    from labkit.pipeline.prompt_sets import load_prompts
     bf.fetch_benchmarks(tmp_path, names=["mbpp", "mt-bench"], endpoint=hub.url, progress=False)
     prompts = load_prompts([tmp_path / "mbpp.jsonl", tmp_path / "mt-bench.jsonl"])
     assert [p.domain for p in prompts] == ["code"] * 3 + ["chat"] * 3

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from labkit.__main__ import main
-from labkit.measure.bench import Prompt, load_prompts, run_bench
+from labkit.measure.bench import run_bench
+from labkit.pipeline.prompt_sets import Prompt, load_prompts
 from labkit.decode.loop import generate, prefill
 from labkit.drafters import LayerSkipConfig, LayerSkipDrafter, PromptLookupConfig, PromptLookupDrafter, make_drafter
 from labkit.drafters.base import Drafter, Proposal

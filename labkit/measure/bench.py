@@ -20,7 +20,7 @@ from labkit.decode.loop import generate
 from labkit.model.timing import timed_call
 from labkit.drafters import check_spec, make_drafter, shipped_checkpoint
 from labkit.core.errors import LabkitError
-from labkit.pipeline.prompt_sets import Prompt, describe_prompts, load_prompts  # noqa: F401  (re-exported)
+from labkit.pipeline.prompt_sets import Prompt, describe_prompts
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
 from labkit.core.trace import (format_acceptance, mean_tau, position_acceptance, position_counts, prefix_survival,
