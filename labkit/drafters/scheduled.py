@@ -39,7 +39,7 @@ class ScheduledDrafter(Drafter):
     nothing (a plain decoding step), and drafts dropped unverified.
     """
 
-    batchable = False  # the engine schedules all requests together (serving.Engine), not one by one
+    batchable = False  # the engine schedules all requests together (labkit.decode.engine.Engine), not one by one
 
     def __init__(self, inner: Drafter, table: CostTable):
         if isinstance(inner, ScheduledDrafter):

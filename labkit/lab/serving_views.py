@@ -44,7 +44,7 @@ from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 SWEEP_POLICIES = ("mtp1", "fixed", "algorithm1", "async-topk")
 
 # ---------------------------------------------------------------------------------------------------
-# The sweeps: paper Figs. 7 and 8 from `serving.sweep` reports
+# The sweeps: paper Figs. 7 and 8 from `labkit.decode.engine.sweep` reports
 
 
 def _label(policy: str) -> str:
@@ -70,7 +70,7 @@ def throughput_speed_figure(reports: Sequence[dict], policies: Sequence[str] | N
     """Aggregate tokens/s against per-user tokens/s (paper Fig. 7): one trace per policy, named by the
     policy's label, one point per concurrency (labelled x<users>). Reports without a number are skipped."""
     if not reports:
-        raise LabkitError("No serving reports to plot: run `serving.sweep` first.")
+        raise LabkitError("No serving reports to plot: run `labkit.decode.engine.sweep` first.")
     fig = go.Figure()
     for policy, reps in by_policy(reports, policies).items():
         xs, ys, kept = _points(reps, "per_user_tokens_per_s", "aggregate_tokens_per_s")
@@ -92,7 +92,7 @@ def load_figure(reports: Sequence[dict], policies: Sequence[str] | None = None, 
     """Aggregate throughput (top) and mean verification budget per request, 1 + l, anchor included
     (bottom), against concurrent users (paper Fig. 8): one trace per policy in each panel."""
     if not reports:
-        raise LabkitError("No serving reports to plot: run `serving.sweep` first.")
+        raise LabkitError("No serving reports to plot: run `labkit.decode.engine.sweep` first.")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("aggregate throughput (tokens/s)", "verification budget per request (tokens)"))
     for policy, reps in by_policy(reports, policies).items():
@@ -427,7 +427,7 @@ class ServingDashboard(FigureWithReadout):
         engine, n = self.engine, len(self.requests)
         while len(engine.active) < self.users:
             base = self.requests[self._next_id % n]
-            cycle = self._next_id // n  # a prompt sent again gets a fresh seed, as in serving.closed_loop
+            cycle = self._next_id // n  # a prompt sent again gets a fresh seed, as in labkit.decode.engine.closed_loop
             req = replace(base, id=self._next_id, arrival_s=engine.now(), seed=base.seed + cycle * n)
             self._next_id += 1
             refused = engine.add(req)
