@@ -239,12 +239,14 @@ class ChiSquare:
         return self.p_value < alpha
 
 
-def chi2_goodness_of_fit(counts, probs, min_expected: float = 5.0) -> ChiSquare:
+def chi2_goodness_of_fit(counts, probs, min_expected: float = 5.0, min_df: int = 1) -> ChiSquare:
     """Pearson's test of observed `counts` against cell probabilities `probs` (same length).
 
     Cells whose expected count is below `min_expected` are pooled into one cell (and that cell into
     the smallest remaining one if it is still too small), so the chi-square approximation holds. Any
-    draw in a cell of probability 0 is an impossible outcome: the p-value is then 0.
+    draw in a cell of probability 0 is an impossible outcome: the p-value is then 0. A test left with
+    fewer than `min_df` degrees of freedom after pooling can reject nothing, so it is refused rather
+    than passed (it used to return p = 1).
     """
     counts = [float(c) for c in counts]
     probs = [float(p) for p in probs]
@@ -266,6 +268,9 @@ def chi2_goodness_of_fit(counts, probs, min_expected: float = 5.0) -> ChiSquare:
             big.append((e0 + pooled[0], c0 + pooled[1]))
     stat = sum((c - e) ** 2 / e for e, c in big)
     df = len(big) - 1
+    if not impossible and df < min_df:
+        raise ValueError(f"{df} degrees of freedom after pooling (at least {min_df} needed): the test has no "
+                         "power here; draw more samples or test a distribution with more likely outcomes.")
     if impossible:
         p_value = 0.0
     elif df <= 0:

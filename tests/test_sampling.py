@@ -247,3 +247,12 @@ def test_chi2_gof_pools_small_cells_and_flags_impossible_draws(chi2_gof):
     assert fit.statistic == pytest.approx(0.0) and fit.p_value == pytest.approx(1.0)
     assert fit.n_cells == 4  # the 3.0 and 2.0 expected cells pool into one of 5.0
     assert chi2_gof([99, 1], [1.0, 0.0]).p_value == 0.0
+
+
+def test_the_chi_square_helper_refuses_a_test_that_can_reject_nothing(chi2_gof):
+    """Four draws over two cells pool into one (expected counts 3 and 1 < 5): no degrees of freedom
+    are left, so the helper refuses instead of passing with p = 1; with enough draws it tests."""
+    with pytest.raises(ValueError, match="0 degrees of freedom"):
+        chi2_gof([3, 1], [0.75, 0.25])
+    result = chi2_gof([60, 40], [0.5, 0.5])
+    assert result.df == 1 and result.p_value < 0.05
