@@ -461,10 +461,10 @@ def cmd_serve(args) -> None:
     from labkit.decode.engine import Engine, closed_loop, cost_table_for, make_requests, open_loop, report
     from labkit.model.target import load_target
     params = _params(args)
-    prompts = _load_prompts(args)
-    check_spec(args.drafter)
     if args.duration is not None and args.duration <= 0:
         raise LabkitError(f"--duration must be a positive number of seconds, got {args.duration}.")
+    check_spec(args.drafter)
+    prompts = _load_prompts(args)
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
     table = cost_table_for(target, args.table, args.reprofile)
@@ -496,10 +496,10 @@ def cmd_serve_sweep(args) -> None:
     from labkit.core.scheduler import make_policy
     from labkit.decode.engine import cost_table_for, format_sweep, run_sweeps
     from labkit.model.target import load_target
-    prompts = _load_prompts(args)
     check_spec(args.drafter)
     for name in args.policies:
         make_policy(name)
+    prompts = _load_prompts(args)
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
     table = cost_table_for(target, args.table, args.reprofile)
