@@ -60,10 +60,10 @@ def main() -> None:
                 for name, fn in (("loop", loop), ("batch", batch)):
                     times[name].append(timed_call(fn, target.device)[0])
             med = {k: statistics.median(v) for k, v in times.items()}
+            iqr = {k: (lambda q: q[2] - q[0])(statistics.quantiles(v, n=4)) for k, v in times.items()}
             row = {"drafter": spec, "users": users, "loop_ms": 1e3 * med["loop"], "batch_ms": 1e3 * med["batch"],
-                   "speedup": med["loop"] / med["batch"],
-                   "loop_iqr_ms": 1e3 * (statistics.quantiles(times["loop"], n=4)[2] - statistics.quantiles(times["loop"], n=4)[0]),
-                   "batch_iqr_ms": 1e3 * (statistics.quantiles(times["batch"], n=4)[2] - statistics.quantiles(times["batch"], n=4)[0])}
+                   "speedup": med["loop"] / med["batch"], "loop_iqr_ms": 1e3 * iqr["loop"],
+                   "batch_iqr_ms": 1e3 * iqr["batch"]}
             rows.append(row)
             print(f"{spec:<16} users {users:>3}: one by one {row['loop_ms']:7.1f} ms, batched {row['batch_ms']:7.1f} ms "
                   f"({row['speedup']:.2f}x; IQR {row['loop_iqr_ms']:.1f} / {row['batch_iqr_ms']:.1f} ms)", flush=True)

@@ -214,10 +214,10 @@ def draft_many(states: list[DecodeState], drafter: Drafter | None, max_draft: in
     """`draft` for several requests in one call of the drafter (`Drafter.propose_many`), each capped
     as `draft` caps it and at `max_draft` (a proposal length the caller can use at most)."""
     caps = [s.remaining - 1 if max_draft is None else min(s.remaining - 1, max_draft) for s in states]
-    if drafter is None:
-        return [Proposal.empty(s.vocab_size, s.generator.device) for s in states]
-    live = [i for i, k in enumerate(caps) if k > 0]
     out = [Proposal.empty(s.vocab_size, s.generator.device) for s in states]
+    live = [i for i, k in enumerate(caps) if k > 0] if drafter is not None else []
+    if not live:
+        return out
     for i, prop in zip(live, drafter.propose_many([states[i].request for i in live], [caps[i] for i in live])):
         out[i] = prop.truncate(caps[i])
     return out

@@ -132,7 +132,7 @@ class HybridDrafter(Drafter):
         """`propose` for all requests with ONE model forward: every request whose block the model
         (partly) drafts gets its slot states from one `draft_hidden_many`; rounds without a copied
         part then draw through the model's batched head, rounds with one finish request by request."""
-        if len(requests) == 1:  # nothing to batch: the solo path
+        if len(requests) == 1:  # nothing to batch: the solo path (see DFlashDrafter.propose_many)
             return [self.propose(requests[0], max_tokens[0])]
         copies = [self.continuation(r, k) for r, k in zip(requests, max_tokens)]
         n_models = [min(self.model.gamma, k) for k in max_tokens]

@@ -23,6 +23,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from labkit.core.errors import LabkitError
@@ -55,10 +56,18 @@ class Prompt:
 
 
 def _rows(path: Path) -> list[dict]:
+    """The rows of a prompt file, read once per version of the file (`load`, `held` and `describe`
+    all ask for them)."""
     if not path.is_file():
         raise LabkitError(f"Prompt file {path} does not exist: pass a JSONL file of {{\"turns\": [...]}} rows, "
                           "or leave --prompts out to use the lab's own evaluation set (data/eval).")
-    rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]  # not splitlines: U+2028
+    stat = path.stat()
+    return _read_rows(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _read_rows(path: str, mtime_ns: int, size: int) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]  # not splitlines: U+2028
     for row in rows:
         turns = row.get("turns") if isinstance(row, dict) else None
         if not turns or not isinstance(turns[0], str):
