@@ -494,7 +494,8 @@ def cmd_serve_sweep(args) -> None:
     from labkit.drafters import check_spec, make_drafter
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.core.scheduler import make_policy
-    from labkit.decode.engine import cost_table_for, format_sweep, run_sweeps
+    from labkit.decode.engine import cost_table_for
+    from labkit.measure.sweeps import format_sweep, run_sweeps
     from labkit.model.target import load_target
     check_spec(args.drafter)
     for name in args.policies:

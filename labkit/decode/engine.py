@@ -91,6 +91,12 @@ class StepRecord:
     draft_s: float
     schedule_s: float
     verify_s: float
+    #: what the policy saw, for an exact replay (`labkit.core.simulate`): request ids in row order, each
+    #: request's confidences (its drafted length), and the drafting seconds per request the step's
+    #: `RoundRate` charged (None before the first step had been timed)
+    ids: list[int] = field(default_factory=list)
+    conf: list[list[float]] = field(default_factory=list)
+    draft_cost_s: float | None = None
 
     @property
     def emitted(self) -> int:
@@ -254,8 +260,8 @@ class Engine:
         conf = self._confidences(proposals)
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
-        per_request = self._draft_s_per_request or 0.0
-        cost = RoundRate(self.table, per_request * len(ids))  # the whole step: drafting for all + the forward
+        draft_cost_s = self._draft_s_per_request
+        cost = RoundRate(self.table, (draft_cost_s or 0.0) * len(ids))  # the whole step: drafting for all + the forward
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=padded_batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
@@ -288,7 +294,9 @@ class Engine:
                 self._retire(rid)
         record = StepRecord(t_s=t_end - self.t0, active=len(ids), lengths=list(lengths), drafted=max_lengths,
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
-                            schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled)
+                            schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
+                            conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
+                            draft_cost_s=draft_cost_s)
         self.steps.append(record)
         return record
 
@@ -384,8 +392,10 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
         "acceptance_rounds": position_counts(engine.rounds),
         "tau": mean_tau(engine.rounds),
         "steps": len(steps),
+        "table": engine.table.to_dict(),
         "step_trace": [{"t_s": s.t_s, "active": s.active, "lengths": s.lengths, "accepted": s.accepted,
-                        "batch_tokens": s.batch_tokens, "draft_s": s.draft_s, "verify_s": s.verify_s}
+                        "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
+                        "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "rounds": r.rounds,
@@ -408,39 +418,6 @@ def run_closed_loop(target: Target, drafter: Drafter | None, requests: list[Serv
             if on_step is not None:
                 on_step(engine, rec)
     return report(engine, users, drafter_spec)
-
-
-def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: list[int],
-          policies: list[str], table: CostTable | None = None, requests_per_user: int = 2,
-          drafter_spec: str | None = None, progress: bool = False) -> list[dict]:
-    """Every (policy, users) pair, policies interleaved at each load (noisy machines): one report each.
-
-    Each run serves `requests_per_user * users` requests (at least len(policies)), so every load gets the
-    same work per user. The figures of throughput against per-user speed (paper Fig. 7) and of throughput
-    and verification budget against concurrency (Fig. 8) are drawn from these reports.
-    """
-    out = []
-    for n in users:
-        for policy in policies:
-            out.append(run_closed_loop(target, drafter, requests, n, policy, table,
-                                       n_requests=max(requests_per_user * n, 1), drafter_spec=drafter_spec,
-                                       progress=progress))
-    return out
-
-
-def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: list[int], policies: list[str],
-               table: CostTable | None, temperatures: list[float], max_new_tokens: int,
-               requests_per_user: int = 1, seed: int = 0, drafter_spec: str | None = None,
-               progress: bool = False, top_p: float = 1.0) -> dict[float, list[dict]]:
-    """`serving.sweep` at each sampling temperature over the same prompts; each report gets its
-    "temperature" added. Returns {temperature: [report, ...]}."""
-    out = {}
-    for temp in temperatures:
-        requests = make_requests(target, list(prompts), max_new_tokens, SamplingParams(temperature=float(temp), top_p=top_p), seed)
-        reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
-                     drafter_spec, progress)
-        out[temp] = [dict(r, temperature=float(temp)) for r in reps]
-    return out
 
 
 def make_requests(target: Target, prompts: list, max_new_tokens: int, params: SamplingParams,
@@ -478,15 +455,3 @@ def cost_table_for(target: Target, path=None, reprofile: bool = False, progress:
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
     return table
-
-
-def format_sweep(reports: list[dict]) -> str:
-    """The sweep as a table: one line per (temperature, users, policy)."""
-    lines = [f"{'T':>4} {'users':>5} {'policy':<12} {'agg tok/s':>9} {'user tok/s':>10} {'budget':>6} {'tau':>5} "
-             f"{'wasted':>6} {'steps':>5}"]
-    for r in reports:
-        lines.append(f"{r.get('temperature', 0.0):>4.1f} {r['users']:>5} {r['policy']:<12} "
-                     f"{r['aggregate_tokens_per_s'] or 0:>9.2f} {r['per_user_tokens_per_s'] or 0:>10.2f} "
-                     f"{r['mean_verify_budget'] or 0:>6.2f} {r['tau'] or 0:>5.2f} "
-                     f"{r['wasted_verification'] or 0:>6.2f} {r['steps']:>5}")
-    return "\n".join(lines)

@@ -36,7 +36,8 @@ from labkit.core.errors import LabkitError
 from labkit.drafters.base import check_batchable
 from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS, TEMPLATE
 from labkit.core.scheduler import POLICIES, CostTable
-from labkit.decode.engine import Engine, ServeRequest, StepRecord, run_sweeps  # noqa: F401  (run_sweeps: notebook 06 calls it from here)
+from labkit.decode.engine import Engine, ServeRequest, StepRecord
+from labkit.measure.sweeps import run_sweeps  # noqa: F401  (notebook 06 calls it from here)
 from labkit.core.trace import position_acceptance, position_counts
 from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 
@@ -44,7 +45,7 @@ from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 SWEEP_POLICIES = ("mtp1", "fixed", "algorithm1", "async-topk")
 
 # ---------------------------------------------------------------------------------------------------
-# The sweeps: paper Figs. 7 and 8 from `labkit.decode.engine.sweep` reports
+# The sweeps: paper Figs. 7 and 8 from `labkit.measure.sweeps.sweep` reports
 
 
 def _label(policy: str) -> str:
@@ -70,7 +71,7 @@ def throughput_speed_figure(reports: Sequence[dict], policies: Sequence[str] | N
     """Aggregate tokens/s against per-user tokens/s (paper Fig. 7): one trace per policy, named by the
     policy's label, one point per concurrency (labelled x<users>). Reports without a number are skipped."""
     if not reports:
-        raise LabkitError("No serving reports to plot: run `labkit.decode.engine.sweep` first.")
+        raise LabkitError("No serving reports to plot: run `labkit.measure.sweeps.sweep` first.")
     fig = go.Figure()
     for policy, reps in by_policy(reports, policies).items():
         xs, ys, kept = _points(reps, "per_user_tokens_per_s", "aggregate_tokens_per_s")
@@ -92,7 +93,7 @@ def load_figure(reports: Sequence[dict], policies: Sequence[str] | None = None, 
     """Aggregate throughput (top) and mean verification budget per request, 1 + l, anchor included
     (bottom), against concurrent users (paper Fig. 8): one trace per policy in each panel."""
     if not reports:
-        raise LabkitError("No serving reports to plot: run `labkit.decode.engine.sweep` first.")
+        raise LabkitError("No serving reports to plot: run `labkit.measure.sweeps.sweep` first.")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("aggregate throughput (tokens/s)", "verification budget per request (tokens)"))
     for policy, reps in by_policy(reports, policies).items():
