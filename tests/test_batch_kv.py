@@ -25,6 +25,12 @@ from conftest import ToyTokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4
+
+
+@pytest.fixture(params=[True, False], ids=["packed", "padded"])
+def packed(request) -> bool:
+    """Both step layouts: packed (labkit.model.ragged, the default) and padded."""
+    return request.param
 VOCAB = 64
 LAYERS = (0, 1, 3)  # embeddings, first and last layer of the 3-layer toy
 
@@ -104,11 +110,11 @@ def admit(kv: BatchKV, target: Target, solos: dict, key, prompt: list[int]) -> N
 
 
 @pytest.mark.parametrize("compact_at", [0.5, 0.1])
-def test_mixed_batch_matches_solo_over_steps_with_rollbacks(target, compact_at):
+def test_mixed_batch_matches_solo_over_steps_with_rollbacks(target, compact_at, packed):
     """4 prompts of 2-13 tokens, 8 steps of 1-6 tokens per row (ragged), random rollbacks: every row's
     logits and hidden states equal its solo run within TOL; compact_at=0.1 compacts along the way."""
     rng = random.Random(0)
-    kv, solos = BatchKV(target, hidden_layers=LAYERS, compact_at=compact_at), {}
+    kv, solos = BatchKV(target, hidden_layers=LAYERS, compact_at=compact_at, packed=packed), {}
     for key, n in zip("abcd", [2, 7, 13, 4]):
         admit(kv, target, solos, key, tokens(rng, n))
     for _ in range(8):
@@ -117,11 +123,11 @@ def test_mixed_batch_matches_solo_over_steps_with_rollbacks(target, compact_at):
         assert kv.stats.compactions > 0
 
 
-def test_rows_that_are_mostly_padding_give_no_nan(target):
+def test_rows_that_are_mostly_padding_give_no_nan(target, packed):
     """One row sends 9 tokens, the others 1 (8 of their 9 columns are padding), and a row whose whole
     last step was rolled back steps again: finite, equal to solo."""
     rng = random.Random(1)
-    kv, solos = BatchKV(target, hidden_layers=LAYERS), {}
+    kv, solos = BatchKV(target, hidden_layers=LAYERS, packed=packed), {}
     for key, n in zip("abc", [1, 5, 3]):
         admit(kv, target, solos, key, tokens(rng, n))
     for wide in "abcab":
@@ -129,14 +135,14 @@ def test_rows_that_are_mostly_padding_give_no_nan(target):
         assert all(torch.isfinite(logits).all() for logits, _ in out.values())
         kv.rollback(wide, 9)  # the whole step: only holes remain of it
         solos[wide].rollback(9)
-    assert kv.stats.padding_fraction > 0.5
+    assert kv.stats.padding_fraction == 0.0 if packed else kv.stats.padding_fraction > 0.5
 
 
-def test_rollback_then_compaction_equals_recompute_from_accepted_tokens(sdpa_target):
+def test_rollback_then_compaction_equals_recompute_from_accepted_tokens(sdpa_target, packed):
     """After steps with rollbacks and a compaction, the next step's logits equal a from-scratch forward
     over the accepted tokens only; compaction leaves no holes but left padding."""
     t, rng = sdpa_target, random.Random(2)
-    kv, solos = BatchKV(t, compact_at=1.0), {}
+    kv, solos = BatchKV(t, compact_at=1.0, packed=packed), {}
     for key, n in zip("abc", [3, 8, 5]):
         admit(kv, t, solos, key, tokens(rng, n))
     for _ in range(5):
@@ -155,11 +161,11 @@ def test_rollback_then_compaction_equals_recompute_from_accepted_tokens(sdpa_tar
         assert close(out[key][0], logits) <= TOL
 
 
-def test_admission_and_retirement_mid_run_leave_other_rows_unchanged(target):
+def test_admission_and_retirement_mid_run_leave_other_rows_unchanged(target, packed):
     """Rows come and go between steps (a prompt longer than the batch pads the batch, a short one pads
     itself); every row still equals its solo run, and removal compacts away the columns it owned."""
     rng = random.Random(3)
-    kv, solos = BatchKV(target, hidden_layers=LAYERS), {}
+    kv, solos = BatchKV(target, hidden_layers=LAYERS, packed=packed), {}
     admit(kv, target, solos, "a", tokens(rng, 3))
     admit(kv, target, solos, "b", tokens(rng, 4))
     run_step(kv, solos, {"a": 3, "b": 1}, rng)
@@ -181,11 +187,33 @@ def test_admission_and_retirement_mid_run_leave_other_rows_unchanged(target):
     run_step(kv, solos, {"again": 3}, rng)
 
 
-def _twelve_rows(target: Target, changed: int | None) -> tuple[list, list, list]:
+def test_batched_admission_equals_solo_prefills_and_leaves_other_rows_unchanged(target):
+    """`add_many` prefills several prompts of different lengths in one packed forward, mid-run: each new
+    row's first logits and hidden states equal its solo prefill, the running rows' next steps still
+    equal their solo runs (within TOL), and repeated or active keys are refused."""
+    rng = random.Random(6)
+    kv, solos = BatchKV(target, hidden_layers=LAYERS), {}
+    admit(kv, target, solos, "a", tokens(rng, 5))
+    run_step(kv, solos, {"a": 3}, rng)
+    prompts = {"b": tokens(rng, 2), "c": tokens(rng, 11), "d": tokens(rng, 1)}
+    got = kv.add_many(prompts)
+    assert list(got) == list(prompts) and kv.keys == ["a", "b", "c", "d"]
+    for key, prompt in prompts.items():
+        solos[key] = Solo(target, prompt)
+        check_row(got[key], solos[key].first)
+        assert got[key][1][0].shape == (len(prompt), target.hidden_size)
+    run_step(kv, solos, {"a": 2, "b": 4, "c": 1, "d": 3}, rng)
+    run_step(kv, solos, {"a": 1, "b": 1, "c": 5, "d": 2}, rng)
+    with pytest.raises(LabkitError, match="already active or repeated"):
+        kv.add_many({"a": [1, 2]})
+    assert kv.add_many({}) == {}
+
+
+def _twelve_rows(target: Target, changed: int | None, packed: bool) -> tuple[list, list, list]:
     """12 rows of different prompts and widths, 3 steps with rollbacks; row `changed` gets other
     step tokens. Returns (prompts, inputs per step, logits per step)."""
     rng = random.Random(4)
-    kv = BatchKV(target)
+    kv = BatchKV(target, packed=packed)
     prompts = [tokens(rng, 1 + (5 * i) % 11) for i in range(12)]
     for i, p in enumerate(prompts):
         kv.add(i, p)
@@ -201,17 +229,17 @@ def _twelve_rows(target: Target, changed: int | None) -> tuple[list, list, list]
     return prompts, steps, outs
 
 
-def test_twelve_row_batch_has_no_leakage(sdpa_target):
+def test_twelve_row_batch_has_no_leakage(sdpa_target, packed):
     """Each of 12 ragged rows equals its solo run; changing one row's tokens changes that row only
     (the other rows' logits stay bit for bit the same)."""
     t = sdpa_target
-    prompts, steps, outs = _twelve_rows(t, None)
+    prompts, steps, outs = _twelve_rows(t, None, packed)
     for i, prompt in enumerate(prompts):
         solo = Solo(t, prompt)
         for s, (inputs, out) in enumerate(zip(steps, outs)):
             assert close(out[i], solo.step(inputs[i])[0]) <= TOL
             solo.rollback((i * s) % len(inputs[i]))
-    _, _, changed = _twelve_rows(t, 5)
+    _, _, changed = _twelve_rows(t, 5, packed)
     for s in range(3):
         for i in range(12):
             if i == 5:
@@ -220,11 +248,11 @@ def test_twelve_row_batch_has_no_leakage(sdpa_target):
                 assert torch.equal(outs[s][i], changed[s][i])
 
 
-def test_automatic_compaction_keeps_logits(sdpa_target):
+def test_automatic_compaction_keeps_logits(sdpa_target, packed):
     """Heavy rollbacks push the reclaimable share past compact_at: the step compacts first, and the
     logits still equal the solo runs."""
     t, rng = sdpa_target, random.Random(5)
-    kv, solos = BatchKV(t, compact_at=0.3), {}
+    kv, solos = BatchKV(t, compact_at=0.3, packed=packed), {}
     for key, n in zip("xy", [2, 3]):
         admit(kv, t, solos, key, tokens(rng, n))
     for _ in range(6):
@@ -296,12 +324,12 @@ def test_sliding_window_models_get_full_layers_and_trimmed_caches_are_refused():
 
 
 @pytest.mark.slow
-def test_real_target_batched_equals_solo(real_target):
+def test_real_target_batched_equals_solo(real_target, packed):
     """SmolLM2-135M fp32 (packed linears): 3 chat prompts, 3 ragged steps with rollbacks; each row's
     logits within 1e-3 of its solo run (|logit| ~ 20-30 there) and the same argmax at every position."""
     t, rng = real_target, random.Random(6)
     prompts = ["What is 7 * 8?", "Name three colours.", "Write a haiku about the sea, please."]
-    kv, solos = BatchKV(t), {}
+    kv, solos = BatchKV(t, packed=packed), {}
     for key, text in enumerate(prompts):
         ids = t.encode_prompt(text)
         solos[key] = Solo(t, ids)

@@ -22,6 +22,7 @@ from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.core.scheduler import CostTable
 from labkit.decode.engine import Engine, ServeRequest, closed_loop, open_loop, padded_batch_tokens, report
+from labkit.core.scheduler import packed_tokens
 from test_dspark import make_dspark
 from test_lossless_tiny_model import NEW_TOKENS, PROMPT, exact_sequence_probs
 
@@ -172,11 +173,37 @@ def test_flat_table_verifies_every_draft(tiny, dspark):
     assert all(s.lengths == s.drafted for s in engine.steps)
 
 
-def test_batch_tokens_charge_the_padding(tiny, dspark):
-    """The scheduler is told what the padded forward computes: R rows x (1 + the longest l)."""
-    assert padded_batch_tokens([0, 3, 1]) == 12
+def test_batch_tokens_count_real_tokens_packed_and_the_padding_padded(tiny, dspark):
+    """The scheduler is told what the forward computes: packed (the default), the real tokens
+    sum_r (1 + l_r), the paper's B; padded, R rows x (1 + the longest l)."""
+    assert padded_batch_tokens([0, 3, 1]) == 12 and packed_tokens([0, 3, 1]) == 7
     engine, _ = serve(tiny, dspark, mixed_requests(6), 3, "fixed")
+    assert engine.batch_tokens is packed_tokens
+    assert all(s.batch_tokens == s.active + sum(s.lengths) for s in engine.steps)
+    assert any(s.batch_tokens < s.active * (1 + max(s.lengths)) for s in engine.steps)  # ragged steps happened
+    engine, _ = serve(tiny, dspark, mixed_requests(6), 3, "fixed", packed=False)
+    assert engine.batch_tokens is padded_batch_tokens
     assert all(s.batch_tokens == s.active * (1 + max(s.lengths)) for s in engine.steps)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_both_layouts_and_batched_admission_give_solo_greedy(tiny, dspark, packed):
+    """Packed and padded engines, 7 requests through 3 slots, several admitted at once: greedy outputs
+    equal solo greedy token for token; a bad request in an admission batch is refused alone."""
+    requests = mixed_requests(7)
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(), packed=packed)
+    bad = ServeRequest(99, "bad", [tiny.vocab_size + 5], 4, requests[0].params, 0)
+    refused = engine.add_many([requests[0], bad, requests[1], requests[2]])
+    assert list(refused) == [99] and "outside" in refused[99].error and len(engine.active) == 3
+    while engine.active:
+        engine.step()
+    for r in requests[3:]:
+        engine.add_many([r])
+    while engine.active:
+        engine.step()
+    done = {r.id: r for r in engine.done if r.finished}
+    for req in requests:
+        assert done[req.id].token_ids == solo(tiny, dspark, req), req.id
 
 
 def test_layer_skip_is_refused_with_the_fix(tiny):

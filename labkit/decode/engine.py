@@ -6,11 +6,15 @@ Each engine step
 2. asks a prefix policy (`labkit.core.scheduler`) how many drafted tokens of each request to verify, from
    the drafter's confidences and the profiled cost table SPS(B),
 3. verifies ALL requests in ONE batched target forward with a different number of tokens per row
-   (`labkit.model.batch_kv.BatchKV`: one padded KV cache, per-row positions and mask),
+   (`labkit.model.batch_kv.BatchKV`: one KV cache of ragged rows, per-row positions and mask),
 4. accepts per request with that request's own generator (`decoding.judge` / `decoding.commit`, the
    same functions single-request decoding composes), rolls each row's rejected tokens back,
-5. streams the tokens, retires finished requests and admits new ones (each prefilled alone, so an
-   admission never changes another request's numbers).
+5. streams the tokens, retires finished requests and admits new ones (prefilled together in one packed
+   forward of their own, so an admission never changes another request's numbers).
+
+The verify forward is packed (`labkit.model.ragged`): the token-wise layers run over the real tokens
+only, so the scheduler's B is the paper's, sum_r (1 + l_r), and one deep row beside many short ones
+costs its own tokens, not a padded rectangle (`packed=False` keeps the padded forward, for comparison).
 
 Why outputs never depend on who else is in the batch: every request keeps its own sampling settings
 and generator, the drafter runs per request, and the batched forward matches a solo forward to about
@@ -42,7 +46,7 @@ from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
-from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, running_mean
+from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, packed_tokens, running_mean
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
 from labkit.model.target import cache_root
@@ -87,7 +91,7 @@ class StepRecord:
     lengths: list[int]  # drafted tokens verified per request (the policy's l_r)
     drafted: list[int]  # drafted tokens available per request
     accepted: list[int]
-    batch_tokens: int  # what the batched forward computed (padded rows x width)
+    batch_tokens: int  # what the forward's token-wise layers computed: real tokens packed, rows x width padded
     draft_s: float
     schedule_s: float
     verify_s: float
@@ -113,8 +117,8 @@ class StepRecord:
 
 
 def padded_batch_tokens(lengths: list[int]) -> int:
-    """What the engine's forward computes for these verification lengths: every row padded to the
-    widest, anchor included (R x (1 + max l)); the scheduler's B."""
+    """What a padded forward computes for these verification lengths: every row padded to the widest,
+    anchor included (R x (1 + max l)); the scheduler's B for an engine built with packed=False."""
     return len(lengths) * (1 + max(lengths)) if lengths else 0
 
 
@@ -136,7 +140,7 @@ class Engine:
 
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
                  table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
-                 on_tokens: Callable[[int, list[int]], None] | None = None):
+                 on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -145,7 +149,10 @@ class Engine:
         self.policy = make_policy(policy)
         self.table = table or CostTable.flat(device=str(target.device), model=target.name, dtype=str(target.dtype).removeprefix("torch."))
         self.max_draft = max_draft
-        self.kv = BatchKV(target, drafter.hidden_layers if drafter is not None else ())
+        self.kv = BatchKV(target, drafter.hidden_layers if drafter is not None else (), packed=packed)
+        #: the scheduler's B for a step's verification lengths: the real tokens of a packed forward (the
+        #: paper's count), or rows x the widest row where the forward is padded
+        self.batch_tokens = packed_tokens if packed else padded_batch_tokens
         self.active: dict[int, _Active] = {}
         self.done: list[RequestRecord] = []
         self.steps: list[StepRecord] = []
@@ -169,27 +176,55 @@ class Engine:
     # ---- admission and retirement -------------------------------------------------------------------
 
     def add(self, request: ServeRequest) -> RequestRecord | None:
-        """Prefill `request` alone and make it active; a request that cannot run gets an error record."""
-        try:
-            self._check(request)
-            logits, hidden = self.kv.add(request.id, request.prompt_ids)
-        except LabkitError as exc:
-            record = RequestRecord(request.id, request.prompt, error=str(exc))
-            self.done.append(record)
-            return record
-        state = decoding.start_state(self.target, request.prompt_ids, request.max_new_tokens, request.params,
-                                     request.seed, self.drafter, logits, hidden)
-        self.active[request.id] = _Active(request, state, first_token_s=self.now())
-        self._conf_history[request.id] = deque(maxlen=2)
-        self._stream(request.id, state.new_ids)
-        if state.finished:
-            self._retire(request.id)
-        return None
+        """Admit one request (`add_many` of one); a request that cannot run gets an error record."""
+        return self.add_many([request]).get(request.id)
+
+    def add_many(self, requests: list[ServeRequest]) -> dict[int, RequestRecord]:
+        """Prefill `requests` together in one packed forward and make them active (batched admission).
+
+        Each new row attends only to its own prompt and the running rows are not in that forward, so an
+        admission never changes another request's numbers. Returns the error records of the requests
+        that could not run (bad input), by id; the others start."""
+        refused: dict[int, RequestRecord] = {}
+        ready: list[ServeRequest] = []
+        for request in requests:
+            try:
+                self._check(request)
+                if any(r.id == request.id for r in ready):
+                    raise LabkitError(f"Request id {request.id} is admitted twice: give every request its own id.")
+                ready.append(request)
+            except LabkitError as exc:
+                refused[request.id] = self._refuse(request, str(exc))
+        if not ready:
+            return refused
+        if self.kv.packed:
+            prefills = self.kv.add_many({r.id: r.prompt_ids for r in ready})
+        else:
+            prefills = {r.id: self.kv.add(r.id, r.prompt_ids) for r in ready}
+        for request in ready:
+            logits, hidden = prefills[request.id]
+            state = decoding.start_state(self.target, request.prompt_ids, request.max_new_tokens, request.params,
+                                         request.seed, self.drafter, logits, hidden)
+            self.active[request.id] = _Active(request, state, first_token_s=self.now())
+            self._conf_history[request.id] = deque(maxlen=2)
+            self._stream(request.id, state.new_ids)
+            if state.finished:
+                self._retire(request.id)
+        return refused
+
+    def _refuse(self, request: ServeRequest, error: str) -> RequestRecord:
+        record = RequestRecord(request.id, request.prompt, error=error)
+        self.done.append(record)
+        return record
 
     def _check(self, request: ServeRequest) -> None:
         if request.id in self.active:
             raise LabkitError(f"Request id {request.id} is already running: give every request its own id.")
         decoding.check_inputs(request.prompt_ids, request.max_new_tokens)
+        vocab = self.target.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in request.prompt_ids):
+            raise LabkitError(f"The prompt of request {request.id} holds ids outside [0, {vocab}): encode text with "
+                              "the target's tokenizer (make_requests does).")
         window = getattr(self.target.config, "max_position_embeddings", None)
         if window is not None and len(request.prompt_ids) + request.max_new_tokens > window:
             raise LabkitError(f"The prompt has {len(request.prompt_ids)} tokens; with max_new_tokens "
@@ -263,7 +298,7 @@ class Engine:
         draft_cost_s = self._draft_s_per_request
         cost = RoundRate(self.table, (draft_cost_s or 0.0) * len(ids))  # the whole step: drafting for all + the forward
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
-                            batch_tokens=padded_batch_tokens,
+                            batch_tokens=self.batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
         lengths = self.policy(inp)
         for i, rid in enumerate(ids):
@@ -271,7 +306,7 @@ class Engine:
         proposals = [p.truncate(l) for p, l in zip(proposals, lengths)]
         t_scheduled = self._clock()
         inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
-        batch_tokens = self.kv.padded_tokens([len(v) for v in inputs.values()])
+        batch_tokens = self.kv.computed_tokens([len(v) for v in inputs.values()])
         outs = self.kv.step(inputs)
         accepted = []
         for rid, prop in zip(ids, proposals):
@@ -321,12 +356,14 @@ def closed_loop(prompts: list[ServeRequest], users: int, engine: Engine, request
 
     def refill() -> None:
         nonlocal next_id
-        while queue and len(engine.active) < users:
-            req = queue.popleft()
-            cycle = next_id // len(prompts)  # a prompt sent again gets a fresh seed
-            req = replace(req, id=next_id, arrival_s=engine.now(), seed=req.seed + cycle * len(prompts))
-            next_id += 1
-            engine.add(req)
+        while queue and len(engine.active) < users:  # again if a request was refused or ended at its prefill
+            batch = []
+            while queue and len(engine.active) + len(batch) < users:
+                req = queue.popleft()
+                cycle = next_id // len(prompts)  # a prompt sent again gets a fresh seed
+                batch.append(replace(req, id=next_id, arrival_s=engine.now(), seed=req.seed + cycle * len(prompts)))
+                next_id += 1
+            engine.add_many(batch)
 
     refill()
     while engine.active:
@@ -359,7 +396,7 @@ def open_loop(prompts: list[ServeRequest], rate: float, max_batch: int, engine: 
         while pending and pending[0].arrival_s <= now:
             waiting.append(pending.popleft())
         while waiting and len(engine.active) < max_batch:
-            engine.add(waiting.popleft())
+            engine.add_many([waiting.popleft() for _ in range(min(len(waiting), max_batch - len(engine.active)))])
         if not engine.active:  # idle until the next arrival
             time.sleep(max(0.0, min(pending[0].arrival_s - engine.now(), 0.05)) if pending else 0.0)
             continue

@@ -48,6 +48,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from labkit.core.errors import LabkitError
+from labkit.model import ragged
 from labkit.model.target import Target
 
 Hidden = tuple[torch.Tensor, ...] | None
@@ -93,7 +94,8 @@ class BatchKV:
     as in HF's hidden_states tuple and `labkit.decode.loop.select_hidden`.
     """
 
-    def __init__(self, target: Target, hidden_layers: tuple[int, ...] = (), compact_at: float = 0.5):
+    def __init__(self, target: Target, hidden_layers: tuple[int, ...] = (), compact_at: float = 0.5,
+                 packed: bool = True):
         n_layers = target.num_layers
         if any(not isinstance(i, int) or not 0 <= i <= n_layers for i in hidden_layers):
             raise LabkitError(f"hidden_layers {hidden_layers!r} must be layer indices from 0 (embeddings) to "
@@ -104,6 +106,8 @@ class BatchKV:
         self.target = target
         self.hidden_layers = tuple(hidden_layers)
         self.compact_at = compact_at
+        #: steps run packed (`labkit.model.ragged`: token-wise layers over the real tokens only) or padded
+        self.packed = packed
         self.cache: DynamicCache | None = None  # None while no row is active
         self.valid = torch.zeros((0, 0), dtype=torch.bool, device=target.device)
         self._rows: list[_Row] = []
@@ -127,8 +131,12 @@ class BatchKV:
 
     @staticmethod
     def padded_tokens(widths: list[int]) -> int:
-        """Tokens a step with these per-row widths computes: R * max(w), pads included."""
+        """Tokens a padded step with these per-row widths computes: R * max(w), pads included."""
         return len(widths) * max(widths) if widths else 0
+
+    def computed_tokens(self, widths: list[int]) -> int:
+        """Tokens the token-wise layers of a step compute: sum(w) packed, R * max(w) padded."""
+        return sum(widths) if self.packed else self.padded_tokens(widths)
 
     @property
     def stats(self) -> KVStats:
@@ -161,9 +169,44 @@ class BatchKV:
         hidden = tuple(out.hidden_states[i][0] for i in self.hidden_layers) if self.hidden_layers else None
         return out.logits[0, -1].float(), hidden
 
-    def _splice(self, cache: DynamicCache, prompt_len: int) -> None:
-        """Left-pad the new row or the batch to a common T, then concatenate along the batch."""
-        row_valid = torch.ones((1, prompt_len), dtype=torch.bool, device=self.valid.device)
+    @torch.inference_mode()
+    def add_many(self, prompts: dict[Hashable, Sequence[int]]) -> dict[Hashable, tuple[torch.Tensor, Hidden]]:
+        """Prefill several requests together in one packed forward (`labkit.model.ragged`) and splice
+        them in; returns key -> what `add` returns. The new rows attend only to their own prompts, and
+        the active rows are not computed at all, so an admission never changes another request's numbers.
+        """
+        keys = list(prompts)
+        taken = [k for k in keys if any(row.key == k for row in self._rows)]
+        if taken or len(set(keys)) != len(keys):
+            raise LabkitError(f"Requests {taken or keys!r} are already active or repeated: give each new request "
+                              "its own key.")
+        if not keys:
+            return {}
+        tokens = [self._token_tensor(prompts[k], f"the prompt of request {k!r}") for k in keys]
+        cache = self.target.new_cache()
+        empty = torch.zeros((len(keys), 0), dtype=torch.bool, device=self.valid.device)
+        positions = [torch.arange(len(t), device=self.valid.device) for t in tokens]
+        out, plan = ragged.forward(self.target.model, tokens, positions, empty, cache, bool(self.hidden_layers))
+        _check_cache_type(cache, self.target.name)
+        ends = torch.cumsum(torch.tensor([len(t) for t in tokens]), 0)
+        logits = self._logits(out.last_hidden_state[0, ends - 1])
+        self._splice(cache, plan.new_valid)
+        result = {}
+        for r, (key, t) in enumerate(zip(keys, tokens)):
+            self._rows.append(_Row(key=key, length=len(t), last_added=0))
+            start = int(ends[r]) - len(t)
+            hidden = (tuple(out.hidden_states[i][0, start:int(ends[r])] for i in self.hidden_layers)
+                      if self.hidden_layers else None)
+            result[key] = (logits[r], hidden)
+        return result
+
+    def _splice(self, cache: DynamicCache, row_valid: torch.Tensor | int) -> None:
+        """Left-pad the new rows or the batch to a common T, then concatenate along the batch.
+
+        `row_valid` is the new rows' (n, T') validity, or a prompt length for one fully valid row."""
+        if isinstance(row_valid, int):
+            row_valid = torch.ones((1, row_valid), dtype=torch.bool, device=self.valid.device)
+        prompt_len = row_valid.shape[1]
         if self.cache is None:
             self.cache, self.valid = cache, row_valid
             return
@@ -199,24 +242,30 @@ class BatchKV:
         tokens = self._check_step_inputs(inputs)
         if self.stats.reclaimable > self.compact_at * self.columns:
             self.compact()
-        ids, new_valid, positions = self._pad_step(tokens)
-        mask = torch.cat([self.valid, new_valid], dim=1)
-        out = self.target.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                              past_key_values=self.cache, use_cache=True,
-                                              output_hidden_states=bool(self.hidden_layers))
-        logits = self._logits(out.last_hidden_state[new_valid])  # (sum of widths, V): no pad position
-        self.valid = mask
         widths = [len(t) for t in tokens]
+        if self.packed:
+            positions = [row.length + torch.arange(w, device=self.valid.device) for row, w in zip(self._rows, widths)]
+            out, plan = ragged.forward(self.target.model, tokens, positions, self.valid, self.cache,
+                                       bool(self.hidden_layers))
+            hidden_states, new_valid = out.last_hidden_state[0], plan.new_valid
+        else:
+            ids, new_valid, positions = self._pad_step(tokens)
+            out = self.target.model.get_decoder()(input_ids=ids, attention_mask=torch.cat([self.valid, new_valid], 1),
+                                                  position_ids=positions, past_key_values=self.cache, use_cache=True,
+                                                  output_hidden_states=bool(self.hidden_layers))
+            hidden_states = out.last_hidden_state[new_valid]
+        logits = self._logits(hidden_states)  # (sum of widths, V): no pad position
+        self.valid = torch.cat([self.valid, new_valid], dim=1)
         for row, w in zip(self._rows, widths):
             row.length += w
             row.last_added = w
         self._steps += 1
-        self._computed += self.padded_tokens(widths)
+        self._computed += self.computed_tokens(widths)
         self._real += sum(widths)
         starts = [0]
         for w in widths:
             starts.append(starts[-1] + w)
-        return {row.key: (logits[starts[r]:starts[r + 1]], self._row_hidden(out.hidden_states, r, w))
+        return {row.key: (logits[starts[r]:starts[r + 1]], self._row_hidden(out.hidden_states, r, starts[r], w))
                 for r, (row, w) in enumerate(zip(self._rows, widths))}
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -244,9 +293,12 @@ class BatchKV:
         lengths = torch.tensor([row.length for row in self._rows], device=device)
         return ids, steps[None, :] < widths[:, None], lengths[:, None] + steps[None, :]
 
-    def _row_hidden(self, hidden_states, r: int, w: int) -> Hidden:
+    def _row_hidden(self, hidden_states, r: int, start: int, w: int) -> Hidden:
+        """Row r's hidden states: its first w cells padded, tokens start..start+w of the packed sequence."""
         if not self.hidden_layers:
             return None
+        if self.packed:
+            return tuple(hidden_states[i][0, start:start + w] for i in self.hidden_layers)
         return tuple(hidden_states[i][r, :w] for i in self.hidden_layers)
 
     @torch.inference_mode()
