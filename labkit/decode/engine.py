@@ -286,12 +286,12 @@ class Engine:
         """Draft, schedule, verify in one batched forward, accept, roll back, retire; None when idle."""
         if not self.active:
             return None
-        ids = list(self.active)
         t_start = self._clock()
         caps = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
-        proposals = decoding.draft_many([self.active[rid].state for rid in ids], self.drafter,
-                                        min(caps) if caps else None)  # no drafts the policy would drop
+        ids, proposals = self._draft(list(self.active), min(caps) if caps else None)  # no drafts the policy would drop
         t_drafted = self._clock()
+        if not ids:  # every request failed while drafting
+            return None
         conf = self._confidences(proposals)
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
@@ -308,24 +308,20 @@ class Engine:
         inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
         batch_tokens = self.kv.computed_tokens([len(v) for v in inputs.values()])
         outs = self.kv.step(inputs)
-        accepted = []
+        accepted, failed = [], {}
         for rid, prop in zip(ids, proposals):
-            act = self.active[rid]
-            logits, hidden = outs[rid]
-            before = len(act.state.ids)
-            verdict = decoding.judge(act.state, prop, logits)
-            rnd = decoding.commit(act.state, prop, verdict, hidden, self.drafter,
-                                  draft_s=(t_drafted - t_start) / len(ids), verify_s=None)  # one forward for all
-            self.kv.rollback(rid, len(prop) - verdict.n_accepted)
-            act.budgets.append(len(prop) + 1)
-            self.rounds.append(rnd)
-            accepted.append(verdict.n_accepted)
-            self._stream(rid, act.state.ids[before:])
+            try:
+                accepted.append(self._accept(rid, prop, outs[rid], (t_drafted - t_start) / len(ids)))
+            except Exception as exc:  # this request's verification failed: it alone is retired, with why
+                failed[rid] = f"verification failed: {type(exc).__name__}: {exc}"
+                accepted.append(0)
         t_end = self._clock()
         spent = (t_drafted - t_start) / len(ids)
         self._draft_s_per_request = running_mean(self._draft_s_per_request, spent)
         for rid in ids:
-            if self.active[rid].state.finished:
+            if rid in failed:
+                self._fail(rid, failed[rid])
+            elif self.active[rid].state.finished:
                 self._retire(rid)
         record = StepRecord(t_s=t_end - self.t0, active=len(ids), lengths=list(lengths), drafted=max_lengths,
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
@@ -334,6 +330,55 @@ class Engine:
                             draft_cost_s=draft_cost_s)
         self.steps.append(record)
         return record
+
+    def _draft(self, ids: list[int], cap: int | None) -> tuple[list[int], list[Proposal]]:
+        """Proposals for `ids` in one drafter call; if that call raises, each request is drafted alone
+        from the same random state, and a request whose drafting raises is retired with its error.
+
+        The others lose nothing: a request's proposal is the same batched or alone (tested), and its
+        generator is rewound to where it stood before the failed call."""
+        states = [self.active[rid].state for rid in ids]
+        saved = [s.generator.get_state() if s.generator is not None else None for s in states]
+        try:
+            return ids, decoding.draft_many(states, self.drafter, cap)
+        except Exception:
+            for s, g in zip(states, saved):
+                if g is not None:
+                    s.generator.set_state(g)
+        kept, proposals = [], []
+        for rid, state in zip(ids, states):
+            try:
+                proposals.append(decoding.draft_many([state], self.drafter, cap)[0])
+                kept.append(rid)
+            except Exception as exc:
+                self._fail(rid, f"drafting failed: {type(exc).__name__}: {exc}")
+        return kept, proposals
+
+    def _accept(self, rid: int, prop: Proposal, out, draft_s: float) -> int:
+        """Judge and commit one request's verified block, roll its rejected tokens back; n accepted."""
+        act = self.active[rid]
+        logits, hidden = out
+        if not torch.isfinite(logits).all():
+            raise LabkitError("the target's logits for this request were not finite (NaN or inf)")
+        before = len(act.state.ids)
+        verdict = decoding.judge(act.state, prop, logits)
+        rnd = decoding.commit(act.state, prop, verdict, hidden, self.drafter,
+                              draft_s=draft_s, verify_s=None)  # one forward for all
+        self.kv.rollback(rid, len(prop) - verdict.n_accepted)
+        act.budgets.append(len(prop) + 1)
+        self.rounds.append(rnd)
+        self._stream(rid, act.state.ids[before:])
+        return verdict.n_accepted
+
+    def _fail(self, rid: int, error: str) -> None:
+        """Retire a request that failed mid-run: its tokens so far and the error go in its own record."""
+        act = self.active.pop(rid)
+        self._conf_history.pop(rid, None)
+        self.kv.remove(rid)
+        st = act.state
+        self.done.append(RequestRecord(id=rid, prompt=act.request.prompt, token_ids=st.new_ids,
+                                       text=self.target.decode(st.new_ids), ttft_s=act.first_token_s - act.request.arrival_s,
+                                       rounds=len(st.rounds), tau=mean_tau(st.rounds), error=error))
 
 
 # ---- the cost table ----------------------------------------------------------------------------------
