@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="loads to measure")
     p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "algorithm1"], help="policies to compare")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy")
-    p.add_argument("--requests-per-user", type=_positive_int, default=2, help="requests served per user at each load")
+    p.add_argument("--requests-per-user", type=_positive_int, default=3, help="requests each user serves at every "
+                   "load: the same prompt mix (domains interleaved) at every load (default 3)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="runs of every (users, policy) cell, repeats "
+                   "outermost and policies interleaved; cells report the median and the min-max (default 3)")
+    p.add_argument("--baseline", default="mtp1", help="the policy the others are compared with at matched "
+                   "aggregate throughput (default mtp1, the paper's production baseline)")
     p.add_argument("--drafter", default="dspark", help="drafter spec (default: the shipped dspark)")
     p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
@@ -495,23 +500,38 @@ def cmd_serve_sweep(args) -> None:
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.core.scheduler import make_policy
     from labkit.decode.engine import cost_table_for
-    from labkit.measure.sweeps import format_sweep, run_sweeps
+    from labkit.measure.sweeps import WINDOW, format_gain, format_sweep, matched_gain, prompt_mix, run_sweeps, summarize
     from labkit.model.target import load_target
     check_spec(args.drafter)
     for name in args.policies:
         make_policy(name)
+    if args.baseline not in args.policies:
+        raise LabkitError(f"--baseline {args.baseline} is not among --policies {' '.join(args.policies)}: add it "
+                          "or name one of them.")
     prompts = _load_prompts(args)
+    mix = prompt_mix(prompts, args.requests_per_user)
+    print(f"prompt mix: {len(mix)} requests per user at every load, from {len(prompts)} prompts"
+          + (f" ({', '.join(getattr(p, 'domain', '?') for p in mix)})" if hasattr(mix[0], "domain") else ""),
+          file=sys.stderr)
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
     table = cost_table_for(target, args.table, args.reprofile)
     by_temperature = run_sweeps(target, drafter, prompts, args.users, args.policies, table, args.temperatures,
                                 args.max_new_tokens, args.requests_per_user, args.seed, args.drafter, progress=True,
-                                top_p=args.top_p)
+                                top_p=args.top_p, repeats=args.repeats)
     reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
+    gains = {}
+    for temp, reps in by_temperature.items():
+        gains[str(float(temp))] = {p: matched_gain(reps, p, args.baseline) for p in args.policies if p != args.baseline}
+        for gain in gains[str(float(temp))].values():
+            print(f"T={float(temp):g}: {format_gain(gain)}")
     if args.json_out:
-        _write_json({"table": table.to_dict(), "reports": reports, "prompt_set": describe_prompts(prompts)},
-                    args.json_out)
+        _write_json({"table": table.to_dict(), "window": WINDOW, "repeats": args.repeats,
+                     "requests_per_user": args.requests_per_user, "baseline": args.baseline,
+                     "prompt_mix": [getattr(p, "text", p) for p in mix],
+                     "cells": summarize(reports), "matched_gains": gains, "reports": reports,
+                     "prompt_set": describe_prompts(prompts)}, args.json_out)
 
 
 def cmd_benchmarks(args) -> None:

@@ -77,13 +77,44 @@ def test_sweep_table_and_sentence_come_from_the_numbers():
     rows = sweep_rows(REPORTS)
     assert len(rows) == len(REPORTS) and all(len(r) == len(SWEEP_HEADER) for r in rows)
     assert [r[1] for r in rows] == sorted(r[1] for r in rows)  # by users
-    assert rows[0][:5] == (POLICY_LABELS["mtp1"], 1, "10.00", "9.00", "2.00")
+    assert rows[0][:6] == (POLICY_LABELS["mtp1"], 1, "10.00", "9.00", "-", "2.00")
     text = describe_sweep(REPORTS)
     assert "1.20x" in text  # Algorithm 1 at 1 user: 12 / 10
     assert "5.00 tokens per request at 1 user(s) to 2.00 at 4" in text
     assert "x4: async top-K" in text
+    # MTP-1 spans 10-40 tokens/s at 9, 8, 6 per user, Algorithm 1 12-42 at 11, 10, 8; on the overlap 12-40 the
+    # gain is 11 / 8.8 at 12 ... 8.2 / 6 at 40, the best, said as a number chosen by code; one repeat, no spread
+    assert text.startswith(f"At matched aggregate throughput, Algorithm 1's per-user speed is +37% against {POLICY_LABELS['mtp1']}")
+    assert "8.20 against 6.00 tokens/s per user at 40.00 tokens/s; one repeat, spread unknown" in text
+    assert "+25% to +37% over the overlapping throughputs 12.00-40.00 tokens/s" in text
     with pytest.raises(LabkitError, match="needs reports"):
         describe_sweep(REPORTS, policy="threshold")
+
+
+def test_sweep_views_show_the_spread_across_repeats():
+    runs = [dict(r, repeat=k, aggregate_tokens_per_s=r["aggregate_tokens_per_s"] + d,
+                 per_user_tokens_per_s=r["per_user_tokens_per_s"] + (d if r["policy"] == "algorithm1" else 0))
+            for k, d in enumerate((-1.0, 0.0, 1.0)) for r in REPORTS]
+    fig = throughput_speed_figure(runs)
+    a1 = _trace(fig, "Algorithm 1")
+    assert list(a1.y) == [12.0, 22.0, 42.0] and list(a1.error_y.array) == [1.0] * 3 and list(a1.error_y.arrayminus) == [1.0] * 3
+    assert a1.error_x.visible and not _trace(fig, POLICY_LABELS["mtp1"]).error_x.visible
+    top = [t for t in load_figure(runs).data if t.name == "Algorithm 1"][0]
+    assert list(top.error_y.array) == [1.0] * 3
+    rows = sweep_rows(runs)
+    assert len(rows) == len(REPORTS) and rows[0][2] == "10.00 [9.00-11.00]" and rows[0][-1] == 3
+    text = describe_sweep(runs)
+    assert "across 2 repeats" in text  # at the best throughput, 40 tokens/s, repeat 0's MTP-1 (9-39) falls short
+
+
+def test_describe_sweep_says_when_the_frontiers_never_meet_and_when_the_gain_is_noise():
+    apart = [_report("mtp1", n, 10.0 * n, 10.0 - n, 2.0) for n in (1, 2)] + \
+            [_report("algorithm1", n, 100.0 * n, 20.0 - n, 4.0) for n in (1, 2)]
+    assert "no overlapping throughput range" in describe_sweep(apart)
+    noisy = [dict(_report(p, n, 10.0 * n, (10.0 - n) * (f if p == "algorithm1" else 1.0), 2.0), repeat=k)
+             for k, f in enumerate((0.9, 1.1, 1.3)) for n in (1, 2, 4) for p in ("mtp1", "algorithm1")]
+    text = describe_sweep(noisy)
+    assert "+10%" in text and "-10% to +30% across 3 repeats, within noise" in text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,12 +307,15 @@ def test_run_sweeps_feeds_both_figures_one_trace_per_policy(tiny, dspark, monkey
 
     monkeypatch.setattr(tiny, "encode_prompt", lambda text, chat=True: [ord(c) % 16 for c in text])
     out = run_sweeps(tiny, dspark, ["ab", "cde", "fg"], users=[1, 2], policies=SWEEP_POLICIES, table=steep_table(),
-                     temperatures=[0.0], max_new_tokens=6, requests_per_user=1, drafter_spec="tiny")
+                     temperatures=[0.0], max_new_tokens=6, requests_per_user=3, drafter_spec="tiny", repeats=2)
     reps = out[0.0]
-    assert len(reps) == 2 * len(SWEEP_POLICIES) and all(r["temperature"] == 0.0 for r in reps)
+    assert len(reps) == 2 * 2 * len(SWEEP_POLICIES) and all(r["temperature"] == 0.0 for r in reps)
     assert len(throughput_speed_figure(reps).data) == len(SWEEP_POLICIES)
     assert len(load_figure(reps).data) == 2 * len(SWEEP_POLICIES)
+    assert len(sweep_rows(reps)) == 2 * len(SWEEP_POLICIES) and all(r[-1] == 2 for r in sweep_rows(reps))
     assert all(r["mean_verify_budget"] <= 2.0 + 1e-9 for r in reps if r["policy"] == "mtp1")
-    budget = {r["policy"]: r["mean_verify_budget"] for r in reps if r["users"] == 1}
+    budget = {c["policy"]: c["mean_verify_budget"] for cs in sv.by_policy(reps).values() for c in cs if c["users"] == 1}
     assert budget["fixed"] > budget["mtp1"]  # verify-all spends more per request than one draft
-    assert "Algorithm 1 served" in sv.describe_sweep(reps)
+    text = sv.describe_sweep(reps)
+    assert "Algorithm 1 served" in text and "MTP-1" in text
+    assert "at matched aggregate throughput" in text.lower() or "no overlapping throughput range" in text

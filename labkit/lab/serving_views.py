@@ -4,9 +4,13 @@ Everything here looks at what `labkit.decode.engine` emits (its `StepRecord`s, `
 `report(...)` dicts of `sweep`); nothing in `labkit.decode.engine` imports this module.
 
 - `throughput_speed_figure`: aggregate throughput against per-user speed, one trace per policy, one
-  point per concurrency (paper Fig. 7's frontier).
+  point per concurrency (paper Fig. 7's frontier); medians across repeats, error bars to min and max.
 - `load_figure`: aggregate throughput and mean verification budget per request against concurrency,
-  one trace per policy in each panel (paper Fig. 8).
+  one trace per policy in each panel (paper Fig. 8), with the same error bars.
+- `sweep_rows`, `describe_sweep`: the cells as a table and as a sentence whose headline is the
+  per-user speed gain over MTP-1 at matched aggregate throughput (`labkit.measure.sweeps.matched_gain`),
+  chosen by code: the best gain on the overlap of the two frontiers, with its spread across repeats
+  ("within noise" where that reaches zero), or "no overlapping throughput range".
 - `ServingDashboard`: controls for users, policy and proposal length, Start/Stop, and one live
   figure of six panels that updates while the engine runs in a background thread. All engine calls
   happen on that thread; the controls only set values the loop reads between two steps. Headless
@@ -37,7 +41,7 @@ from labkit.drafters.base import check_batchable
 from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS, TEMPLATE
 from labkit.core.scheduler import POLICIES, CostTable
 from labkit.decode.engine import Engine, ServeRequest, StepRecord
-from labkit.measure.sweeps import run_sweeps  # noqa: F401  (notebook 06 calls it from here)
+from labkit.measure.sweeps import cells_of, matched_gain, noise, run_sweeps  # run_sweeps: notebook 06 calls it from here
 from labkit.core.trace import position_acceptance, position_counts
 from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 
@@ -45,7 +49,8 @@ from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 SWEEP_POLICIES = ("mtp1", "fixed", "algorithm1", "async-topk")
 
 # ---------------------------------------------------------------------------------------------------
-# The sweeps: paper Figs. 7 and 8 from `labkit.measure.sweeps.sweep` reports
+# The sweeps: paper Figs. 7 and 8 from `labkit.measure.sweeps` runs, as cells (median, min-max spread
+# across repeats); every function takes one temperature's run reports or their `summarize` cells.
 
 
 def _label(policy: str) -> str:
@@ -53,36 +58,47 @@ def _label(policy: str) -> str:
 
 
 def by_policy(reports: Sequence[dict], policies: Sequence[str] | None = None) -> dict[str, list[dict]]:
-    """Reports grouped by policy (in `policies` order, else first appearance), each sorted by users."""
+    """Cells (`labkit.measure.sweeps.summarize`; reports are summarized first) grouped by policy, in
+    `policies` order (else first appearance), each sorted by users. A cell carries the same keys as a
+    report, each the median across repeats, and `spread[key]` = [min, max]."""
     groups: dict[str, list[dict]] = {p: [] for p in policies or ()}
-    for rep in reports:
-        if policies is None or rep["policy"] in groups:
-            groups.setdefault(rep["policy"], []).append(rep)
-    return {p: sorted(reps, key=lambda r: r["users"]) for p, reps in groups.items() if reps}
+    for cell in cells_of(reports):
+        if policies is None or cell["policy"] in groups:
+            groups.setdefault(cell["policy"], []).append(cell)
+    return {p: sorted(cells, key=lambda c: c["users"]) for p, cells in groups.items() if cells}
 
 
-def _points(reps: Sequence[dict], x: str, y: str) -> tuple[list, list, list[dict]]:
-    kept = [r for r in reps if r.get(x) is not None and r.get(y) is not None]
-    return [r[x] for r in kept], [r[y] for r in kept], kept
+def _points(cells: Sequence[dict], x: str, y: str) -> tuple[list, list, list[dict]]:
+    kept = [c for c in cells if c.get(x) is not None and c.get(y) is not None]
+    return [c[x] for c in kept], [c[y] for c in kept], kept
+
+
+def _error_bars(cells: Sequence[dict], key: str) -> dict:
+    """Plotly error bars from the median to the min and max across repeats (none for one repeat)."""
+    lo = [c[key] - c["spread"][key][0] if c["spread"].get(key) else 0.0 for c in cells]
+    hi = [c["spread"][key][1] - c[key] if c["spread"].get(key) else 0.0 for c in cells]
+    return dict(type="data", symmetric=False, array=hi, arrayminus=lo, visible=any(lo) or any(hi), thickness=1.2)
 
 
 def throughput_speed_figure(reports: Sequence[dict], policies: Sequence[str] | None = None,
                             title: str | None = None) -> go.Figure:
     """Aggregate tokens/s against per-user tokens/s (paper Fig. 7): one trace per policy, named by the
-    policy's label, one point per concurrency (labelled x<users>). Reports without a number are skipped."""
+    policy's label, one point per concurrency (labelled x<users>) at the median across repeats, error
+    bars to the min and max. Cells without a number are skipped."""
     if not reports:
         raise LabkitError("No serving reports to plot: run `labkit.measure.sweeps.sweep` first.")
     fig = go.Figure()
-    for policy, reps in by_policy(reports, policies).items():
-        xs, ys, kept = _points(reps, "per_user_tokens_per_s", "aggregate_tokens_per_s")
+    for policy, cells in by_policy(reports, policies).items():
+        xs, ys, kept = _points(cells, "per_user_tokens_per_s", "aggregate_tokens_per_s")
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines+markers+text", name=_label(policy), text=[f"x{r['users']}" for r in kept],
+            x=xs, y=ys, mode="lines+markers+text", name=_label(policy), text=[f"x{c['users']}" for c in kept],
             textposition="top center", marker=dict(size=9, color=POLICY_COLORS.get(policy)),
-            line=dict(color=POLICY_COLORS.get(policy)), customdata=[r["users"] for r in kept],
-            hovertemplate="%{customdata} users<br>%{x:.2f} tokens/s per user<br>%{y:.2f} tokens/s in all<extra>"
-                          + _label(policy) + "</extra>"))
+            line=dict(color=POLICY_COLORS.get(policy)), customdata=[[c["users"], c["repeats"]] for c in kept],
+            error_x=_error_bars(kept, "per_user_tokens_per_s"), error_y=_error_bars(kept, "aggregate_tokens_per_s"),
+            hovertemplate="%{customdata[0]} users (median of %{customdata[1]} runs)<br>%{x:.2f} tokens/s per user"
+                          "<br>%{y:.2f} tokens/s in all<extra>" + _label(policy) + "</extra>"))
     fig.update_layout(template=TEMPLATE, height=460, title=title or "Throughput against per-user speed (paper Fig. 7)",
-                      xaxis_title="per-user speed (tokens/s per request)",
+                      xaxis_title="per-user speed (tokens after the first / s since the first, per request)",
                       yaxis_title="aggregate throughput (tokens/s)", legend=dict(orientation="h", y=-0.18))
     fig.update_xaxes(rangemode="tozero")
     fig.update_yaxes(rangemode="tozero")
@@ -91,20 +107,23 @@ def throughput_speed_figure(reports: Sequence[dict], policies: Sequence[str] | N
 
 def load_figure(reports: Sequence[dict], policies: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
     """Aggregate throughput (top) and mean verification budget per request, 1 + l, anchor included
-    (bottom), against concurrent users (paper Fig. 8): one trace per policy in each panel."""
+    (bottom), against concurrent users (paper Fig. 8): one trace per policy in each panel, medians across
+    repeats with error bars to the min and max."""
     if not reports:
         raise LabkitError("No serving reports to plot: run `labkit.measure.sweeps.sweep` first.")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("aggregate throughput (tokens/s)", "verification budget per request (tokens)"))
-    for policy, reps in by_policy(reports, policies).items():
+    groups = by_policy(reports, policies)
+    for policy, cells in groups.items():
         style = dict(color=POLICY_COLORS.get(policy))
         for row, key, unit in ((1, "aggregate_tokens_per_s", "tokens/s"), (2, "mean_verify_budget", "tokens verified")):
-            xs, ys, _ = _points(reps, "users", key)
+            xs, ys, kept = _points(cells, "users", key)
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_label(policy), legendgroup=policy,
                                      showlegend=row == 1, line=style, marker=dict(size=8, **style),
+                                     error_y=_error_bars(kept, key),
                                      hovertemplate=f"%{{x}} users<br>%{{y:.2f}} {unit}<extra>{_label(policy)}</extra>"),
                           row=row, col=1)
-    users = sorted({r["users"] for r in reports})
+    users = sorted({c["users"] for cells in groups.values() for c in cells})
     fig.update_xaxes(type="log", tickvals=users, ticktext=[str(u) for u in users])
     fig.update_xaxes(title_text="concurrent users (closed loop)", row=2, col=1)
     fig.update_yaxes(rangemode="tozero")
@@ -113,41 +132,78 @@ def load_figure(reports: Sequence[dict], policies: Sequence[str] | None = None, 
     return fig
 
 
-SWEEP_HEADER = ("policy", "users", "tokens/s (aggregate)", "tokens/s per user", "verify budget / request",
-                "wasted verification", "tau", "steps")
+SWEEP_HEADER = ("policy", "users", "tokens/s (aggregate) [min-max]", "tokens/s per user [min-max]",
+                "time to first token (s)", "verify budget / request", "wasted verification", "tau", "runs")
 
 
 def _fmt(x, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _with_spread(cell: dict, key: str, spec: str = ".2f") -> str:
+    s = cell["spread"].get(key)
+    if cell.get(key) is None or s is None or cell["repeats"] < 2:
+        return _fmt(cell.get(key), spec)
+    return f"{format(cell[key], spec)} [{format(s[0], spec)}-{format(s[1], spec)}]"
+
+
 def sweep_rows(reports: Sequence[dict], policies: Sequence[str] | None = None) -> list[tuple]:
-    """One row per report (SWEEP_HEADER), by users then policy."""
-    order = list(by_policy(reports, policies))
-    reps = sorted((r for r in reports if r["policy"] in order), key=lambda r: (r["users"], order.index(r["policy"])))
-    return [(_label(r["policy"]), r["users"], _fmt(r["aggregate_tokens_per_s"]), _fmt(r["per_user_tokens_per_s"]),
-             _fmt(r["mean_verify_budget"]), _fmt(r["wasted_verification"], ".1%"), _fmt(r["tau"]), r["steps"])
-            for r in reps]
+    """One row per (users, policy) cell (SWEEP_HEADER), by users then policy: medians across repeats,
+    the two speeds with their [min-max]."""
+    groups = by_policy(reports, policies)
+    order = list(groups)
+    cells = sorted((c for cs in groups.values() for c in cs), key=lambda c: (c["users"], order.index(c["policy"])))
+    return [(_label(c["policy"]), c["users"], _with_spread(c, "aggregate_tokens_per_s"),
+             _with_spread(c, "per_user_tokens_per_s"), _fmt(c.get("ttft_s"), ".3f"), _fmt(c.get("mean_verify_budget")),
+             _fmt(c.get("wasted_verification"), ".1%"), _fmt(c.get("tau")), c["repeats"]) for c in cells]
+
+
+def describe_gain(gain: dict) -> str:
+    """The matched-throughput comparison (`labkit.measure.sweeps.matched_gain`) in words: the best gain,
+    where, its spread across repeats ("within noise" where that spread reaches zero), and the range over
+    the overlap; or that the frontiers share no throughput."""
+    policy, baseline = _label(gain["policy"]), _label(gain["baseline"])
+    if gain["best"] is None:
+        return (f"{policy} and {baseline} have no overlapping throughput range, so there is no per-user speed at "
+                "matched throughput to compare")
+    b = gain["best"]
+    text = (f"at matched aggregate throughput, {policy}'s per-user speed is {b['gain']:+.0%} against {baseline} at best "
+            f"({b['speed']:.2f} against {b['baseline_speed']:.2f} tokens/s per user at {b['throughput']:.2f} tokens/s")
+    spread, label = noise(b)
+    if spread is not None:
+        text += f"; {spread[0]:+.0%} to {spread[1]:+.0%} {label}"
+        if spread[0] <= 0 <= spread[1]:
+            text += ", within noise"
+    else:
+        text += f"; {label}"
+    lo, hi = gain["overlap"]
+    text += ")"
+    if len(gain["gains"]) > 1:
+        text += (f", and {gain['range'][0]:+.0%} to {gain['range'][1]:+.0%} over the overlapping throughputs "
+                 f"{lo:.2f}-{hi:.2f} tokens/s")
+    return text
 
 
 def describe_sweep(reports: Sequence[dict], policy: str = "algorithm1", baseline: str = "mtp1") -> str:
-    """A sentence from the numbers: `policy` against `baseline` in throughput at each load, the best
-    policy at each load, and how `policy`'s verification budget moves from the lightest load to the heaviest."""
+    """A sentence from the numbers (one temperature's runs): `policy`'s per-user speed against
+    `baseline`'s at matched aggregate throughput (`describe_gain`), its throughput against the baseline's
+    at each load, how its verification budget moves from the lightest load to the heaviest, and the
+    best policy at each load; all medians across repeats."""
     groups = by_policy(reports)
     if policy not in groups or baseline not in groups:
         raise LabkitError(f"describe_sweep needs reports of {policy!r} and {baseline!r}; got {sorted(groups)}.")
-    base = {r["users"]: r for r in groups[baseline]}
-    ratios = [(r["users"], r["aggregate_tokens_per_s"] / base[r["users"]]["aggregate_tokens_per_s"])
-              for r in groups[policy] if r["users"] in base and r["aggregate_tokens_per_s"]
-              and base[r["users"]]["aggregate_tokens_per_s"]]
-    loads = sorted({r["users"] for r in reports})
+    parts = [describe_gain(matched_gain(reports, policy, baseline))]
+    base = {c["users"]: c for c in groups[baseline]}
+    ratios = [(c["users"], c["aggregate_tokens_per_s"] / base[c["users"]]["aggregate_tokens_per_s"])
+              for c in groups[policy] if c["users"] in base and c["aggregate_tokens_per_s"]
+              and base[c["users"]]["aggregate_tokens_per_s"]]
+    cells = [c for cs in groups.values() for c in cs]
     best = []
-    for n in loads:
-        at = [r for r in reports if r["users"] == n and r["aggregate_tokens_per_s"] is not None]
+    for n in sorted({c["users"] for c in cells}):
+        at = [c for c in cells if c["users"] == n and c["aggregate_tokens_per_s"] is not None]
         if at:
-            best.append(f"x{n}: {_label(max(at, key=lambda r: r['aggregate_tokens_per_s'])['policy'])}")
-    budgets = [r for r in groups[policy] if r["mean_verify_budget"] is not None]
-    parts = []
+            best.append(f"x{n}: {_label(max(at, key=lambda c: c['aggregate_tokens_per_s'])['policy'])}")
+    budgets = [c for c in groups[policy] if c["mean_verify_budget"] is not None]
     if ratios:
         parts.append(f"{_label(policy)} served " + ", ".join(f"{q:.2f}x" for _, q in ratios) + f" the throughput of "
                      f"{_label(baseline)} at " + ", ".join(f"{n}" for n, _ in ratios) + " users")
@@ -155,10 +211,11 @@ def describe_sweep(reports: Sequence[dict], policy: str = "algorithm1", baseline
         parts.append(f"its verification budget went from {budgets[0]['mean_verify_budget']:.2f} tokens per request at "
                      f"{budgets[0]['users']} user(s) to {budgets[-1]['mean_verify_budget']:.2f} at {budgets[-1]['users']} "
                      f"({_label(baseline)}: "
-                     + ", ".join(_fmt(r["mean_verify_budget"]) for r in groups[baseline]) + ")")
+                     + ", ".join(_fmt(c["mean_verify_budget"]) for c in groups[baseline]) + ")")
     if best:
         parts.append("highest throughput by load: " + ", ".join(best))
-    return "; ".join(parts) + "."
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -594,5 +651,5 @@ def describe_dashboard(stats: dict) -> str:
 
 
 __all__ = ["SWEEP_POLICIES", "SWEEP_HEADER", "LIVE_TRACES", "PausableClock", "Segment", "ServingDashboard", "Window",
-           "by_policy", "describe_dashboard", "describe_sweep", "live_figure", "load_figure", "rolling", "run_sweeps",
+           "by_policy", "describe_dashboard", "describe_gain", "describe_sweep", "live_figure", "load_figure", "rolling", "run_sweeps",
            "sweep_rows", "throughput_speed_figure", "window_stats"]
