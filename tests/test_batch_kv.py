@@ -345,3 +345,24 @@ def test_real_target_batched_equals_solo(real_target, packed):
             n = (key + s) % len(toks)
             kv.rollback(key, n)
             solos[key].rollback(n)
+
+
+@pytest.mark.parametrize("headroom", [0, 2, 64])
+def test_in_place_cache_buffers_keep_logits_across_growth(sdpa_target, headroom, monkeypatch):
+    """The packed step writes new columns into spare buffer columns instead of copying the cache;
+    with no, little and much headroom (a new buffer every step, every few steps, rarely), through
+    rollbacks, an admission and a removal, every row still equals its solo run."""
+    import labkit.model.ragged as ragged
+    monkeypatch.setattr(ragged, "HEADROOM", headroom)
+    t, rng = sdpa_target, random.Random(8)
+    kv, solos = BatchKV(t, compact_at=0.9), {}
+    for key, n in zip("pq", [3, 7]):
+        admit(kv, t, solos, key, tokens(rng, n))
+    for s in range(12):
+        if s == 4:
+            admit(kv, t, solos, "r", tokens(rng, 5))
+        if s == 8:
+            kv.remove("p")
+        run_step(kv, solos, {key: 1 + (s + i) % 4 for i, key in enumerate(kv.keys)}, rng)
+    layer = kv.cache.layers[0]
+    assert layer.keys.shape[2] == kv.columns and layer._labkit_buffers[0].shape[2] >= kv.columns

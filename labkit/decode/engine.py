@@ -75,6 +75,8 @@ class RequestRecord:
     text: str = ""
     tokens_per_s: float | None = None  # new tokens / (finish - first token): the speed its user sees
     ttft_s: float | None = None  # arrival -> first token (queueing + prefill)
+    first_token_s: float | None = None  # engine clock (seconds since the run started) at its first token
+    finish_s: float | None = None  # engine clock when it was retired (its last token)
     rounds: int = 0
     mean_verify_budget: float | None = None  # tokens verified per step, anchor included
     tau: float | None = None
@@ -236,12 +238,14 @@ class Engine:
         self._conf_history.pop(rid, None)
         self.kv.remove(rid)
         st = act.state
-        elapsed = self.now() - act.first_token_s
+        finish = self.now()
+        elapsed = finish - act.first_token_s
         n = len(st.new_ids)
         self.done.append(RequestRecord(
             id=rid, prompt=act.request.prompt, token_ids=st.new_ids, text=self.target.decode(st.new_ids),
             tokens_per_s=(n - 1) / elapsed if n > 1 and elapsed > 0 else None,
-            ttft_s=act.first_token_s - act.request.arrival_s, rounds=len(st.rounds),
+            ttft_s=act.first_token_s - act.request.arrival_s, first_token_s=act.first_token_s, finish_s=finish,
+            rounds=len(st.rounds),
             mean_verify_budget=sum(act.budgets) / len(act.budgets) if act.budgets else None,
             tau=mean_tau(st.rounds),
             finished=True))
@@ -378,6 +382,7 @@ class Engine:
         st = act.state
         self.done.append(RequestRecord(id=rid, prompt=act.request.prompt, token_ids=st.new_ids,
                                        text=self.target.decode(st.new_ids), ttft_s=act.first_token_s - act.request.arrival_s,
+                                       first_token_s=act.first_token_s, finish_s=self.now(),
                                        rounds=len(st.rounds), tau=mean_tau(st.rounds), error=error))
 
 
@@ -480,7 +485,8 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
-                      "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "rounds": r.rounds,
+                      "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,
+                      "finish_s": r.finish_s, "rounds": r.rounds,
                       "tau": r.tau, "mean_verify_budget": r.mean_verify_budget,
                       **({"error": r.error} if r.error else {})} for r in requests],
     }

@@ -83,6 +83,35 @@ def _grid(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     return x[0][:, gather].permute(1, 0, 2, 3)
 
 
+#: spare columns a cache layer's buffer gets when it must grow (a few steps' worth of new tokens)
+HEADROOM = 64
+
+
+def _append(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append W columns to a cache layer without copying the cache: its keys and values are views of
+    buffers with spare columns, written in place (a plain `torch.cat` copies all R x T cached columns
+    of every layer at every step, which at 16 rows of a few hundred tokens costs more than the step's
+    attention). A layer whose tensors were replaced since (admission, compaction, removal) or whose
+    buffer is full gets a new buffer; the columns of a view nobody holds past T are never written."""
+    if not layer.is_initialized:
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys[:, :, :0], values[:, :, :0]
+    t, w = layer.keys.shape[2], keys.shape[2]
+    buffers = getattr(layer, "_labkit_buffers", None)
+    if (buffers is None or buffers[0].shape[2] < t + w or buffers[0].shape[:2] != layer.keys.shape[:2]
+            or buffers[0].data_ptr() != layer.keys.data_ptr() or buffers[1].data_ptr() != layer.values.data_ptr()):
+        grown = []
+        for cached, new in ((layer.keys, keys), (layer.values, values)):
+            buf = new.new_empty((new.shape[0], new.shape[1], t + w + HEADROOM, new.shape[3]))
+            buf[:, :, :t] = cached
+            grown.append(buf)
+        buffers = layer._labkit_buffers = tuple(grown)
+    buffers[0][:, :, t:t + w] = keys
+    buffers[1][:, :, t:t + w] = values
+    layer.keys, layer.values = buffers[0][:, :, :t + w], buffers[1][:, :, :t + w]
+    return layer.keys, layer.values
+
+
 def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      ragged: RaggedLayout | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -94,7 +123,7 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if ragged is None:
         raise RuntimeError("ragged_attention runs only inside labkit.model.ragged.forward (it needs the layout).")
     layer = ragged.cache.layers[module.layer_idx]
-    keys, values = layer.update(_grid(key, ragged.gather), _grid(value, ragged.gather))
+    keys, values = _append(layer, _grid(key, ragged.gather), _grid(value, ragged.gather))
     q = _grid(query, ragged.gather)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ragged.mask, scale=scaling,
                                          enable_gqa=q.shape[1] != keys.shape[1])
