@@ -255,3 +255,30 @@ def test_the_function_and_the_command_line_train_the_same_drafter(trained, tmp_p
     assert train_job(build_parser().parse_args(shlex.split(commands[1])[3:])) == job
     rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(tmp_path / d)] for d in ("cli", "fn")]
     assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [3, 6]
+
+
+def test_a_block_one_dflash_is_an_mtp1_drafter_that_serves_losslessly(trained, tmp_path):
+    """`train --drafter dflash --gamma 1` (the `mtp1` preset's shape) trains a one-token drafter; the
+    batched engine serves it and every greedy output equals plain greedy decoding."""
+    from labkit.core.sampling import SamplingParams
+    from labkit.decode.engine import Engine, ServeRequest, closed_loop
+    from labkit.decode.loop import generate
+    from labkit.drafters import make_drafter
+    from labkit.model.target import load_target
+    from labkit.pipeline.train import TRAIN_PRESETS
+    assert TRAIN_PRESETS["mtp1"]["gamma"] == 1 and TRAIN_PRESETS["mtp1"]["drafter"] == "dflash"
+    model, run = str(trained["model"]), tmp_path / "mtp1"
+    assert main(["train", "--drafter", "dflash", "--gamma", "1", "--target", model, "--data", str(trained["data"]),
+                 "--out", str(run), "--steps", "3", "--save-every", "3", "--batch-seqs", "2", "--anchors", "4",
+                 "--target-layers", "2,5", "--draft-vocab", "64"]) == 0
+    target = load_target(model)
+    drafter = make_drafter(str(run / "last"), target)
+    assert drafter.gamma == 1
+    requests = [ServeRequest(i, f"r{i}", [5 + i, 9, 11 + i], 8, SamplingParams(0.0), i) for i in range(3)]
+    engine = Engine(target, drafter, "fixed")
+    for _ in closed_loop(requests, 2, engine):
+        pass
+    assert {r.id for r in engine.done if r.finished} == {0, 1, 2}
+    for r in engine.done:
+        assert max(engine.steps[0].drafted) <= 1
+        assert r.token_ids == generate(target, requests[r.id].prompt_ids, None, 8, SamplingParams(0.0)).token_ids

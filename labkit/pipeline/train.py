@@ -560,6 +560,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny": dict(steps=6, save_every=3, batch_seqs=2, anchors=4, gamma=3, target_layers=(2, 5), draft_vocab=64),
     "dspark": dict(_SHIPPED_RUN, out="build/ab-fullset/base", export="data/drafters/dspark"),
     "dflash": dict(_SHIPPED_RUN, drafter="dflash", out="build/ab-fullset/dflash", export="data/drafters/dflash"),
+    # the serving baseline (Sec. 5.3): a block-1 DFlash reading the target's features is an MTP module
+    # drafting one token; the shipped recipe, data and steps otherwise
+    "mtp1": dict(_SHIPPED_RUN, drafter="dflash", gamma=1, out="build/ab-fullset/mtp1", export="data/drafters/mtp1"),
 }
 
 

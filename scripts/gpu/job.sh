@@ -5,6 +5,7 @@
 #   bash scripts/gpu/job.sh setup        # target from the carried GGUF parts, a greedy check, nvidia-smi
 #   bash scripts/gpu/job.sh curve        # tau against training tokens: 5 arms, steps scaled to their data
 #   bash scripts/gpu/job.sh ship         # DFlash and DSpark from scratch on all the data, side by side
+#   bash scripts/gpu/job.sh mtp1         # the serving baseline: a block-1 DFlash (MTP-1), the shipped recipe
 #   bash scripts/gpu/job.sh fetch NAME   # build/gpu/NAME (a folder) into $OUT as <=15 MiB tar parts
 #
 # SMOKE=1 runs every stage on this CPU in minutes (2 shards, a few steps): the check before a lease.
@@ -13,7 +14,7 @@
 # keeps its checkpoint, and its row or config says the step it reached.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STAGE=${1:?usage: job.sh setup|curve|ship|fetch NAME}
+STAGE=${1:?usage: job.sh setup|curve|ship|mtp1|fetch NAME}
 OUT=${OUT:-build/gpu/out}
 mkdir -p "$OUT" build/gpu
 export PYTHONUNBUFFERED=1 LABKIT_CACHE=${LABKIT_CACHE:-/tmp/labkit-cache}
@@ -39,7 +40,7 @@ if ls .gpu/whl/*.whl >/dev/null 2>&1 && ! $PY -c "import gguf" 2>/dev/null; then
 fi
 
 if [ -n "${SMOKE:-}" ]; then
-    DEVICE=cpu SHARDS=2 ARMS="shards-1 shards-2" EPOCHS=${EPOCHS:-0.05} STEPS=${STEPS:-2} BATCH=${BATCH:-2}
+    DEVICE=cpu SHARDS=2 ARMS="shards-1 shards-2" EPOCHS=${EPOCHS:-0.05} STEPS=${STEPS:-2} BATCH=${BATCH:-2} MTP1_STEPS=2
     VOCAB=${VOCAB:-512} MINUTES=${MINUTES:-2} HELD="--n-heldout 4 --n-decode 1 --new-tokens 8" CAL="--n-prompts 2 --max-new-tokens 16"
 else
     DEVICE=cuda SHARDS=152 ARMS="shards-12 shards-24 shards-48 shards-96 shards-152" HELD="" CAL="--n-prompts 48 --max-new-tokens 128"
@@ -93,11 +94,19 @@ ship)
     $PY -m labkit calibrate --drafter build/gpu/dspark --data data/train-v2 $CAL --device "$DEVICE" \
         --json "$OUT/calibrate-dspark.json" 2>&1 | tail -n 20
     ;;
+mtp1)
+    # The `mtp1` training preset (labkit.pipeline.train.TRAIN_PRESETS) on the GPU: the shipped DSpark's
+    # data, steps and recipe, one drafted token. Resumes from its checkpoint when MINUTES stops it.
+    $PY -m labkit train --drafter dflash --gamma 1 --layers 2 --draft-vocab 8192 --batch-seqs 4 --anchors 64 \
+        --lr 1e-3 --mixed-precision bf16 --feature-dtype bfloat16 --data $DATA --max-shards 156 --steps "${MTP1_STEPS:-4032}" \
+        --device "$DEVICE" --save-every 250 --max-minutes "$MINUTES" --out build/gpu/runs/mtp1 \
+        --export build/gpu/mtp1 2>&1 | tail -n 5 | tee "$OUT/train-mtp1.log"
+    ;;
 fetch)
     NAME=${2:?fetch NAME: a folder under build/gpu}
     tar -C build/gpu -cf - "$NAME" | split -b 15M -d - "$OUT/$NAME.tar.part-"
     ls -la "$OUT"
     ;;
 *)
-    echo "unknown stage $STAGE: setup, curve, ship or fetch NAME"; exit 2 ;;
+    echo "unknown stage $STAGE: setup, curve, ship, mtp1 or fetch NAME"; exit 2 ;;
 esac
