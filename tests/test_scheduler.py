@@ -31,7 +31,6 @@ from labkit.core.scheduler import (
     expected_throughput,
     load_cost_tables,
     make_policy,
-    monotone_sps,
 )
 from labkit.model.timing import profile_sps
 
@@ -148,7 +147,7 @@ def test_algorithm1_never_asks_past_the_first_drop_in_a_batch():
     """Three requests, a cliff at B = 6 and flat after it: the break comes at the cliff and no B beyond
     it is queried, although verifying everything would give a higher theta (8.92 * 0.7 > 4.71)."""
     table = CostTable("jagged", "m", "fp32", [3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
-                      [1.0, 1.0, 1.0, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], window=1)
+                      [1.0, 1.0, 1.0, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7])
     conf = f64([[0.9, 0.9, 0.9], [0.8, 0.8, 0.8], [0.7, 0.7, 0.7]])
     rec = Recording(table)
     lengths = Algorithm1()(ScheduleInput(conf, rec))
@@ -347,32 +346,37 @@ def test_appendix_a_retrospective_search_is_biased_and_algorithm1_is_not(chi2_go
 # Cost tables
 
 
-def test_monotone_smoothing_keeps_the_raw_curve():
+def test_the_fit_keeps_the_raw_curve_and_pools_a_dip():
+    """The default fit is the isotonic regression of the medians (tests/test_cost_fit.py tests it);
+    the raw medians are kept beside it."""
     raw = [10.0, 9.0, 2.0, 8.0, 7.0]  # one bad sample at B = 3
     table = CostTable("d", "m", "fp32", [1, 2, 3, 4, 5], raw)
     assert table.raw_sps == raw
-    assert table.smoothed_sps == [10.0, 9.0, 8.0, 7.0, 7.0]  # the median drops the dip
-    assert monotone_sps(raw, window=1) == [10.0, 9.0, 8.0, 8.0, 7.0]  # the envelope alone lifts the dip
-    assert monotone_sps([5.0, 4.0, 3.0]) == [5.0, 4.0, 3.0]  # a monotone curve passes unchanged
+    assert table.smoothed_sps == pytest.approx([10.0, 9.0, 17 / 3, 17 / 3, 17 / 3])  # pooled, not lifted
+    assert table.pooled == [[3, 4, 5]]
+    assert CostTable("d", "m", "fp32", [1, 2, 3], [5.0, 4.0, 3.0]).smoothed_sps == [5.0, 4.0, 3.0]  # unchanged
 
 
 def test_one_slow_sample_at_small_b_does_not_flatten_the_curve():
-    """Interference only adds time: a slowed B = 1 is lifted to the faster measurements after it,
-    instead of capping every larger B (which would make verification look free)."""
+    """A slowed B = 1 is pooled with the faster measurements after it (to their weighted mean), instead
+    of capping every larger B (which would make verification look free)."""
     raw = [0.35, 6.0, 5.5, 4.0, 2.0, 1.0]
-    assert monotone_sps(raw, window=1) == [6.0, 6.0, 5.5, 4.0, 2.0, 1.0]
-    assert monotone_sps(raw)[-1] < monotone_sps(raw)[1] / 3
+    table = CostTable("d", "m", "fp32", [1, 2, 3, 4, 5, 6], raw, counts=[1, 4, 1, 1, 1, 1])
+    assert table.smoothed_sps[:3] == pytest.approx([(0.35 + 4 * 6.0 + 5.5) / 6] * 3)  # B = 3 joins the pool
+    assert table.smoothed_sps[3:] == raw[3:] and table.pooled == [[1, 2, 3]]
+    assert table.smoothed_sps[-1] < table.smoothed_sps[1] / 3
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(0.01, 100.0), min_size=1, max_size=8), st.sampled_from([1, 3, 5]))
-def test_sps_never_increases_with_b(raw, window):
+@given(st.lists(st.floats(0.01, 100.0), min_size=1, max_size=8), st.booleans())
+def test_sps_never_increases_with_b(raw, weighted):
     sizes = [2 ** i for i in range(len(raw))]
-    table = CostTable("d", "m", "fp32", sizes, raw, window=window)
+    table = CostTable("d", "m", "fp32", sizes, raw, counts=list(range(1, len(raw) + 1)) if weighted else None)
     grid = [0.5 + 0.25 * i for i in range(4 * 3 * sizes[-1])]
     values = [table.sps(b) for b in grid]
     assert all(v1 <= v0 for v0, v1 in zip(values, values[1:]))
     assert all(table.sps(b) == s for b, s in zip(sizes, table.smoothed_sps))
+    assert max(table.smoothed_sps) <= max(raw) and min(table.smoothed_sps) >= min(raw)
 
 
 def test_sps_interpolates_clamps_and_extrapolates_proportionally():
@@ -389,8 +393,8 @@ def test_cost_tables_round_trip_through_one_json_file_keyed_by_device_model_dtyp
     path = tmp_path / "costs" / "sps.json"
     assert CostTable.load(path, "cpu", "m", "fp32") is None  # no file yet
     a = CostTable("cpu", "m", "fp32", [1, 2, 4], [50.0, 49.0, 30.0])
-    b = CostTable("cuda:H200", "m", "bf16", [1, 64, 256], [900.0, 850.0, 700.0], window=1)
-    c = CostTable("cpu", "m", "bf16", [1, 2], [20.0, 21.0])  # raw rises: smoothed does not
+    b = CostTable.from_samples("cuda:H200", "m", "bf16", {1: [900.0, 910.0, 880.0], 64: [850.0], 256: [700.0, 690.0]})
+    c = CostTable("cpu", "m", "bf16", [1, 2], [20.0, 21.0])  # raw rises: the fit does not
     for t in (a, b, c):
         t.save(path)
     a2 = CostTable("cpu", "m", "fp32", [1, 2, 4, 8], [51.0, 48.0, 31.0, 15.0])
@@ -400,7 +404,9 @@ def test_cost_tables_round_trip_through_one_json_file_keyed_by_device_model_dtyp
         loaded = CostTable.load(path, *t.key)
         assert loaded.to_dict() == t.to_dict()
         assert loaded.raw_sps == t.raw_sps and loaded.smoothed_sps == t.smoothed_sps
-    assert c.smoothed_sps == [21.0, 21.0] and CostTable.load(path, *c.key).raw_sps == [20.0, 21.0]
+    assert loaded.counts == t.counts and loaded.raw_low == t.raw_low and loaded.raw_high == t.raw_high
+    assert c.smoothed_sps == [20.5, 20.5] and CostTable.load(path, *c.key).raw_sps == [20.0, 21.0]
+    assert CostTable.load(path, *b.key).counts == [3, 1, 2] and CostTable.load(path, *b.key).raw_low[0] == 880.0
     assert CostTable.load(path, "cpu", "other", "fp32") is None
     assert set(load_cost_tables(path)) == {a.key, b.key, c.key}
     assert sorted(p.name for p in path.parent.iterdir()) == ["sps.json"]  # no temp file left behind
@@ -409,21 +415,24 @@ def test_cost_tables_round_trip_through_one_json_file_keyed_by_device_model_dtyp
         CostTable.load(path, *a.key)
 
 
-def test_profile_sps_calls_step_in_order_and_takes_medians():
-    """A fake step advances a fake clock (B centiseconds, one repeat 10x slower): no real timing."""
+def test_profile_sps_interleaves_the_sizes_and_takes_medians():
+    """A fake step advances a fake clock (B centiseconds; the third timed call 10x slower): no real
+    timing. Warm-up first, then rounds that each time every B once, in a seeded order."""
     now = [0.0]
     calls, syncs = [], []
 
     def step(b):
         calls.append(b)
-        slow = 10.0 if len(calls) % 5 == 4 else 1.0  # the 2nd timed repeat of each B is an outlier
-        now[0] += 0.01 * b * slow
+        now[0] += 0.01 * b * (10.0 if len(calls) == 9 else 1.0)
 
     table = profile_sps(step, [1, 2, 4], repeats=3, warmup=2, sync=lambda: syncs.append(len(calls)),
                         progress=True, clock=lambda: now[0], device="fake", model="m", dtype="fp32")
-    assert calls == [1] * 5 + [2] * 5 + [4] * 5
-    assert syncs == [2, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14, 15]  # after warm-up and after each timed call
-    assert table.raw_sps == pytest.approx([100.0, 50.0, 25.0])
+    assert calls[:6] == [1, 1, 2, 2, 4, 4]  # the warm-up, untimed
+    rounds = [calls[6 + 3 * i:9 + 3 * i] for i in range(3)]
+    assert all(sorted(r) == [1, 2, 4] for r in rounds)  # every round visits every size once
+    assert syncs == [6] + list(range(7, 16))  # after the warm-up and after each timed call
+    assert table.raw_sps == pytest.approx([100.0, 50.0, 25.0])  # the median drops the slowed call
+    assert table.counts == [3, 3, 3] and table.raw_low is not None
     assert table.key == ("fake", "m", "fp32") and table.batch_sizes == [1, 2, 4]
     with pytest.raises(LabkitError, match="unknown settings"):
         profile_sps(step, [1], colour="red")

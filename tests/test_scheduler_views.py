@@ -40,8 +40,8 @@ from labkit.lab.scheduler_views import (
 from labkit.model.timing import profile_fastest
 
 # SPS flat up to 4 tokens, then falling: on 3 requests the first admission is free and later ones must pay.
-KNEE = CostTable("test", "toy", "fp32", [1, 4, 8, 16], [10.0, 10.0, 7.0, 4.0], window=1)
-STEEP = CostTable("test", "toy", "fp32", [1], [1.0], window=1, tail="proportional")  # SPS(B) = 1 / B
+KNEE = CostTable("test", "toy", "fp32", [1, 4, 8, 16], [10.0, 10.0, 7.0, 4.0])
+STEEP = CostTable("test", "toy", "fp32", [1], [1.0], tail="proportional")  # SPS(B) = 1 / B
 CONF = torch.tensor([[0.9, 0.8, 0.5, 0.2],
                      [0.6, 0.3, 0.9, 0.9],
                      [0.95, 0.9, 0.9, 0.1]], dtype=torch.float64)
@@ -54,7 +54,7 @@ def names(fig) -> set[str]:
 def test_walk_agrees_with_algorithm1_and_the_retrospective_search():
     gen = torch.Generator().manual_seed(0)
     tables = [KNEE, STEEP, CostTable.flat(), appendix_a_table(),
-              CostTable("t", "m", "d", [1, 2, 3, 5, 9], [5.0, 4.9, 4.0, 4.1, 2.0], window=1)]  # jagged: no smoothing
+              CostTable("t", "m", "d", [1, 2, 3, 5, 9], [5.0, 4.9, 4.0, 4.1, 2.0])]  # jagged raw
     for trial in range(60):
         conf = torch.rand(1 + trial % 5, 1 + trial % 6, generator=gen, dtype=torch.float64)
         for table in tables:
@@ -188,18 +188,23 @@ def test_budget_figure_has_one_trace_per_policy_per_panel():
         assert list(t.x) == [1, 2, 4]
 
 
-def test_sps_figure_shows_raw_smoothed_and_shapes():
-    table = CostTable("cpu", "toy", "fp32", [1, 2, 4, 8], [10.0, 8.0, 9.0, 3.0])
+def test_sps_figure_shows_raw_with_spread_fitted_and_shapes():
+    table = CostTable.from_samples("cpu", "toy", "fp32", {1: [9.0, 10.0, 11.0], 2: [8.0], 4: [8.5, 9.0, 9.5], 8: [3.0]})
     points = [{"rows": 1, "width": b, "batch_tokens": b, "seconds": 1 / s, "sps": s}
               for b, s in zip(table.batch_sizes, table.raw_sps)]
     fig = sps_figure(table, points)
-    assert names(fig) == {"per shape (R x W)", "raw (median per B)", "smoothed (monotone)"}
-    smooth = [t for t in fig.data if t.name == "smoothed (monotone)"]
-    assert list(smooth[0].y) == table.smoothed_sps
-    assert list(smooth[1].y) == [b * s for b, s in zip(table.batch_sizes, table.smoothed_sps)]
-    assert names(sps_figure(table)) == {"raw (median per B)", "smoothed (monotone)"}
+    assert names(fig) == {"per shape (R x W)", "raw (median per B)", "fitted (isotonic)"}
+    fitted = [t for t in fig.data if t.name == "fitted (isotonic)"]
+    assert list(fitted[0].y) == table.smoothed_sps
+    assert list(fitted[1].y) == [b * s for b, s in zip(table.batch_sizes, table.smoothed_sps)]
+    raw = [t for t in fig.data if t.name == "raw (median per B)"]
+    assert list(raw[0].y) == table.raw_sps and list(raw[0].error_y.array)[0] == 1.0  # upper quartile - median
+    assert list(raw[1].error_y.arrayminus)[0] == 1.0 and list(raw[1].error_y.array)[2] == pytest.approx(4 * 0.5)
+    assert names(sps_figure(table)) == {"raw (median per B)", "fitted (isotonic)"}
+    assert sps_figure(CostTable("cpu", "toy", "fp32", [1, 2], [2.0, 1.0])).data[0].error_y.array is None  # no spread kept
     sentence = describe_sps(table)
-    assert "B = 8" in sentence and "cpu" in sentence
+    assert "B = 8" in sentence and "cpu" in sentence and "pooled B = 2, 4" in sentence
+    assert "pooled no sizes" in describe_sps(KNEE)
 
 
 def test_appendix_a_rows_and_figure():
@@ -240,5 +245,6 @@ def test_profile_fastest_keeps_each_shapes_fastest_pass():
 
 def test_describe_sps_flags_a_slow_first_size():
     table = CostTable("cpu", "toy", "fp32", [1, 4, 8, 16], [1.0, 6.0, 5.0, 4.0])  # B = 1 slowed by noise
-    assert table.smoothed_sps == [5.0, 5.0, 5.0, 4.0]  # lifted to the faster measurements after it
+    assert table.smoothed_sps == [4.0, 4.0, 4.0, 4.0]  # pooled with the faster measurements after it
     assert "raised SPS by more than 20% at B = 1" in describe_sps(table)
+    assert "lowered SPS by more than 20% at B = 4" in describe_sps(table)

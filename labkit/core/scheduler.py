@@ -19,7 +19,6 @@ import bisect
 import json
 import math
 import os
-import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,40 +36,68 @@ from labkit.core.sampling import verify_chain
 
 TAILS = ("proportional", "constant")
 
+#: the name of the table's fit, stored with it: a table stored without it (the old running median and
+#: envelope) is refitted from its raw medians when its cost-table file loads (`load_cost_tables`)
+FIT = "isotonic"
 
-def monotone_sps(raw: Sequence[float], window: int = 3) -> list[float]:
-    """A noisy SPS curve made non-increasing in B: a centred running median, then the upper envelope
-    from the right (SPS(B) = the largest smoothed value at any B' >= B).
 
-    Why the envelope from the right and not a running minimum from the left: interference (another
-    job, a page fault) only ever adds time, so a measured SPS is at most the true one, and the true
-    curve falls with B; hence every measurement at B' >= B is a lower bound on SPS(B) and the largest
-    is the best one. A running minimum would let one slow sample at small B flatten the whole curve
-    (seen here: a slowed B = 1 made Algorithm 1 verify everything). The median (odd `window`, shrunk
-    symmetrically at the ends) first removes a single-sample spike; an already non-increasing curve
-    passes unchanged. Monotone is the shape Algorithm 1's early break assumes (Sec. 3.2.2; docs/method.md, "The hardware-aware prefix scheduler").
+def isotonic_decreasing(values: Sequence[float], weights: Sequence[float] | None = None
+                        ) -> tuple[list[float], list[tuple[int, int]]]:
+    """The weighted least-squares non-increasing fit of `values` (pool adjacent violators), and its blocks.
+
+    Walking left to right, a value larger than the block before it violates the order, so the two
+    are pooled into one block at their weighted mean, and pooling repeats while the new block is
+    larger than the one before it. Returns the fitted value at every index and the blocks as
+    (first, last) index pairs, singletons included. A pooled value is a weighted mean of the values it
+    pools, so the fit never exceeds the largest value it pools (nor the largest value overall) and
+    never falls below the smallest; an already non-increasing sequence passes unchanged.
     """
-    if window < 1 or window % 2 == 0:
-        raise LabkitError(f"the smoothing window must be an odd whole number >= 1 (1 = none), got {window}.")
-    n, half = len(raw), window // 2
-    medians = []
-    for i in range(n):
-        h = min(half, i, n - 1 - i)
-        medians.append(statistics.median(raw[i - h:i + h + 1]))
-    out = list(medians)
-    for i in range(n - 2, -1, -1):
-        out[i] = max(out[i], out[i + 1])
-    return out
+    values = [float(v) for v in values]
+    weights = [1.0] * len(values) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(values) or not all(0.0 < w < math.inf for w in weights):
+        raise LabkitError(f"the isotonic fit needs one positive, finite weight per value, got {len(weights)} "
+                          f"weights for {len(values)} values.")
+    blocks: list[list[float]] = []  # [weighted sum, weight, first, last]
+    for i, (v, w) in enumerate(zip(values, weights)):
+        blocks.append([v * w, w, i, i])
+        while len(blocks) > 1 and blocks[-1][0] / blocks[-1][1] > blocks[-2][0] / blocks[-2][1]:
+            s, w2, _, last = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += w2
+            blocks[-1][3] = last
+    fitted: list[float] = []
+    for s, w, first, last in blocks:
+        mean = s / w
+        pooled = values[first:last + 1]
+        # A weighted mean lies within its values; the clamp keeps that true through float rounding.
+        fitted += [min(max(pooled), max(min(pooled), mean))] * (last - first + 1)
+    return fitted, [(int(first), int(last)) for _, _, first, last in blocks]
+
+
+def _quartile_samples(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(lower quartile, upper median, upper quartile) of xs, each one of the samples (order statistics)."""
+    xs = sorted(float(x) for x in xs)
+    n = len(xs)
+    return xs[(n - 1) // 4], xs[n // 2], xs[math.ceil(3 * (n - 1) / 4)]
 
 
 @dataclass
 class CostTable:
-    """Median target forward steps per second at each profiled batch size B (tokens in the forward).
+    """Target forward steps per second at each profiled batch size B (tokens in the forward).
 
-    `raw_sps` is what was measured; `smoothed_sps` is `monotone_sps(raw_sps, window)` unless given,
-    and is what `sps(B)` reads. Past the last profiled size the tail is "proportional" (time per token
-    constant, so SPS falls as 1/B: a guess that never makes a bigger batch look cheaper) or "constant"
-    (only for a flat, unprofiled table).
+    `raw_sps` is the measured median per B (the upper median: a measured value); `counts` the number of
+    samples behind it (None: one each, e.g. a table stored before counts were kept); `raw_low` /
+    `raw_high` the lower and upper quartile samples, the spread of the measurements (None: not kept).
+    `smoothed_sps` is the fit that `sps(B)` reads: the weighted isotonic (non-increasing) regression of
+    the medians (`isotonic_decreasing`, weights = counts), unless given. Past the last profiled size
+    the tail is "proportional" (time per token constant, so SPS falls as 1/B: a guess that never makes
+    a bigger batch look cheaper) or "constant" (only for a flat, unprofiled table).
+
+    Why this fit (docs/method.md, "The hardware-aware prefix scheduler"): Algorithm 1's early break
+    needs SPS non-increasing in B, and a fit that pools the measurements that disagree with that order
+    into their weighted mean adds no speed that no measurement supports. The earlier fit, an upper
+    envelope from the right, copied the fastest value measured at any larger B over every smaller one,
+    so one lucky median made a flat run of free admissions that ended in a cliff exactly there.
     """
 
     device: str
@@ -79,15 +106,18 @@ class CostTable:
     batch_sizes: list[int]
     raw_sps: list[float]
     smoothed_sps: list[float] | None = None
-    window: int = 3
+    counts: list[int] | None = None
+    raw_low: list[float] | None = None
+    raw_high: list[float] | None = None
     tail: str = "proportional"
 
     def __post_init__(self):
         self.batch_sizes = [whole_number(b, "every batch size") for b in self.batch_sizes]
         self.raw_sps = [float(s) for s in self.raw_sps]
-        if not self.batch_sizes or len(self.batch_sizes) != len(self.raw_sps):
+        n = len(self.raw_sps)
+        if not self.batch_sizes or len(self.batch_sizes) != n:
             raise LabkitError(f"a cost table needs one SPS per batch size and at least one of each, got "
-                              f"{len(self.batch_sizes)} batch sizes and {len(self.raw_sps)} SPS values.")
+                              f"{len(self.batch_sizes)} batch sizes and {n} SPS values.")
         if any(b < 1 for b in self.batch_sizes) or any(
                 b1 <= b0 for b0, b1 in zip(self.batch_sizes, self.batch_sizes[1:])):
             raise LabkitError(f"batch sizes must be positive and strictly increasing, got {self.batch_sizes}: "
@@ -96,21 +126,52 @@ class CostTable:
             raise LabkitError(f"every SPS must be positive and finite, got {self.raw_sps}: re-profile the device.")
         if self.tail not in TAILS:
             raise LabkitError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}.")
+        if self.counts is not None:
+            self.counts = [whole_number(c, "every sample count") for c in self.counts]
+            if len(self.counts) != n or any(c < 1 for c in self.counts):
+                raise LabkitError(f"counts must hold one sample count >= 1 per batch size, got {self.counts}.")
+        if (self.raw_low is None) != (self.raw_high is None):
+            raise LabkitError("raw_low and raw_high (the spread of the samples) go together: give both or neither.")
+        if self.raw_low is not None:
+            self.raw_low = [float(v) for v in self.raw_low]
+            self.raw_high = [float(v) for v in self.raw_high]
+            if len(self.raw_low) != n or len(self.raw_high) != n or not all(
+                    0.0 < lo <= r <= hi < math.inf for lo, r, hi in zip(self.raw_low, self.raw_sps, self.raw_high)):
+                raise LabkitError("raw_low and raw_high must hold one positive value per batch size with "
+                                  "raw_low <= raw_sps <= raw_high (the quartiles around the median).")
         if self.smoothed_sps is None:
-            self.smoothed_sps = monotone_sps(self.raw_sps, self.window)
+            self.smoothed_sps = isotonic_decreasing(self.raw_sps, self.counts)[0]
         self.smoothed_sps = [float(s) for s in self.smoothed_sps]
         s = self.smoothed_sps
-        if len(s) != len(self.raw_sps) or not all(0.0 < v < math.inf for v in s) or any(
+        if len(s) != n or not all(0.0 < v < math.inf for v in s) or any(
                 v1 > v0 for v0, v1 in zip(s, s[1:])):
             raise LabkitError("smoothed_sps must hold one positive value per batch size, non-increasing in B: "
-                              "leave it out and the table computes it from raw_sps.")
+                              "leave it out and the table fits it to raw_sps.")
+
+    @classmethod
+    def from_samples(cls, device: str, model: str, dtype: str, samples: dict[int, Sequence[float]],
+                     tail: str = "proportional") -> CostTable:
+        """The table of SPS samples per B ({B: [steps per second, ...]}): per B the upper median, the
+        quartile samples as its spread, the number of samples as the fit's weight."""
+        sizes = sorted(samples)
+        if not sizes or any(len(samples[b]) == 0 for b in sizes):
+            raise LabkitError("a cost table needs at least one SPS sample at every batch size it lists.")
+        low, mid, high = (list(q) for q in zip(*(_quartile_samples(samples[b]) for b in sizes)))
+        return cls(device, model, dtype, sizes, mid, counts=[len(samples[b]) for b in sizes],
+                   raw_low=low, raw_high=high, tail=tail)
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.device, self.model, self.dtype)
 
+    @property
+    def pooled(self) -> list[list[int]]:
+        """The batch sizes that the fit pooled into one value, one list per pool of two or more sizes."""
+        blocks = isotonic_decreasing(self.raw_sps, self.counts)[1]
+        return [self.batch_sizes[first:last + 1] for first, last in blocks if last > first]
+
     def sps(self, batch_tokens: float) -> float:
-        """SPS at B tokens: linear between profiled sizes on the smoothed curve, clamped below the first."""
+        """SPS at B tokens: linear between profiled sizes on the fitted curve, clamped below the first."""
         xs, ys = self.batch_sizes, self.smoothed_sps
         if batch_tokens <= xs[0]:
             return ys[0]
@@ -128,19 +189,26 @@ class CostTable:
     def flat(cls, sps: float = 1.0, device: str = "unprofiled", model: str = "any",
              dtype: str = "any") -> CostTable:
         """The same SPS at every B (SGLang's unprofiled table): every cost-aware policy verifies all."""
-        return cls(device, model, dtype, [1], [sps], window=1, tail="constant")
+        return cls(device, model, dtype, [1], [sps], tail="constant")
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "model": self.model, "dtype": self.dtype,
-                "batch_sizes": list(self.batch_sizes), "raw_sps": list(self.raw_sps),
-                "smoothed_sps": list(self.smoothed_sps), "window": self.window, "tail": self.tail}
+        d = {"device": self.device, "model": self.model, "dtype": self.dtype,
+             "batch_sizes": list(self.batch_sizes), "raw_sps": list(self.raw_sps),
+             "smoothed_sps": list(self.smoothed_sps), "fit": FIT, "tail": self.tail}
+        for name in ("counts", "raw_low", "raw_high"):
+            if getattr(self, name) is not None:
+                d[name] = list(getattr(self, name))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CostTable:
+        """The table as stored, its fitted curve included (a serve report's table replays exactly as the
+        policy saw it); only a cost-table file refits an old fit (`load_cost_tables`)."""
         missing = [k for k in ("device", "model", "dtype", "batch_sizes", "raw_sps") if k not in d]
         if missing:
             raise LabkitError(f"a stored cost table lacks {', '.join(missing)}: re-profile and save it again.")
-        known = {"device", "model", "dtype", "batch_sizes", "raw_sps", "smoothed_sps", "window", "tail"}
+        known = {"device", "model", "dtype", "batch_sizes", "raw_sps", "smoothed_sps", "counts", "raw_low",
+                 "raw_high", "tail"}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | Path) -> None:
@@ -167,13 +235,17 @@ class CostTable:
 
 
 def load_cost_tables(path: str | Path) -> dict[tuple[str, str, str], CostTable]:
-    """Every table in a cost-table JSON file, keyed by (device, model, dtype); {} if the file is absent."""
+    """Every table in a cost-table JSON file, keyed by (device, model, dtype); {} if the file is absent.
+
+    The file is a cache of profiles, so a table stored with another fit than `FIT` (the old running
+    median and envelope, stored without a fit name) is refitted from its raw medians as it loads."""
     path = Path(path)
     if not path.exists():
         return {}
     try:
         payload = json.loads(path.read_text())
-        tables = [CostTable.from_dict(d) for d in payload["tables"]]
+        tables = [CostTable.from_dict(d if d.get("fit") == FIT else {k: v for k, v in d.items() if k != "smoothed_sps"})
+                  for d in payload["tables"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise LabkitError(f"{path} is not a cost-table file ({exc}): delete it or re-profile to rewrite it."
                           ) from exc
@@ -599,7 +671,7 @@ APPENDIX_A_P_D = (0.5, 0.5)  # drafter over {A, B}
 
 def appendix_a_table() -> CostTable:
     """SPS(1) = 1.0, SPS(2) = 0.5, SPS(3) = 0.45: the paper's capacity curve (already monotone)."""
-    return CostTable("appendix-a", "counterexample", "exact", [1, 2, 3], [1.0, 0.5, 0.45], window=1)
+    return CostTable("appendix-a", "counterexample", "exact", [1, 2, 3], [1.0, 0.5, 0.45])
 
 
 def appendix_a_c2(x1: int) -> float:

@@ -46,16 +46,17 @@ SWEEP_POLICIES = ("algorithm1", "fixed", "mtp1", "async-topk")
 
 def sps_figure(table: CostTable, points: Sequence[dict] | None = None,
                title: str | None = None) -> go.Figure:
-    """SPS(B) as profiled (each (R, W) shape, the median per B) and as the scheduler reads it (smoothed).
+    """SPS(B) as profiled (each (R, W) shape, the median per B with the quartiles of its samples as
+    error bars) and as the scheduler reads it (the isotonic fit, `CostTable.smoothed_sps`).
 
     Left: steps per second against B (log axis). Right: tokens per second, B x SPS(B), which levels off
     where the device is compute-bound. `points` are `profile_cost_table`'s per-shape measurements
     ({"rows", "width", "batch_tokens", "sps"}); traces: "per shape (R x W)" (when points are given),
-    "raw (median per B)", "smoothed (monotone)".
+    "raw (median per B)" (error bars where the table kept its spread), "fitted (isotonic)".
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("target steps per second, SPS(B)",
                                                         "tokens per second, B x SPS(B)"))
-    xs, raw, smooth = table.batch_sizes, table.raw_sps, table.smoothed_sps
+    xs, raw, fitted = table.batch_sizes, table.raw_sps, table.smoothed_sps
     if points:
         fig.add_trace(go.Scatter(
             x=[p["batch_tokens"] for p in points], y=[p["sps"] for p in points], mode="markers",
@@ -67,13 +68,24 @@ def sps_figure(table: CostTable, points: Sequence[dict] | None = None,
             mode="markers", name="per shape (R x W)", showlegend=False, legendgroup="shape",
             marker=dict(size=8, color=COLORS["floor"], symbol="circle-open")), row=1, col=2)
         fig.data[0].legendgroup = "shape"
-    for name, ys, style in (("raw (median per B)", raw, dict(color=COLORS["p_d"], dash="dot")),
-                            ("smoothed (monotone)", smooth, dict(color=COLORS["p_t"], width=3))):
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, line=style, legendgroup=name,
-                                 hovertemplate="B=%{x}<br>%{y:.3g} steps/s<extra></extra>"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=xs, y=[b * s for b, s in zip(xs, ys)], mode="lines+markers", name=name,
-                                 line=style, legendgroup=name, showlegend=False,
-                                 hovertemplate="B=%{x}<br>%{y:.3g} tokens/s<extra></extra>"), row=1, col=2)
+    counts = table.counts or [None] * len(xs)
+    for col, scale in ((1, [1] * len(xs)), (2, xs)):
+        errors = None
+        if table.raw_low is not None:
+            errors = dict(type="data", symmetric=False, thickness=1.5,
+                          array=[k * (hi - r) for k, hi, r in zip(scale, table.raw_high, raw)],
+                          arrayminus=[k * (r - lo) for k, lo, r in zip(scale, table.raw_low, raw)])
+        unit = "steps/s" if col == 1 else "tokens/s"
+        fig.add_trace(go.Scatter(
+            x=xs, y=[k * r for k, r in zip(scale, raw)], mode="markers", name="raw (median per B)",
+            legendgroup="raw", showlegend=col == 1, error_y=errors,
+            marker=dict(size=7, color=COLORS["p_d"]), customdata=[c if c else "?" for c in counts],
+            hovertemplate=f"B=%{{x}}<br>median %{{y:.3g}} {unit}<br>%{{customdata}} samples<extra></extra>"),
+            row=1, col=col)
+        fig.add_trace(go.Scatter(
+            x=xs, y=[k * f for k, f in zip(scale, fitted)], mode="lines+markers", name="fitted (isotonic)",
+            legendgroup="fitted", showlegend=col == 1, line=dict(color=COLORS["p_t"], width=3),
+            hovertemplate=f"B=%{{x}}<br>fitted %{{y:.3g}} {unit}<extra></extra>"), row=1, col=col)
     fig.update_xaxes(type="log", title_text="tokens in the forward, B")
     fig.update_yaxes(title_text="steps / s", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="tokens / s", rangemode="tozero", row=1, col=2)
@@ -83,20 +95,27 @@ def sps_figure(table: CostTable, points: Sequence[dict] | None = None,
 
 
 def describe_sps(table: CostTable) -> str:
-    """One sentence on how steeply SPS falls with B on this table (from the smoothed curve)."""
+    """How steeply SPS falls with B on this table (from the fitted curve), and which batch sizes the
+    isotonic fit pooled (where a larger B measured faster than a smaller one)."""
     xs, ys = table.batch_sizes, table.smoothed_sps
     b_half = next((b for b, s in zip(xs, ys) if s <= ys[0] / 2), None)
     cost = ys[0] / ys[-1]
     half = (f"SPS halves by B = {b_half}" if b_half is not None
             else f"SPS never halves within the profile (B <= {xs[-1]})")
+    pooled = table.pooled
+    fit = (" The fit pooled no sizes: the medians already fall with B." if not pooled else
+           " The fit pooled " + "; ".join(f"B = {', '.join(map(str, sizes))}" for sizes in pooled) +
+           " into the weighted mean of their medians (a larger B measured at least as fast as a smaller one).")
     raised = [b for b, r, v in zip(xs, table.raw_sps, ys) if v > 1.25 * r]
-    noise = ("" if not raised else
-             f" The smoothing raised SPS by more than 20% at B = {', '.join(map(str, raised))}: a measurement "
-             "there was slower than at larger B, usually another job on the machine; profile again "
-             "before trusting this curve.")
+    lowered = [b for b, r, v in zip(xs, table.raw_sps, ys) if v < r / 1.25]
+    moved = [f"{verb} SPS by more than 20% at B = {', '.join(map(str, bs))}"
+             for verb, bs in (("raised", raised), ("lowered", lowered)) if bs]
+    noise = ("" if not moved else
+             f" The fit {' and '.join(moved)}: the measurements there disagree with their neighbours, usually "
+             "another job on the machine; profile again before trusting this curve.")
     return (f"On {table.device} SPS falls from {ys[0]:.3g} steps/s at B = {xs[0]} to {ys[-1]:.3g} at B = {xs[-1]}: "
             f"one forward of {xs[-1]} tokens costs {cost:.2f}x one of {xs[0]}, so {xs[-1] / xs[0] / cost:.1f}x the "
-            f"tokens per second; {half}.{noise}")
+            f"tokens per second; {half}.{fit}{noise}")
 
 
 # ---------------------------------------------------------------------------------------------------
