@@ -1,5 +1,5 @@
 """Command line: `python -m labkit {setup,generate,bench,prepare-data,train,calibrate,export,eval,serve,notebooks,
-benchmarks fetch} ...`.
+benchmarks fetch,record-traces,simulate} ...`.
 
 Every bad input exits non-zero with one line on stderr that names the fix, never a traceback.
 """
@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the batched serving engine: N users, one target forward per step, a prefix policy")
     _add_prompt_args(p, default_limit=4)
     p.add_argument("--policy", default="algorithm1",
-                   choices=("fixed", "mtp1", "threshold", "algorithm1", "retrospective", "async-topk"),
-                   help="how many drafted tokens of each request to verify (default: algorithm1)")
+                   help="how many drafted tokens of each request to verify: fixed, mtp1, threshold, algorithm1, "
+                   "retrospective, async-topk, fixed:K (a static MTP-K) or threshold:T (default: algorithm1)")
     p.add_argument("--users", type=_positive_int, default=4, help="concurrent users (closed loop) or, with --rate, "
                    "the most requests running at once")
     p.add_argument("--drafter", default="dspark", help="dspark (default), dflash, prompt-lookup, hybrid:dspark, "
@@ -228,6 +228,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
     _add_model_args(p)
+
+    p = sub.add_parser("record-traces", help="serving traces for `simulate`: solo decoding, whole blocks verified, "
+                       "confidences and accept lengths by domain; this CPU's costs")
+    _add_prompt_args(p, default_limit=4)
+    p.add_argument("--drafter", default="dspark", help="a drafter with a confidence head (default: the shipped dspark)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy (default: 0 and 1)")
+    p.add_argument("--no-costs", dest="costs", action="store_false",
+                   help="skip this CPU's costs (SPS(B) table, drafting and prefill times)")
+    p.add_argument("--out", default="data/serving/traces.json", help="the trace file to write")
+    _add_model_args(p)
+
+    p = sub.add_parser("simulate", help="trace-driven serving simulation past this machine (paper Figs. 7, 8): "
+                       "recorded rounds, the scheduler's policies, a CPU table or a GPU roofline model")
+    p.add_argument("--traces", default=None, help="a trace file from record-traces "
+                   "(default: the shipped data/serving/traces.json)")
+    p.add_argument("--table", default="h100", help="cpu (this CPU's costs, stored with the traces), h100 or h200 "
+                   "(a roofline model, labelled so), or a JSON file: a simulation cost or a cost table (default h100)")
+    p.add_argument("--model", default="8b", help="model size of the roofline model: 135m, 8b or 32b (default 8b)")
+    p.add_argument("--context", type=_positive_int, default=1024, help="KV tokens a request reads a step in the "
+                   "roofline model (default 1024)")
+    p.add_argument("--users", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+                   help="concurrent users (closed loop)")
+    p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "threshold", "algorithm1", "async-topk"],
+                   help="policies (mtp1 replays the one-token trace: the trained MTP-1)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=None, help="trace temperatures (default: all)")
+    p.add_argument("--requests-per-user", type=_positive_int, default=2, help="requests finished per user at each load")
+    p.add_argument("--seed", type=int, default=0, help="seed of the domain mix's order")
+    p.add_argument("--validate", action="store_true", help="with --table cpu: also run the engine on this CPU at "
+                   "each --users (keep them <= 16) and print engine against simulator")
+    p.add_argument("--figures", default=None, help="write simulated Fig. 7 and Fig. 8 as HTML into this folder")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results JSON here")
 
     p = sub.add_parser("benchmarks", help="the public evaluation prompt sets: fetch them from the Hugging Face hub")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="fetch", parser_class=_Parser)
@@ -465,9 +496,11 @@ def cmd_serve(args) -> None:
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.decode.engine import Engine, closed_loop, cost_table_for, make_requests, open_loop, report
     from labkit.model.target import load_target
+    from labkit.core.scheduler import make_policy
     params = _params(args)
     if args.duration is not None and args.duration <= 0:
         raise LabkitError(f"--duration must be a positive number of seconds, got {args.duration}.")
+    make_policy(args.policy)  # a bad policy is refused before anything loads
     check_spec(args.drafter)
     prompts = _load_prompts(args)
     target = load_target(args.target, args.device, args.dtype)
@@ -534,6 +567,129 @@ def cmd_serve_sweep(args) -> None:
                      "prompt_set": describe_prompts(prompts)}, args.json_out)
 
 
+def _simulation_cost(args, traces):
+    """--table: this CPU's costs from the trace file, a roofline GPU, or a JSON file."""
+    from labkit.core.scheduler import CostTable
+    from labkit.core.simulate import GPUS, SimCost, roofline_cost
+    if args.table == "cpu":
+        if traces.cpu_cost is None:
+            raise LabkitError(f"{args.traces} holds no CPU costs: record it again without --no-costs, or pass "
+                              "--table h100.")
+        return traces.cpu_cost
+    if args.table in GPUS:
+        return roofline_cost(args.table, args.model, args.context)
+    path = Path(args.table)
+    if not path.is_file():
+        raise LabkitError(f"--table {args.table} is neither cpu, {', '.join(GPUS)} nor a JSON file: pass one of them.")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise LabkitError(f"--table {path} is not JSON ({exc}).") from None
+    if isinstance(data, dict) and isinstance(data.get("tables"), list) and len(data["tables"]) == 1:
+        data = data["tables"][0]  # a cost_tables.json holding one table
+    if isinstance(data, dict) and "batch_sizes" in data:
+        return SimCost(CostTable.from_dict(data), label=f"the cost table in {path} (no drafting cost)")
+    if isinstance(data, dict) and "table" in data:
+        return SimCost.from_dict(data)
+    raise LabkitError(f"--table {path} holds neither a cost table nor a simulation cost: pass a file with "
+                      "'batch_sizes' and 'raw_sps', or one with 'table' and 'draft'.")
+
+
+def cmd_record_traces(args) -> None:
+    from labkit.drafters import check_spec, make_drafter
+    from labkit.measure.traces import add_cpu_costs, record_traces, save_traces
+    from labkit.model.target import load_target
+    from labkit.pipeline.prompt_sets import describe_prompts
+    if any(t < 0 for t in args.temperatures):
+        raise LabkitError(f"--temperatures must be 0 (greedy) or positive, got {args.temperatures}.")
+    check_spec(args.drafter)
+    prompts = _load_prompts(args)
+    target = load_target(args.target, args.device, args.dtype)
+    drafter = make_drafter(args.drafter, target, args.gamma)
+    meta = {"drafter": args.drafter, "command": "python -m labkit " + shlex.join(args.argv),
+            "prompt_set": describe_prompts(prompts)}
+    traces = record_traces(target, drafter, prompts, args.max_new_tokens, args.temperatures, seed=args.seed,
+                           progress=True, meta=meta)
+    save_traces(traces, args.out)  # the traces are kept even if measuring the costs fails
+    if args.costs:
+        add_cpu_costs(traces, target, drafter, progress=True)
+        save_traces(traces, args.out)
+    for s in traces.sets:
+        rounds = [r for q in s.requests for r in q.rounds]
+        tau = sum(r.accept_len + 1 for r in rounds) / len(rounds)
+        print(f"{s.source} T={s.temperature:g}: {len(s.requests)} requests, {len(rounds)} rounds, tau {tau:.2f}")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def cmd_simulate(args) -> None:
+    from tqdm.auto import tqdm
+
+    from labkit.core.scheduler import make_policy
+    from labkit.core.simulate import GPUS, MODEL_SIZES, sweep
+    from labkit.measure.traces import DEFAULT_TRACES, format_validation, load_traces
+    for name in args.policies:
+        make_policy(name)
+    if args.model not in MODEL_SIZES:
+        raise LabkitError(f"--model {args.model} is not a model size of the roofline model: choose one of "
+                          f"{', '.join(MODEL_SIZES)}.")
+    if args.validate and args.table != "cpu":
+        raise LabkitError("--validate runs the engine on this CPU, so it needs --table cpu.")
+    if args.table not in ("cpu", *GPUS) and not Path(args.table).is_file():
+        raise LabkitError(f"--table {args.table} is neither cpu, {', '.join(GPUS)} nor a JSON file: pass one of them.")
+    args.traces = args.traces or str(DEFAULT_TRACES)
+    traces = load_traces(args.traces)
+    temps = args.temperatures if args.temperatures is not None else traces.temperatures
+    missing = [t for t in temps if traces.get("block", t) is None]
+    if missing:
+        raise LabkitError(f"{args.traces} has no traces at temperature {missing[0]:g}: it holds "
+                          f"{', '.join(f'{t:g}' for t in traces.temperatures)}.")
+    cost = _simulation_cost(args, traces)
+    print(f"costs: {cost.label or cost.table.device}", file=sys.stderr)
+    results = []
+    with tqdm(total=len(temps) * len(args.users) * len(args.policies), desc="simulate", unit="run",
+              file=sys.stderr) as bar:
+        for temp in temps:
+            one = traces.get("mtp1", temp)
+            sources = {"mtp1": one.requests} if one is not None and "mtp1" in args.policies else {}
+            for res in sweep(traces.get("block", temp).requests, args.users, args.policies, cost, sources,
+                             args.requests_per_user, args.seed, on_run=lambda r: bar.update(1)):
+                results.append({"temperature": temp, **res})
+    if args.table in GPUS:  # the roofline model knows no memory limit: say where the KV caches would not fit
+        from labkit.core.simulate import roofline_fits
+        for r in results:
+            r["fits_in_memory"] = roofline_fits(args.table, args.model, r["users"], args.context)
+        over = sorted({r["users"] for r in results if not r["fits_in_memory"]})
+        if over:
+            print(f"note: at {', '.join(map(str, over))} users the weights and KV caches exceed the "
+                  f"{args.table}'s memory (the model does not limit it)", file=sys.stderr)
+    print(f"{'T':>4} {'policy':<12}{'users':>6} {'tokens/s':>12} {'per user':>10} {'budget':>8} {'tau':>6} {'B':>8}")
+    for r in results:
+        print(f"{r['temperature']:>4g} {r['policy']:<12}{r['users']:>6} {r['aggregate_tokens_per_s']:>12.1f} "
+              f"{r['per_user_tokens_per_s'] or 0:>10.2f} {r['mean_verify_budget']:>8.2f} {r['tau']:>6.2f} "
+              f"{r['mean_batch_tokens']:>8.1f}")
+    out = {"costs": cost.to_dict(), "traces": args.traces, "trace_meta": traces.meta, "results": results,
+           "approximation": "the next round's confidences come from the trace, not from a context that depends "
+                            "on the verified length (labkit/core/simulate.py)"}
+    if args.validate:
+        from labkit.drafters import make_drafter
+        from labkit.measure.traces import validate
+        from labkit.model.target import load_target
+        target = load_target()
+        drafter = make_drafter(traces.meta.get("drafter", "dspark"), target)
+        rows = []
+        for temp in temps:
+            rows += validate(target, drafter, traces, args.users, args.policies, temp, args.requests_per_user,
+                             traces.meta.get("drafter", "dspark"), progress=True)
+        print(format_validation(rows))
+        out["validation"] = rows
+    if args.figures:
+        from labkit.lab.simulation_views import write_figures
+        for path in write_figures(results, args.figures, cost.label or cost.table.device):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json_out:
+        _write_json(out, args.json_out)
+
+
 def cmd_benchmarks(args) -> None:
     from labkit.pipeline.benchmark_fetch import DEFAULT_OUT, DEFAULT_SETS, fetch_benchmarks
     out = Path(args.out) if args.out else DEFAULT_OUT
@@ -547,7 +703,8 @@ def cmd_benchmarks(args) -> None:
 COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "prepare-data": cmd_prepare_data,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
             "notebooks": cmd_notebooks, "round-cost": cmd_round_cost, "serve": cmd_serve,
-            "serve-sweep": cmd_serve_sweep, "benchmarks": cmd_benchmarks}
+            "serve-sweep": cmd_serve_sweep, "benchmarks": cmd_benchmarks,
+            "record-traces": cmd_record_traces, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ CASES = {
     "serve: no users": (["serve", "--users", "0"], "expected a positive integer"),
     "serve: a negative duration": (["serve", "--duration", "-1"], "--duration must be a positive number"),
     "serve: an unknown drafter": (["serve", "--drafter", "nope"], "Unknown drafter"),
+    "serve: an unknown policy": (["serve", "--policy", "nope"], "unknown scheduler policy"),
+    "serve: a fixed cap that is no number": (["serve", "--policy", "fixed:x"], "fixed:K takes a whole number"),
     "serve-sweep: no users": (["serve-sweep", "--users", "0"], "expected a positive integer"),
     "serve-sweep: an unknown policy": (["serve-sweep", "--policies", "nope"], "unknown scheduler policy"),
     "prepare-data: a greedy share above 1": (["prepare-data", "--greedy-share", "2"], "--greedy-share is a fraction"),
@@ -24,6 +26,15 @@ CASES = {
     "bench: an unknown method": (["bench", "--methods", "nope", "--benchmarks", "lab"], "Unknown bench method"),
     "eval: no drafter": (["eval", "--drafter", "none", "--benchmarks", "lab"], "eval measures a drafter"),
     "benchmarks fetch: an unknown set": (["benchmarks", "fetch", "--sets", "nope"], "Unknown benchmark set"),
+    "record-traces: a negative temperature": (["record-traces", "--temperatures", "-1"], "--temperatures must be 0"),
+    "record-traces: an unknown drafter": (["record-traces", "--drafter", "nope"], "Unknown drafter"),
+    "simulate: no users": (["simulate", "--users", "0"], "expected a positive integer"),
+    "simulate: an unknown policy": (["simulate", "--policies", "nope"], "unknown scheduler policy"),
+    "simulate: an unknown table": (["simulate", "--table", "a100"], "neither cpu, h100, h200 nor a JSON file"),
+    "simulate: an unknown model size": (["simulate", "--model", "7q"], "not a model size of the roofline model"),
+    "simulate: --validate off this CPU": (["simulate", "--validate", "--table", "h100"], "needs --table cpu"),
+    "simulate: a trace file that does not exist": (["simulate", "--traces", "/nonexistent/traces.json"],
+                                                   "record-traces"),
 }
 
 

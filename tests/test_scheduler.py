@@ -491,3 +491,18 @@ def test_bad_shapes_lengths_names_and_tables_are_refused():
 def test_empty_batch():
     inp = ScheduleInput(torch.zeros(0, 4, dtype=torch.float64), CostTable.flat())
     assert all(make_policy(name)(inp) == [] for name in POLICIES)
+
+
+def test_policy_specs_name_a_static_mtp_k_and_a_threshold():
+    """"fixed:K" is the fixed policy capped at K (a static MTP-K: it drafts and verifies at most K),
+    "threshold:T" a survival threshold of T; anything else after a colon is refused with the fix."""
+    from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS
+    p = make_policy("fixed:3")
+    assert isinstance(p, POLICIES["fixed"]) and p.draft_cap == 3
+    inp = ScheduleInput(conf=torch.full((2, 5), 0.9), table=CostTable.flat())
+    assert p(inp) == [3, 3]
+    assert make_policy("threshold:0.25").t == 0.25
+    assert POLICY_LABELS.get("fixed:3") == "fixed K=3" and POLICY_COLORS.get("fixed:3").startswith("#")
+    for bad, words in [("fixed:x", "whole number"), ("mtp1:2", "only fixed:K"), ("nope:1", "unknown scheduler policy")]:
+        with pytest.raises(LabkitError, match=words):
+            make_policy(bad)

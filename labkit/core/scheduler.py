@@ -652,11 +652,22 @@ POLICIES: dict[str, type] = {p.name: p for p in (Fixed, MTP1, Threshold, Algorit
 
 
 def make_policy(name: str, **kw):
-    """A policy by name (fixed, mtp1, threshold, algorithm1, retrospective, async-topk) and its settings."""
-    if name not in POLICIES:
-        raise LabkitError(f"unknown scheduler policy {name!r}: choose one of {', '.join(POLICIES)}.")
+    """A policy by name (fixed, mtp1, threshold, algorithm1, retrospective, async-topk) and its settings;
+    "fixed:K" is the fixed policy capped at K drafts (a static MTP-K), "threshold:T" a threshold of T."""
+    base, _, arg = name.partition(":")
+    if base not in POLICIES:
+        raise LabkitError(f"unknown scheduler policy {name!r}: choose one of {', '.join(POLICIES)} "
+                          "(or fixed:K, threshold:T).")
+    if arg:
+        if base not in ("fixed", "threshold") or kw:
+            raise LabkitError(f"policy {name!r}: only fixed:K (a cap) and threshold:T take a value after the colon.")
+        try:
+            kw = {"cap": int(arg)} if base == "fixed" else {"t": float(arg)}
+        except ValueError:
+            raise LabkitError(f"policy {name!r}: fixed:K takes a whole number K >= 0 (e.g. fixed:4), "
+                              "threshold:T a survival in (0, 1] (e.g. threshold:0.5).") from None
     try:
-        return POLICIES[name](**kw)
+        return POLICIES[base](**kw)
     except TypeError as exc:
         raise LabkitError(f"policy {name!r} does not take {sorted(kw)} ({exc}): "
                           "fixed takes cap, threshold takes t, the others take nothing.") from exc

@@ -30,11 +30,30 @@ TEMPLATE = "plotly_white"
 #: how every figure and table names and colours the prefix policies. "mtp1" is the production
 #: baseline's shape (one draft, two tokens verified) played by the DSpark drafter's first draft, not a
 #: separately trained MTP module: the label says so.
-POLICY_LABELS = {"algorithm1": "Algorithm 1", "fixed": "fixed (verify all)", "mtp1": "MTP-1 (DSpark's 1st draft)",
-                 "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
-                 "threshold": "static threshold"}
-POLICY_COLORS = {"algorithm1": "#2ca02c", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
-                 "retrospective": "#d62728", "threshold": "#8c564b"}
+class _BySpec(dict):
+    """Labels or colours by policy name; a "fixed:K" or "threshold:T" spec (`scheduler.make_policy`) gets
+    one derived from its base policy's."""
+
+    def __init__(self, known: dict, derive):
+        super().__init__(known)
+        self._derive = derive
+
+    def get(self, key, default=None):
+        if key in self:
+            return self[key]
+        base, _, arg = str(key).partition(":")
+        return self._derive(base, arg) if arg and base in self else default
+
+
+POLICY_LABELS = _BySpec({"algorithm1": "Algorithm 1", "fixed": "fixed (verify all)", "mtp1": "MTP-1 (DSpark's 1st draft)",
+                         "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
+                         "threshold": "static threshold"},
+                        lambda base, arg: f"fixed K={arg}" if base == "fixed" else f"static threshold {arg}")
+POLICY_COLORS = _BySpec({"algorithm1": "#2ca02c", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
+                         "retrospective": "#d62728", "threshold": "#8c564b"},
+                        lambda base, arg: {"fixed": ["#6baed6", "#3182bd", "#08519c", "#17becf"],
+                                           "threshold": ["#c49c94", "#8c564b"]}[base][int(float(arg) * 10) % 2 if base == "threshold"
+                                                                                      else int(arg) % 4])
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)
