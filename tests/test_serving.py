@@ -281,3 +281,21 @@ def test_tokens_stream_in_order_as_they_are_emitted(tiny, dspark):
     for _ in closed_loop(mixed_requests(5), 2, engine):
         pass
     assert streamed == {r.id: r.token_ids for r in engine.done}
+
+
+def test_a_length_choosing_policy_drafts_one_past_its_last_longest(tiny, dspark):
+    """Algorithm 1 under a steep table: every step drafts at most one more token than the longest length
+    the previous step verified (the adaptive cap), never a whole block it would not verify; a fixed
+    policy is not capped that way; and greedy outputs still equal solo greedy."""
+    requests = mixed_requests(6)
+    engine, rep = serve(tiny, dspark, requests, 3, "algorithm1", steep_table(slope=1.0))
+    for prev, step in zip(engine.steps, engine.steps[1:]):
+        assert step.cap == max(prev.lengths, default=0) + 1
+        assert max(step.drafted) <= step.cap
+    assert engine.steps[0].cap is None and any(s.cap < dspark.gamma for s in engine.steps[1:])
+    for r in rep["requests"]:
+        assert r["token_ids"] == solo(tiny, dspark, requests[r["id"]])
+    fixed, _ = serve(tiny, dspark, requests, 3, "fixed", steep_table(slope=1.0))
+    assert all(s.cap is None for s in fixed.steps)
+    uncapped, _ = serve(tiny, dspark, requests, 3, "algorithm1", steep_table(slope=1.0), adaptive_cap=False)
+    assert all(s.cap is None for s in uncapped.steps)

@@ -530,6 +530,8 @@ class Fixed:
 
     cap: int | None = None
     name = "fixed"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = False
 
     @property
     def draft_cap(self) -> int | None:
@@ -548,6 +550,8 @@ class MTP1:
     """One drafted token per request, two verified: the paper's production baseline (Sec. 5.3, Fig. 7)."""
 
     name = "mtp1"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = False
     draft_cap = 1
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
@@ -566,6 +570,8 @@ class Threshold:
 
     t: float = 0.5
     name = "threshold"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = True
     draft_cap = None
 
     def __post_init__(self):
@@ -588,6 +594,8 @@ class Algorithm1:
     """
 
     name = "algorithm1"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = True
     draft_cap = None
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
@@ -605,6 +613,8 @@ class Retrospective:
     """
 
     name = "retrospective"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = True
     draft_cap = None
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
@@ -624,6 +634,8 @@ class AsyncTopK:
     """
 
     name = "async-topk"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = True
     draft_cap = None
 
     def __call__(self, inp: ScheduleInput) -> list[int]:

@@ -103,6 +103,7 @@ class StepRecord:
     ids: list[int] = field(default_factory=list)
     conf: list[list[float]] = field(default_factory=list)
     draft_cost_s: float | None = None
+    cap: int | None = None  # the most tokens a request could draft in this step (`Engine.draft_cap`)
 
     @property
     def emitted(self) -> int:
@@ -142,7 +143,8 @@ class Engine:
 
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
                  table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
-                 on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True):
+                 on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True,
+                 adaptive_cap: bool = True):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -151,6 +153,7 @@ class Engine:
         self.policy = make_policy(policy)
         self.table = table or CostTable.flat(device=str(target.device), model=target.name, dtype=str(target.dtype).removeprefix("torch."))
         self.max_draft = max_draft
+        self.adaptive_cap = adaptive_cap
         self.kv = BatchKV(target, drafter.hidden_layers if drafter is not None else (), packed=packed)
         #: the scheduler's B for a step's verification lengths: the real tokens of a packed forward (the
         #: paper's count), or rows x the widest row where the forward is padded
@@ -291,8 +294,8 @@ class Engine:
         if not self.active:
             return None
         t_start = self._clock()
-        caps = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
-        ids, proposals = self._draft(list(self.active), min(caps) if caps else None)  # no drafts the policy would drop
+        cap = self.draft_cap()
+        ids, proposals = self._draft(list(self.active), cap)  # no drafts the policy would drop
         t_drafted = self._clock()
         if not ids:  # every request failed while drafting
             return None
@@ -331,9 +334,24 @@ class Engine:
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
-                            draft_cost_s=draft_cost_s)
+                            draft_cost_s=draft_cost_s, cap=cap)
         self.steps.append(record)
         return record
+
+    def draft_cap(self) -> int | None:
+        """The most tokens any request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),
+        `max_draft`, and for a policy that chooses lengths from confidences (Algorithm 1, the production
+        variant, a threshold) with `adaptive_cap`, one more than the longest length it chose last step.
+
+        Why: drafting is paid before the policy decides, and under load Algorithm 1 verifies one or two
+        drafts a request, so a full block's sequential head steps would be paid for nothing. The cap
+        depends on past steps only (like the production variant's capacity from old confidences), so
+        the policy's decisions stay non-anticipating and verification lossless; it grows by one a step
+        when the policy wants more."""
+        caps = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
+        if self.adaptive_cap and getattr(self.policy, "chooses_lengths", False) and self.steps:
+            caps.append(max(self.steps[-1].lengths, default=0) + 1)
+        return min(caps) if caps else None
 
     def _draft(self, ids: list[int], cap: int | None) -> tuple[list[int], list[Proposal]]:
         """Proposals for `ids` in one drafter call; if that call raises, each request is drafted alone
@@ -482,7 +500,8 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
         "table": engine.table.to_dict(),
         "step_trace": [{"t_s": s.t_s, "active": s.active, "lengths": s.lengths, "accepted": s.accepted,
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
-                        "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s}
+                        "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
+                        "cap": s.cap}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,
