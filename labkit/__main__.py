@@ -644,6 +644,9 @@ def cmd_simulate(args) -> None:
         raise LabkitError(f"{args.traces} has no traces at temperature {missing[0]:g}: it holds "
                           f"{', '.join(f'{t:g}' for t in traces.temperatures)}.")
     cost = _simulation_cost(args, traces)
+    m = traces.meta
+    print(f"traces: {args.traces} ({m.get('target', '?')} + {m.get('drafter', '?')}, recorded {m.get('recorded', '?')}; "
+          f"prompts by domain {(m.get('prompt_set') or {}).get('domains', '?')})", file=sys.stderr)
     print(f"costs: {cost.label or cost.table.device}", file=sys.stderr)
     results = []
     with tqdm(total=len(temps) * len(args.users) * len(args.policies), desc="simulate", unit="run",
