@@ -60,18 +60,37 @@ def write_folder(out_dir: str | Path, fill: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(out.name + ".old")
+    old = previous(out)
     if out.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash: out is the newer one
         os.replace(out, old)
-    os.replace(tmp, out)
+    os.replace(tmp, out)  # a crash just before this line leaves only `old`: see `recover`
     shutil.rmtree(old, ignore_errors=True)
     return out
 
 
+def previous(out_dir: str | Path) -> Path:
+    """Where `write_folder` keeps the last complete folder while it swaps in a new one."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".old")
+
+
+def recover(out_dir: str | Path) -> Path:
+    """out_dir, put back from its `.old` copy if a crash between `write_folder`'s two renames left only
+    that: there is no moment at which no complete checkpoint exists on disk."""
+    out, old = Path(out_dir), previous(out_dir)
+    if not out.exists() and old.exists():
+        os.replace(old, out)
+    return out
+
+
 def save_drafter(backbone: DFlashBackbone, out_dir: str | Path, dtype: torch.dtype | None = None,
-                 extra: dict | None = None) -> Path:
-    """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename)."""
+                 extra: dict | None = None, also: Callable[[Path], None] | None = None) -> Path:
+    """Write config.json + model.safetensors into out_dir atomically (a temp folder, then a rename);
+    `also` writes more files into the same temporary folder first (a trainer state), so they land with it."""
     def fill(tmp: Path) -> None:
+        if also is not None:
+            also(tmp)
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                  for k, v in backbone.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -126,5 +145,6 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "target_signature", "check_compatible", "write_folder", "save_drafter",
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "target_signature", "check_compatible", "write_folder", "previous", "recover",
+           "save_drafter",
            "read_config", "model_classes", "load_backbone", "param_count"]

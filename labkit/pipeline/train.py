@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import shutil
 import time
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from labkit.drafters.checkpoint import (check_compatible, load_backbone, model_classes, param_count, read_config,
-                                       save_drafter)
+                                       recover, save_drafter)
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.core.errors import LabkitError
 from labkit.pipeline.features import FeatureSequence
@@ -242,11 +241,10 @@ def _lr_lambda(cfg: TrainConfig):
 
 def save_training_state(out: Path, model: DFlashBackbone, optimizer, scheduler, step: int, extra: dict) -> Path:
     """A resumable checkpoint: out/last = drafter (safetensors + config) + optimizer/scheduler + step."""
-    ckpt = save_drafter(model, out / "last", extra={"step": step, **extra})
-    tmp = ckpt / "trainer.pt.tmp"
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, tmp)
-    os.replace(tmp, ckpt / "trainer.pt")
-    return ckpt
+    def trainer_state(folder: Path) -> None:  # inside the same atomic folder: weights and state land together
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+                   folder / "trainer.pt")
+    return save_drafter(model, out / "last", extra={"step": step, **extra}, also=trainer_state)
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -296,7 +294,7 @@ def train(model: DFlashBackbone, items: list[FeatureSequence], out_dir: str | Pa
     if not train_items:
         raise LabkitError("No training sequences: prepare more data with `python -m labkit prepare-data`.")
     start_step = 0
-    last = out / "last"
+    last = recover(out / "last")
     trainer_state = None
     if resume and (last / "trainer.pt").exists():
         from safetensors.torch import load_file
@@ -595,7 +593,7 @@ def run_training(job: TrainJob, *, log=print, command: str | None = None) -> Pat
     for p in target.model.parameters():
         p.requires_grad_(False)
     out = Path(job.out)
-    last = out / "last"
+    last = recover(out / "last")  # a crash mid-save leaves last.old: resume from it
     warm = None
     if (last / "trainer.pt").exists():
         raw = read_config(last)
@@ -633,6 +631,7 @@ def run_training(job: TrainJob, *, log=print, command: str | None = None) -> Pat
     if warm is not None:
         model = warm
     else:
+        torch.manual_seed(job.seed)  # the random initialisation too: the same command gives the same weights
         model = new_backbone(target, cfg, vocab_ids, init_from_target=job.init_from_target)
     if cfg.draft_vocab:
         log(f"draft vocabulary: {cfg.draft_vocab} tokens cover {vocab_coverage(items, model.vocab_ids):.2%} "
