@@ -115,26 +115,50 @@ def test_fixed_policy_sampled_output_is_the_solo_output(tiny, dspark):
         assert r["token_ids"] == solo(tiny, dspark, requests[r["id"]])
 
 
+#: the engine's sampled test: requests, significance level, and the fewest degrees of freedom left after
+#: pooling cells of expected count < 5 (fewer and the test could not reject anything)
+SAMPLED_N, SAMPLED_ALPHA, SAMPLED_MIN_DF = 1200, 0.001, 10
+
+
+def wrong_judge(state, proposal, logits):
+    """A deliberately wrong verifier: every draft accepted as if the target agreed (p_t := the drafter's
+    own probabilities at the drafted positions), the bonus token from the target. Its output follows the
+    drafter, not the target: the control that the sampled test must reject."""
+    from labkit.core.sampling import logits_to_probs, verify_chain
+    p_t = logits_to_probs(logits, state.params)
+    q = proposal.probs.to(p_t.device)
+    return verify_chain(proposal.tokens, q, torch.cat([q, p_t[len(q):]]), state.generator)
+
+
+@pytest.mark.parametrize("verifier", ["exact", "wrong"])
 @pytest.mark.parametrize("policy", ["algorithm1", "async-topk"])
-def test_sampled_engine_output_follows_the_target(make_tiny_target, chi2_gof, policy):
-    """1200 requests of PROMPT, 4 new tokens each at temperature 1, 8 users at a time, a DSpark drafter
-    whose confidences depend on the drafted tokens, and a cost table (1% more step time per token) under which the policy truncates
-    blocks differently from step to step: the emitted sequences pass a chi-square test against the
-    target's exact distribution over all 8^4 sequences at alpha 0.001 (fixed seeds: deterministic)."""
+def test_sampled_engine_output_follows_the_target(make_tiny_target, chi2_gof, policy, verifier, monkeypatch):
+    """SAMPLED_N requests of PROMPT, 4 new tokens each at temperature 1, 8 users at a time, a DSpark
+    drafter whose confidences depend on the drafted tokens, and a cost table (1% more step time per
+    token) under which the policy truncates blocks differently from step to step: the emitted sequences
+    pass a chi-square test against the target's exact distribution over all 8^4 sequences at alpha
+    SAMPLED_ALPHA with at least SAMPLED_MIN_DF degrees of freedom (fixed seeds: deterministic); the same
+    test rejects the wrong verifier (`wrong_judge`) at the same alpha."""
+    import labkit.decode.loop as loop
     target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
     torch.manual_seed(0)
     drafter = DSparkDrafter(make_dspark(target, gamma=3, rank=4, scale=1.0))
     params = SamplingParams(1.0)
     exact = exact_sequence_probs(target, PROMPT, NEW_TOKENS, params)
-    requests = [ServeRequest(i, "p", PROMPT, NEW_TOKENS, params, seed=i) for i in range(1200)]
+    requests = [ServeRequest(i, "p", PROMPT, NEW_TOKENS, params, seed=i) for i in range(SAMPLED_N)]
+    if verifier == "wrong":
+        monkeypatch.setattr(loop, "judge", wrong_judge)
     engine, rep = serve(target, drafter, requests, 8, policy, steep_table(0.01))
-    lengths = Counter(l for s in engine.steps for l in s.lengths)
-    assert len(lengths) >= 2, f"the policy should pick several verification lengths, got {dict(lengths)}"
     counts = Counter(tuple(r["token_ids"]) for r in rep["requests"])
     seqs = list(exact)
-    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
-    assert fit.impossible == 0
-    assert not fit.rejects(0.001), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs], min_df=SAMPLED_MIN_DF)
+    if verifier == "exact":
+        lengths = Counter(l for s in engine.steps for l in s.lengths)
+        assert len(lengths) >= 2, f"the policy should pick several verification lengths, got {dict(lengths)}"
+        assert fit.impossible == 0
+        assert not fit.rejects(SAMPLED_ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+    else:
+        assert fit.rejects(SAMPLED_ALPHA), f"the wrong verifier passed: p = {fit.p_value:.2e} on {fit.df} df"
 
 
 def test_a_failing_request_leaves_the_others_unchanged(tiny, dspark):
