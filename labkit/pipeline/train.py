@@ -578,6 +578,16 @@ def train_preset(name: str, **overrides) -> TrainJob:
     return TrainJob(**chosen)
 
 
+def several_cpu_processes() -> bool:
+    """Whether this process is one of several launched (`accelerate launch --multi_gpu --num_processes N`,
+    torchrun) on a machine with no GPU: accelerate then needs cpu=True to join them with gloo, or every
+    process trains alone on the whole job (and all of them write the same checkpoints)."""
+    import os
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
+        "1", "true", "yes")
+    return launched and not torch.cuda.is_available()
+
+
 def run_training(job: TrainJob, *, log=print, command: str | None = None) -> Path:
     """Run a training job (`python -m labkit train`): features -> backbone (new, warm-started, or the run's
     last checkpoint) -> train -> export; returns the last checkpoint's folder.
@@ -587,7 +597,8 @@ def run_training(job: TrainJob, *, log=print, command: str | None = None) -> Pat
     if not isinstance(job, TrainJob):
         raise LabkitError(f"run_training takes a TrainJob (labkit.pipeline.train), got {type(job).__name__}.")
     from accelerate import PartialState
-    state = PartialState()  # under `accelerate launch`: this process's rank and device (shared with train's Accelerator)
+    # under `accelerate launch`: this process's rank and device (shared with train's Accelerator)
+    state = PartialState(cpu=several_cpu_processes())
     device = job.device or (state.device if state.num_processes > 1 else None)
     target = load_target(job.target, device)
     for p in target.model.parameters():
