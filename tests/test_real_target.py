@@ -180,3 +180,43 @@ def test_real_sampled_decoding_with_trained_drafter_follows_target(real_target, 
     fit = chi2_gof([counts[i] for i in range(len(support))], p_t.tolist())
     assert fit.impossible == 0
     assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
+
+
+JOINT_N, JOINT_MIN_DF = 400, 4
+
+
+def exact_joint(target, ids: list[int], params: SamplingParams, length: int) -> dict[tuple, float]:
+    """P_target(the first `length` new tokens = s) for every s in the top-k support, position by position."""
+    out = {(): 1.0}
+    for _ in range(length):
+        nxt = {}
+        for prefix, p in out.items():
+            with torch.no_grad():
+                logits = target.model(input_ids=torch.tensor([ids + list(prefix)])).logits[0, -1]
+            probs = logits_to_probs(logits.float(), params).double()
+            for tok in probs.nonzero().view(-1).tolist():
+                nxt[prefix + (tok,)] = p * float(probs[tok])
+        out = nxt
+    return out
+
+
+def test_real_sampled_generate_follows_the_targets_joint_of_three_tokens(real_target, chi2_gof):
+    """Sampled decoding through `generate` with the shipped DSpark (gamma 2, so one round drafts the
+    second and third tokens, each from the drafter's real p_d): JOINT_N runs of 3 new tokens at
+    temperature 1, top-k 3 (27 sequences, exact probabilities from the model); chi-square at ALPHA with at
+    least JOINT_MIN_DF degrees of freedom after pooling. The wrong-verifier controls live with the tiny
+    models (tests/test_serving.py, tests/test_lossless_tiny_model.py), where the exact joint is cheap."""
+    params = SamplingParams(1.0, top_k=3)
+    drafter = make_drafter("dspark", real_target, gamma=2)
+    ids = real_target.encode_prompt("Write a short poem about the sea.")
+    exact = exact_joint(real_target, ids, params, 3)
+    counts, drafted = Counter(), 0
+    for seed in range(JOINT_N):
+        result = generate(real_target, ids, drafter, 3, params, seed)
+        counts[tuple(result.token_ids)] += 1
+        drafted += sum(r.proposed for r in result.rounds)
+    assert drafted >= JOINT_N, "the drafter proposed too little for the test to exercise verification"
+    seqs = list(exact)
+    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs], min_df=JOINT_MIN_DF)
+    assert fit.impossible == 0 and sum(counts[s] for s in seqs) == JOINT_N
+    assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
