@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -20,32 +19,15 @@ import torch
 from labkit.__main__ import main
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
-from labkit.core.scheduler import POLICIES, CostTable, appendix_a_arithmetic, make_policy, packed_tokens
+from labkit.core.scheduler import POLICIES, CostTable, appendix_a_arithmetic, packed_tokens
 from labkit.core.simulate import (DraftCost, RequestTrace, SimCost, TraceRound, appendix_a_simulated, domain_mix,
                                   replay_steps, roofline_cost, simulate, sweep)
 from labkit.decode import engine as engine_mod
 from labkit.decode.engine import Engine, ServeRequest, closed_loop, report
-from labkit.drafters.dspark import DSparkDrafter
 from labkit.measure.traces import TraceFile, TraceSet, load_traces, record_request, save_traces
-from test_dspark import make_dspark
+from test_serving import dspark, steep_table, tiny  # noqa: F401  (the engine tests' tiny target, drafter and table)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def steep_table(slope: float = 1 / 3) -> CostTable:
-    sizes = list(range(1, 129))
-    return CostTable(device="test", model="tiny", dtype="float32", batch_sizes=sizes,
-                     raw_sps=[1.0 / (1.0 + (b - 1) * slope) for b in sizes])
-
-
-@pytest.fixture(scope="module")
-def tiny(make_tiny_target):
-    return make_tiny_target(vocab_size=16, n_layers=3, hidden=32, init=0.2)
-
-
-@pytest.fixture(scope="module")
-def dspark(tiny):
-    return DSparkDrafter(make_dspark(tiny, gamma=4))
 
 
 def requests(n: int, temperature: float = 0.0) -> list[ServeRequest]:
