@@ -248,3 +248,137 @@ def test_describe_sps_flags_a_slow_first_size():
     assert table.smoothed_sps == [4.0, 4.0, 4.0, 4.0]  # pooled with the faster measurements after it
     assert "raised SPS by more than 20% at B = 1" in describe_sps(table)
     assert "lowered SPS by more than 20% at B = 4" in describe_sps(table)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The knee, the replay of recorded blocks (static K against Algorithm 1) and the closing table
+
+
+def _blocks(n: int = 40, gamma: int = 4, seed: int = 0, perfect: bool = False):
+    from labkit.lab.scheduler_views import Blocks
+    gen = torch.Generator().manual_seed(seed)
+    conf = torch.rand(n, gamma, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    accepted = torch.full((n,), gamma) if perfect else torch.randint(0, gamma + 1, (n,), generator=gen)
+    return Blocks(conf, accepted, [i // 4 for i in range(n)], ["math"] * n, "test")
+
+
+def test_knee_is_where_the_fitted_sps_halves_and_the_quartiles_bracket_it():
+    from labkit.lab.scheduler_views import describe_knee, sps_knee
+    knee = sps_knee(KNEE)  # 10, 10, 7, 4: half of 10 first reached at B = 16
+    assert (knee.b_half, knee.b_low, knee.b_high, knee.largest) == (16, None, None, 16)
+    assert knee.tokens_gain == pytest.approx(16 * 4 / 10)
+    table = CostTable.from_samples("cpu", "toy", "fp32", {1: [9.0, 10.0, 11.0], 4: [4.0, 6.0, 7.0], 8: [3.0, 4.0, 6.0]})
+    k = sps_knee(table)
+    assert k.b_half == 8 and k.b_low == 4 and k.b_high is None  # the lower quartiles halve sooner, the upper never
+    text = describe_knee(k)
+    assert "at B = 8" in text and "between B = 4 on the lower quartiles and beyond B = 8" in text
+    assert "never halves" in describe_knee(sps_knee(CostTable.flat()))
+
+
+def test_sps_rows_show_samples_median_quartiles_and_fit():
+    from labkit.lab.scheduler_views import SPS_HEADER, sps_rows
+    table = CostTable.from_samples("cpu", "toy", "fp32", {1: [9.0, 10.0, 11.0], 2: [12.0]})
+    rows = sps_rows(table)
+    assert all(len(r) == len(SPS_HEADER) for r in rows)
+    assert rows[0][:3] == (1, 3, "10 [9-11]") and rows[1][1] == 1
+    assert rows[0][3] == rows[1][3]  # pooled: B = 2 measured faster than B = 1
+
+
+def test_replay_on_a_flat_table_verifies_everything_and_static_budgets_are_1_plus_k():
+    from labkit.lab.scheduler_views import replay_sweep, verdict
+    blocks = _blocks()
+    cells = replay_sweep(blocks, CostTable.flat(), [1, 3], ["mtp1", "fixed:2", "fixed"], draws=24, resamples=3)
+    by = {(c.policy, c.requests): c for c in cells}
+    for r in (1, 3):
+        assert by[("mtp1", r)].budget == 2.0 and by[("fixed:2", r)].budget == 3.0 and by[("fixed", r)].budget == 5.0
+        assert by[("algorithm1", r)].budget == 5.0  # any draft pays when SPS never falls
+        c = by[("fixed", r)]
+        assert (c.ratio, c.ratio_low, c.ratio_high) == (1.0, 1.0, 1.0)  # the same lengths on the same batches
+        assert verdict(c.ratio, c.ratio_low, c.ratio_high) == "tied (within 1%)"
+        assert by[("mtp1", r)].ratio < 1  # fewer accepted tokens at the same cost per step
+        assert c.batches == -(-24 // r) and c.blocks == 40 and c.groups == 10 and c.resamples == 3
+    perfect = replay_sweep(_blocks(perfect=True), CostTable.flat(sps=2.0), [2], ["fixed"], draws=8)
+    top = next(c for c in perfect if c.policy == "fixed")
+    assert top.realized == pytest.approx(2 * (1 + 4) * 2.0) and top.tau == pytest.approx(5.0)
+
+
+def test_replay_is_seeded_and_refuses_bad_input():
+    from labkit.lab.scheduler_views import replay_sweep
+    a = replay_sweep(_blocks(), KNEE, [1, 2], ["mtp1", "fixed"], draws=16, resamples=2, seed=3)
+    b = replay_sweep(_blocks(), KNEE, [1, 2], ["mtp1", "fixed"], draws=16, resamples=2, seed=3)
+    assert a == b
+    with pytest.raises(LabkitError, match="draws >= 1"):
+        replay_sweep(_blocks(), KNEE, [1], ["mtp1"], draws=0)
+    with pytest.raises(LabkitError, match="unknown scheduler policy"):
+        replay_sweep(_blocks(), KNEE, [1], ["mtp9"])
+
+
+def test_verdict_reads_the_interval():
+    from labkit.lab.scheduler_views import verdict
+    assert verdict(1.2, 1.1, 1.3) == "above" and verdict(0.8, 0.7, 0.9) == "below"
+    assert verdict(1.05, 0.95, 1.2) == "within noise" and verdict(1.0, 0.995, 1.004) == "tied (within 1%)"
+    assert verdict(1.5, None, None) == "spread unknown"
+
+
+def test_static_k_loses_under_load_on_a_steep_curve_and_the_sentences_say_so():
+    from labkit.lab.scheduler_views import (REPLAY_HEADER, describe_policy_vs, describe_replay_budget,
+                                            describe_static_k, replay_figure, replay_rows, replay_sweep)
+    # flat to 8 tokens, then time grows in proportion to B: deep blocks pay for one request, not for eight
+    table = CostTable("t", "m", "d", [1, 8], [10.0, 10.0], tail="proportional")
+    blocks = _blocks(80, seed=1)
+    blocks.accepted = torch.tensor([4 if i % 4 == 0 else 0 for i in range(80)])  # a quarter of the blocks all right
+    cells = replay_sweep(blocks, table, [1, 8], ["mtp1", "fixed"], draws=256, resamples=4)
+    by = {(c.policy, c.requests): c for c in cells}
+    assert by[("fixed", 8)].ratio < by[("fixed", 1)].ratio and by[("fixed", 8)].ratio_high < 1
+    assert by[("algorithm1", 8)].budget < by[("algorithm1", 1)].budget
+    text = describe_static_k(cells)
+    assert text[0].startswith("Sample: 80 recorded blocks from 20 requests") and "4 bootstrap resamples" in text[0]
+    assert "R=1: fixed (verify all), R=8: MTP-1" in text[1] and "no single K is best at every load" in text[1]
+    assert any(s.startswith("fixed (verify all): below Algorithm 1 at R = ") and "8" in s for s in text[2:])
+    assert "falls" in describe_replay_budget(cells) or "at R = 8" in describe_replay_budget(cells)
+    assert describe_policy_vs(cells, "fixed").startswith("fixed (verify all) against Algorithm 1")
+    rows = replay_rows(cells)
+    assert len(rows) == len(cells) and all(len(r) == len(REPLAY_HEADER) for r in rows)
+    assert {r[-1] for r in rows if r[1] == "Algorithm 1"} == {"-"}
+    fig = replay_figure(cells)
+    assert names(fig) == {"MTP-1 (DSpark's 1st draft)", "fixed (verify all)", "Algorithm 1"}
+    assert len(fig.data) == 6
+
+
+def test_blocks_come_from_full_rounds_of_traces_and_the_pool_is_chosen_by_what_recorded_it(tmp_path):
+    from labkit.core.simulate import RequestTrace, TraceRound
+    from labkit.lab.scheduler_views import blocks_from_rounds, blocks_from_traces, choose_blocks
+    from labkit.measure.traces import TraceFile, TraceSet, save_traces
+    reqs = [RequestTrace("math", [TraceRound((0.9, 0.8, 0.5), 2), TraceRound((0.7,), 1)]),
+            RequestTrace("chat", [TraceRound((0.6, 0.6, 0.6), 0), TraceRound((0.9, 0.9, 0.9), 3)])]
+    blocks = blocks_from_traces(TraceSet("block", 1.0, None, reqs), gamma=3)
+    assert len(blocks) == 3 and blocks.groups == [0, 1, 1] and blocks.accepted.tolist() == [2, 0, 3]
+    assert blocks.n_groups == 2 and blocks.domains == ["math", "chat", "chat"]
+    with pytest.raises(LabkitError, match="no full block of 4"):
+        blocks_from_traces(TraceSet("block", 1.0, None, reqs), gamma=4)
+    live = blocks_from_rounds(torch.full((5, 3), 0.5), torch.zeros(5), ["code"] * 5)
+    path = tmp_path / "traces.json"
+    save_traces(TraceFile([TraceSet("block", 1.0, None, reqs)], {"target": "tiny", "drafter": "dspark"}), path)
+    pool, about = choose_blocks("tiny", "dspark", 1.0, 3, live, path)
+    assert pool is not live and len(pool) == 3 and "full blocks of 3 from 2 requests" in about
+    pool, about = choose_blocks("other", "dspark", 1.0, 3, live, path)
+    assert pool is live and "recorded with tiny and dspark" in about
+    pool, about = choose_blocks("tiny", "dspark", 0.0, 3, live, path)
+    assert pool is live and "no blocks at temperature 0" in about
+    assert choose_blocks("tiny", "dspark", 1.0, 3, live, tmp_path / "missing.json")[0] is live
+
+
+def test_scheduler_claims_put_the_papers_numbers_beside_the_run():
+    from labkit.lab.scheduler_views import CLAIMS_HEADER, replay_sweep, scheduler_claims, sps_knee
+    from labkit.core.stats import chi_square_test
+    cells = replay_sweep(_blocks(), KNEE, [1, 4], ["mtp1", "fixed", "async-topk"], draws=16, resamples=2)
+    counts = {"algorithm1": [700, 300], "retrospective": [850, 150]}
+    tests = {k: chi_square_test(c, [0.7, 0.3]) for k, c in counts.items()}
+    rows = scheduler_claims(KNEE, sps_knee(KNEE), cells, counts, 1000, tests, smoke=True)
+    assert all(len(r) == len(CLAIMS_HEADER) for r in rows)
+    claims = [r[0] for r in rows]
+    assert any("Appendix A" in c for c in claims) and any("MTP-1" in c for c in claims)
+    assert any("production variant" in c for c in claims) and any("one request" in c for c in claims)
+    assert all(r[2].startswith("SMOKE RUN") for r in rows if "budget" in r[0] or "static" in r[0])
+    assert "(0.850, 0.150) over 1,000 draws" in dict((r[0], r[2]) for r in rows)["Appendix A, retrospective (biased)"]
+    assert not any(r[2].startswith("SMOKE") for r in scheduler_claims(KNEE, sps_knee(KNEE), cells, counts, 1000, tests))

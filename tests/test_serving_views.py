@@ -319,3 +319,83 @@ def test_run_sweeps_feeds_both_figures_one_trace_per_policy(tiny, dspark, monkey
     text = sv.describe_sweep(reps)
     assert "Algorithm 1 served" in text and "MTP-1" in text
     assert "at matched aggregate throughput" in text.lower() or "no overlapping throughput range" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired ratios against a baseline, Eq. 1 beside the measurement, the closing table of claims
+
+
+def _runs() -> list[dict]:
+    """Three repeats of REPORTS: Algorithm 1's throughput 1.1x, 1.2x, 1.3x MTP-1's at 4 users (above in
+    every repeat), async top-K's 0.9x-1.1x (within noise); Eq. 1 predicts 1.1x the measured speed."""
+    out = []
+    for k in range(3):
+        for r in REPORTS:
+            agg = r["aggregate_tokens_per_s"]
+            if r["users"] == 4 and r["policy"] == "algorithm1":
+                agg = 40.0 * (1.1 + 0.1 * k)
+            if r["users"] == 4 and r["policy"] == "mtp1":
+                agg = 40.0
+            if r["users"] == 4 and r["policy"] == "async-topk":
+                agg = 40.0 * (0.9 + 0.1 * k)
+            out.append(dict(r, repeat=k, aggregate_tokens_per_s=agg,
+                            eq1_per_user_tokens_per_s=1.1 * r["per_user_tokens_per_s"]))
+    return out
+
+
+def test_paired_ratios_pair_runs_of_one_repeat_and_read_the_spread():
+    from labkit.lab.serving_views import RATIO_HEADER, describe_ratios, paired_ratios, ratio_rows
+    ratios = paired_ratios(_runs(), "mtp1")
+    by = {(r["policy"], r["users"]): r for r in ratios}
+    assert {p for p, _ in by} == set(SWEEP_POLICIES) - {"mtp1"}
+    a1 = by[("algorithm1", 4)]
+    assert (a1["ratio"], a1["low"], a1["high"], a1["repeats"]) == pytest.approx((1.2, 1.1, 1.3, 3))
+    rows = {(r[0], r[1]): r for r in ratio_rows(ratios)}
+    assert all(len(r) == len(RATIO_HEADER) for r in rows.values())
+    assert rows[(4, "Algorithm 1")][-1] == "above" and rows[(4, POLICY_LABELS["async-topk"])][-1] == "within noise"
+    text = describe_ratios(ratios, "mtp1")
+    a1_text = next(s for s in text if s.startswith("Algorithm 1"))
+    assert "above MTP-1 (DSpark's 1st draft)'s at " in a1_text and "1.20x [1.10-1.30] at 4 users (3 repeats)" in a1_text
+    with pytest.raises(LabkitError, match="not summarized cells"):
+        paired_ratios([{"spread": {}, "repeats": 1, "policy": "mtp1", "users": 1}])
+    one = paired_ratios([dict(r, repeat=0) for r in REPORTS], "mtp1")
+    assert ratio_rows(one)[0][-1] == "one repeat, spread unknown"
+
+
+def test_eq1_is_set_beside_the_measured_speed():
+    from labkit.lab.serving_views import EQ1_HEADER, describe_eq1, eq1_ratios, eq1_rows
+    runs = _runs()
+    rows = eq1_rows(runs, SWEEP_POLICIES)
+    assert len(rows) == len(REPORTS) and all(len(r) == len(EQ1_HEADER) for r in rows)
+    assert {r[4] for r in rows} == {"1.100"}
+    assert eq1_ratios(runs) == pytest.approx([1.1] * len(runs))
+    text = describe_eq1(runs)
+    assert f"1.10x the measured per-user speed (median over {len(runs)} runs" in text and "overestimates" in text
+    assert describe_eq1(REPORTS).startswith("No run has both")
+
+
+def test_serving_claims_set_the_papers_numbers_beside_the_measured_and_simulated_ones():
+    from labkit.core.simulate import RequestTrace, TraceRound, roofline_cost, sweep
+    from labkit.lab.serving_views import CLAIMS_HEADER, serving_claims
+    from labkit.lab.simulation_views import sim_matched_gain, simulate_resampled
+    runs = [dict(r, tau=1.5) for r in _runs()]
+    traces = [RequestTrace("math", [TraceRound((0.9, 0.8, 0.6), 2), TraceRound((0.5, 0.2, 0.1), 0)]),
+              RequestTrace("chat", [TraceRound((0.7, 0.5, 0.2), 1), TraceRound((0.9, 0.9, 0.9), 3)])]
+    one = [RequestTrace(t.domain, [TraceRound((0.8,), 1), TraceRound((0.6,), 0)]) for t in traces]
+    cost = roofline_cost("h100", gamma=3)
+    sim = sweep(traces, [1, 8, 64], ["mtp1", "fixed", "algorithm1"], cost, {"mtp1": one})
+    resampled = simulate_resampled(traces, one, [1, 8, 64], ["mtp1", "fixed", "algorithm1"], cost, 2)
+    gain = sim_matched_gain(sim, resampled)
+    rows = serving_claims(runs, sim, resampled, gain, knee_b=32, gamma=3, smoke=True, sim_label="an H100 model")
+    assert len(rows) == 5 and all(len(r) == len(CLAIMS_HEADER) for r in rows)
+    assert len(serving_claims(runs, sim, resampled, gain, also_static=["fixed:2"])) == 6
+    by = {r[0].split(" (")[0]: r for r in rows}
+    assert by["per-user speed at matched throughput, over MTP-1"][1].startswith("+60% to +85%")
+    assert all(r[2].startswith("SMOKE RUN, concludes nothing") for r in rows)
+    assert all(r[3].endswith("(an H100 model)") for r in rows)
+    assert "knee at B = 32" in rows[0][4] and "not a trained MTP module" in rows[0][4]
+    port = rows[-1]
+    assert "+69.7% at 256" in port[1] and "K = gamma = 3" in port[4] and "at 64" in port[3]
+    assert "at 4 users" not in port[2] and "at 4 (" in port[2]  # measured Algorithm 1 / verify-all at 1 and 4 users
+    plain = serving_claims(runs)
+    assert plain[0][3] == "not simulated" and not plain[0][2].startswith("SMOKE")
