@@ -60,7 +60,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     (dest), with the default written there."""
     from labkit.pipeline.train import ANCHOR_MODES, DRAFTERS, FEATURE_DTYPES, HEADS, MIXED_PRECISIONS, TrainJob as J
     p.add_argument("--drafter", default=J.drafter, choices=DRAFTERS,
-                   help="dflash (parallel block drafter) or dspark (+ sequential and confidence heads)")
+                   help="dflash (parallel block drafter), dspark (+ sequential and confidence heads) or eagle3 "
+                        "(autoregressive on fused target features, trained over --gamma steps)")
     p.add_argument("--head", choices=HEADS, default=J.head, help="DSpark's sequential head")
     p.add_argument("--rank", type=int, default=J.rank, help="DSpark's head rank r (0 = no sequential head)")
     p.add_argument("--data", nargs="+", default=list(J.data),
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for one prompt, with or without a drafter")
     p.add_argument("--prompt", required=True, help="the user's message (goes through the chat template)")
     p.add_argument("--drafter", default="none", help="none, prompt-lookup, layer-skip[:N], dflash, dspark, "
-                   "hybrid:dspark, sched:dspark (confident prefixes only) or a checkpoint path")
+                   "eagle3, hybrid:dspark, sched:dspark (confident prefixes only) or a checkpoint path")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     _add_model_args(p)
 
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a drafter in DeepSpec's layout, which vLLM and SGLang load")
     p.add_argument("out", help="folder to write (config.json, model.safetensors, README.md; replaced atomically)")
-    p.add_argument("--drafter", required=True, help="dflash, dspark (the shipped checkpoints) or a checkpoint path")
+    p.add_argument("--drafter", required=True, help="dflash, dspark, eagle3 (the shipped checkpoints) or a "
+                   "checkpoint path")
     p.add_argument("--format", choices=("deepspec",), default="deepspec", help="deepspec (the only one)")
     p.add_argument("--target", default=None,
                    help="the drafter's target: HF id or local path (default: SmolLM2-135M-Instruct)")
@@ -200,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "retrospective, async-topk, fixed:K (a static MTP-K) or threshold:T (default: algorithm1)")
     p.add_argument("--users", type=_positive_int, default=4, help="concurrent users (closed loop) or, with --rate, "
                    "the most requests running at once")
-    p.add_argument("--drafter", default="dspark", help="dspark (default), dflash, prompt-lookup, hybrid:dspark, "
-                   "none or a checkpoint path (layer-skip runs single-request only)")
+    p.add_argument("--drafter", default="dspark", help="dspark (default), dflash, eagle3, prompt-lookup, "
+                   "hybrid:dspark, none or a checkpoint path (layer-skip runs single-request only)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--requests", type=_positive_int, default=None, help="requests to serve (default: each prompt once)")
     stop.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -271,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "https://datasets-server.huggingface.co)")
 
     p = sub.add_parser("eval", help="tau, position-wise acceptance and tokens/s of a drafter on prompt files")
-    p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash or a checkpoint path")
+    p.add_argument("--drafter", required=True, help="prompt-lookup, layer-skip[:N], dflash, eagle3 or a "
+                   "checkpoint path")
     _add_prompt_args(p, default_limit=4)
     p.add_argument("--vs-hf", action="store_true", help="also time plain HF generate, interleaved, for a speedup")
     p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")

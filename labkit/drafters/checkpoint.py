@@ -1,13 +1,13 @@
-"""Drafter checkpoints: a folder holding config.json and model.safetensors, for DFlash and DSpark alike.
+"""Drafter checkpoints: a folder holding config.json and model.safetensors, for DFlash, DSpark and Eagle3 alike.
 
-The config records the drafter's shape, its kind (`dflash` or `dspark`, which picks the classes that
+The config records the drafter's shape, its kind (`dflash`, `dspark` or `eagle3`, which picks the classes that
 rebuild it), the target it was trained for (refused on any other target, naming both) and, for DSpark,
 its STS calibration. The target's embedding and LM head are never saved: they are the target's own,
 frozen, and come back from the target at load time. Writes are atomic (a temporary folder, then a
 rename), so an interrupted save never leaves half a checkpoint where a good one was.
 
-This module imports both drafter modules (dspark imports dflash, never the reverse), so neither of them
-needs to know about files.
+This module imports every drafter module with weights (dspark and eagle3 import dflash, never the
+reverse), so none of them needs to know about files.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
 from labkit.drafters.dspark import DSparkConfig, DSparkModel
+from labkit.drafters.eagle3 import Eagle3Config, Eagle3Model
 from labkit.core.errors import LabkitError
 
 CONFIG_FILE = "config.json"
@@ -111,12 +112,15 @@ def read_config(path: str | Path) -> dict:
 
 
 def model_classes(kind: str) -> tuple[type, type]:
-    """(model class, config class) for a checkpoint's `kind`: dflash, or dspark (the backbone + heads)."""
+    """(model class, config class) for a checkpoint's `kind`: dflash, dspark (the backbone + heads) or eagle3."""
     if kind == "dflash":
         return DFlashBackbone, DFlashConfig
     if kind == "dspark":
         return DSparkModel, DSparkConfig
-    raise LabkitError(f"Unknown drafter kind {kind!r} in the checkpoint's config.json: expected dflash or dspark.")
+    if kind == "eagle3":
+        return Eagle3Model, Eagle3Config
+    raise LabkitError(f"Unknown drafter kind {kind!r} in the checkpoint's config.json: expected dflash, dspark or "
+                      "eagle3.")
 
 
 def load_backbone(path: str | Path, target, dtype: torch.dtype = torch.float32,

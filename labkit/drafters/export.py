@@ -16,6 +16,12 @@ written: a cut vocabulary, a trained mask embedding, layers without q/k norm, th
 block, the target's final (normed) layer as a feature, or a target whose embedding or logits are not
 plain lookups and products (Gemma's embed_scale and logit soft-capping), which a Qwen3-style class
 given the target's embedding and LM head by the engines would not reproduce.
+
+An Eagle3 drafter (`labkit.drafters.eagle3`) is written in DeepSpec's Eagle3 layout ("Qwen3Eagle3Model":
+fc over the sorted target layers, Qwen3-shaped layers whose q/k/v read [input_layernorm(embedding) ;
+hidden_norm(state)], the final norm, the target's LM head; `ttt_length` = the drafting horizon), exact
+up to the bf16 cast where it scores the whole vocabulary and has q/k norms, else refused the same way.
+No serving command is printed for it: the engines' Eagle3 loaders were not read against this layout.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from safetensors.torch import save_file
 
 from labkit.drafters.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_compatible, write_folder
 from labkit.drafters.dflash import DFlashBackbone, DFlashConfig
+from labkit.drafters.eagle3 import Eagle3Config, Eagle3Model
 from labkit.core.errors import LabkitError
 from labkit.drafters.heads import MarkovHead, RNNHead
 from labkit.drafters.checkpoint import load_backbone, model_classes, read_config
@@ -277,6 +284,8 @@ def export_checkpoint(path: str | Path, target_name: str | None, out_dir: str | 
         raise LabkitError(f"Unknown export format {fmt!r}: use {', '.join(FORMATS)}.")
     raw = read_config(path)
     cfg = model_classes(raw.get("kind", "dflash"))[1].from_dict(raw)
+    if isinstance(cfg, Eagle3Config):
+        return _export_eagle3_checkpoint(path, cfg, target_name, out_dir, device)
     problems = config_problems(cfg)
     if problems:
         raise refuse(problems + ([mask_problem(cfg)] if cfg.train_mask else []), f"drafter at {path}")
@@ -285,5 +294,109 @@ def export_checkpoint(path: str | Path, target_name: str | None, out_dir: str | 
     return export_deepspec(model, target, out_dir, str(path))
 
 
+# ----------------------------------------------------------------------------- Eagle3
+
+EAGLE3_ARCHITECTURE = "Qwen3Eagle3Model"
+#: DeepSpec's per-step loss decay (a training-only field its config requires; engines ignore it). The lab
+#: trains with its own position weights (labkit.pipeline.train.LossWeights); the value is DeepSpec's default.
+EAGLE3_STEP_LOSS_DECAY = 0.8
+EXPORTABLE_EAGLE3_TRAIN = "python -m labkit train --drafter eagle3 --qk-norm --draft-vocab 0"
+
+
+def eagle3_config_problems(cfg: Eagle3Config) -> list[str]:
+    """What in an Eagle3 drafter's shape DeepSpec's Qwen3Eagle3Model cannot express, each with its fix."""
+    problems = []
+    if cfg.draft_vocab not in (0, cfg.target_vocab_size):
+        problems.append(f"it scores a cut vocabulary of {cfg.draft_vocab} of {cfg.target_vocab_size} tokens, and "
+                        "DeepSpec's Eagle3 scores every token with the target's LM head: retrain with --draft-vocab 0")
+    if not cfg.qk_norm:
+        problems.append("its layers have no per-head q/k RMSNorm, which DeepSpec's Qwen3-shaped Eagle3 layers always "
+                        "apply: retrain with --qk-norm")
+    last = cfg.target_num_layers
+    if last in cfg.target_layers:
+        problems.append(f"it reads target layer {last}, the last, which Hugging Face's hidden_states gives after the "
+                        "final norm and DeepSpec's target_layer_ids cannot name: retrain with --target-layers "
+                        f"below {last}")
+    return problems
+
+
+def eagle3_model_problems(model: Eagle3Model, target) -> list[str]:
+    problems = []
+    if not torch.equal(model.vocab_ids.cpu(), torch.arange(model.cfg.target_vocab_size)):
+        problems.append("its draft vocabulary is not the target's vocabulary in order: retrain with --draft-vocab 0")
+    return problems + target_problems(target)
+
+
+def eagle3_tensors(model: Eagle3Model, target) -> dict[str, torch.Tensor]:
+    """Every tensor of an Eagle3 export, bf16, under DeepSpec's names (no "model." prefix)."""
+    out = {"embed_tokens.weight": target.model.get_input_embeddings().weight,
+           "lm_head.weight": target.model.get_output_embeddings().weight,
+           "fc.weight": fc_weight(model), "norm.weight": model.norm.weight}
+    for i, layer in enumerate(model.layers):  # hidden_norm and the two layernorms sit on the layer itself
+        out.update({layer_tensor_name(i, name): p for name, p in layer.named_parameters()})
+    return {k: v.detach().to(device="cpu", dtype=torch.bfloat16).clone().contiguous() for k, v in out.items()}
+
+
+def eagle3_config(model: Eagle3Model, target, source: str = "") -> dict:
+    """The target's config dict with the drafter's shape and DeepSpec's Eagle3 fields."""
+    cfg = model.cfg
+    d = target.config.to_dict()
+    d.update(architectures=[EAGLE3_ARCHITECTURE], num_target_layers=cfg.target_num_layers,
+             num_hidden_layers=cfg.n_layers, draft_num_hidden_layers=cfg.n_layers,
+             target_layer_ids=target_layer_ids(cfg), ttt_length=cfg.gamma, step_loss_decay=EAGLE3_STEP_LOSS_DECAY,
+             tie_word_embeddings=False, vocab_size=cfg.target_vocab_size, dtype="bfloat16")
+    d.update(draft_shape(cfg, d))
+    d["labkit"] = {"kind": cfg.kind, "source": source, "target": cfg.target_name, "gamma": cfg.gamma,
+                   "target_layers_hf": list(cfg.target_layers)}
+    return d
+
+
+def eagle3_readme(config: dict, target_name: str) -> str:
+    return f"""# An Eagle3 drafter in DeepSpec's layout
+
+Exported by the Speculative Decoding Lab (`python -m labkit export --format deepspec`) from
+`{config['labkit']['source'] or 'a lab drafter'}`, trained for the target `{target_name}`.
+{EAGLE3_ARCHITECTURE}: {config['num_hidden_layers']} draft layer(s), drafting {config['ttt_length']} tokens a
+round (`ttt_length`), target layers {config['target_layer_ids']} (DeepSpec numbering: the output of decoder
+layer i); bf16. DeepSpec's Eagle3 evaluator loads this class. No serving command is given here: whether
+vLLM's or SGLang's Eagle3 loaders read this layout was not checked by the lab.
+
+`embed_tokens` and `lm_head` are the target's own, stored as DeepSpec stores them. The `labkit` key of
+config.json records the source.
+"""
+
+
+def export_eagle3(model: Eagle3Model, target, out_dir: str | Path, source: str = "") -> Path:
+    """Check that the export is exact, then write config.json, model.safetensors and README.md atomically."""
+    where = f"drafter{(' at ' + source) if source else ''}"
+    check_compatible(model.cfg, target, where)
+    problems = eagle3_config_problems(model.cfg) + eagle3_model_problems(model, target)
+    if problems:
+        raise refuse_eagle3(problems, where)
+    config, tensors = eagle3_config(model, target, source), eagle3_tensors(model, target)
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (tmp / "README.md").write_text(eagle3_readme(config, target.name))
+    return write_folder(Path(out_dir), fill)
+
+
+def refuse_eagle3(problems: list[str], where: str) -> LabkitError:
+    return LabkitError(f"The {where} cannot be exported in DeepSpec's Eagle3 layout exactly, so nothing was written: "
+                       + "; ".join(problems) + f". An exportable Eagle3 drafter is trained with "
+                       f"`{EXPORTABLE_EAGLE3_TRAIN} ...`.")
+
+
+def _export_eagle3_checkpoint(path, cfg: Eagle3Config, target_name, out_dir, device) -> Path:
+    problems = eagle3_config_problems(cfg)
+    if problems:
+        raise refuse_eagle3(problems, f"drafter at {path}")
+    target = load_target(target_name, device, packed=False)
+    model = load_backbone(path, target, packed=False)
+    return export_eagle3(model, target, out_dir, str(path))
+
+
 __all__ = ["FORMATS", "config_problems", "model_problems", "target_problems", "check_exportable",
-           "deepspec_config", "deepspec_tensors", "export_deepspec", "export_checkpoint"]
+           "deepspec_config", "deepspec_tensors", "export_deepspec", "export_checkpoint",
+           "eagle3_config_problems", "eagle3_config", "eagle3_tensors", "export_eagle3"]

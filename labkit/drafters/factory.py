@@ -11,6 +11,7 @@ from labkit.drafters.base import Drafter
 from labkit.drafters.checkpoint import load_backbone, read_config
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.dspark import DSparkDrafter, DSparkModel
+from labkit.drafters.eagle3 import Eagle3Drafter, Eagle3Model
 from labkit.drafters.hybrid import make_hybrid
 from labkit.drafters.layer_skip import LayerSkipConfig, LayerSkipDrafter
 from labkit.drafters.prompt_lookup import PromptLookupConfig, PromptLookupDrafter
@@ -18,15 +19,16 @@ from labkit.drafters.scheduled import ScheduledDrafter
 from labkit.model.target import DEFAULT_TARGET, Target
 from labkit.model.timing import verify_table
 
-BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "hybrid", "sched")
-SHIPPED = ("dflash", "dspark")
+BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "eagle3", "hybrid", "sched")
+#: the trained drafters `--drafter NAME` names (eagle3: once one is trained into data/drafters/eagle3)
+SHIPPED = ("dflash", "dspark", "eagle3")
 #: trained checkpoints shipped with the lab, by the name that `--drafter` takes: the default target's in
 #: this folder, another packaged target's in a subfolder named after it (data/drafters/gemma-3-270m/dflash)
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "drafters"
 
 
 def shipped_checkpoint(name: str, target_name: str | None = None) -> Path:
-    """The shipped `name` drafter (dflash or dspark) for a target (default: the default target)."""
+    """The shipped `name` drafter (dflash, dspark or eagle3) for a target (default: the default target)."""
     target_name = target_name or DEFAULT_TARGET
     path = SHIPPED_DIR / name if target_name == DEFAULT_TARGET else SHIPPED_DIR / target_name / name
     if not (path / "config.json").exists():
@@ -38,13 +40,13 @@ def shipped_checkpoint(name: str, target_name: str | None = None) -> Path:
 
 
 def checkpoint_path(spec: str, command: str = "this command", target_name: str | None = None) -> Path:
-    """The checkpoint folder a --drafter spec names: dflash or dspark (shipped for `target_name`) or a
-    path; else a sentence."""
+    """The checkpoint folder a --drafter spec names: dflash, dspark or eagle3 (shipped for `target_name`) or
+    a path; else a sentence."""
     if spec in SHIPPED:
         return shipped_checkpoint(spec, target_name)
     if not _is_checkpoint_path(spec):
-        raise LabkitError(f"{command} takes a trained drafter: --drafter dflash, dspark or the path of a checkpoint "
-                          f"folder, got {spec!r}.")
+        raise LabkitError(f"{command} takes a trained drafter: --drafter dflash, dspark, eagle3 or the path of a "
+                          f"checkpoint folder, got {spec!r}.")
     read_config(spec)  # a clear error if it is no checkpoint
     return Path(spec)
 
@@ -82,6 +84,9 @@ def _check_hybrid(spec: str) -> None:
     if not arg:
         raise LabkitError(f"hybrid needs the model drafter it combines with prompt lookup, e.g. hybrid:dspark, "
                           f"hybrid:dflash or hybrid:PATH, got {spec!r}.")
+    if arg == "eagle3":
+        raise LabkitError(f"hybrid conditions a block drafter (DFlash or DSpark) on the copied tokens; Eagle3 drafts "
+                          f"one token at a time: use --drafter eagle3, hybrid:dspark or hybrid:dflash, got {spec!r}.")
     if not (arg in SHIPPED or _is_checkpoint_path(arg)):
         raise LabkitError(f"hybrid combines prompt lookup with a model drafter: use hybrid:dspark, hybrid:dflash "
                           f"or hybrid:PATH of a trained checkpoint folder, got {spec!r}.")
@@ -98,8 +103,8 @@ def _check_sched(spec: str) -> None:
 
 
 def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> Drafter | None:
-    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash' or 'dspark' (the
-    shipped checkpoints; dspark calibrated), the path of a trained checkpoint folder (either kind), or
+    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash', 'dspark' or 'eagle3' (the
+    shipped checkpoints; dspark calibrated), the path of a trained checkpoint folder (any kind), or
     'hybrid:<dspark|dflash|PATH>' (prompt lookup, then that model for the rest; `gamma` caps both), or
     'sched:<spec>' (that drafter's confident prefixes only, Algorithm 1 on this device's measured costs)."""
     check_spec(spec)
@@ -112,6 +117,8 @@ def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> 
         return make_hybrid(make_drafter(spec.partition(":")[2], target, gamma), gamma)
     if _is_checkpoint_path(spec) or spec in SHIPPED:
         model = load_backbone(shipped_checkpoint(spec, target.name) if spec in SHIPPED else Path(spec), target)
+        if isinstance(model, Eagle3Model):
+            return Eagle3Drafter(model, gamma)
         return (DSparkDrafter if isinstance(model, DSparkModel) else DFlashDrafter)(model, gamma)
     name, _, arg = spec.partition(":")
     if name == "prompt-lookup":

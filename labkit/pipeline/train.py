@@ -93,7 +93,8 @@ def make_batch(items: list[FeatureSequence], indices: list[int], gamma: int, anc
 
     An anchor a is a position in [prompt_len - 1, n - 2]: its block predicts tokens a+1 .. a+gamma of
     the response (positions past the end are masked out by `valid`). The target's distribution for
-    token a+j+1 is the one it computed at position a+j: `final`/`lse` rows are taken there.
+    token a+j+1 is the one it computed at position a+j: `final`/`lse` rows are taken there. `ids` holds
+    the sequences' tokens (0 past the end), which Eagle3's cache of target-feature slots reads.
     """
     rows = [items[i] for i in indices]
     loaded = [it.load(handles) for it in rows]
@@ -108,10 +109,12 @@ def make_batch(items: list[FeatureSequence], indices: list[int], gamma: int, anc
     valid = torch.zeros(b, anchors, gamma, dtype=torch.bool)
     final = torch.zeros(b, anchors, gamma, h, dtype=loaded[0]["final"].dtype)
     lse = torch.zeros(b, anchors, gamma)
+    tokens = torch.zeros(b, n_max, dtype=torch.long)
     for r, (it, f) in enumerate(zip(rows, loaded)):
         ids = torch.tensor(it.seq.ids)
         n = len(ids)
         feats[r, :n] = f["ctx"]
+        tokens[r, :n] = ids
         lo, hi = max(it.seq.prompt_len - 1, 0), n - 2
         if hi < lo:
             continue
@@ -128,14 +131,17 @@ def make_batch(items: list[FeatureSequence], indices: list[int], gamma: int, anc
         final[r] = f["final"][tpos_c - 1]
         lse[r] = f["lse"][tpos_c - 1]
     return {"feats": feats, "anchor_pos": anchor_pos, "anchor_ids": anchor_ids, "targets": targets,
-            "valid": valid, "final": final, "lse": lse}
+            "valid": valid, "final": final, "lse": lse, "ids": tokens}
 
 
 # ----------------------------------------------------------------------------- losses
 
 
 def forward_batch(model, batch: dict) -> dict[str, torch.Tensor]:
-    """The drafter's training forward on a `make_batch` batch (DSpark's heads read the targets)."""
+    """The drafter's training forward on a `make_batch` batch (DSpark's heads read the targets; Eagle3's
+    training-time test also reads the sequences' tokens). `model` may be wrapped (DDP)."""
+    if getattr(model, "module", model).cfg.kind == "eagle3":
+        return model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"], batch["targets"], batch["ids"])
     return model(batch["feats"], batch["anchor_pos"], batch["anchor_ids"], batch["targets"])
 
 
@@ -165,7 +171,8 @@ def loss_terms(model: DFlashBackbone, out: dict[str, torch.Tensor], batch: dict,
     q = logq.exp()
     with torch.no_grad():
         p_t = target_probs(model, batch["final"], batch["lse"])
-    valid = batch["valid"].float()
+    valid_mask = batch["valid"] & out["valid"] if "valid" in out else batch["valid"]  # Eagle3 narrows it
+    valid = valid_mask.float()
     w = position_weights(logits.shape[2], weights.decay, logits.device) * valid
     norm = w.sum().clamp(min=1e-6)
     local, in_vocab = _local_targets(model, batch["targets"])
@@ -183,7 +190,7 @@ def loss_terms(model: DFlashBackbone, out: dict[str, torch.Tensor], batch: dict,
         with torch.no_grad():
             terms["conf_mae"] = ((torch.sigmoid(z) - c_star).abs() * valid).sum() / valid.sum().clamp(min=1)
     with torch.no_grad():
-        terms.update(block_metrics(acceptance_from_l1(l1.detach()), q.argmax(-1) == p_t.argmax(-1), batch["valid"]))
+        terms.update(block_metrics(acceptance_from_l1(l1.detach()), q.argmax(-1) == p_t.argmax(-1), valid_mask))
     return terms
 
 
@@ -413,7 +420,7 @@ def export(checkpoint: str | Path, dest: str | Path, target, dtype: torch.dtype 
 
 # ----------------------------------------------------------------------------- one training run
 
-DRAFTERS = ("dflash", "dspark")
+DRAFTERS = ("dflash", "dspark", "eagle3")
 HEADS = ("markov", "rnn")
 ANCHOR_MODES = ("anchor-first", "anchor-masks")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # accelerate's names
@@ -434,13 +441,14 @@ class TrainJob:
     command line's words."""
 
     target: str | None = None  # HF causal LM id or local path (None: the default target)
-    drafter: str = "dflash"  # dflash (parallel block drafter) or dspark (+ sequential and confidence heads)
+    drafter: str = "dflash"  # dflash (parallel block drafter), dspark (+ sequential and confidence heads) or eagle3
+    # (autoregressive on fused target features, trained over gamma steps: the training-time test)
     head: str = "markov"  # DSpark's sequential head: markov or rnn
     rank: int = 64  # DSpark's head rank r (0 = no sequential head)
     layers: int = 1  # draft decoder layers
-    gamma: int = 8  # block size: tokens drafted per forward
+    gamma: int = 8  # block size: tokens drafted per round (eagle3: also the training-time test's horizon)
     draft_vocab: int = 0  # score only the K most frequent response tokens (0 = the whole vocabulary)
-    target_layers: tuple[int, ...] | None = None  # target layers read (None: 5 spread)
+    target_layers: tuple[int, ...] | None = None  # target layers read (None: 5 spread; eagle3: low, middle, high)
     anchor_mode: str = "anchor-first"  # anchor + gamma-1 masks (DSpark) or anchor + gamma masks ("anchor-masks")
     init_from_target: bool = True  # draft layers start as the target's last (False: random)
     qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3-shaped layers; needed by `export`)
@@ -488,6 +496,9 @@ class TrainJob:
                               "(hard labels only: --ce-weight 1 --l1-weight 0).")
         if not self.data:
             raise LabkitError("No training data folder given: pass --data FOLDER [FOLDER ...].")
+        if self.drafter == "eagle3" and (self.anchor_mode != "anchor-first" or self.frozen_mask):
+            raise LabkitError("--anchor-mode and --frozen-mask shape a block drafter's mask slots, and an eagle3 "
+                              "drafter has none: drop them (or train --drafter dflash|dspark).")
 
     def argv(self) -> list[str]:
         """The arguments of `python -m labkit train` that make this job: `train`, then every option that
@@ -620,9 +631,9 @@ def run_training(job: TrainJob, *, log=print, command: str | None = None) -> Pat
         log(f"warm start from {job.init_from}: its shape ({cfg.n_layers} layer(s), gamma {cfg.gamma}, "
             f"draft vocabulary {cfg.draft_vocab}) replaces --layers, --gamma and --draft-vocab")
     else:
-        overrides = dict(gamma=job.gamma, n_layers=job.layers, draft_vocab=job.draft_vocab,
-                         anchor_predicts=job.anchor_mode == "anchor-first",
-                         qk_norm=job.qk_norm, train_mask=not job.frozen_mask)
+        overrides = dict(gamma=job.gamma, n_layers=job.layers, draft_vocab=job.draft_vocab, qk_norm=job.qk_norm)
+        if job.drafter != "eagle3":  # the block drafters' mask slots
+            overrides.update(anchor_predicts=job.anchor_mode == "anchor-first", train_mask=not job.frozen_mask)
         if job.drafter == "dspark":
             overrides.update(head=job.head, rank=job.rank)
         if job.target_layers:
