@@ -1,6 +1,7 @@
 """Drafters behind one interface (`base.Drafter`): prompt lookup, layer skip, DFlash, DSpark (with its
-heads), the hybrid and the confidence-scheduled wrapper; their checkpoints and export; and the
-factory that builds one from a spec (`factory.make_drafter`), re-exported here."""
+heads), Eagle3 (the autoregressive baseline), the hybrid and the confidence-scheduled wrapper; their
+checkpoints and export; and the factory that builds one from a spec (`factory.make_drafter`),
+re-exported here."""
 
 from labkit.drafters.base import Drafter, Proposal
 from labkit.drafters.factory import (BUILTIN, SHIPPED, SHIPPED_DIR, check_spec, checkpoint_path, make_drafter,
