@@ -307,16 +307,23 @@ def test_tokens_stream_in_order_as_they_are_emitted(tiny, dspark):
     assert streamed == {r.id: r.token_ids for r in engine.done}
 
 
-def test_a_length_choosing_policy_drafts_one_past_its_last_longest(tiny, dspark):
-    """Algorithm 1 under a steep table: every step drafts at most one more token than the longest length
-    the previous step verified (the adaptive cap), never a whole block it would not verify; a fixed
-    policy is not capped that way; and greedy outputs still equal solo greedy."""
+def test_a_length_choosing_policy_drafts_one_past_each_requests_last_length(tiny, dspark):
+    """Algorithm 1 under a steep table: every request drafts at most one more token than the length the
+    policy chose for it at its last step (the adaptive cap, per request), a newcomer one more than the
+    last step's longest, never a whole block it would not verify; a fixed policy is not capped that
+    way; and greedy outputs still equal solo greedy."""
     requests = mixed_requests(6)
-    engine, rep = serve(tiny, dspark, requests, 3, "algorithm1", steep_table(slope=1.0))
+    engine, rep = serve(tiny, dspark, requests, 3, "algorithm1", steep_table())
+    last: dict[int, int] = {}
     for prev, step in zip(engine.steps, engine.steps[1:]):
-        assert step.cap == max(prev.lengths, default=0) + 1
-        assert max(step.drafted) <= step.cap
+        last.update(zip(prev.ids, prev.lengths))
+        for rid, cap, drafted in zip(step.ids, step.caps, step.drafted):
+            assert cap == (last[rid] + 1 if rid in last else max(prev.lengths, default=0) + 1)
+            assert drafted <= cap
+        assert step.cap == max(step.caps)
     assert engine.steps[0].cap is None and any(s.cap < dspark.gamma for s in engine.steps[1:])
+    # caps differ within a step: a request verified short drafts less than one verified deep
+    assert any(len(set(s.caps)) > 1 for s in engine.steps[1:])
     for r in rep["requests"]:
         assert r["token_ids"] == solo(tiny, dspark, requests[r["id"]])
     fixed, _ = serve(tiny, dspark, requests, 3, "fixed", steep_table(slope=1.0))

@@ -462,8 +462,9 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
 
     A step: each active request drafts its current round (at most its remaining tokens - 1 drafts, at
     most the policy's `draft_cap`, and, with `adaptive_cap`, for a policy that chooses lengths from
-    confidences at most one more than the longest length it chose last step: the engine's
-    `Engine.draft_cap`); the policy gets the confidences, the
+    confidences at most one more than the length it chose for that request at its last step, a newcomer
+    one more than the last step's longest: the engine's `Engine.draft_caps`, charged as a batch drafted
+    to its deepest cap); the policy gets the confidences, the
     step's `RoundRate(cost.table, cost.fixed_s(R))` and, for the production variant, each request's
     confidences of two steps before; accepted = min(l_r, accept_len); the step takes
     cost.fixed_s(R) + 1 / cost.table.sps(batch_tokens(l)). `source` names the drafting cost to charge
@@ -482,6 +483,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     policy_cap = getattr(policy, "draft_cap", None)
     adaptive = adaptive_cap and getattr(policy, "chooses_lengths", False)
     last_lengths: list[int] | None = None
+    last_length: dict[int, int] = {}
     table = cost.table
     t = 0.0
     next_id = 0
@@ -503,28 +505,31 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     refill()
     while active and (drain or finished < n_requests) and (max_steps is None or n_steps < max_steps):
         ids = list(active)
-        caps = [c for c in (policy_cap, max(last_lengths, default=0) + 1 if adaptive and last_lengths is not None
-                            else None) if c is not None]
-        cap = min(caps) if caps else None
-        confs, accept = [], []
+        newcomer = max(last_lengths, default=0) + 1 if adaptive and last_lengths is not None else None
+        confs, accept, caps = [], [], []
         for rid in ids:
+            own = last_length[rid] + 1 if adaptive and rid in last_length else newcomer
+            limits = [c for c in (policy_cap, own if adaptive else None) if c is not None]
+            caps.append(min(limits) if limits else None)
             live = active[rid]
             rnd = live.trace.rounds[live.cursor % len(live.trace.rounds)]
             k = max(0, live.trace.n_tokens - live.emitted - 1)
-            if cap is not None:
-                k = min(k, cap)
+            if caps[-1] is not None:
+                k = min(k, caps[-1])
             c = rnd.conf[:k]
             confs.append(c)
             accept.append(min(rnd.accept_len, len(c)))
         max_lengths = [len(c) for c in confs]
         gamma = max(max_lengths, default=0)
         old, old_lengths = history.old(ids, gamma)
-        fixed = cost.fixed_s(len(ids), source, cap)
+        deepest = None if None in caps else max(caps, default=None)
+        fixed = cost.fixed_s(len(ids), source, deepest)
         rate = table if fixed == 0.0 else RoundRate(table, fixed)
         inp = ScheduleInput(conf=_conf_rows(confs, gamma), table=rate, max_lengths=max_lengths,
                             batch_tokens=batch_tokens, old_conf=old, old_max_lengths=old_lengths)
         lengths = list(policy(inp))
         last_lengths = lengths
+        last_length.update(zip(ids, lengths))
         history.push(ids, confs)
         accepted = [min(l, a) for l, a in zip(lengths, accept)]
         b = batch_tokens(lengths)
@@ -547,6 +552,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
             live = active[rid]
             if live.emitted >= live.trace.n_tokens:
                 del active[rid]
+                last_length.pop(rid, None)
                 finished += 1
                 elapsed = t - live.first_token_s
                 if elapsed > 0:

@@ -103,7 +103,8 @@ class StepRecord:
     ids: list[int] = field(default_factory=list)
     conf: list[list[float]] = field(default_factory=list)
     draft_cost_s: float | None = None
-    cap: int | None = None  # the most tokens a request could draft in this step (`Engine.draft_cap`)
+    cap: int | None = None  # the most tokens any request could draft in this step (`Engine.draft_caps`)
+    caps: list[int | None] = field(default_factory=list)  # each request's own cap, in `ids` order
 
     @property
     def emitted(self) -> int:
@@ -168,6 +169,8 @@ class Engine:
         self.on_tokens = on_tokens
         #: per request, the confidences of the last two steps (the production policy reads the older one)
         self._conf_history: dict[int, deque] = {}
+        #: per request, the verification length the policy chose for it at its last step (`draft_caps`)
+        self._last_length: dict[int, int] = {}
         #: running mean of drafting seconds per request and step (RoundRate), None before the first step
         self._draft_s_per_request: float | None = None
 
@@ -239,6 +242,7 @@ class Engine:
     def _retire(self, rid: int) -> None:
         act = self.active.pop(rid)
         self._conf_history.pop(rid, None)
+        self._last_length.pop(rid, None)
         self.kv.remove(rid)
         st = act.state
         finish = self.now()
@@ -294,8 +298,9 @@ class Engine:
         if not self.active:
             return None
         t_start = self._clock()
-        cap = self.draft_cap()
-        ids, proposals = self._draft(list(self.active), cap)  # no drafts the policy would drop
+        cap_of = dict(zip(self.active, self.draft_caps(list(self.active))))
+        ids, proposals = self._draft(list(cap_of), list(cap_of.values()))  # no drafts the policy would drop
+        caps = [cap_of[rid] for rid in ids]
         t_drafted = self._clock()
         if not ids:  # every request failed while drafting
             return None
@@ -310,6 +315,7 @@ class Engine:
         lengths = self.policy(inp)
         for i, rid in enumerate(ids):
             self._conf_history[rid].append(conf[i, :max_lengths[i]].clone())
+            self._last_length[rid] = int(lengths[i])
         proposals = [p.truncate(l) for p, l in zip(proposals, lengths)]
         t_scheduled = self._clock()
         inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
@@ -334,26 +340,34 @@ class Engine:
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
-                            draft_cost_s=draft_cost_s, cap=cap)
+                            draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
+                            caps=caps)
         self.steps.append(record)
         return record
 
-    def draft_cap(self) -> int | None:
-        """The most tokens any request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),
+    def draft_caps(self, ids: list[int]) -> list[int | None]:
+        """The most tokens each request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),
         `max_draft`, and for a policy that chooses lengths from confidences (Algorithm 1, the production
-        variant, a threshold) with `adaptive_cap`, one more than the longest length it chose last step.
+        variant, a threshold) with `adaptive_cap`, one more than the length it chose for that request at
+        its last step (a request admitted since: one more than the longest length of the last step).
 
         Why: drafting is paid before the policy decides, and under load Algorithm 1 verifies one or two
-        drafts a request, so a full block's sequential head steps would be paid for nothing. The cap
-        depends on past steps only (like the production variant's capacity from old confidences), so
-        the policy's decisions stay non-anticipating and verification lossless; it grows by one a step
-        when the policy wants more."""
-        caps = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
-        if self.adaptive_cap and getattr(self.policy, "chooses_lengths", False) and self.steps:
-            caps.append(max(self.steps[-1].lengths, default=0) + 1)
-        return min(caps) if caps else None
+        drafts a request, so a whole block's sequential head steps would be paid for nothing; a batch-wide
+        cap would let the one request verified deep make every other request draft as deep. The caps
+        depend on past steps only (like the production variant's capacity from old confidences), so the
+        policy's decisions stay non-anticipating and verification lossless; a request's cap grows by one
+        a step while the policy wants more of it."""
+        shared = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
+        adaptive = self.adaptive_cap and getattr(self.policy, "chooses_lengths", False)
+        newcomer = max(self.steps[-1].lengths, default=0) + 1 if adaptive and self.steps else None
+        out = []
+        for rid in ids:
+            own = self._last_length.get(rid) if adaptive else None
+            caps = shared + [c for c in (own + 1 if own is not None else newcomer,) if adaptive and c is not None]
+            out.append(min(caps) if caps else None)
+        return out
 
-    def _draft(self, ids: list[int], cap: int | None) -> tuple[list[int], list[Proposal]]:
+    def _draft(self, ids: list[int], caps: list[int | None]) -> tuple[list[int], list[Proposal]]:
         """Proposals for `ids` in one drafter call; if that call raises, each request is drafted alone
         from the same random state, and a request whose drafting raises is retired with its error.
 
@@ -362,15 +376,15 @@ class Engine:
         states = [self.active[rid].state for rid in ids]
         saved = [s.generator.get_state() if s.generator is not None else None for s in states]
         try:
-            return ids, decoding.draft_many(states, self.drafter, cap)
+            return ids, decoding.draft_many(states, self.drafter, caps)
         except Exception:
             for s, g in zip(states, saved):
                 if g is not None:
                     s.generator.set_state(g)
         kept, proposals = [], []
-        for rid, state in zip(ids, states):
+        for rid, state, cap in zip(ids, states, caps):
             try:
-                proposals.append(decoding.draft_many([state], self.drafter, cap)[0])
+                proposals.append(decoding.draft_many([state], self.drafter, [cap])[0])
                 kept.append(rid)
             except Exception as exc:
                 self._fail(rid, f"drafting failed: {type(exc).__name__}: {exc}")
@@ -396,6 +410,7 @@ class Engine:
         """Retire a request that failed mid-run: its tokens so far and the error go in its own record."""
         act = self.active.pop(rid)
         self._conf_history.pop(rid, None)
+        self._last_length.pop(rid, None)
         self.kv.remove(rid)
         st = act.state
         self.done.append(RequestRecord(id=rid, prompt=act.request.prompt, token_ids=st.new_ids,

@@ -28,6 +28,7 @@ holds tau and the acceptance statistics.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -210,10 +211,13 @@ def draft(state: DecodeState, drafter: Drafter | None) -> Proposal:
     return Proposal.empty(state.vocab_size, state.generator.device)  # the generator lives on the target's device
 
 
-def draft_many(states: list[DecodeState], drafter: Drafter | None, max_draft: int | None = None) -> list[Proposal]:
+def draft_many(states: list[DecodeState], drafter: Drafter | None,
+               max_draft: int | None | Sequence[int | None] = None) -> list[Proposal]:
     """`draft` for several requests in one call of the drafter (`Drafter.propose_many`), each capped
-    as `draft` caps it and at `max_draft` (a proposal length the caller can use at most)."""
-    caps = [s.remaining - 1 if max_draft is None else min(s.remaining - 1, max_draft) for s in states]
+    as `draft` caps it and at `max_draft` (a proposal length the caller can use at most: one for all,
+    or one per request)."""
+    limits = list(max_draft) if isinstance(max_draft, Sequence) else [max_draft] * len(states)
+    caps = [s.remaining - 1 if m is None else min(s.remaining - 1, m) for s, m in zip(states, limits)]
     out = [Proposal.empty(s.vocab_size, s.generator.device) for s in states]
     live = [i for i, k in enumerate(caps) if k > 0] if drafter is not None else []
     if not live:

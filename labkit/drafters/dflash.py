@@ -192,10 +192,9 @@ class DraftLayer(nn.Module):
         q, k = self._queries(h, pos), self._keys(h, pos)
         v = self._heads(self.v_proj(h), cfg.num_kv_heads)
         k, v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
-        if cfg.num_heads != cfg.num_kv_heads:
-            rep = cfg.num_heads // cfg.num_kv_heads
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None])
+        # grouped-query attention without copying each key/value head num_heads // num_kv_heads times
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                              enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -466,7 +465,7 @@ class DFlashDrafter(Drafter):
     def blocks_from_states(self, h: torch.Tensor, requests: list[DraftRequest], ks: list[int]) -> list[Proposal]:
         """Draw each request's block from its slots' states h (R, gamma, H), request r's first ks[r]
         positions: all positions at once (DFlash); DSpark overrides it."""
-        logits = self.backbone.logits(h).float()  # (R, gamma, V_draft): one matmul for all
+        logits = self.backbone.logits(h[:, :max(ks)]).float()  # (R, k_max, V_draft): one matmul, drafted slots only
         return [self.sample_block(logits[r, :k], req.params, req.generator)
                 for r, (req, k) in enumerate(zip(requests, ks))]
 

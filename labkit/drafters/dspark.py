@@ -127,38 +127,48 @@ class DSparkDrafter(DFlashDrafter):
         return self.sample_sequential(h, request.ids[-1], request.params, request.generator, forced=forced)
 
     def blocks_from_states(self, h: torch.Tensor, requests: list[DraftRequest], ks: list[int]) -> list[Proposal]:
-        """Eq. 4 for R requests at once: the head steps over all rows together (one W1 lookup, one W2
-        matmul and one confidence projection a position), while each row's token is drawn with its own
-        settings and generator, in the order `sample_sequential` draws it, and only up to its ks[r]."""
+        """Eq. 4 for R requests at once: at each position the head steps over the rows that draft it
+        together (one W1 lookup, one W2 matmul, one confidence projection, one LM-head product, and one
+        softmax where rows share sampling settings), so a step costs by the sum of the caps, not R x the
+        deepest; each row's token is drawn with its own generator, in the order `sample_sequential`
+        draws it, and only up to its ks[r]."""
         m: DSparkModel = self.backbone
-        base = m.logits(h).float()  # (R, gamma, V_draft)
         head = m.seq_head
         n = h.shape[0]
-        hstate = head.init_state((n,), h.device, h.dtype) if head is not None else None
-        prev = torch.tensor([r.ids[-1] for r in requests], device=h.device)
+        live = [r for r in range(n) if ks[r] > 0]  # rows still drafting; shrinks as positions pass
+        hstate = head.init_state((len(live),), h.device, h.dtype) if head is not None else None
+        prev = torch.tensor([requests[r].ids[-1] for r in live], device=h.device)
+        greedy = [req.generator is None or req.params.greedy for req in requests]
         cols: list[list] = [[] for _ in range(n)]
         rows: list[list] = [[] for _ in range(n)]
         conf: list[list] = [[] for _ in range(n)]
         for j in range(max(ks)):
-            logits, feat = base[:, j], None
+            keep = [i for i, r in enumerate(live) if j < ks[r]]
+            if len(keep) < len(live):  # rows whose cap is reached leave for good (caps are prefixes)
+                live, prev = [live[i] for i in keep], prev[keep]
+                hstate = hstate[keep] if hstate is not None else None
+            hj = h[live, j]
+            logits, feat = m.logits(hj).float(), None
             if head is not None:
-                bias, feat, hstate = head.step(h[:, j], m.token_index(prev), hstate)
+                bias, feat, hstate = head.step(hj, m.token_index(prev), hstate)
                 logits = logits + bias.float()
-            z = m.confidence(h[:, j], feat).float() if m.confidence is not None else None
-            prev = prev.clone()
-            for r, req in enumerate(requests):
-                if j >= ks[r]:
-                    continue
-                p = logits_to_probs(logits[r][None], req.params)[0]
-                greedy = req.generator is None or req.params.greedy
-                col = p.argmax() if greedy else sample(p, req.generator)
+            z = m.confidence(hj, feat).float() if m.confidence is not None else None
+            p = _probs_by_row(logits, requests, live)  # (len(live), V_draft)
+            drawn = p.argmax(-1)  # greedy rows are one-hot: the argmax is the draw
+            picked = []
+            for i, r in enumerate(live):
+                col = drawn[i] if greedy[r] else sample(p[i], requests[r].generator)
                 cols[r].append(col)
-                rows[r].append(p)
+                rows[r].append(p[i])
+                picked.append(col)
                 if z is not None:
-                    conf[r].append(z[r])
-                prev[r] = m.vocab_ids[col]
+                    conf[r].append(z[i])
+            prev = m.vocab_ids[torch.stack(picked)]
         out = []
         for r, req in enumerate(requests):
+            if not cols[r]:
+                out.append(Proposal.empty(self.vocab_size, h.device))
+                continue
             extra = {}
             if conf[r]:
                 zr = torch.stack(conf[r])
@@ -206,6 +216,15 @@ class DSparkDrafter(DFlashDrafter):
                 torch.tensor(temps[len(forced): len(forced) + len(z)], device=z.device)  # by absolute position
             extra = {"conf_logits": z, "confidences": torch.sigmoid(z / t)}
         return self.to_proposal(torch.stack(cols), torch.stack(rows), **extra)
+
+
+def _probs_by_row(logits: torch.Tensor, requests: list[DraftRequest], rows: list[int]) -> torch.Tensor:
+    """`logits_to_probs` of logits (len(rows), V), row i with request rows[i]'s settings: one call when
+    they all share them (the usual case), row by row otherwise."""
+    first = requests[rows[0]].params
+    if all(requests[r].params == first for r in rows):
+        return logits_to_probs(logits, first)
+    return torch.stack([logits_to_probs(logits[i][None], requests[r].params)[0] for i, r in enumerate(rows)])
 
 
 __all__ = ["DSparkConfig", "DSparkModel", "DSparkDrafter", "with_transition_rank", "calibration_key"]
