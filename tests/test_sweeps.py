@@ -147,7 +147,7 @@ def test_a_spread_that_reaches_zero_is_within_noise():
     runs = [r for r in RUNS if r["repeat"] < 2] + [
         _run(p, n, 2, agg, speed * (0.9 if p == "algorithm1" else 1))
         for n, agg, speed in ((1, 10.0, 10.0), (2, 20.0, 8.0), (4, 40.0, 6.0)) for p in ("mtp1", "algorithm1")]
-    assert "(within noise)" in format_gain(matched_gain(runs))
+    assert ", within noise" in format_gain(matched_gain(runs))
 
 
 def test_where_repeats_do_not_reach_the_best_throughput_each_repeats_own_best_gives_the_spread():

@@ -41,7 +41,7 @@ from labkit.drafters.base import check_batchable
 from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS, TEMPLATE
 from labkit.core.scheduler import POLICIES, CostTable
 from labkit.decode.engine import Engine, ServeRequest, StepRecord
-from labkit.measure.sweeps import cells_of, matched_gain, noise, run_sweeps  # run_sweeps: notebook 06 calls it from here
+from labkit.measure.sweeps import cells_of, matched_gain, run_sweeps, spread_words  # run_sweeps: notebook 06 calls it from here
 from labkit.core.trace import position_acceptance, position_counts
 from labkit.lab.widgets import FigureWithReadout, LiveFigure, headless
 
@@ -169,15 +169,8 @@ def describe_gain(gain: dict) -> str:
     b = gain["best"]
     text = (f"at matched aggregate throughput, {policy}'s per-user speed is {b['gain']:+.0%} against {baseline} at best "
             f"({b['speed']:.2f} against {b['baseline_speed']:.2f} tokens/s per user at {b['throughput']:.2f} tokens/s")
-    spread, label = noise(b)
-    if spread is not None:
-        text += f"; {spread[0]:+.0%} to {spread[1]:+.0%} {label}"
-        if spread[0] <= 0 <= spread[1]:
-            text += ", within noise"
-    else:
-        text += f"; {label}"
+    text += f"; {spread_words(b).strip('()')})"
     lo, hi = gain["overlap"]
-    text += ")"
     if len(gain["gains"]) > 1:
         text += (f", and {gain['range'][0]:+.0%} to {gain['range'][1]:+.0%} over the overlapping throughputs "
                  f"{lo:.2f}-{hi:.2f} tokens/s")
@@ -778,13 +771,8 @@ def _gain_short(gain: dict, what: str = "repeats") -> str:
     if b is None:
         return "no overlapping throughput range"
     text = f"{b['gain']:+.0%} at best (at {b['throughput']:.3g} tokens/s)"
-    spread, label = noise(b)
-    if spread is not None:
-        text += f", {spread[0]:+.0%} to {spread[1]:+.0%} {label.replace('repeats', what)}"
-        if spread[0] <= 0 <= spread[1]:
-            text += ", within noise"
-    else:
-        text += f" ({label})"
+    words = spread_words(b, what=what)
+    text += f" {words}" if words.startswith("(") else f", {words}"
     if gain.get("range") and len(gain.get("gains", [])) > 1:
         text += f"; {gain['range'][0]:+.0%} to {gain['range'][1]:+.0%} over the overlap"
     return text

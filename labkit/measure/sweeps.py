@@ -316,6 +316,18 @@ def noise(best: dict) -> tuple[list[float] | None, str]:
     return None, "spread unknown"
 
 
+def spread_words(best: dict, pct: str = "+.0%", what: str = "repeats") -> str:
+    """The spread of a best matched gain in words (`noise`): "-10% to +30% across 3 repeats, within
+    noise" (within noise where the spread reaches zero), or "(one repeat, spread unknown)"; `what` renames
+    the repeats (e.g. resamples) and `pct` is the percentage format."""
+    spread, label = noise(best)
+    label = label.replace("repeats", what)
+    if spread is None:
+        return f"({label})"
+    text = f"{spread[0]:{pct}} to {spread[1]:{pct}} {label}"
+    return text + (", within noise" if spread[0] <= 0 <= spread[1] else "")
+
+
 def format_gain(gain: dict) -> str:
     """One line: the best per-user speed gain at matched throughput, its spread and the range, or why none."""
     head = f"{gain['policy']} over {gain['baseline']} at matched aggregate throughput: "
@@ -324,16 +336,11 @@ def format_gain(gain: dict) -> str:
     b = gain["best"]
     text = (head + f"{b['gain']:+.1%} per-user speed at {b['throughput']:.2f} tokens/s "
             f"({b['speed']:.2f} against {b['baseline_speed']:.2f} tokens/s per user)")
-    spread, label = noise(b)
-    if spread is not None:
-        text += f", {spread[0]:+.1%} to {spread[1]:+.1%} {label}"
-        if spread[0] <= 0 <= spread[1]:
-            text += " (within noise)"
-    else:
-        text += f" ({label})"
+    words = spread_words(b, "+.1%")
+    text += f" {words}" if words.startswith("(") else f", {words}"
     lo, hi = gain["overlap"]
     return text + (f"; {gain['range'][0]:+.1%} to {gain['range'][1]:+.1%} over the overlap {lo:.2f}-{hi:.2f} tokens/s.")
 
 
 __all__ = ["METRICS", "WINDOW", "cells_of", "format_gain", "format_sweep", "is_cells", "load_queue", "matched_gain",
-           "measure_run", "noise", "prompt_mix", "run_sweeps", "summarize", "sweep"]
+           "measure_run", "noise", "prompt_mix", "run_sweeps", "spread_words", "summarize", "sweep"]
