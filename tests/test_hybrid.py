@@ -161,12 +161,20 @@ def _exact_sequence_probs(target, prompt: list[int], length: int) -> dict[tuple[
     return exact_sequence_probs(target, prompt, length, SamplingParams(1.0))
 
 
-@pytest.mark.parametrize("kind", ["dspark-markov", "dspark-rnn", "dflash"])
-def test_sampled_hybrid_sequences_follow_target(make_tiny_target, chi2_gof, kind):
-    """1500 sequences of 3 new tokens at temperature 1 (generate's seed = draw index 0..1499) on the
+#: the sampled tests: sequences drawn, and the fewest degrees of freedom left after pooling cells of
+#: expected count < 5 (fewer and the test could hardly reject anything); the significance level is ALPHA
+SAMPLED_N, SAMPLED_MIN_DF = 1500, 10
+
+
+@pytest.mark.parametrize("kind,verifier", [("dspark-markov", "exact"), ("dspark-rnn", "exact"), ("dflash", "exact"),
+                                           ("dspark-markov", "wrong")])
+def test_sampled_hybrid_sequences_follow_target(make_tiny_target, chi2_gof, kind, verifier, monkeypatch):
+    """SAMPLED_N sequences of 3 new tokens at temperature 1 (generate's seed = draw index) on the
     8-token tiny target after a repeating prompt, drafted by the hybrid (lookup min_ngram 1, gamma 1;
     model gamma 3); chi-square against the exact target distribution over the 512 sequences, alpha
-    0.001. Drafts must be both accepted and rejected, and copied and model-drafted."""
+    ALPHA, at least SAMPLED_MIN_DF degrees of freedom. Drafts must be both accepted and rejected, and
+    copied and model-drafted. The same test rejects a deliberately wrong verifier (`wrong_judge`: every
+    draft accepted), so passing it means something."""
     target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
     prompt = [1, 5, 2, 1, 5, 2, 1, 5]
     torch.manual_seed(0)
@@ -184,18 +192,25 @@ def test_sampled_hybrid_sequences_follow_target(make_tiny_target, chi2_gof, kind
         model = DSparkDrafter(backbone.eval())
     drafter = hybrid(model, lookup_gamma=1, min_ngram=1)
     exact = _exact_sequence_probs(target, prompt, 3)
+    if verifier == "wrong":
+        import labkit.decode.loop as loop
+        from test_serving import wrong_judge
+        monkeypatch.setattr(loop, "judge", wrong_judge)
     counts, accepted, proposed = Counter(), 0, 0
-    for seed in range(1500):
+    for seed in range(SAMPLED_N):
         result = generate(target, prompt, drafter, max_new_tokens=3, params=SamplingParams(1.0), seed=seed)
         counts[tuple(result.token_ids)] += 1
         accepted += sum(r.accepted for r in result.rounds)
         proposed += sum(r.proposed for r in result.rounds)
-    assert 0.05 < accepted / proposed < 0.95, accepted / proposed
     c = drafter.counts
     assert c["copy_rounds"] > 0 and c["rounds"] > c["copy_rounds"] and c["drafted"] > c["copy_rounds"], c
     seqs = list(exact)
-    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
-    assert fit.impossible == 0 and fit.df >= 10
+    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs], min_df=SAMPLED_MIN_DF)
+    if verifier == "wrong":
+        assert fit.rejects(ALPHA), f"the wrong verifier passed: p = {fit.p_value:.2e} on {fit.df} df"
+        return
+    assert 0.05 < accepted / proposed < 0.95, accepted / proposed
+    assert fit.impossible == 0 and fit.df >= SAMPLED_MIN_DF
     assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
 
 

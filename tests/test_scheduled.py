@@ -112,27 +112,41 @@ def test_proposals_without_confidences_pass_unchanged(tiny):
     assert drafter.counts["scheduled"] == 0 and sum(r.proposed for r in result.rounds) > 0
 
 
-def test_sampled_scheduled_sequences_follow_target(make_tiny_target, chi2_gof):
-    """1500 sequences of 3 new tokens at temperature 1 (seeds 0..1499) on the 8-token tiny target,
-    DSpark gamma 3 behind the scheduler; chi-square against the exact target distribution over the
-    512 sequences, alpha 0.001. Blocks must be cut to nothing, cut short and verified whole, and the
-    verified drafts both accepted and rejected."""
+#: the sampled test: sequences drawn, and the fewest degrees of freedom left after pooling cells of
+#: expected count < 5 (fewer and the test could hardly reject anything); the significance level is ALPHA
+SAMPLED_N, SAMPLED_MIN_DF = 1500, 10
+
+
+@pytest.mark.parametrize("verifier", ["exact", "wrong"])
+def test_sampled_scheduled_sequences_follow_target(make_tiny_target, chi2_gof, verifier, monkeypatch):
+    """SAMPLED_N sequences of 3 new tokens at temperature 1 (seeds 0..SAMPLED_N - 1) on the 8-token tiny
+    target, DSpark gamma 3 behind the scheduler; chi-square against the exact target distribution over
+    the 512 sequences, alpha ALPHA, at least SAMPLED_MIN_DF degrees of freedom. Blocks must be cut to
+    nothing, cut short and verified whole, and the verified drafts both accepted and rejected. The same
+    test rejects a deliberately wrong verifier (`wrong_judge`: every draft accepted)."""
     from test_lossless_tiny_model import exact_sequence_probs
     target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
     prompt = [1, 5, 2, 1, 5, 2, 1, 5]
     drafter = ScheduledDrafter(DSparkDrafter(_dspark8(target)), step_table(0.5))
     exact = exact_sequence_probs(target, prompt, 3, SamplingParams(1.0))
+    if verifier == "wrong":
+        import labkit.decode.loop as loop
+        from test_serving import wrong_judge
+        monkeypatch.setattr(loop, "judge", wrong_judge)
     counts, accepted, proposed = Counter(), 0, 0
-    for seed in range(1500):
+    for seed in range(SAMPLED_N):
         result = generate(target, prompt, drafter, max_new_tokens=3, params=SamplingParams(1.0), seed=seed)
         counts[tuple(result.token_ids)] += 1
         accepted += sum(r.accepted for r in result.rounds)
         proposed += sum(r.proposed for r in result.rounds)
+    seqs = list(exact)
+    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs], min_df=SAMPLED_MIN_DF)
+    if verifier == "wrong":
+        assert fit.rejects(ALPHA), f"the wrong verifier passed: p = {fit.p_value:.2e} on {fit.df} df"
+        return
     assert 0.05 < accepted / proposed < 0.95, accepted / proposed
     _assert_mixed(drafter.counts)
-    seqs = list(exact)
-    fit = chi2_gof([counts[s] for s in seqs], [exact[s] for s in seqs])
-    assert fit.impossible == 0 and fit.df >= 10
+    assert fit.impossible == 0 and fit.df >= SAMPLED_MIN_DF
     assert not fit.rejects(ALPHA), f"chi-square {fit.statistic:.1f} on {fit.df} df, p = {fit.p_value:.2e}"
 
 
