@@ -536,7 +536,8 @@ def cmd_serve_sweep(args) -> None:
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.core.scheduler import make_policy
     from labkit.decode.engine import cost_table_for
-    from labkit.measure.sweeps import WINDOW, format_gain, format_sweep, matched_gain, prompt_mix, run_sweeps, summarize
+    from labkit.measure.sweeps import (WINDOW, against_best_fixed, format_against_best_fixed, format_gain, format_sweep,
+                                       is_fixed, matched_gain, prompt_mix, run_sweeps, summarize)
     from labkit.model.target import load_target
     check_spec(args.drafter)
     for name in args.policies:
@@ -562,6 +563,8 @@ def cmd_serve_sweep(args) -> None:
         gains[str(float(temp))] = {p: matched_gain(reps, p, args.baseline) for p in args.policies if p != args.baseline}
         for gain in gains[str(float(temp))].values():
             print(f"T={float(temp):g}: {format_gain(gain)}")
+        for policy in (p for p in args.policies if not is_fixed(p)):
+            print(f"T={float(temp):g}: {format_against_best_fixed(against_best_fixed(reps, policy), policy)}")
     if args.json_out:
         _write_json({"table": table.to_dict(), "window": WINDOW, "repeats": args.repeats,
                      "requests_per_user": args.requests_per_user, "baseline": args.baseline,

@@ -14,7 +14,8 @@ import labkit.__main__ as cli
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.decode.engine import ServeRequest
-from labkit.measure.sweeps import (METRICS, WINDOW, cells_of, format_gain, format_sweep, load_queue, matched_gain,
+from labkit.measure.sweeps import (METRICS, WINDOW, against_best_fixed, format_against_best_fixed, is_fixed,
+                                   cells_of, format_gain, format_sweep, load_queue, matched_gain,
                                    measure_run, prompt_mix, run_sweeps, summarize, sweep)
 from labkit.pipeline.prompt_sets import Prompt
 from test_serving import dspark, steep_table, tiny  # noqa: F401  (shared fixtures: a tiny target and DSpark drafter)
@@ -255,3 +256,24 @@ def test_serve_sweep_bad_input_is_one_line(argv, expected, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_against_best_fixed_pairs_each_repeat_with_its_own_best_fixed_policy():
+    """In each repeat the best fixed policy is the fastest fixed one of that repeat (MTP-1 at one load,
+    fixed:4 at another, and a different one from repeat to repeat); the ratio's median and min-max run
+    across repeats; policies that choose lengths are never the baseline."""
+    runs = []
+    for rep, (m, f) in enumerate(((10.0, 12.0), (11.0, 9.0), (10.0, 10.5))):
+        runs += [_run("mtp1", 1, rep, m, 1.0), _run("fixed:4", 1, rep, f, 1.0), _run("algorithm1", 1, rep, 12.0, 1.0),
+                 _run("async-topk", 1, rep, 99.0, 1.0)]
+        runs += [_run("mtp1", 8, rep, 40.0, 1.0), _run("fixed:4", 8, rep, 20.0, 1.0), _run("algorithm1", 8, rep, 36.0, 1.0)]
+    rows = {r["users"]: r for r in against_best_fixed(runs)}
+    one = rows[1]  # repeat by repeat: 12/12, 12/11, 12/10.5
+    assert one["ratio"] == pytest.approx(12 / 11) and one["low"] == pytest.approx(1.0)
+    assert one["high"] == pytest.approx(12 / 10.5) and one["repeats"] == 3 and one["best"] == "fixed:4"
+    assert rows[8]["ratio"] == rows[8]["low"] == rows[8]["high"] == pytest.approx(0.9) and rows[8]["best"] == "mtp1"
+    assert is_fixed("mtp1") and is_fixed("fixed") and is_fixed("fixed:2") and not is_fixed("algorithm1")
+    line = format_against_best_fixed(against_best_fixed(runs))
+    assert "1.09x [1.00-1.14] at 1 (best fixed:4)" in line and "0.90x [0.90-0.90] at 8 (best mtp1)" in line
+    with pytest.raises(LabkitError, match="one temperature"):
+        against_best_fixed(runs + [_run("mtp1", 1, 0, 10.0, 9.0, temp=1.0)])

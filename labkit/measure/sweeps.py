@@ -302,6 +302,49 @@ def format_sweep(reports: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_fixed(policy: str) -> bool:
+    """A policy that verifies the same length at every load: MTP-1, fixed, fixed:K."""
+    return policy in ("mtp1", "fixed") or policy.startswith("fixed:")
+
+
+def against_best_fixed(reports: Sequence[dict], policy: str = "algorithm1",
+                       key: str = "aggregate_tokens_per_s") -> list[dict]:
+    """`policy`'s `key` over the best fixed-length policy's (`is_fixed`) at each load, paired by repeat
+    (the runs of one repeat were interleaved: the same machine): in each repeat the best fixed policy is
+    the one with the highest `key` in that repeat, the ratio's median across repeats is reported with its
+    min and max. One temperature's reports. Rows {"users", "ratio", "low", "high", "repeats", "best"}:
+    `best` names the fixed policy that was best in most repeats."""
+    if len({float(r.get("temperature", 0.0)) for r in reports}) > 1:
+        raise LabkitError("against_best_fixed compares one temperature's runs: pass the reports of one temperature.")
+    runs: dict[tuple, dict[str, float]] = {}
+    for r in reports:
+        if r.get(key) is not None:
+            runs.setdefault((r["users"], r.get("repeat", 0)), {})[r["policy"]] = r[key]
+    out = []
+    for users in sorted({u for u, _ in runs}):
+        ratios, winners = [], []
+        for (u, _), got in sorted(runs.items()):
+            fixed = {p: v for p, v in got.items() if is_fixed(p)}
+            if u != users or policy not in got or not fixed or max(fixed.values()) <= 0:
+                continue
+            best = max(fixed, key=fixed.get)
+            ratios.append(got[policy] / fixed[best])
+            winners.append(best)
+        if ratios:
+            out.append({"users": users, "ratio": _median(ratios), "low": min(ratios), "high": max(ratios),
+                        "repeats": len(ratios), "best": max(set(winners), key=winners.count)})
+    return out
+
+
+def format_against_best_fixed(rows: Sequence[dict], policy: str = "algorithm1") -> str:
+    """One line: `against_best_fixed`'s rows, load by load."""
+    if not rows:
+        return f"{policy} against the best fixed policy: no load has both."
+    return (f"{policy} against the best fixed policy, paired by repeat (median [min-max]): "
+            + "; ".join(f"{r['ratio']:.2f}x [{r['low']:.2f}-{r['high']:.2f}] at {r['users']} (best {r['best']})"
+                        for r in rows))
+
+
 def noise(best: dict) -> tuple[list[float] | None, str]:
     """The spread a best matched gain is judged by, and what it is: the repeats' gains at its throughput
     where two or more repeats reach it, else each repeat's own best gain where two or more repeats have
@@ -342,5 +385,5 @@ def format_gain(gain: dict) -> str:
     return text + (f"; {gain['range'][0]:+.1%} to {gain['range'][1]:+.1%} over the overlap {lo:.2f}-{hi:.2f} tokens/s.")
 
 
-__all__ = ["METRICS", "WINDOW", "cells_of", "format_gain", "format_sweep", "is_cells", "load_queue", "matched_gain",
-           "measure_run", "noise", "prompt_mix", "run_sweeps", "spread_words", "summarize", "sweep"]
+__all__ = ["METRICS", "WINDOW", "against_best_fixed", "cells_of", "format_against_best_fixed", "format_gain",
+           "format_sweep", "is_cells", "is_fixed", "load_queue", "matched_gain", "measure_run", "noise", "prompt_mix", "run_sweeps", "spread_words", "summarize", "sweep"]
