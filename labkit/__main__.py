@@ -399,10 +399,12 @@ def cmd_calibrate(args) -> None:
 
 def cmd_export(args) -> None:
     from labkit.drafters import checkpoint_path
-    from labkit.drafters.export import export_checkpoint
+    from labkit.drafters.export import engine_lines, export_checkpoint
     out = export_checkpoint(checkpoint_path(args.drafter, "export", _target_name(args.target)), args.target,
                             args.out, args.format)
-    print(f"wrote {out} ({args.format}); serving commands in {out / 'README.md'}")
+    print(f"wrote {out} ({args.format}); what it is and how to serve it: {out / 'README.md'}")
+    for line in engine_lines(out):
+        print(f"  {line}")
 
 
 def train_job(args: argparse.Namespace) -> "TrainJob":  # noqa: F821 (imported lazily)

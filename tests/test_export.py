@@ -33,7 +33,7 @@ from labkit.drafters.base import DraftRequest
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
 from labkit.drafters.dspark import DSparkConfig, DSparkDrafter
 from labkit.core.errors import LabkitError
-from labkit.drafters.export import export_deepspec
+from labkit.drafters.export import engine_lines, engine_support, export_deepspec
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
 from labkit.pipeline.train import new_backbone
@@ -213,7 +213,11 @@ def test_dflash_export_matches_the_lab_draft(make_tiny_target, tmp_path):
         "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")}
     assert set(w) == layer | {"embed_tokens.weight", "lm_head.weight", "norm.weight", "fc.weight", "hidden_norm.weight"}
     assert all(v.dtype == torch.bfloat16 for v in load_file(str(out / "model.safetensors")).values())
-    assert "--speculative-algorithm DSPARK" in (out / "README.md").read_text()
+    # SGLang's DSPARK refuses markov_rank 0: only vLLM's command is printed, SGLang is said not to load it
+    text = (out / "README.md").read_text()
+    assert "vllm serve" in text and "--speculative-algorithm DSPARK" not in text
+    assert "Not for SGLang: SGLang's DSPARK refuses markov_rank 0" in text
+    assert engine_support(cfg)["vllm"] is None and "markov_rank 0" in engine_support(cfg)["sglang"]
 
     ids, hs, p = _context(target)
     drafter = DFlashDrafter(model)
@@ -240,6 +244,15 @@ def test_dspark_export_matches_the_lab_draft(tmp_path, head):
     assert w["markov_head.markov_w1.weight"].shape == w["markov_head.markov_w2.weight"].shape == (VOCAB, 4)
     assert w["confidence_head.proj.weight"].shape == (1, 32 + 4)
     assert cfg["labkit"]["sts_calibration"] == model.cfg.calibration
+    # vLLM's DSpark model builds only the vanilla Markov head: an RNN-head export names SGLang alone
+    text, support = (out / "README.md").read_text(), engine_support(cfg)
+    assert "--speculative-algorithm DSPARK" in text and support["sglang"] is None
+    if head == "rnn":
+        assert "vllm serve" not in text and "Not for vLLM: vLLM's DSpark model builds only the vanilla" in text
+        assert "--head markov" in support["vllm"]
+    else:
+        assert "vllm serve" in text and "Not for" not in text and support["vllm"] is None
+    assert [line.split(":")[0] for line in engine_lines(out)] == ["vLLM", "SGLang"]
 
     ids, hs, p = _context(target, seed=1)
     drafter = DSparkDrafter(model, calibrated=False)
@@ -337,7 +350,8 @@ def test_export_cli_trains_and_exports(tiny_model_dir, tmp_path, capsys):
     assert cfg["architectures"] == ["Qwen3DSparkModel"] and cfg["target_layer_ids"] == [1, 4]
     assert cfg["block_size"] == 3 and cfg["markov_rank"] == 4 and (out / "README.md").exists()
     assert "layers.0.self_attn.q_norm.weight" in load_file(str(out / "model.safetensors"))
-    capsys.readouterr()
+    said = capsys.readouterr().out
+    assert "vLLM: loads it" in said and "SGLang: loads it" in said
     cut = tmp_path / "cut"
     assert main(["train", "--drafter", "dflash", "--out", str(cut), "--draft-vocab", "64", *common]) == 0
     capsys.readouterr()

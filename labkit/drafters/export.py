@@ -235,12 +235,51 @@ def draft_shape(cfg: DFlashConfig, target_dict: dict) -> dict:
     return shape
 
 
+def engine_support(config: dict) -> dict[str, str | None]:
+    """Which engine loads an export (docs/facts.md, "The engines' loaders", read from their source):
+    engine -> None where it loads, else the reason it cannot. vLLM's DSpark model builds only the vanilla
+    Markov head (an RNN head's weights fail at loading); SGLang's DSPARK refuses `markov_rank` 0, so a
+    DFlash export and a DSpark without a Markov head are not for it."""
+    rank, kind = config["markov_rank"], config.get("markov_head_type")
+    vllm = (None if not rank or kind == "vanilla" else
+            f"vLLM's DSpark model builds only the vanilla Markov head, and this one is {kind!r}: its weights fail "
+            "at loading there (train with --head markov to serve it on vLLM)")
+    sglang = (None if rank else
+              f"SGLang's DSPARK refuses markov_rank 0, and this {config['labkit']['kind']} drafter has no Markov head "
+              "(serve it on vLLM, or train a DSpark with a Markov head)")
+    return {"vllm": vllm, "sglang": sglang}
+
+
+def serving_commands(config: dict, out: Path) -> dict[str, str]:
+    """The serving command of each engine that loads the export (`engine_support`)."""
+    spec = json.dumps({"method": "dspark", "model": str(out), "num_speculative_tokens": config["block_size"]})
+    commands = {"vllm": f"vllm serve <target> --speculative-config '{spec}'",
+                "sglang": ("python -m sglang.launch_server --model-path <target> --speculative-algorithm DSPARK \\\n"
+                           f"    --speculative-draft-model-path {out}")}
+    return {engine: cmd for engine, cmd in commands.items() if engine_support(config)[engine] is None}
+
+
+ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang"}
+
+
+def engine_lines(out: str | Path) -> list[str]:
+    """Per engine, one line on an export folder: loads it, or why not (`engine_support`); an Eagle3
+    export gets one line saying the engines' Eagle3 loaders were not checked against it."""
+    config = json.loads((Path(out) / CONFIG_FILE).read_text())
+    if config.get("architectures") != [ARCHITECTURE]:
+        return ["vLLM, SGLang: their Eagle3 loaders were not checked against this layout; no command is given"]
+    return [f"{ENGINE_NAMES[e]}: " + ("loads it (command in README.md)" if why is None else f"not loadable: {why}")
+            for e, why in engine_support(config).items()]
+
+
 def readme(config: dict, target_name: str, out: Path) -> str:
-    """The exported folder's README: what it holds and the two serving commands."""
+    """The exported folder's README: what it holds, the serving commands of the engines that load it and
+    why the others do not."""
     g = config["block_size"]
-    spec = json.dumps({"method": "dspark", "model": str(out), "num_speculative_tokens": g})
     heads = (f"{config['markov_head_type']} Markov head at rank {config['markov_rank']}" if config["markov_rank"]
              else "no Markov head") + (", confidence head" if config["enable_confidence_head"] else "")
+    commands = "\n".join(serving_commands(config, out).values())
+    refused = "".join(f"\nNot for {ENGINE_NAMES[e]}: {why}.\n" for e, why in engine_support(config).items() if why)
     return f"""# A {config['labkit']['kind']} drafter in DeepSpec's layout
 
 Exported by the Speculative Decoding Lab (`python -m labkit export --format deepspec`) from
@@ -251,11 +290,9 @@ layers {config['target_layer_ids']} (DeepSpec numbering: the output of decoder l
 Serve it beside its target (`<target>` = `{target_name}`, as a hub id or local path):
 
 ```bash
-vllm serve <target> --speculative-config '{spec}'
-python -m sglang.launch_server --model-path <target> --speculative-algorithm DSPARK \\
-    --speculative-draft-model-path {out}
+{commands}
 ```
-
+{refused}
 `embed_tokens` and `lm_head` are the target's own, stored as DeepSpec stores them; the engines use the
 target's. The `labkit` key of config.json (ignored by the engines) records the source and the lab's
 Sequential Temperature Scaling fits per sampling temperature, if any.
