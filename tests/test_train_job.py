@@ -144,7 +144,7 @@ def test_the_loss_and_loop_defaults_live_in_one_place():
     (dict(ce_weight=-0.1), "--ce-weight and --l1-weight must be non-negative"),
     (dict(rank=-1), "--rank must be 0 (no sequential head) or more, got -1."),
     (dict(target_layers="1,a"), "--target-layers takes comma-separated integers, got '1,a'."),
-    (dict(drafter="eagle"), "--drafter must be one of dflash, dspark, got 'eagle'."),
+    (dict(drafter="eagle"), "--drafter must be one of dflash, dspark, eagle3, got 'eagle'."),
     (dict(mixed_precision="fp8"), "--mixed-precision must be one of no, bf16, fp16"),
     (dict(steps=0), "--steps must be a positive integer, got 0."),
     (dict(max_shards=-2), "--max-shards must be a positive integer"),
