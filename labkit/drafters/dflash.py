@@ -41,8 +41,10 @@ def default_layers(num_layers: int, m: int = 5) -> tuple[int, ...]:
 
 
 @dataclass
-class DFlashConfig:
-    """Shape of a DFlash drafter; `for_target` fills the target-dependent fields."""
+class DraftShape:
+    """What every feature-reading drafter's config shares: the target it reads, its own layers' shape,
+    and the draft vocabulary. `for_target` fills the target-dependent fields (plus the subclass's
+    `_target_defaults`), `validate` checks what every drafter needs."""
 
     target_name: str = ""
     target_vocab_size: int = 0
@@ -58,42 +60,36 @@ class DFlashConfig:
     intermediate_size: int = 0
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
-    #: True: anchor + gamma-1 masks, slot j predicts anchor + j + 1 (DSpark). False: anchor + gamma
-    #: masks, the anchor slot's output unused (original DFlash). Checkpoints record which.
-    anchor_predicts: bool = True
     #: rows of the target's LM head the drafter scores (the most frequent tokens); 0 = all
     draft_vocab: int = 0
-    mask_init_token: int = 0
     #: per-head RMSNorm of queries and keys (context and block keys) before RoPE, as Qwen3 and DeepSpec's
-    #: drafter do; False (checkpoints written before the field) = plain Llama-shaped attention
+    #: drafters do; False (checkpoints written before the field) = plain Llama-shaped attention
     qk_norm: bool = False
-    #: True: the mask slots' embedding is trained (from row `mask_init_token`); False: it stays that
-    #: frozen target row, as DeepSpec's mask token does (what `labkit export --format deepspec` needs)
-    train_mask: bool = True
-    kind: str = "dflash"
+    kind: str = ""
     extra: dict = field(default_factory=dict)
 
-    @property
-    def n_slots(self) -> int:
-        return self.gamma if self.anchor_predicts else self.gamma + 1
+    @classmethod
+    def _target_defaults(cls, target) -> dict:
+        """The subclass's own target-dependent defaults (e.g. which target layers it reads)."""
+        return {}
 
     @classmethod
-    def for_target(cls, target, **overrides) -> "DFlashConfig":
+    def for_target(cls, target, **overrides):
         c = target.config
         heads = c.num_attention_heads
         rope = getattr(c, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)) if isinstance(rope, dict) else 10000.0
         cfg = cls(target_name=target.name, target_vocab_size=target.vocab_size,
                   target_hidden_size=target.hidden_size, target_num_layers=target.num_layers,
-                  target_layers=default_layers(target.num_layers), hidden_size=target.hidden_size,
+                  hidden_size=target.hidden_size,
                   num_heads=heads, num_kv_heads=getattr(c, "num_key_value_heads", heads) or heads,
                   head_dim=getattr(c, "head_dim", None) or target.hidden_size // heads,
                   intermediate_size=getattr(c, "intermediate_size", 4 * target.hidden_size),
                   rope_theta=float(theta), rms_eps=float(getattr(c, "rms_norm_eps", 1e-6)),
-                  mask_init_token=target.pad_token_id)
+                  **cls._target_defaults(target))
         for key, value in overrides.items():
             if not hasattr(cfg, key):
-                raise LabkitError(f"DFlashConfig has no field {key!r}.")
+                raise LabkitError(f"{cls.__name__} has no field {key!r}.")
             setattr(cfg, key, tuple(value) if key == "target_layers" else value)
         cfg.validate()
         return cfg
@@ -114,11 +110,33 @@ class DFlashConfig:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DFlashConfig":
+    def from_dict(cls, d: dict):
         d = dict(d)
         d["target_layers"] = tuple(d["target_layers"])
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+@dataclass
+class DFlashConfig(DraftShape):
+    """Shape of a DFlash drafter: `DraftShape` plus its block's convention and mask slots."""
+
+    #: True: anchor + gamma-1 masks, slot j predicts anchor + j + 1 (DSpark). False: anchor + gamma
+    #: masks, the anchor slot's output unused (original DFlash). Checkpoints record which.
+    anchor_predicts: bool = True
+    mask_init_token: int = 0
+    #: True: the mask slots' embedding is trained (from row `mask_init_token`); False: it stays that
+    #: frozen target row, as DeepSpec's mask token does (what `labkit export --format deepspec` needs)
+    train_mask: bool = True
+    kind: str = "dflash"
+
+    @property
+    def n_slots(self) -> int:
+        return self.gamma if self.anchor_predicts else self.gamma + 1
+
+    @classmethod
+    def _target_defaults(cls, target) -> dict:
+        return {"target_layers": default_layers(target.num_layers), "mask_init_token": target.pad_token_id}
 
 
 class RMSNorm(nn.Module):
@@ -507,4 +525,4 @@ class DFlashDrafter(Drafter):
         self._append(request, self._features(hidden)[: n_accepted + 1])
 
 
-__all__ = ["DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "default_layers"]
+__all__ = ["DraftShape", "DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "default_layers"]

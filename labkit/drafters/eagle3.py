@@ -29,8 +29,7 @@ rejected is ever stored, nothing needs cropping) and `propose` has no side effec
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ from torch import nn
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import logits_to_probs, sample
 from labkit.drafters.base import Drafter, DraftRequest, Proposal
-from labkit.drafters.dflash import RMSNorm, rope
+from labkit.drafters.dflash import DraftShape, RMSNorm, rope
 from labkit.model.packed import PackedLinear, pack_linears
 
 
@@ -51,78 +50,23 @@ def eagle3_layers(num_layers: int) -> tuple[int, ...]:
 
 
 @dataclass
-class Eagle3Config:
-    """Shape of an Eagle3 drafter; `for_target` fills the target-dependent fields."""
+class Eagle3Config(DraftShape):
+    """Shape of an Eagle3 drafter (`DraftShape`): `target_layers` are the Hugging Face hidden_states
+    indices fc fuses (3 by default, low / middle / high); each of the `n_layers` draft decoder layers reads
+    [embedding ; state] (2H), as DeepSpec's Eagle3 layers do; `gamma` is the drafting horizon, tokens per
+    proposal and the steps training unrolls (TTT); `qk_norm` is needed by the export."""
 
-    target_name: str = ""
-    target_vocab_size: int = 0
-    target_hidden_size: int = 0
-    target_num_layers: int = 0
-    #: Hugging Face hidden_states indices fused by fc (3 by default, low / middle / high)
-    target_layers: tuple[int, ...] = ()
-    #: draft decoder layers; each reads [embedding ; state] (2H), as DeepSpec's Eagle3 layers do
-    n_layers: int = 1
-    #: the drafting horizon: tokens per proposal, and the number of steps training unrolls (TTT)
-    gamma: int = 8
-    hidden_size: int = 0
-    num_heads: int = 0
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    intermediate_size: int = 0
-    rope_theta: float = 10000.0
-    rms_eps: float = 1e-6
-    #: rows of the target's LM head the drafter scores (the most frequent tokens); 0 = all
-    draft_vocab: int = 0
-    #: per-head RMSNorm of queries and keys before RoPE (Qwen3-shaped, as DeepSpec's Eagle3; needed by export)
-    qk_norm: bool = False
     kind: str = "eagle3"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
-    def for_target(cls, target, **overrides) -> "Eagle3Config":
-        c = target.config
-        heads = c.num_attention_heads
-        rope_params = getattr(c, "rope_parameters", None) or {}
-        theta = rope_params.get("rope_theta", getattr(c, "rope_theta", 10000.0)) \
-            if isinstance(rope_params, dict) else 10000.0
-        cfg = cls(target_name=target.name, target_vocab_size=target.vocab_size,
-                  target_hidden_size=target.hidden_size, target_num_layers=target.num_layers,
-                  target_layers=eagle3_layers(target.num_layers), hidden_size=target.hidden_size,
-                  num_heads=heads, num_kv_heads=getattr(c, "num_key_value_heads", heads) or heads,
-                  head_dim=getattr(c, "head_dim", None) or target.hidden_size // heads,
-                  intermediate_size=getattr(c, "intermediate_size", 4 * target.hidden_size),
-                  rope_theta=float(theta), rms_eps=float(getattr(c, "rms_norm_eps", 1e-6)))
-        for key, value in overrides.items():
-            if not hasattr(cfg, key):
-                raise LabkitError(f"Eagle3Config has no field {key!r}.")
-            setattr(cfg, key, tuple(value) if key == "target_layers" else value)
-        cfg.validate()
-        return cfg
+    def _target_defaults(cls, target) -> dict:
+        return {"target_layers": eagle3_layers(target.num_layers)}
 
     def validate(self) -> None:
-        if self.gamma < 1 or self.n_layers < 1:
-            raise LabkitError(f"gamma and n_layers must be at least 1, got gamma={self.gamma}, "
-                              f"n_layers={self.n_layers}.")
-        if not self.target_layers or not all(1 <= i <= self.target_num_layers for i in self.target_layers):
-            raise LabkitError(f"target_layers {self.target_layers} must lie in 1..{self.target_num_layers} "
-                              "(the target's decoder layers).")
+        super().validate()
         if self.hidden_size != self.target_hidden_size:
             raise LabkitError(f"An Eagle3 drafter has the target's width ({self.target_hidden_size}): its input "
                               f"concatenates the target's token embedding, got hidden_size {self.hidden_size}.")
-        if self.num_heads % self.num_kv_heads:
-            raise LabkitError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}.")
-        if not 0 <= self.draft_vocab <= self.target_vocab_size:
-            raise LabkitError(f"draft_vocab must lie in 0..{self.target_vocab_size}, got {self.draft_vocab}.")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Eagle3Config":
-        d = dict(d)
-        d["target_layers"] = tuple(d["target_layers"])
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 # ----------------------------------------------------------------------------- the network
