@@ -181,21 +181,27 @@ def test_sampled_dflash_sequences_follow_target(make_tiny_target, chi2_gof):
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tiny, tmp_path_factory):
-    """12 sequences sampled from the tiny target, with their cached features (one shard)."""
+def feature_data(target, folder, layers: tuple[int, ...], new_tokens: int, vocab: int = VOCAB) -> list:
+    """12 sequences sampled from `target` (4-token prompts, `new_tokens` at T=0.8), with their cached
+    features of `layers` in one shard under `folder`."""
     from safetensors.torch import save_file
     gen = torch.Generator().manual_seed(0)
     seqs = []
     for i in range(12):
-        prompt = torch.randint(VOCAB, (4,), generator=gen).tolist()
-        out = generate(tiny, prompt, None, 24, SamplingParams(0.8), seed=i)
+        prompt = torch.randint(vocab, (4,), generator=gen).tolist()
+        out = generate(target, prompt, None, new_tokens, SamplingParams(0.8), seed=i)
         seqs.append(Sequence(prompt + out.token_ids, 4, "math"))
     tokens = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
     offsets = torch.tensor([0] + [len(s.ids) for s in seqs]).cumsum(0)
-    path = tmp_path_factory.mktemp("feats") / "shard-00000.safetensors"
-    save_file(shard_features(tiny, tokens, offsets, (1, 2), batch_tokens=64), str(path))
+    path = folder / "shard-00000.safetensors"
+    save_file(shard_features(target, tokens, offsets, layers, batch_tokens=64), str(path))
     return [FeatureSequence(s, path, int(offsets[i])) for i, s in enumerate(seqs)]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny, tmp_path_factory):
+    """12 sequences sampled from the tiny target, with their cached features (one shard)."""
+    return feature_data(tiny, tmp_path_factory.mktemp("feats"), (1, 2), 24)
 
 
 def test_make_batch_targets_and_positions(tiny_data):

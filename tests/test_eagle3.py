@@ -291,21 +291,8 @@ def test_sampled_test_rejects_a_wrong_verifier(make_tiny_target, chi2_gof, monke
 @pytest.fixture(scope="module")
 def tiny_data(tiny, tmp_path_factory):
     """12 sequences sampled from the tiny target, with their cached features of layers (1, 3) (one shard)."""
-    from safetensors.torch import save_file
-
-    from labkit.pipeline.data import Sequence
-    from labkit.pipeline.features import FeatureSequence, shard_features
-    gen = torch.Generator().manual_seed(0)
-    seqs = []
-    for i in range(12):
-        prompt = torch.randint(VOCAB, (4,), generator=gen).tolist()
-        out = generate(tiny, prompt, None, 20, SamplingParams(0.8), seed=i)
-        seqs.append(Sequence(prompt + out.token_ids, 4, "math"))
-    tokens = torch.tensor([t for s in seqs for t in s.ids], dtype=torch.int32)
-    offsets = torch.tensor([0] + [len(s.ids) for s in seqs]).cumsum(0)
-    path = tmp_path_factory.mktemp("feats") / "shard-00000.safetensors"
-    save_file(shard_features(tiny, tokens, offsets, (1, 3), batch_tokens=64), str(path))
-    return [FeatureSequence(s, path, int(offsets[i])) for i, s in enumerate(seqs)]
+    from test_dflash import feature_data
+    return feature_data(tiny, tmp_path_factory.mktemp("feats"), (1, 3), 20, VOCAB)
 
 
 def test_batches_carry_the_sequences_and_the_loss_sees_every_step(tiny, tiny_data):

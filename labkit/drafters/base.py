@@ -144,6 +144,19 @@ def check_batchable(drafter: Drafter | None) -> None:
                           "schedules all requests together: drop the sched: prefix (e.g. --drafter dspark).")
 
 
+def vocab_proposal(vocab_ids: torch.Tensor, vocab_size: int, local: torch.Tensor, p_small: torch.Tensor,
+                   full_vocab: bool, **extra) -> Proposal:
+    """A drafter's draws over its draft vocabulary -> a Proposal in target ids: `local` (k,) columns of
+    `vocab_ids` and their probability rows p_small (k, V_draft), spread into (k, vocab_size) rows unless the
+    draft vocabulary is the whole vocabulary in order (`full_vocab`)."""
+    ids = vocab_ids.to(p_small.device)
+    if full_vocab:
+        return Proposal(ids[local], p_small, **extra)
+    probs = torch.zeros(p_small.shape[0], vocab_size, device=p_small.device)
+    probs[:, ids] = p_small
+    return Proposal(ids[local], probs, **extra)
+
+
 def one_hot_proposal(tokens: list[int], vocab_size: int, device: torch.device | str = "cpu") -> Proposal:
     """A deterministic drafter's block: probability 1 on each proposed token."""
     t = torch.tensor(tokens, dtype=torch.long, device=device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.drafters.base import Drafter, DraftRequest, Proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal, vocab_proposal
 from labkit.core.errors import LabkitError
 from labkit.model.packed import PackedLinear, pack_linears
 from labkit.core.sampling import SamplingParams, logits_to_probs, sample
@@ -512,12 +512,8 @@ class DFlashDrafter(Drafter):
 
     def to_proposal(self, local: torch.Tensor, p_small: torch.Tensor, **extra) -> Proposal:
         """Draft-vocabulary columns and probabilities -> target token ids and (k, V) probability rows."""
-        ids = self.backbone.vocab_ids.to(p_small.device)
-        if self.backbone.full_vocab:
-            return Proposal(ids[local], p_small, **extra)
-        probs = torch.zeros(p_small.shape[0], self.vocab_size, device=p_small.device)
-        probs[:, ids] = p_small
-        return Proposal(ids[local], probs, **extra)
+        return vocab_proposal(self.backbone.vocab_ids, self.vocab_size, local, p_small, self.backbone.full_vocab,
+                              **extra)
 
     @torch.no_grad()
     def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import logits_to_probs, sample
-from labkit.drafters.base import Drafter, DraftRequest, Proposal
+from labkit.drafters.base import Drafter, DraftRequest, Proposal, vocab_proposal
 from labkit.drafters.dflash import DraftShape, RMSNorm, rope
 from labkit.model.packed import PackedLinear, pack_linears
 
@@ -362,12 +362,7 @@ class Eagle3Drafter(Drafter):
 
     def to_proposal(self, local: torch.Tensor, p_small: torch.Tensor) -> Proposal:
         """Draft-vocabulary columns and probabilities -> target token ids and (k, V) probability rows."""
-        ids = self.model.vocab_ids.to(p_small.device)
-        if self.model.full_vocab:
-            return Proposal(ids[local], p_small)
-        probs = torch.zeros(p_small.shape[0], self.vocab_size, device=p_small.device)
-        probs[:, ids] = p_small
-        return Proposal(ids[local], probs)
+        return vocab_proposal(self.model.vocab_ids, self.vocab_size, local, p_small, self.model.full_vocab)
 
     @torch.no_grad()
     def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
