@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from labkit.core.errors import LabkitError
-from labkit.core.sampling import SamplingParams, logits_to_probs, residual, sample, top_p_filter, verify_chain
+from labkit.core.sampling import SamplingParams, logits_to_probs, residual, sample, top_p_filter, verify_chain, verify_greedy
 
 
 def rows(*values) -> torch.Tensor:
@@ -256,3 +256,24 @@ def test_the_chi_square_helper_refuses_a_test_that_can_reject_nothing(chi2_gof):
         chi2_gof([3, 1], [0.75, 0.25])
     result = chi2_gof([60, 40], [0.5, 0.5])
     assert result.df == 1 and result.p_value < 0.05
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(0, 6), vocab=st.integers(2, 9), seed=st.integers(0, 10_000))
+def test_verify_greedy_is_verify_chain_at_temperature_zero(k, vocab, seed):
+    """The greedy shortcut gives the verdict of the full rule on one-hot target rows, whatever the
+    drafter's probabilities were (drafts chosen to match the argmax often, so both branches occur)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k + 1, vocab, generator=g)
+    argmax = logits.argmax(-1)
+    p_d = torch.softmax(torch.randn(k, vocab, generator=g), -1)
+    draft = torch.where(torch.rand(k, generator=g) < 0.7, argmax[:k], torch.randint(0, vocab, (k,), generator=g))
+    p_d = p_d.scatter(1, draft.view(-1, 1), 0.5)  # a drafted token always has mass under its drafter
+    p_d = p_d / p_d.sum(-1, keepdim=True)
+    full = verify_chain(draft, p_d, logits_to_probs(logits, SamplingParams()), torch.Generator().manual_seed(seed))
+    assert verify_greedy(draft, argmax) == full
+
+
+def test_verify_greedy_refuses_the_wrong_number_of_target_ids():
+    with pytest.raises(LabkitError, match="3 verified positions"):
+        verify_greedy(torch.tensor([1, 2]), torch.tensor([1, 2]))

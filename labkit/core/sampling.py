@@ -3,7 +3,8 @@
 Notation follows the DSpark paper: p_t is the target's distribution, p_d the drafter's. This module
 knows probabilities, not models. Temperature 0 means greedy: the distribution is the one-hot of the
 argmax, and the same verification rule then reduces exactly to "accept while the draft equals the
-target's argmax, then emit the argmax" -- one code path for greedy and sampled decoding.
+target's argmax, then emit the argmax" (`verify_greedy` evaluates that reduction without building
+vocabulary-wide one-hot rows; a test holds it equal to `verify_chain`).
 """
 
 from __future__ import annotations
@@ -127,3 +128,21 @@ def verify_chain(draft: torch.Tensor, p_d: torch.Tensor, p_t: torch.Tensor,
             n = int(rejected[0, 0])
             return Verdict(n, int(sample(residual(p_t[n], p_d[n]), generator)))
     return Verdict(k, int(sample(p_t[k], generator)))
+
+
+def verify_greedy(draft: torch.Tensor, target_ids: torch.Tensor) -> Verdict:
+    """`verify_chain` at temperature 0, from the target's argmax ids alone.
+
+    draft (k,) token ids, target_ids (k + 1,) the target's argmax at the k draft positions plus the one
+    after. With p_t one-hot, min(1, p_t(x) / p_d(x)) is 1 for the argmax and 0 for any other token, whatever
+    p_d, and the residual norm(max(0, p_t - p_d)) is p_t again: accept while draft == argmax, then emit the
+    argmax. No random number is drawn, and no (k + 1, V) rows are built (per request and step on a CPU,
+    the one-hot rows and their draws cost about as much as the target's argmax itself).
+    """
+    k = draft.shape[0]
+    target_ids = target_ids.to(draft.device)
+    if target_ids.shape[0] != k + 1:
+        raise LabkitError(f"verify_greedy needs the target's ids at the {k + 1} verified positions, got {target_ids.shape[0]}.")
+    mismatch = (draft != target_ids[:k]).nonzero()
+    n = int(mismatch[0, 0]) if mismatch.numel() else k
+    return Verdict(n, int(target_ids[n]))

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from labkit.core.errors import LabkitError
+from labkit.core.step_fit import StepRate
 from labkit.core.scheduler import (APPENDIX_A_P_D, APPENDIX_A_P_T, AppendixAArithmetic, CostTable, HasSPS, POLICIES,
                                    RoundRate, ScheduleInput, _first_token_a_given, appendix_a_a1, appendix_a_c2,
                                    appendix_a_table, expected_throughput, make_policy, packed_tokens, whole_number)
@@ -62,6 +63,13 @@ from labkit.core.scheduler import (APPENDIX_A_P_D, APPENDIX_A_P_T, AppendixAArit
 def _get(step, name: str):
     """A field of a `StepRecord` or of its dict in `report(...)["step_trace"]`."""
     return step[name] if isinstance(step, dict) else getattr(step, name)
+
+
+def _step_cost(step) -> tuple[float, float] | None:
+    """The (fixed seconds, seconds per verified draft) the engine's fit priced a step with, if it did
+    (a trace recorded before the engine fitted its steps has no such field)."""
+    cost = step.get("step_cost") if isinstance(step, dict) else getattr(step, "step_cost", None)
+    return tuple(cost) if cost is not None else None
 
 
 def _as_table(table) -> HasSPS:
@@ -123,7 +131,8 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
     step_trace: the engine's `StepRecord`s or `report(...)["step_trace"]`; each step needs `ids`, `conf`
     and `draft_cost_s`. table: the engine's `CostTable` (or its dict, `report(...)["table"]`). Each step
     is asked as the engine asked it: conf padded with zeros to the step's widest block, the step's
-    `RoundRate(table, draft_cost_s * R)` (None counts as 0), the production variant's confidences of two
+    `RoundRate(table, draft_cost_s * R)` (None counts as 0), or its `StepRate` where the engine's own fit
+    priced it (`step_cost`), the production variant's confidences of two
     steps before from this trace's own history. `batch_tokens` must be the count the engine used.
     """
     table = _as_table(table)
@@ -138,8 +147,8 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
         max_lengths = [len(c) for c in confs]
         gamma = max(max_lengths, default=0)
         old, old_lengths = history.old(ids, gamma)
-        draft = _get(step, "draft_cost_s")
-        rate = RoundRate(table, (draft or 0.0) * len(ids))
+        draft, fitted = _get(step, "draft_cost_s"), _step_cost(step)
+        rate = StepRate(*fitted, len(ids)) if fitted else RoundRate(table, (draft or 0.0) * len(ids))
         inp = ScheduleInput(conf=_conf_rows(confs, gamma), table=rate, max_lengths=max_lengths,
                             batch_tokens=batch_tokens, old_conf=old, old_max_lengths=old_lengths)
         out.append(list(policy(inp)))

@@ -47,6 +47,7 @@ from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
 from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, packed_tokens, running_mean
+from labkit.core.step_fit import StepFit
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
 from labkit.model.target import cache_root
@@ -105,6 +106,9 @@ class StepRecord:
     draft_cost_s: float | None = None
     cap: int | None = None  # the most tokens any request could draft in this step (`Engine.draft_caps`)
     caps: list[int | None] = field(default_factory=list)  # each request's own cap, in `ids` order
+    #: the step's cost as the policy read it when it came from the engine's own fit (`StepFit`): (fixed
+    #: seconds, seconds per verified draft); None where the profiled table and `draft_cost_s` were used
+    step_cost: tuple[float, float] | None = None
 
     @property
     def emitted(self) -> int:
@@ -145,7 +149,7 @@ class Engine:
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
                  table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
                  on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True,
-                 adaptive_cap: bool = True):
+                 adaptive_cap: bool = True, fit_cost: bool = True):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -173,6 +177,9 @@ class Engine:
         self._last_length: dict[int, int] = {}
         #: running mean of drafting seconds per request and step (RoundRate), None before the first step
         self._draft_s_per_request: float | None = None
+        #: the step's seconds against its requests and verified drafts, fitted from past steps (`StepFit`);
+        #: None: the policy always reads the profiled table plus the drafting mean
+        self.step_fit: StepFit | None = StepFit() if fit_cost else None
 
     def now(self) -> float:
         return self._clock() - self.t0
@@ -308,7 +315,9 @@ class Engine:
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
-        cost = RoundRate(self.table, (draft_cost_s or 0.0) * len(ids))  # the whole step: drafting for all + the forward
+        fitted = self.step_fit.rate(len(ids)) if self.step_fit is not None else None
+        # the whole step: the engine's own fit once it has one, else drafting for all + the profiled forward
+        cost = fitted or RoundRate(self.table, (draft_cost_s or 0.0) * len(ids))
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=self.batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
@@ -331,6 +340,8 @@ class Engine:
         t_end = self._clock()
         spent = (t_drafted - t_start) / len(ids)
         self._draft_s_per_request = running_mean(self._draft_s_per_request, spent)
+        if self.step_fit is not None:
+            self.step_fit.update(len(ids), self.batch_tokens(list(lengths)) - len(ids), t_end - t_start)
         for rid in ids:
             if rid in failed:
                 self._fail(rid, failed[rid])
@@ -341,7 +352,7 @@ class Engine:
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
-                            caps=caps)
+                            caps=caps, step_cost=(fitted.fixed_s, fitted.per_token_s) if fitted else None)
         self.steps.append(record)
         return record
 
@@ -516,7 +527,7 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
         "step_trace": [{"t_s": s.t_s, "active": s.active, "lengths": s.lengths, "accepted": s.accepted,
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
-                        "cap": s.cap}
+                        "cap": s.cap, "step_cost": s.step_cost}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,

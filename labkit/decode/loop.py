@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from labkit.drafters.base import DraftRequest, Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
-from labkit.core.sampling import SamplingParams, Verdict, logits_to_probs, sample, verify_chain
+from labkit.core.sampling import SamplingParams, Verdict, logits_to_probs, sample, verify_chain, verify_greedy
 from labkit.model.target import Target
 from labkit.model.timing import sync_device
 from labkit.core.trace import Round, mean_tau, position_acceptance, position_counts
@@ -242,6 +242,8 @@ def judge(state: DecodeState, proposal: Proposal, logits: torch.Tensor) -> Verdi
     if logits.shape[0] != len(proposal) + 1:
         raise LabkitError(f"judge needs the target's logits at the {len(proposal) + 1} verified positions "
                           f"(the last emitted token + {len(proposal)} drafts), got {logits.shape[0]} rows.")
+    if state.params.greedy:
+        return verify_greedy(proposal.tokens, logits.argmax(-1))
     p_t = logits_to_probs(logits, state.params)  # (k + 1, V)
     return verify_chain(proposal.tokens, proposal.probs.to(p_t.device), p_t, state.generator)
 
