@@ -86,3 +86,25 @@ def test_draft_many_caps_each_request_as_draft_does(tiny):
     props = draft_many(batch, drafter, max_draft=3)
     assert [len(p) for p in props] == [3, 3, 0, 2]
     assert draft_many(batch, None) and all(len(p) == 0 for p in draft_many(batch, None))
+
+
+@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid"])
+def test_batched_observe_leaves_every_context_cache_as_observing_alone_does(tiny, name):
+    """After a verification that kept different numbers of drafts per request (0..3), `observe_many`
+    leaves each request's projected context keys and values as its own `observe` does (fp32, 1e-5),
+    cache lengths included, and the next batched proposals agree token for token."""
+    one, batch = drafters(tiny)[name], drafters(tiny)[name]
+    solo_states, batch_states = states(tiny, one, SamplingParams(), 1), states(tiny, batch, SamplingParams(), 1)
+    g = torch.Generator().manual_seed(0)
+    kept = [0, 3, 1, 2]
+    hidden = [tuple(torch.randn(4, tiny.hidden_size, generator=g) for _ in one.hidden_layers) for _ in PROMPTS]
+    for s, n, h in zip(solo_states, kept, hidden):
+        one.observe(s.request, n, h)
+    batch.observe_many([s.request for s in batch_states], kept, hidden)
+    for a, b in zip(solo_states, batch_states):
+        assert a.request.memo.length == b.request.memo.length
+        for (ka, va), (kb, vb) in zip(a.request.memo.kv, b.request.memo.kv):
+            assert ka.shape == kb.shape and torch.allclose(ka, kb, atol=1e-5) and torch.allclose(va, vb, atol=1e-5)
+    solo = one.propose_many([s.request for s in solo_states], [4] * 4)
+    many = batch.propose_many([s.request for s in batch_states], [4] * 4)
+    assert [p.tokens.tolist() for p in solo] == [p.tokens.tolist() for p in many]

@@ -105,3 +105,40 @@ def test_a_failed_request_is_reported_with_its_error(tiny):
     rep = report(engine, 3, "faulty")
     errors = {r["id"]: r.get("error") for r in rep["requests"]}
     assert "drafting failed" in errors[BAD] and sum(e is not None for e in errors.values()) == 1
+
+
+class FaultyObserver(DSparkDrafter):
+    """A DSpark drafter whose context update raises for one prompt mid-run: the batched `observe_many`
+    raises before changing anything, and that request's own `observe` raises too."""
+
+    def __init__(self, model, bad_prompt: list[int]):
+        super().__init__(model)
+        self.bad_prompt, self.armed = list(bad_prompt), True
+
+    def _is_bad(self, request) -> bool:
+        n = len(self.bad_prompt)
+        return self.armed and request.ids[:n] == self.bad_prompt and len(request.ids) > n + 2
+
+    def observe(self, request, n_accepted, hidden):
+        if self._is_bad(request):
+            raise RuntimeError("injected observe fault")
+        return super().observe(request, n_accepted, hidden)
+
+    def observe_many(self, requests, n_accepted, hidden):
+        if any(self._is_bad(r) for r in requests):
+            raise RuntimeError("injected observe fault")
+        return super().observe_many(requests, n_accepted, hidden)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(1.0)], ids=["greedy", "T=1"])
+def test_a_failed_context_update_retires_that_request_alone(tiny, params):
+    requests = mixed_requests(7, params)
+    drafter = FaultyObserver(make_dspark(tiny, gamma=4), requests[BAD].prompt_ids)
+    done = run(Engine(tiny, drafter, "fixed", steep_table()), requests)
+    assert "verification failed" in done[BAD].error and "injected observe fault" in done[BAD].error
+    assert not done[BAD].finished
+    drafter.armed = False
+    for req in requests:
+        if req.id != BAD:
+            assert done[req.id].finished and done[req.id].error is None
+            assert done[req.id].token_ids == solo(tiny, drafter, req), req.id

@@ -45,7 +45,7 @@ from labkit.model.batch_kv import BatchKV
 from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
-from labkit.core.sampling import SamplingParams
+from labkit.core.sampling import SamplingParams, Verdict
 from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, packed_tokens, running_mean
 from labkit.core.step_fit import StepFit
 from labkit.model.target import Target
@@ -330,13 +330,14 @@ class Engine:
         inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
         batch_tokens = self.kv.computed_tokens([len(v) for v in inputs.values()])
         outs = self.kv.step(inputs)
-        accepted, failed = [], {}
+        verdicts, failed = {}, {}
         for rid, prop in zip(ids, proposals):
             try:
-                accepted.append(self._accept(rid, prop, outs[rid], (t_drafted - t_start) / len(ids)))
+                verdicts[rid] = self._judge(rid, prop, outs[rid][0])
             except Exception as exc:  # this request's verification failed: it alone is retired, with why
                 failed[rid] = f"verification failed: {type(exc).__name__}: {exc}"
-                accepted.append(0)
+        self._commit(ids, proposals, verdicts, outs, failed, (t_drafted - t_start) / len(ids))
+        accepted = [verdicts[rid].n_accepted if rid in verdicts and rid not in failed else 0 for rid in ids]
         t_end = self._clock()
         spent = (t_drafted - t_start) / len(ids)
         self._draft_s_per_request = running_mean(self._draft_s_per_request, spent)
@@ -401,21 +402,39 @@ class Engine:
                 self._fail(rid, f"drafting failed: {type(exc).__name__}: {exc}")
         return kept, proposals
 
-    def _accept(self, rid: int, prop: Proposal, out, draft_s: float) -> int:
-        """Judge and commit one request's verified block, roll its rejected tokens back; n accepted."""
-        act = self.active[rid]
-        logits, hidden = out
+    def _judge(self, rid: int, prop: Proposal, logits: torch.Tensor) -> Verdict:
+        """One request's verdict from its rows of the verify forward, drawn with its own generator."""
         if not torch.isfinite(logits).all():
             raise LabkitError("the target's logits for this request were not finite (NaN or inf)")
-        before = len(act.state.ids)
-        verdict = decoding.judge(act.state, prop, logits)
-        rnd = decoding.commit(act.state, prop, verdict, hidden, self.drafter,
-                              draft_s=draft_s, verify_s=None)  # one forward for all
-        self.kv.rollback(rid, len(prop) - verdict.n_accepted)
-        act.budgets.append(len(prop) + 1)
-        self.rounds.append(rnd)
-        self._stream(rid, act.state.ids[before:])
-        return verdict.n_accepted
+        return decoding.judge(self.active[rid].state, prop, logits)
+
+    def _commit(self, ids: list[int], proposals: list[Proposal], verdicts: dict[int, Verdict], outs: dict,
+                failed: dict[int, str], draft_s: float) -> None:
+        """Commit every judged request: its tokens, one `observe_many` for all of them (the drafters' context
+        updates batched), its rollback, round and stream. If the batched observe raises, each request is
+        observed alone and one whose observe raises joins `failed` (the others lose nothing: their tokens
+        come from the target's forward and their own generators, whatever the drafter's state)."""
+        judged = [(rid, prop) for rid, prop in zip(ids, proposals) if rid in verdicts]
+        states = [self.active[rid].state for rid, _ in judged]
+        before = [len(s.ids) for s in states]
+        hidden = [outs[rid][1] for rid, _ in judged]
+        try:
+            decoding.advance_many(states, [p for _, p in judged], [verdicts[rid] for rid, _ in judged], hidden,
+                                  self.drafter)
+        except Exception:
+            for (rid, _), state, h in zip(judged, states, hidden):
+                try:
+                    self.drafter.observe(state.request, verdicts[rid].n_accepted, h)
+                except Exception as exc:
+                    failed[rid] = f"verification failed: {type(exc).__name__}: {exc}"
+        for (rid, prop), state, start in zip(judged, states, before):
+            if rid in failed:
+                continue
+            act = self.active[rid]
+            self.rounds.append(decoding.record_round(state, prop, verdicts[rid], draft_s=draft_s, verify_s=None))
+            self.kv.rollback(rid, len(prop) - verdicts[rid].n_accepted)
+            act.budgets.append(len(prop) + 1)
+            self._stream(rid, state.ids[start:])
 
     def _fail(self, rid: int, error: str) -> None:
         """Retire a request that failed mid-run: its tokens so far and the error go in its own record."""

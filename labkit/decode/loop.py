@@ -268,6 +268,16 @@ def advance(state: DecodeState, proposal: Proposal, verdict: Verdict, hidden: tu
         drafter.observe(state.request, n, hidden)
 
 
+def advance_many(states: list[DecodeState], proposals: list[Proposal], verdicts: list[Verdict],
+                 hidden: list[tuple[torch.Tensor, ...] | None], drafter: Drafter | None) -> None:
+    """`advance` for several requests with one `drafter.observe_many` call (the batched engine's step):
+    each request's ids and drafter state end as its own `advance` leaves them."""
+    for state, proposal, verdict in zip(states, proposals, verdicts):
+        state.append(proposal.tokens[:verdict.n_accepted].tolist() + [verdict.next_token])
+    if drafter is not None and states:
+        drafter.observe_many([s.request for s in states], [v.n_accepted for v in verdicts], hidden)
+
+
 def record_round(state: DecodeState, proposal: Proposal, verdict: Verdict, draft_s: float, verify_s: float) -> Round:
     """Add the round to the request's trace: k drafted, n accepted, its two costs (Eq. 1's T_draft, T_verify)."""
     conf = None if proposal.conf_logits is None else proposal.conf_logits.float().tolist()

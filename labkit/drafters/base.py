@@ -122,6 +122,14 @@ class Drafter:
         """Called after verification: n_accepted drafts survived; request.ids already extended; `hidden`
         as in `start`, (k + 1, H) per layer over the verified positions (the last emitted token + k drafts)."""
 
+    def observe_many(self, requests: list[DraftRequest], n_accepted: list[int],
+                     hidden: list[tuple[torch.Tensor, ...] | None]) -> None:
+        """`observe` for several requests at once (the batched engine's step). The default observes one
+        request after the other; DFlash and DSpark project every request's new context in one call.
+        Either way each request's state ends as `observe` leaves it."""
+        for request, n, h in zip(requests, n_accepted, hidden):
+            self.observe(request, n, h)
+
 
 def needs_target_cache(drafter: Drafter | None) -> bool:
     """Whether `drafter` drafts over the target's own KV cache (and so runs single-request only)."""

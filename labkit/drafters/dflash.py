@@ -520,5 +520,21 @@ class DFlashDrafter(Drafter):
         # the verify forward saw [anchor, d_1..d_k]; the target keeps anchor + d_1..d_n in its cache
         self._append(request, self._features(hidden)[: n_accepted + 1])
 
+    @torch.no_grad()
+    def observe_many(self, requests: list[DraftRequest], n_accepted: list[int], hidden) -> None:
+        """`observe` for R requests: their kept positions concatenated into one sequence through the
+        context projection and the draft layers' key/value projections (both position-wise, each token at
+        its own request's position), then split back into each request's cache."""
+        if len(requests) < 2:
+            return super().observe_many(requests, n_accepted, hidden)
+        feats = [self._features(h)[: n + 1] for h, n in zip(hidden, n_accepted)]
+        pos = torch.cat([torch.arange(r.memo.length, r.memo.length + f.shape[0], device=self.device)
+                         for r, f in zip(requests, feats)])[None]
+        kv = self.backbone.context_kv(self.backbone.context(torch.cat(feats)[None]), pos)
+        sizes = [f.shape[0] for f in feats]
+        parts = [[(k.split(sizes, 2)[i], v.split(sizes, 2)[i]) for k, v in kv] for i in range(len(requests))]
+        for request, new, n in zip(requests, parts, sizes):
+            request.memo.extend(new, n)
+
 
 __all__ = ["DraftShape", "DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "default_layers"]

@@ -99,6 +99,9 @@ class HybridDrafter(Drafter):
     def observe(self, request: DraftRequest, n_accepted: int, hidden) -> None:
         self.model.observe(request, n_accepted, hidden)
 
+    def observe_many(self, requests: list[DraftRequest], n_accepted: list[int], hidden) -> None:
+        self.model.observe_many(requests, n_accepted, hidden)
+
     def continuation(self, request: DraftRequest, max_tokens: int) -> list[int]:
         """The n-gram part of this round's block: prompt lookup over request.ids, or [] if too short."""
         copied = find_continuation(np.asarray(request.ids, dtype=np.int64), self.cfg.lookup)[:max_tokens]
