@@ -118,3 +118,21 @@ def test_without_the_fit_the_engine_keeps_the_profiled_table(tiny, dspark):
         pass
     assert engine.step_fit is None and all(s.step_cost is None for s in engine.steps)
 
+
+
+def test_the_engine_adds_the_mean_admission_time_per_step_to_the_fitted_step(tiny, dspark):
+    """Admissions (prefills between steps) are part of every serving cycle but come in bursts unrelated
+    to a step's verified drafts: the engine prices a step at the fit plus their running mean, and the
+    first step's admissions (the engine filling once) are left out of that mean."""
+    ticks = iter(range(10 ** 6))
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=lambda: 0.01 * next(ticks))
+    for _ in closed_loop(mixed_requests(10), 4, engine):
+        pass
+    assert engine.steps[0].admit_s > 0.0  # the first fill was timed...
+    later = [s.admit_s for s in engine.steps[1:]]
+    assert engine._admit_mean is not None and 0.0 < engine._admit_mean <= max(later)  # ...but not averaged in
+    engine.step_fit = fed(mixed_steps())
+    rate = engine.step_fit.rate(4)
+    priced = engine._price(4)
+    assert priced.fixed_s == pytest.approx(rate.fixed_s + engine._admit_mean)
+    assert priced.per_token_s == rate.per_token_s

@@ -104,6 +104,14 @@ def test_request_times_the_report_carries_are_used_as_they_are():
 def test_a_report_without_requests_measures_nothing():
     m = measure_run({"requests": [], "step_trace": []})
     assert m["aggregate_tokens_per_s"] is None and m["per_user_tokens_per_s"] is None and m["window_tokens"] == 0
+    assert m["draft_s_per_step"] is None and m["verify_s_per_step"] is None
+
+
+def test_step_phases_are_the_mean_drafting_and_verifying_seconds_of_a_step():
+    steps = _steps((1.0, [0]), (2.0, [0, 1]))
+    steps[1].update(draft_s=0.75, verify_s=0.05)
+    m = measure_run({"requests": [], "step_trace": steps})
+    assert m["draft_s_per_step"] == pytest.approx(0.5) and m["verify_s_per_step"] == pytest.approx(0.15)
 
 
 # ---------------------------------------------------------------------------------------------------

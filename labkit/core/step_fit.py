@@ -8,8 +8,8 @@ requests): about 12 ms a request and 0.2-0.7 ms a verified draft. A table pooled
 reads that per-request cost as a per-token cost (B = R x W grows with R), so Algorithm 1 thinks a verified
 draft costs several times what it does, and verifies too little.
 
-`StepFit` keeps an exponentially weighted least-squares fit of the step's wall seconds t against R (the
-requests in the step) and X = B - R (the verified drafts, as the engine counts B), from past steps
+`StepFit` keeps an exponentially weighted least-squares fit of the step's wall seconds t (the step with
+its retirements; the engine adds the mean admission time per step apart) against R (the requests in the step) and X = B - R (the verified drafts, as the engine counts B), from past steps
 only, so the schedule never depends on anything drawn in the step it schedules (verification stays
 lossless). `StepRate` is that fit seen from one step: R is fixed, so sps(B) = 1 / (a + b R + c (B - R)).
 The drafting a deeper verification causes (the next step's drafting caps follow this step's lengths)

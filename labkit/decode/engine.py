@@ -47,7 +47,7 @@ from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams, Verdict
 from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, packed_tokens, running_mean
-from labkit.core.step_fit import StepFit
+from labkit.core.step_fit import StepFit, StepRate
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
 from labkit.model.target import cache_root
@@ -109,6 +109,7 @@ class StepRecord:
     #: the step's cost as the policy read it when it came from the engine's own fit (`StepFit`): (fixed
     #: seconds, seconds per verified draft); None where the profiled table and `draft_cost_s` were used
     step_cost: tuple[float, float] | None = None
+    admit_s: float = 0.0  # seconds spent admitting (prefilling) requests between the last step and this one
 
     @property
     def emitted(self) -> int:
@@ -180,6 +181,9 @@ class Engine:
         #: the step's seconds against its requests and verified drafts, fitted from past steps (`StepFit`);
         #: None: the policy always reads the profiled table plus the drafting mean
         self.step_fit: StepFit | None = StepFit() if fit_cost else None
+        #: seconds spent admitting requests since the last step, and their running mean per step
+        self._admit_s = 0.0
+        self._admit_mean: float | None = None
 
     def now(self) -> float:
         return self._clock() - self.t0
@@ -200,6 +204,13 @@ class Engine:
         Each new row attends only to its own prompt and the running rows are not in that forward, so an
         admission never changes another request's numbers. Returns the error records of the requests
         that could not run (bad input), by id; the others start."""
+        t0 = self._clock()
+        try:
+            return self._admit(requests)
+        finally:  # the step fit charges admissions to the step that follows them (`step`)
+            self._admit_s += self._clock() - t0
+
+    def _admit(self, requests: list[ServeRequest]) -> dict[int, RequestRecord]:
         refused: dict[int, RequestRecord] = {}
         ready: list[ServeRequest] = []
         for request in requests:
@@ -315,7 +326,7 @@ class Engine:
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
-        fitted = self.step_fit.rate(len(ids)) if self.step_fit is not None else None
+        fitted = self._price(len(ids))
         # the whole step: the engine's own fit once it has one, else drafting for all + the profiled forward
         cost = fitted or RoundRate(self.table, (draft_cost_s or 0.0) * len(ids))
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
@@ -341,21 +352,36 @@ class Engine:
         t_end = self._clock()
         spent = (t_drafted - t_start) / len(ids)
         self._draft_s_per_request = running_mean(self._draft_s_per_request, spent)
-        if self.step_fit is not None:
-            self.step_fit.update(len(ids), self.batch_tokens(list(lengths)) - len(ids), t_end - t_start)
         for rid in ids:
             if rid in failed:
                 self._fail(rid, failed[rid])
             elif self.active[rid].state.finished:
                 self._retire(rid)
+        admit_s, self._admit_s = self._admit_s, 0.0
+        if self.step_fit is not None:  # the step with its retirements; admissions apart (`_price`)
+            self.step_fit.update(len(ids), self.batch_tokens(list(lengths)) - len(ids), self._clock() - t_start)
+            if self.steps:  # the first step's admissions fill the engine once; later ones recur
+                weight = max(self.step_fit.weight, 1.0 / len(self.steps))  # a plain mean at first
+                self._admit_mean = running_mean(self._admit_mean, admit_s, weight)
         record = StepRecord(t_s=t_end - self.t0, active=len(ids), lengths=list(lengths), drafted=max_lengths,
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
-                            caps=caps, step_cost=(fitted.fixed_s, fitted.per_token_s) if fitted else None)
+                            caps=caps, step_cost=(fitted.fixed_s, fitted.per_token_s) if fitted else None,
+                            admit_s=admit_s)
         self.steps.append(record)
         return record
+
+    def _price(self, requests: int) -> StepRate | None:
+        """The step's cost from the engine's own fit (None while it has none): the fitted step at this many
+        requests plus the running mean of admission seconds per step. Admissions are a serving cycle's
+        cost as surely as its forwards (a long run pays every prefill), but they come in bursts that
+        have nothing to do with a step's verified drafts, so they are averaged apart from the fit."""
+        rate = self.step_fit.rate(requests) if self.step_fit is not None else None
+        if rate is None or not self._admit_mean:
+            return rate
+        return StepRate(rate.fixed_s + self._admit_mean, rate.per_token_s, requests)
 
     def draft_caps(self, ids: list[int]) -> list[int | None]:
         """The most tokens each request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),
@@ -546,7 +572,8 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
         "step_trace": [{"t_s": s.t_s, "active": s.active, "lengths": s.lengths, "accepted": s.accepted,
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
-                        "cap": s.cap, "step_cost": s.step_cost}
+                        "cap": s.cap, "step_cost": s.step_cost, "schedule_s": s.schedule_s,
+                        "admit_s": s.admit_s}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,

@@ -50,7 +50,8 @@ WINDOW = ("from the first token of the run's first request to the run's last tok
 
 #: the numbers a cell summarizes across repeats (median and min-max)
 METRICS = ("aggregate_tokens_per_s", "per_user_tokens_per_s", "ttft_s", "eq1_per_user_tokens_per_s",
-           "mean_verify_budget", "tau", "wasted_verification", "mean_active", "window_s", "steps")
+           "mean_verify_budget", "tau", "wasted_verification", "mean_active", "window_s", "steps",
+           "draft_s_per_step", "verify_s_per_step")
 
 
 # ---- the workload ----------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def measure_run(report: dict) -> dict:
     out = {"per_user_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
            "ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,
            "aggregate_tokens_per_s": None, "window_s": None, "window_tokens": 0, "measured_requests": len(spans),
-           "eq1_per_user_tokens_per_s": None, "mean_active": None}
+           "eq1_per_user_tokens_per_s": None, "mean_active": None, **step_phases(steps)}
     if spans:
         start, end = min(a for a, *_ in spans), max(b for _, b, *_ in spans)
         # every token after each request's first, plus the first tokens emitted after the window opened
@@ -136,6 +137,15 @@ def measure_run(report: dict) -> dict:
         if report.get("tau") is not None and round_s > 0:
             out["eq1_per_user_tokens_per_s"] = eq1_speed(report["tau"], round_s)
     return out
+
+
+def step_phases(steps: Sequence[dict]) -> dict:
+    """Mean seconds a step spent drafting (every request's proposals) and verifying (the target's forward,
+    the verdicts, the drafters' context updates), over a report's "step_trace"; None without steps."""
+    if not steps:
+        return {"draft_s_per_step": None, "verify_s_per_step": None}
+    return {"draft_s_per_step": sum(s.get("draft_s", 0.0) for s in steps) / len(steps),
+            "verify_s_per_step": sum(s.get("verify_s", 0.0) for s in steps) / len(steps)}
 
 
 # ---- running -----------------------------------------------------------------------------------------
