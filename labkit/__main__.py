@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", default="dspark", help="drafter spec (default: the shipped dspark)")
     p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
+    p.add_argument("--cost-model", default="fit", help="how Algorithm 1 prices a step once the engine measured "
+                   "some: fit (its own fit, default), offset (the table plus the measured excess) or table (the "
+                   "table plus drafting)")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
     _add_model_args(p)
 
@@ -537,13 +540,15 @@ def cmd_serve_sweep(args) -> None:
     from labkit.drafters import check_spec, make_drafter
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.core.scheduler import make_policy
-    from labkit.decode.engine import cost_table_for
+    from labkit.decode.engine import COST_MODELS, cost_table_for
     from labkit.measure.sweeps import (WINDOW, against_best_fixed, format_against_best_fixed, format_gain, format_sweep,
                                        is_fixed, matched_gain, prompt_mix, run_sweeps, summarize)
     from labkit.model.target import load_target
     check_spec(args.drafter)
     for name in args.policies:
         make_policy(name)
+    if args.cost_model not in COST_MODELS:
+        raise LabkitError(f"Unknown --cost-model {args.cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
     if args.baseline not in args.policies:
         raise LabkitError(f"--baseline {args.baseline} is not among --policies {' '.join(args.policies)}: add it "
                           "or name one of them.")
@@ -557,7 +562,7 @@ def cmd_serve_sweep(args) -> None:
     table = cost_table_for(target, args.table, args.reprofile)
     by_temperature = run_sweeps(target, drafter, prompts, args.users, args.policies, table, args.temperatures,
                                 args.max_new_tokens, args.requests_per_user, args.seed, args.drafter, progress=True,
-                                top_p=args.top_p, repeats=args.repeats)
+                                top_p=args.top_p, repeats=args.repeats, cost_model=args.cost_model)
     reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
     gains = {}

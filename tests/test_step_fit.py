@@ -113,7 +113,7 @@ def test_the_engine_prices_steps_by_its_fit_records_it_and_replays_exactly(tiny,
 
 def test_without_the_fit_the_engine_keeps_the_profiled_table(tiny, dspark):
     ticks = iter(range(10 ** 6))
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(), clock=lambda: 0.01 * next(ticks), fit_cost=False)
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(), clock=lambda: 0.01 * next(ticks), cost_model="table")
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
     assert engine.step_fit is None and all(s.step_cost is None for s in engine.steps)
@@ -136,3 +136,22 @@ def test_the_engine_adds_the_mean_admission_time_per_step_to_the_fitted_step(tin
     priced = engine._price(4)
     assert priced.fixed_s == pytest.approx(rate.fixed_s + engine._admit_mean)
     assert priced.per_token_s == rate.per_token_s
+
+
+def test_the_offset_model_prices_the_table_plus_the_measured_excess_and_replays_exactly(tiny, dspark):
+    """cost_model="offset": once a step was measured, Algorithm 1 reads RoundRate(table, mean excess of the
+    measured steps over the table's forward), recorded as offset_s; the replay gives every step's lengths.
+    An unknown model is refused with the list."""
+    ticks = iter(range(10 ** 6))
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=lambda: 0.01 * next(ticks),
+                    cost_model="offset")
+    for _ in closed_loop(mixed_requests(10), 4, engine):
+        pass
+    assert engine.steps[0].offset_s is None and all(s.offset_s is not None and s.offset_s >= 0.0
+                                                    for s in engine.steps[1:])
+    assert all(s.step_cost is None for s in engine.steps)
+    rep = json.loads(json.dumps(report(engine, 4, "test")))
+    assert replay_steps(rep["step_trace"], rep["table"], "algorithm1", batch_tokens=engine.batch_tokens) == \
+        [s["lengths"] for s in rep["step_trace"]]
+    with pytest.raises(LabkitError, match="fit, offset, table"):
+        Engine(tiny, dspark, "algorithm1", cost_model="guess")

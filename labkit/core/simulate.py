@@ -132,7 +132,8 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
     and `draft_cost_s`. table: the engine's `CostTable` (or its dict, `report(...)["table"]`). Each step
     is asked as the engine asked it: conf padded with zeros to the step's widest block, the step's
     `RoundRate(table, draft_cost_s * R)` (None counts as 0), or its `StepRate` where the engine's own fit
-    priced it (`step_cost`), the production variant's confidences of two
+    priced it (`step_cost`), or `RoundRate(table, offset_s)` where its measured offset did, the production
+    variant's confidences of two
     steps before from this trace's own history. `batch_tokens` must be the count the engine used.
     """
     table = _as_table(table)
@@ -148,7 +149,9 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
         gamma = max(max_lengths, default=0)
         old, old_lengths = history.old(ids, gamma)
         draft, fitted = _get(step, "draft_cost_s"), _step_cost(step)
-        rate = StepRate(*fitted, len(ids)) if fitted else RoundRate(table, (draft or 0.0) * len(ids))
+        offset = step.get("offset_s") if isinstance(step, dict) else getattr(step, "offset_s", None)
+        rate = (StepRate(*fitted, len(ids)) if fitted else
+                RoundRate(table, offset if offset is not None else (draft or 0.0) * len(ids)))
         inp = ScheduleInput(conf=_conf_rows(confs, gamma), table=rate, max_lengths=max_lengths,
                             batch_tokens=batch_tokens, old_conf=old, old_max_lengths=old_lengths)
         out.append(list(policy(inp)))

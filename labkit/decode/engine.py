@@ -47,7 +47,7 @@ from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams, Verdict
 from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, packed_tokens, running_mean
-from labkit.core.step_fit import StepFit, StepRate
+from labkit.core.step_fit import FIT_WEIGHT, StepFit, StepRate
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
 from labkit.model.target import cache_root
@@ -110,6 +110,8 @@ class StepRecord:
     #: seconds, seconds per verified draft); None where the profiled table and `draft_cost_s` were used
     step_cost: tuple[float, float] | None = None
     admit_s: float = 0.0  # seconds spent admitting (prefilling) requests between the last step and this one
+    #: cost model "offset": the seconds the policy added to the table's forward (None: not priced so)
+    offset_s: float | None = None
 
     @property
     def emitted(self) -> int:
@@ -123,6 +125,14 @@ class StepRecord:
     def wasted(self) -> int:
         """Verified draft tokens that were rejected (the anchor token is never wasted)."""
         return sum(self.lengths) - sum(self.accepted)
+
+
+#: how the engine's Algorithm 1 prices a step once it has measured some: "fit", its own least-squares fit
+#: t = a + b R + c (B - R) plus the mean admission time (`StepFit`); "offset", the profiled table's forward
+#: 1 / SPS(B) plus the running mean of what a measured step (admissions included) took above it, so that
+#: the table sets the price of one more verified token and the measurements the level; "table", the
+#: table plus the mean drafting time alone (what the engine did first)
+COST_MODELS = ("fit", "offset", "table")
 
 
 def padded_batch_tokens(lengths: list[int]) -> int:
@@ -150,7 +160,7 @@ class Engine:
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
                  table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
                  on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True,
-                 adaptive_cap: bool = True, fit_cost: bool = True):
+                 adaptive_cap: bool = True, cost_model: str = "fit"):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -180,7 +190,13 @@ class Engine:
         self._draft_s_per_request: float | None = None
         #: the step's seconds against its requests and verified drafts, fitted from past steps (`StepFit`);
         #: None: the policy always reads the profiled table plus the drafting mean
-        self.step_fit: StepFit | None = StepFit() if fit_cost else None
+        if cost_model not in COST_MODELS:
+            raise LabkitError(f"Unknown cost model {cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
+        #: how Algorithm 1 prices a step (`COST_MODELS`)
+        self.cost_model = cost_model
+        self.step_fit: StepFit | None = StepFit() if cost_model == "fit" else None
+        #: running mean of a step's measured seconds (admissions included) above the table's forward
+        self._offset_mean: float | None = None
         #: seconds spent admitting requests since the last step, and their running mean per step
         self._admit_s = 0.0
         self._admit_mean: float | None = None
@@ -327,8 +343,9 @@ class Engine:
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
         fitted = self._price(len(ids))
-        # the whole step: the engine's own fit once it has one, else drafting for all + the profiled forward
-        cost = fitted or RoundRate(self.table, (draft_cost_s or 0.0) * len(ids))
+        offset = max(0.0, self._offset_mean) if self.cost_model == "offset" and self._offset_mean is not None else None
+        # the whole step: the engine's own measurements once it has them, else drafting for all + the forward
+        cost = fitted or RoundRate(self.table, offset if offset is not None else (draft_cost_s or 0.0) * len(ids))
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=self.batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
@@ -358,18 +375,23 @@ class Engine:
             elif self.active[rid].state.finished:
                 self._retire(rid)
         admit_s, self._admit_s = self._admit_s, 0.0
-        if self.step_fit is not None:  # the step with its retirements; admissions apart (`_price`)
-            self.step_fit.update(len(ids), self.batch_tokens(list(lengths)) - len(ids), self._clock() - t_start)
+        step_s = self._clock() - t_start  # the step with its retirements
+        weight = max(FIT_WEIGHT, 1.0 / (len(self.steps) or 1))  # a plain mean at first
+        if self.step_fit is not None:  # admissions apart (`_price`)
+            self.step_fit.update(len(ids), self.batch_tokens(list(lengths)) - len(ids), step_s)
             if self.steps:  # the first step's admissions fill the engine once; later ones recur
-                weight = max(self.step_fit.weight, 1.0 / len(self.steps))  # a plain mean at first
                 self._admit_mean = running_mean(self._admit_mean, admit_s, weight)
+        if self.cost_model == "offset":
+            recurring = admit_s if self.steps else 0.0
+            above = step_s + recurring - 1.0 / self.table.sps(self.batch_tokens(list(lengths)))
+            self._offset_mean = running_mean(self._offset_mean, above, weight)
         record = StepRecord(t_s=t_end - self.t0, active=len(ids), lengths=list(lengths), drafted=max_lengths,
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
                             caps=caps, step_cost=(fitted.fixed_s, fitted.per_token_s) if fitted else None,
-                            admit_s=admit_s)
+                            admit_s=admit_s, offset_s=offset)
         self.steps.append(record)
         return record
 
@@ -573,7 +595,7 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
                         "cap": s.cap, "step_cost": s.step_cost, "schedule_s": s.schedule_s,
-                        "admit_s": s.admit_s}
+                        "admit_s": s.admit_s, "offset_s": s.offset_s}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,
@@ -586,10 +608,11 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
 def run_closed_loop(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: int,
                     policy: str = "algorithm1", table: CostTable | None = None, n_requests: int | None = None,
                     duration_s: float | None = None, max_draft: int | None = None, drafter_spec: str | None = None,
-                    progress: bool = False, on_step: Callable[[Engine, StepRecord], None] | None = None) -> dict:
+                    progress: bool = False, on_step: Callable[[Engine, StepRecord], None] | None = None,
+                    cost_model: str = "fit") -> dict:
     """One closed-loop run of `users` users over `requests` with one policy; returns `report(...)`."""
     from tqdm.auto import tqdm
-    engine = Engine(target, drafter, policy, table, max_draft)
+    engine = Engine(target, drafter, policy, table, max_draft, cost_model=cost_model)
     total = n_requests if n_requests is not None else len(requests)
     with tqdm(total=total, desc=f"serve {policy} x{users}", unit="req", disable=not progress) as bar:
         for rec in closed_loop(requests, users, engine, n_requests, duration_s):
