@@ -27,10 +27,8 @@ def tiny(make_tiny_target):
     return make_tiny_target(vocab_size=16, n_layers=3, hidden=32, init=0.2)
 
 
-class FaultyDSpark(DSparkDrafter):
-    """A DSpark drafter that raises for one prompt once it has emitted a few tokens (mid-run): its
-    batched call raises for the whole batch after every request drew its samples, as a crash late in a
-    batched forward would (so the engine must rewind the innocent requests' generators)."""
+class Armed(DSparkDrafter):
+    """A DSpark drafter that knows one prompt to fail for, once it has emitted a few tokens (mid-run)."""
 
     def __init__(self, model, bad_prompt: list[int]):
         super().__init__(model)
@@ -39,6 +37,12 @@ class FaultyDSpark(DSparkDrafter):
     def _is_bad(self, request) -> bool:
         n = len(self.bad_prompt)
         return self.armed and request.ids[:n] == self.bad_prompt and len(request.ids) > n + 2
+
+
+class FaultyDSpark(Armed):
+    """Drafting raises for the bad prompt: its batched call raises for the whole batch after every request
+    drew its samples, as a crash late in a batched forward would (so the engine must rewind the innocent
+    requests' generators)."""
 
     def propose(self, request, max_tokens):
         if self._is_bad(request):
@@ -107,17 +111,9 @@ def test_a_failed_request_is_reported_with_its_error(tiny):
     assert "drafting failed" in errors[BAD] and sum(e is not None for e in errors.values()) == 1
 
 
-class FaultyObserver(DSparkDrafter):
-    """A DSpark drafter whose context update raises for one prompt mid-run: the batched `observe_many`
-    raises before changing anything, and that request's own `observe` raises too."""
-
-    def __init__(self, model, bad_prompt: list[int]):
-        super().__init__(model)
-        self.bad_prompt, self.armed = list(bad_prompt), True
-
-    def _is_bad(self, request) -> bool:
-        n = len(self.bad_prompt)
-        return self.armed and request.ids[:n] == self.bad_prompt and len(request.ids) > n + 2
+class FaultyObserver(Armed):
+    """The context update raises for the bad prompt: the batched `observe_many` raises before changing
+    anything, and that request's own `observe` raises too."""
 
     def observe(self, request, n_accepted, hidden):
         if self._is_bad(request):
