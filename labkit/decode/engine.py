@@ -4,17 +4,21 @@ Each engine step
 1. drafts a block for every active request in one call of the drafter (`Drafter.propose_many`: one
    backbone forward for all requests where the drafter batches, each request on its own context state),
 2. asks a prefix policy (`labkit.core.scheduler`) how many drafted tokens of each request to verify, from
-   the drafter's confidences and the profiled cost table SPS(B),
+   the drafter's confidences and a step price: the profiled cost table SPS(B) at first, then the
+   engine's own measurements (`COST_MODELS`: by default a fit of its past steps, `labkit.core.step_fit`),
 3. verifies ALL requests in ONE batched target forward with a different number of tokens per row
    (`labkit.model.batch_kv.BatchKV`: one KV cache of ragged rows, per-row positions and mask),
-4. accepts per request with that request's own generator (`decoding.judge` / `decoding.commit`, the
-   same functions single-request decoding composes), rolls each row's rejected tokens back,
+4. judges each request with its own generator (`decoding.judge`, as single-request decoding does), then
+   commits all of them with one batched drafter context update (`decoding.advance_many`), and rolls each
+   row's rejected tokens back,
 5. streams the tokens, retires finished requests and admits new ones (prefilled together in one packed
    forward of their own, so an admission never changes another request's numbers).
 
 The verify forward is packed (`labkit.model.ragged`): the token-wise layers run over the real tokens
 only, so the scheduler's B is the paper's, sum_r (1 + l_r), and one deep row beside many short ones
-costs its own tokens, not a padded rectangle (`packed=False` keeps the padded forward, for comparison).
+costs its own tokens in the token-wise layers (`packed=False` keeps the padded forward, for comparison).
+The KV cache itself stays a rectangle: a step appends its widest row's columns to every row, which
+attention reads until a compaction (docs/method.md has what that costs a ragged step).
 
 Why outputs never depend on who else is in the batch: every request keeps its own sampling settings
 and generator, the drafter runs per request, and the batched forward matches a solo forward to about
