@@ -1,6 +1,6 @@
 """Fault isolation in the batched engine (labkit.decode.engine): one request's failure is its own.
 
-A request whose drafting raises, or whose verification gets non-finite logits, is retired with the
+A request whose drafting or context update raises, or whose verification gets non-finite logits, is retired with the
 error in its own record (and the tokens it had), and every other request's output is exactly what it
 would have been alone: greedy, and sampled under the fixed policy (whose sampled outputs equal solo
 decoding, so a rewound generator is checked too).
@@ -56,18 +56,41 @@ class FaultyDSpark(Armed):
         return out
 
 
+class FaultyObserver(Armed):
+    """The context update raises for the bad prompt: the batched `observe_many` raises before changing
+    anything, and that request's own `observe` raises too."""
+
+    def observe(self, request, n_accepted, hidden):
+        if self._is_bad(request):
+            raise RuntimeError("injected observe fault")
+        return super().observe(request, n_accepted, hidden)
+
+    def observe_many(self, requests, n_accepted, hidden):
+        if any(self._is_bad(r) for r in requests):
+            raise RuntimeError("injected observe fault")
+        return super().observe_many(requests, n_accepted, hidden)
+
+
 def run(engine: Engine, requests, users: int = 4) -> dict[int, object]:
     for _ in closed_loop(requests, users, engine):
         pass
     return {r.id: r for r in engine.done}
 
 
+FAULTS = {"drafting": (FaultyDSpark, "drafting failed", "injected drafter fault"),
+          "context update": (FaultyObserver, "verification failed", "injected observe fault")}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(1.0)], ids=["greedy", "T=1"])
-def test_a_drafter_fault_retires_that_request_alone(tiny, params):
+def test_a_drafter_fault_retires_that_request_alone(tiny, params, fault):
+    """Drafting or the context update raises for one request mid-run: it alone is retired, with the
+    phase and the error in its record and the tokens it had; every other request equals solo decoding."""
+    cls, phase, message = FAULTS[fault]
     requests = mixed_requests(7, params)
-    drafter = FaultyDSpark(make_dspark(tiny, gamma=4), requests[BAD].prompt_ids)
+    drafter = cls(make_dspark(tiny, gamma=4), requests[BAD].prompt_ids)
     done = run(Engine(tiny, drafter, "fixed", steep_table()), requests)
-    assert "drafting failed" in done[BAD].error and "injected drafter fault" in done[BAD].error
+    assert phase in done[BAD].error and message in done[BAD].error
     assert not done[BAD].finished and len(done[BAD].token_ids) >= 3  # it had emitted tokens before the fault
     drafter.armed = False
     for req in requests:
@@ -109,32 +132,3 @@ def test_a_failed_request_is_reported_with_its_error(tiny):
     rep = report(engine, 3, "faulty")
     errors = {r["id"]: r.get("error") for r in rep["requests"]}
     assert "drafting failed" in errors[BAD] and sum(e is not None for e in errors.values()) == 1
-
-
-class FaultyObserver(Armed):
-    """The context update raises for the bad prompt: the batched `observe_many` raises before changing
-    anything, and that request's own `observe` raises too."""
-
-    def observe(self, request, n_accepted, hidden):
-        if self._is_bad(request):
-            raise RuntimeError("injected observe fault")
-        return super().observe(request, n_accepted, hidden)
-
-    def observe_many(self, requests, n_accepted, hidden):
-        if any(self._is_bad(r) for r in requests):
-            raise RuntimeError("injected observe fault")
-        return super().observe_many(requests, n_accepted, hidden)
-
-
-@pytest.mark.parametrize("params", [GREEDY, SamplingParams(1.0)], ids=["greedy", "T=1"])
-def test_a_failed_context_update_retires_that_request_alone(tiny, params):
-    requests = mixed_requests(7, params)
-    drafter = FaultyObserver(make_dspark(tiny, gamma=4), requests[BAD].prompt_ids)
-    done = run(Engine(tiny, drafter, "fixed", steep_table()), requests)
-    assert "verification failed" in done[BAD].error and "injected observe fault" in done[BAD].error
-    assert not done[BAD].finished
-    drafter.armed = False
-    for req in requests:
-        if req.id != BAD:
-            assert done[req.id].finished and done[req.id].error is None
-            assert done[req.id].token_ids == solo(tiny, drafter, req), req.id
