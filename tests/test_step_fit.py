@@ -16,7 +16,7 @@ from labkit.core.scheduler import Algorithm1, CostTable, RoundRate, ScheduleInpu
 from labkit.core.simulate import replay_steps
 from labkit.core.step_fit import MIN_STEPS, StepFit, StepRate
 from labkit.decode.engine import Engine, closed_loop, report
-from test_serving import dspark, mixed_requests, steep_table, tiny  # noqa: F401 (fixtures)
+from test_serving import dspark, mixed_requests, steep_table, ticking_clock, tiny  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,8 +97,7 @@ def test_the_engine_prices_steps_by_its_fit_records_it_and_replays_exactly(tiny,
     """A deterministic clock (a tick a reading): the first MIN_STEPS steps read the table (which truncates
     blocks), later ones the fit, recorded in each step; replaying the recorded trace (through JSON) with
     the same policy gives every step's lengths, fitted steps included."""
-    ticks = iter(range(10 ** 6))
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=lambda: 0.01 * next(ticks))
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock())
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
     fitted = [s for s in engine.steps if s.step_cost is not None]
@@ -112,8 +111,7 @@ def test_the_engine_prices_steps_by_its_fit_records_it_and_replays_exactly(tiny,
 
 
 def test_without_the_fit_the_engine_keeps_the_profiled_table(tiny, dspark):
-    ticks = iter(range(10 ** 6))
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(), clock=lambda: 0.01 * next(ticks), cost_model="table")
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(), clock=ticking_clock(), cost_model="table")
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
     assert engine.step_fit is None and all(s.step_cost is None for s in engine.steps)
@@ -124,8 +122,7 @@ def test_the_engine_adds_the_mean_admission_time_per_step_to_the_fitted_step(tin
     """Admissions (prefills between steps) are part of every serving cycle but come in bursts unrelated
     to a step's verified drafts: the engine prices a step at the fit plus their running mean, and the
     first step's admissions (the engine filling once) are left out of that mean."""
-    ticks = iter(range(10 ** 6))
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=lambda: 0.01 * next(ticks))
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock())
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
     assert engine.steps[0].admit_s > 0.0  # the first fill was timed...
@@ -142,8 +139,7 @@ def test_the_offset_model_prices_the_table_plus_the_measured_excess_and_replays_
     """cost_model="offset": once a step was measured, Algorithm 1 reads RoundRate(table, mean excess of the
     measured steps over the table's forward), recorded as offset_s; the replay gives every step's lengths.
     An unknown model is refused with the list."""
-    ticks = iter(range(10 ** 6))
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=lambda: 0.01 * next(ticks),
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock(),
                     cost_model="offset")
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
