@@ -130,9 +130,10 @@ def test_the_engine_adds_the_mean_admission_time_per_step_to_the_fitted_step(tin
     assert engine._admit_mean is not None and 0.0 < engine._admit_mean <= max(later)  # ...but not averaged in
     engine.step_fit = fed(mixed_steps())
     rate = engine.step_fit.rate(4)
-    priced = engine._price(4)
+    priced, recorded, offset = engine._price(4, None)
     assert priced.fixed_s == pytest.approx(rate.fixed_s + engine._admit_mean)
     assert priced.per_token_s == rate.per_token_s
+    assert recorded == (priced.fixed_s, priced.per_token_s) and offset is None
 
 
 def test_the_offset_model_prices_the_table_plus_the_measured_excess_and_replays_exactly(tiny, dspark):

@@ -65,11 +65,9 @@ def _get(step, name: str):
     return step[name] if isinstance(step, dict) else getattr(step, name)
 
 
-def _step_cost(step) -> tuple[float, float] | None:
-    """The (fixed seconds, seconds per verified draft) the engine's fit priced a step with, if it did
-    (a trace recorded before the engine fitted its steps has no such field)."""
-    cost = step.get("step_cost") if isinstance(step, dict) else getattr(step, "step_cost", None)
-    return tuple(cost) if cost is not None else None
+def _optional(step, name: str):
+    """A field of a step that traces recorded before it existed lack (None then)."""
+    return step.get(name) if isinstance(step, dict) else getattr(step, name, None)
 
 
 def _as_table(table) -> HasSPS:
@@ -148,9 +146,8 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
         max_lengths = [len(c) for c in confs]
         gamma = max(max_lengths, default=0)
         old, old_lengths = history.old(ids, gamma)
-        draft, fitted = _get(step, "draft_cost_s"), _step_cost(step)
-        offset = step.get("offset_s") if isinstance(step, dict) else getattr(step, "offset_s", None)
-        rate = (StepRate(*fitted, len(ids)) if fitted else
+        draft, fitted, offset = _get(step, "draft_cost_s"), _optional(step, "step_cost"), _optional(step, "offset_s")
+        rate = (StepRate(*fitted, len(ids)) if fitted is not None else
                 RoundRate(table, offset if offset is not None else (draft or 0.0) * len(ids)))
         inp = ScheduleInput(conf=_conf_rows(confs, gamma), table=rate, max_lengths=max_lengths,
                             batch_tokens=batch_tokens, old_conf=old, old_max_lengths=old_lengths)

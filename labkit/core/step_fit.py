@@ -9,9 +9,9 @@ reads that per-request cost as a per-token cost (B = R x W grows with R), so Alg
 draft costs several times what it does, and verifies too little.
 
 `StepFit` keeps an exponentially weighted least-squares fit of the step's wall seconds t (the step with
-its retirements; the engine adds the mean admission time per step apart) against R (the requests in the step) and X = B - R (the verified drafts, as the engine counts B), from past steps
-only, so the schedule never depends on anything drawn in the step it schedules (verification stays
-lossless). `StepRate` is that fit seen from one step: R is fixed, so sps(B) = 1 / (a + b R + c (B - R)).
+its retirements; the engine adds the mean admission time per step apart) against R (the requests in the
+step) and X = B - R (the verified drafts, as the engine counts B), from past steps only, so the schedule
+never depends on anything drawn in the step it schedules (verification stays lossless). `StepRate` is that fit seen from one step: R is fixed, so sps(B) = 1 / (a + b R + c (B - R)).
 The drafting a deeper verification causes (the next step's drafting caps follow this step's lengths)
 lands in c, because in steady state X moves with the depth drafted.
 """

@@ -50,7 +50,8 @@ from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams, Verdict
-from labkit.core.scheduler import CostTable, RoundRate, ScheduleInput, make_policy, packed_tokens, running_mean
+from labkit.core.scheduler import (CostTable, HasSPS, RoundRate, ScheduleInput, make_policy, packed_tokens,
+                                   running_mean)
 from labkit.core.step_fit import FIT_WEIGHT, StepFit, StepRate
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
@@ -192,12 +193,11 @@ class Engine:
         self._last_length: dict[int, int] = {}
         #: running mean of drafting seconds per request and step (RoundRate), None before the first step
         self._draft_s_per_request: float | None = None
-        #: the step's seconds against its requests and verified drafts, fitted from past steps (`StepFit`);
-        #: None: the policy always reads the profiled table plus the drafting mean
         if cost_model not in COST_MODELS:
             raise LabkitError(f"Unknown cost model {cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
         #: how Algorithm 1 prices a step (`COST_MODELS`)
         self.cost_model = cost_model
+        #: cost model "fit": the step's seconds against its requests and verified drafts, from past steps
         self.step_fit: StepFit | None = StepFit() if cost_model == "fit" else None
         #: running mean of a step's measured seconds (admissions included) above the table's forward
         self._offset_mean: float | None = None
@@ -227,7 +227,7 @@ class Engine:
         t0 = self._clock()
         try:
             return self._admit(requests)
-        finally:  # the step fit charges admissions to the step that follows them (`step`)
+        finally:  # the measured cost models charge admissions to the step that follows them (`_learn`)
             self._admit_s += self._clock() - t0
 
     def _admit(self, requests: list[ServeRequest]) -> dict[int, RequestRecord]:
@@ -346,10 +346,7 @@ class Engine:
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
-        fitted = self._price(len(ids))
-        offset = max(0.0, self._offset_mean) if self.cost_model == "offset" and self._offset_mean is not None else None
-        # the whole step: the engine's own measurements once it has them, else drafting for all + the forward
-        cost = fitted or RoundRate(self.table, offset if offset is not None else (draft_cost_s or 0.0) * len(ids))
+        cost, step_cost, offset = self._price(len(ids), draft_cost_s)
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=self.batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths)
@@ -379,35 +376,47 @@ class Engine:
             elif self.active[rid].state.finished:
                 self._retire(rid)
         admit_s, self._admit_s = self._admit_s, 0.0
-        step_s = self._clock() - t_start  # the step with its retirements
-        weight = max(FIT_WEIGHT, 1.0 / (len(self.steps) or 1))  # a plain mean at first
-        if self.step_fit is not None:  # admissions apart (`_price`)
-            self.step_fit.update(len(ids), self.batch_tokens(list(lengths)) - len(ids), step_s)
-            if self.steps:  # the first step's admissions fill the engine once; later ones recur
-                self._admit_mean = running_mean(self._admit_mean, admit_s, weight)
-        if self.cost_model == "offset":
-            recurring = admit_s if self.steps else 0.0
-            above = step_s + recurring - 1.0 / self.table.sps(self.batch_tokens(list(lengths)))
-            self._offset_mean = running_mean(self._offset_mean, above, weight)
+        self._learn(len(ids), self.batch_tokens(list(lengths)), self._clock() - t_start, admit_s)
         record = StepRecord(t_s=t_end - self.t0, active=len(ids), lengths=list(lengths), drafted=max_lengths,
                             accepted=accepted, batch_tokens=batch_tokens, draft_s=t_drafted - t_start,
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
-                            caps=caps, step_cost=(fitted.fixed_s, fitted.per_token_s) if fitted else None,
-                            admit_s=admit_s, offset_s=offset)
+                            caps=caps, step_cost=step_cost, admit_s=admit_s, offset_s=offset)
         self.steps.append(record)
         return record
 
-    def _price(self, requests: int) -> StepRate | None:
-        """The step's cost from the engine's own fit (None while it has none): the fitted step at this many
-        requests plus the running mean of admission seconds per step. Admissions are a serving cycle's
-        cost as surely as its forwards (a long run pays every prefill), but they come in bursts that
-        have nothing to do with a step's verified drafts, so they are averaged apart from the fit."""
+    def _price(self, requests: int, draft_cost_s: float | None
+               ) -> tuple[HasSPS, tuple[float, float] | None, float | None]:
+        """What Algorithm 1 reads for this step (`COST_MODELS`), and what the step records of it for an exact
+        replay: (the price, the fit's (fixed, per-draft) seconds or None, the offset's seconds or None).
+
+        "fit": the fitted step at this many requests plus the running mean of admission seconds per step.
+        Admissions are a serving cycle's cost as surely as its forwards (a long run pays every prefill),
+        but they come in bursts that have nothing to do with a step's verified drafts, so they are averaged
+        apart from the fit. Until a model has measurements: the table plus drafting for all requests."""
         rate = self.step_fit.rate(requests) if self.step_fit is not None else None
-        if rate is None or not self._admit_mean:
-            return rate
-        return StepRate(rate.fixed_s + self._admit_mean, rate.per_token_s, requests)
+        if rate is not None:
+            fitted = StepRate(rate.fixed_s + (self._admit_mean or 0.0), rate.per_token_s, requests)
+            return fitted, (fitted.fixed_s, fitted.per_token_s), None
+        if self.cost_model == "offset" and self._offset_mean is not None:
+            offset = max(0.0, self._offset_mean)
+            return RoundRate(self.table, offset), None, offset
+        return RoundRate(self.table, (draft_cost_s or 0.0) * requests), None, None
+
+    def _learn(self, requests: int, batch_tokens: int, step_s: float, admit_s: float) -> None:
+        """Feed the measured cost model one finished step: `step_s` seconds (with its retirements) at
+        `batch_tokens` verified tokens, after `admit_s` seconds of admissions since the last step. The first
+        step's admissions fill the engine once and are left out; later ones recur."""
+        weight = max(FIT_WEIGHT, 1.0 / (len(self.steps) or 1))  # a plain mean at first
+        recurring = admit_s if self.steps else None
+        if self.step_fit is not None:
+            self.step_fit.update(requests, batch_tokens - requests, step_s)
+            if recurring is not None:
+                self._admit_mean = running_mean(self._admit_mean, recurring, weight)
+        if self.cost_model == "offset":
+            above = step_s + (recurring or 0.0) - 1.0 / self.table.sps(batch_tokens)
+            self._offset_mean = running_mean(self._offset_mean, above, weight)
 
     def draft_caps(self, ids: list[int]) -> list[int | None]:
         """The most tokens each request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),

@@ -262,10 +262,7 @@ def advance(state: DecodeState, proposal: Proposal, verdict: Verdict, hidden: tu
     """Append the n accepted drafts and the target's token, then drafter.observe with the hidden states
     of the k + 1 verified positions: one (k + 1, H) tensor per entry of drafter.hidden_layers
     (`select_hidden`), or None when it reads none."""
-    n = verdict.n_accepted
-    state.append(proposal.tokens[:n].tolist() + [verdict.next_token])
-    if drafter is not None:
-        drafter.observe(state.request, n, hidden)
+    advance_many([state], [proposal], [verdict], [hidden], drafter)
 
 
 def advance_many(states: list[DecodeState], proposals: list[Proposal], verdicts: list[Verdict],

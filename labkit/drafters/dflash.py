@@ -532,9 +532,9 @@ class DFlashDrafter(Drafter):
                          for r, f in zip(requests, feats)])[None]
         kv = self.backbone.context_kv(self.backbone.context(torch.cat(feats)[None]), pos)
         sizes = [f.shape[0] for f in feats]
-        parts = [[(k.split(sizes, 2)[i], v.split(sizes, 2)[i]) for k, v in kv] for i in range(len(requests))]
-        for request, new, n in zip(requests, parts, sizes):
-            request.memo.extend(new, n)
+        per_layer = [list(zip(k.split(sizes, 2), v.split(sizes, 2))) for k, v in kv]  # [layer][request]
+        for i, (request, n) in enumerate(zip(requests, sizes)):
+            request.memo.extend([layer[i] for layer in per_layer], n)
 
 
 __all__ = ["DraftShape", "DFlashConfig", "DFlashBackbone", "DFlashDrafter", "ContextCache", "default_layers"]
