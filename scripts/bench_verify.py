@@ -34,7 +34,7 @@ def shapes(rows: int, gamma: int) -> dict[str, list[int]]:
 
 def make_cache(target, rows: int, kv: int, packed: bool) -> BatchKV:
     gen = torch.Generator().manual_seed(0)
-    cache = BatchKV(target, compact_at=1.0, packed=packed)
+    cache = BatchKV(target, packed=packed)
     cache.add(0, torch.randint(target.vocab_size, (kv,), generator=gen).tolist())
     cache.replicate(rows)
     return cache
@@ -44,7 +44,7 @@ def one_step(target, cache: BatchKV, widths: list[int]) -> float:
     step = {key: [7] * w for key, w in zip(cache.keys, widths)}
     seconds, _ = timed_call(lambda: cache.step(step), target.device)
     sync_device(target.device)
-    cache.drop_last_columns(max(widths))
+    cache.undo_step()
     return seconds
 
 

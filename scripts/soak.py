@@ -83,7 +83,6 @@ def main(argv=None) -> int:
         "rss_end_mb": memory[-1][1], "rss_growth_mb": memory[-1][1] - memory[0][1],
         "memory_trace": memory, "step_ms_first_fifth": first_ms, "step_ms_last_fifth": last_ms,
         "verify_ms_per_request_first_fifth": first_pr, "verify_ms_per_request_last_fifth": last_pr,
-        "kv_compactions": engine.kv.stats.compactions,
     }
     print(f"{out['requests_served']} requests in {wall:.0f} s ({out['steps']} steps), all finished: "
           f"{out['all_finished']}; RSS {out['rss_start_mb']:.0f} -> {out['rss_end_mb']:.0f} MiB (peak "

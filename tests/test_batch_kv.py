@@ -1,4 +1,4 @@
-"""labkit.model.batch_kv: one batched KV cache with ragged rows, per-row rollback, admission and compaction.
+"""labkit.model.batch_kv: one batched KV cache with ragged rows, per-row rollback, admission and retirement.
 
 Every batched result is compared with the same request run alone: `Target.forward` on its own
 DynamicCache, unpadded, rolled back with `crop`. Tolerance: max abs difference <= 1e-4 in fp32 (TOL),
@@ -109,18 +109,34 @@ def admit(kv: BatchKV, target: Target, solos: dict, key, prompt: list[int]) -> N
     assert hidden is None or hidden[0].shape == (len(prompt), target.hidden_size)
 
 
-@pytest.mark.parametrize("compact_at", [0.5, 0.1])
-def test_mixed_batch_matches_solo_over_steps_with_rollbacks(target, compact_at, packed):
+@pytest.fixture
+def read_widths(monkeypatch) -> list[int]:
+    """The columns every forward's attention reads (each layout's T), in call order."""
+    import labkit.model.ragged as ragged
+    seen, layout = [], ragged.layout
+
+    def spy(*args, **kwargs):
+        plan = layout(*args, **kwargs)
+        seen.append(plan.columns)
+        return plan
+
+    monkeypatch.setattr(ragged, "layout", spy)
+    return seen
+
+
+def test_mixed_batch_matches_solo_over_steps_with_rollbacks(target, packed, read_widths):
     """4 prompts of 2-13 tokens, 8 steps of 1-6 tokens per row (ragged), random rollbacks: every row's
-    logits and hidden states equal its solo run within TOL; compact_at=0.1 compacts along the way."""
+    logits and hidden states equal its solo run within TOL, and every step's attention reads exactly
+    the longest row after the step (a rolled-back token is written over, never read again)."""
     rng = random.Random(0)
-    kv, solos = BatchKV(target, hidden_layers=LAYERS, compact_at=compact_at, packed=packed), {}
+    kv, solos = BatchKV(target, hidden_layers=LAYERS, packed=packed), {}
     for key, n in zip("abcd", [2, 7, 13, 4]):
         admit(kv, target, solos, key, tokens(rng, n))
     for _ in range(8):
-        run_step(kv, solos, {key: rng.randint(1, 6) for key in kv.keys}, rng)
-    if compact_at < 0.5:
-        assert kv.stats.compactions > 0
+        before = {key: kv.length(key) for key in kv.keys}
+        widths = {key: rng.randint(1, 6) for key in kv.keys}
+        run_step(kv, solos, widths, rng)
+        assert read_widths[-1] == max(before[k] + widths[k] for k in kv.keys)
 
 
 def test_rows_that_are_mostly_padding_give_no_nan(target, packed):
@@ -138,22 +154,18 @@ def test_rows_that_are_mostly_padding_give_no_nan(target, packed):
     assert kv.stats.padding_fraction == 0.0 if packed else kv.stats.padding_fraction > 0.5
 
 
-def test_rollback_then_compaction_equals_recompute_from_accepted_tokens(sdpa_target, packed):
-    """After steps with rollbacks and a compaction, the next step's logits equal a from-scratch forward
-    over the accepted tokens only; compaction leaves no holes but left padding."""
+def test_rollback_then_step_equals_recompute_from_accepted_tokens(sdpa_target, packed):
+    """After steps with rollbacks, the next step's logits equal a from-scratch forward over the
+    accepted tokens only (the rejected tokens' cells were written over), and the only cells that hold
+    no live token are the short rows' tail (holes = R x longest - live tokens)."""
     t, rng = sdpa_target, random.Random(2)
-    kv, solos = BatchKV(t, compact_at=1.0, packed=packed), {}
+    kv, solos = BatchKV(t, packed=packed), {}
     for key, n in zip("abc", [3, 8, 5]):
         admit(kv, t, solos, key, tokens(rng, n))
     for _ in range(5):
         run_step(kv, solos, {key: rng.randint(2, 6) for key in kv.keys}, rng)
-    before = kv.stats
-    assert before.compactions == 0 and before.reclaimable > 0
-    kv.compact()
-    after = kv.stats
-    assert after.compactions == 1 and after.columns == max(kv.length(k) for k in kv.keys) < before.columns
-    assert after.holes == after.rows * after.columns - after.valid  # only left padding is left
-    assert all(kv.valid[r, after.columns - kv.length(k):].all() for r, k in enumerate(kv.keys))
+    stats, lengths = kv.stats, [kv.length(k) for k in kv.keys]
+    assert stats.columns == max(lengths) and stats.holes == sum(max(lengths) - n for n in lengths)
     new = {key: tokens(rng, rng.randint(1, 4)) for key in kv.keys}
     out = kv.step(new)
     for key in kv.keys:
@@ -163,7 +175,8 @@ def test_rollback_then_compaction_equals_recompute_from_accepted_tokens(sdpa_tar
 
 def test_admission_and_retirement_mid_run_leave_other_rows_unchanged(target, packed):
     """Rows come and go between steps (a prompt longer than the batch pads the batch, a short one pads
-    itself); every row still equals its solo run, and removal compacts away the columns it owned."""
+    itself); every row still equals its solo run, and after a removal the columns only it used are no
+    longer read."""
     rng = random.Random(3)
     kv, solos = BatchKV(target, hidden_layers=LAYERS, packed=packed), {}
     admit(kv, target, solos, "a", tokens(rng, 3))
@@ -248,23 +261,24 @@ def test_twelve_row_batch_has_no_leakage(sdpa_target, packed):
                 assert torch.equal(outs[s][i], changed[s][i])
 
 
-def test_automatic_compaction_keeps_logits(sdpa_target, packed):
-    """Heavy rollbacks push the reclaimable share past compact_at: the step compacts first, and the
+def test_heavy_rollbacks_never_widen_the_cache(sdpa_target, packed, read_widths):
+    """6 steps of 6 tokens, 5 of them rolled back each time: each step reads its rows' kept tokens plus
+    its own 6 (a layout that appended every step's columns would read 6 more each step), and the
     logits still equal the solo runs."""
     t, rng = sdpa_target, random.Random(5)
-    kv, solos = BatchKV(t, compact_at=0.3, packed=packed), {}
+    kv, solos = BatchKV(t, packed=packed), {}
     for key, n in zip("xy", [2, 3]):
         admit(kv, t, solos, key, tokens(rng, n))
-    for _ in range(6):
+    for s in range(6):
         inputs = {key: tokens(rng, 6) for key in kv.keys}
         out = kv.step(inputs)
+        assert read_widths[-1] == 3 + s + 6
         for key, toks in inputs.items():
             assert close(out[key][0], solos[key].step(toks)[0]) <= TOL
             kv.rollback(key, 5)
             solos[key].rollback(5)
     stats = kv.stats
-    assert stats.compactions >= 1 and stats.columns < 2 + 6 * 6
-    assert 0.0 <= stats.waste_fraction < 1.0
+    assert stats.columns == 3 + 6 and 0.0 < stats.waste_fraction < 1.0
 
 
 def test_padded_tokens_and_time_step(sdpa_target):
@@ -305,8 +319,6 @@ def test_bad_input_names_the_fix(sdpa_target):
         kv.rollback("a", 2)
     with pytest.raises(LabkitError, match="layer indices"):
         BatchKV(sdpa_target, hidden_layers=(4,))
-    with pytest.raises(LabkitError, match="compact_at"):
-        BatchKV(sdpa_target, compact_at=0.0)
 
 
 def test_sliding_window_models_get_full_layers_and_trimmed_caches_are_refused():
@@ -348,14 +360,15 @@ def test_real_target_batched_equals_solo(real_target, packed):
 
 
 @pytest.mark.parametrize("headroom", [0, 2, 64])
-def test_in_place_cache_buffers_keep_logits_across_growth(sdpa_target, headroom, monkeypatch):
-    """The packed step writes new columns into spare buffer columns instead of copying the cache;
+def test_slab_growth_keeps_logits(sdpa_target, headroom, monkeypatch):
+    """The cache's buffers grow (one copy) only when a step or an admission needs more rows or columns;
     with no, little and much headroom (a new buffer every step, every few steps, rarely), through
-    rollbacks, an admission and a removal, every row still equals its solo run."""
-    import labkit.model.ragged as ragged
-    monkeypatch.setattr(ragged, "HEADROOM", headroom)
+    rollbacks, admissions and removals, every row still equals its solo run."""
+    import labkit.model.slab as slab
+    monkeypatch.setattr(slab, "HEADROOM", headroom)
+    monkeypatch.setattr(slab, "ROW_HEADROOM", min(headroom, 4))
     t, rng = sdpa_target, random.Random(8)
-    kv, solos = BatchKV(t, compact_at=0.9), {}
+    kv, solos = BatchKV(t), {}
     for key, n in zip("pq", [3, 7]):
         admit(kv, t, solos, key, tokens(rng, n))
     for s in range(12):
@@ -363,6 +376,25 @@ def test_in_place_cache_buffers_keep_logits_across_growth(sdpa_target, headroom,
             admit(kv, t, solos, "r", tokens(rng, 5))
         if s == 8:
             kv.remove("p")
+        if s == 10:
+            admit(kv, t, solos, "s", tokens(rng, 30))  # longer than every row: columns grow at admission
         run_step(kv, solos, {key: 1 + (s + i) % 4 for i, key in enumerate(kv.keys)}, rng)
-    layer = kv.cache.layers[0]
-    assert layer.keys.shape[2] == kv.columns and layer._labkit_buffers[0].shape[2] >= kv.columns
+    rows, columns = kv.slab.capacity
+    assert rows >= len(kv.keys) and columns >= kv.columns
+
+
+def test_admission_and_retirement_copy_no_other_row(sdpa_target):
+    """With room in the buffers, admitting requests writes into free slots and retiring one moves only
+    the last row into its slot: the buffers are the same tensors before and after, and every row still
+    equals its solo run."""
+    t, rng = sdpa_target, random.Random(9)
+    kv, solos = BatchKV(t), {}
+    for key, n in zip("abc", [4, 6, 5]):
+        admit(kv, t, solos, key, tokens(rng, n))
+    run_step(kv, solos, {key: 2 for key in kv.keys}, rng)
+    buffers = [b.data_ptr() for b in kv.slab.keys + kv.slab.values]
+    kv.remove("a")
+    assert kv.keys == ["c", "b"]  # the last row took the freed slot
+    admit(kv, t, solos, "d", tokens(rng, 3))
+    run_step(kv, solos, {key: 3 for key in kv.keys}, rng)
+    assert [b.data_ptr() for b in kv.slab.keys + kv.slab.values] == buffers

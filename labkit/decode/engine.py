@@ -17,8 +17,9 @@ Each engine step
 The verify forward is packed (`labkit.model.ragged`): the token-wise layers run over the real tokens
 only, so the scheduler's B is the paper's, sum_r (1 + l_r), and one deep row beside many short ones
 costs its own tokens in the token-wise layers (`packed=False` keeps the padded forward, for comparison).
-The KV cache itself stays a rectangle: a step appends its widest row's columns to every row, which
-attention reads until a compaction (docs/method.md has what that costs a ragged step).
+Each row of the KV cache grows by its own tokens only (`labkit.model.slab`: row slots written in
+place; a rollback is overwritten by the next step), so a ragged step reads no more columns than a
+uniform one, and admissions and retirements copy no other row.
 
 Why outputs never depend on who else is in the batch: every request keeps its own sampling settings
 and generator, the drafter runs per request, and the batched forward matches a solo forward to about

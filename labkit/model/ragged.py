@@ -1,28 +1,25 @@
-"""A packed (flattened) forward over ragged rows: B counts real tokens, as in the paper (Sec. 3.2.2, 5.3).
+"""One batched forward over ragged rows, each row attending only to its own cache (Sec. 3.2.2, 5.3).
 
-The batched engine verifies R requests in one target forward, request r with w_r new tokens. Padded to
-R x max(w) (the layout of `labkit.model.batch_kv`), every linear layer, the MLP and the norms pay for
-the pads: one deep draft admitted beside fifteen one-token rows doubles the work, and the scheduler's
-cost model SPS(B) sees a cliff where the paper's flattened batch has none. Packed, the N = sum w_r
-real tokens run as ONE sequence of batch 1 through every token-wise layer, and only attention, the one
-place where rows must not mix, regroups them:
+The batched engine verifies R requests in one target forward, request r with w_r new tokens. Packed
+(the default), the N = sum w_r real tokens run as ONE sequence of batch 1 through every token-wise
+layer, so B counts real tokens as in the paper's flattened batch; padded (for comparison), the rows
+run as an (R, max w) batch and the token-wise layers pay for the pads too. Only attention, the one
+place where rows must not mix, sees rows in both layouts:
 
     tokens (1, N) -> embeddings, q/k/v projections, RoPE (per-token positions) over N tokens
-    attention: gather q, k, v into (R, W) by row, append k, v to each row's cache, SDPA with the row's
-               own mask (its valid cache columns + causal over its new tokens), scatter back to N
-    o-projection, MLP, norms, LM head over N tokens
+    attention: write each row's new keys and values into its slot of the cache (`labkit.model.slab`)
+               at columns length_r .. length_r + w_r - 1, gather the queries into (R, W) by row, SDPA
+               over the row's own columns (its prefix + causal over its new tokens), scatter back to N
+    o-projection, MLP, norms over N tokens (the LM head is the caller's, over real tokens only)
 
-Attention still runs R x W queries (pads included, masked), but over a 135M-parameter model with a
-few hundred cached tokens it is a few percent of a verify forward; the token-wise layers are the rest
-(measured in docs/facts.md, "Packed verify"). No custom kernel: the model's own modules run, and only
-its attention function is swapped for `ragged_attention` (transformers' `AttentionInterface`) while a
-packed forward runs. A query never sees another row's keys: the gather puts each row's queries beside
-its own cache only, which is the whole isolation argument (tests/test_ragged.py checks that a packed
-forward gives each request's solo logits).
-
-The KV layout of the cache is unchanged (R rows x T columns with a validity mask), so rollback,
-compaction and admission in `BatchKV` work as before. A cache with no columns yet is a batched
-prefill: new requests are prefilled together in one packed forward and spliced in.
+Attention still runs R x W queries (pads included, masked) over R x T columns, T the longest row:
+over a 135M-parameter model with a few hundred cached tokens that is a small share of a verify
+forward; the token-wise layers are the rest (docs/facts.md, "Packed verify"). No custom kernel: the
+model's own modules run, and only its attention function is swapped for `ragged_attention`
+(transformers' `AttentionInterface`) while the forward runs. A query never sees another row's keys:
+each row's queries meet their own slot only, which is the whole isolation argument
+(tests/test_batch_kv.py checks that every row equals its request run alone). A forward whose rows
+start at length 0 is a batched prefill: new requests are prefilled together straight into free slots.
 """
 
 from __future__ import annotations
@@ -33,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface
+
+from labkit.model.slab import Slab
 
 #: the name under which `ragged_attention` is registered with transformers
 RAGGED = "labkit_ragged"
@@ -41,41 +40,48 @@ RAGGED = "labkit_ragged"
 
 @dataclass
 class RaggedLayout:
-    """Where each of the N packed tokens sits in the (R, W) padded grid, and back.
+    """Where each of the N real tokens sits, in the (R, W) grid and in the cache.
 
-    gather (R, W): for row r and new column j, the packed index of that token (pads point at the row's
-    first token; their queries are dropped and their keys masked). rows / cols (N,): the grid cell of
-    packed token n. mask (R, 1, W, T + W): what each query may attend to.
-    """
+    Rows are the slab's slots first..first+R-1. new_valid (R, W): which grid cells hold a real token;
+    packed: gather (R, W) is the packed index of each cell (pads point at the row's first token: their
+    queries are dropped), rows / cols (N,) the grid cell of packed token n. slot / column (N,): where
+    token n's key and value are written. mask (R, 1, W, T): what each query may attend to, T the
+    columns every row is read over after the writes."""
 
+    slab: Slab
+    first: int
+    packed: bool
+    new_valid: torch.Tensor
     gather: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    slot: torch.Tensor
+    column: torch.Tensor
     mask: torch.Tensor
-    cache: DynamicCache
 
     @property
-    def new_valid(self) -> torch.Tensor:
-        """(R, W): which cells of the new columns hold a real token."""
-        return self.mask[:, 0, -1, -self.gather.shape[1]:]
+    def columns(self) -> int:
+        return self.mask.shape[-1]
 
 
-def layout(widths: list[int], valid: torch.Tensor, cache: DynamicCache) -> RaggedLayout:
-    """The layout of one packed forward: rows of `widths` new tokens over a cache whose live columns
-    are `valid` (R, T) (T may be 0: a batched prefill)."""
-    device = valid.device
+def layout(widths: list[int], starts: list[int], slab: Slab, first: int, packed: bool = True) -> RaggedLayout:
+    """The layout of one forward: row r (slot first + r) holds `starts[r]` tokens and gets `widths[r]`."""
+    device = slab.device
     r, width = len(widths), max(widths)
     w = torch.tensor(widths, device=device)
-    starts = torch.cumsum(w, 0) - w
+    s = torch.tensor(starts, device=device)
+    offsets = torch.cumsum(w, 0) - w
     cols = torch.arange(width, device=device)
     new_valid = cols[None, :] < w[:, None]
-    gather = starts[:, None] + torch.where(new_valid, cols[None, :], 0)
+    gather = offsets[:, None] + torch.where(new_valid, cols[None, :], 0)
     rows = torch.repeat_interleave(torch.arange(r, device=device), w)
-    packed_cols = torch.arange(int(w.sum()), device=device) - starts[rows]
-    causal = cols[None, :] <= cols[:, None]  # (W, W): query j sees new keys 0..j
-    mask = torch.cat([valid[:, None, :].expand(r, width, -1),
-                      causal[None] & new_valid[:, None, :]], dim=2)[:, None]
-    return RaggedLayout(gather=gather, rows=rows, cols=packed_cols, mask=mask, cache=cache)
+    packed_cols = torch.arange(int(w.sum()), device=device) - offsets[rows]
+    columns = int((s + w).max())
+    # query j of row r sees the row's columns up to its own (a pad query sees the row's last real one)
+    last_seen = s[:, None] + torch.minimum(cols[None, :], w[:, None] - 1)
+    mask = torch.arange(columns, device=device)[None, None, :] <= last_seen[:, :, None]
+    return RaggedLayout(slab=slab, first=first, packed=packed, new_valid=new_valid, gather=gather, rows=rows,
+                        cols=packed_cols, slot=first + rows, column=s[rows] + packed_cols, mask=mask[:, None])
 
 
 def _grid(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
@@ -83,51 +89,27 @@ def _grid(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     return x[0][:, gather].permute(1, 0, 2, 3)
 
 
-#: spare columns a cache layer's buffer gets when it must grow (a few steps' worth of new tokens)
-HEADROOM = 64
-
-
-def _append(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append W columns to a cache layer without copying the cache: its keys and values are views of
-    buffers with spare columns, written in place (a plain `torch.cat` copies all R x T cached columns
-    of every layer at every step, which at 16 rows of a few hundred tokens costs more than the step's
-    attention). A layer whose tensors were replaced since (admission, compaction, removal) or whose
-    buffer is full gets a new buffer; the columns of a view nobody holds past T are never written."""
-    if not layer.is_initialized:
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys[:, :, :0], values[:, :, :0]
-    t, w = layer.keys.shape[2], keys.shape[2]
-    buffers = getattr(layer, "_labkit_buffers", None)
-    if (buffers is None or buffers[0].shape[2] < t + w or buffers[0].shape[:2] != layer.keys.shape[:2]
-            or buffers[0].data_ptr() != layer.keys.data_ptr() or buffers[1].data_ptr() != layer.values.data_ptr()):
-        grown = []
-        for cached, new in ((layer.keys, keys), (layer.values, values)):
-            buf = new.new_empty((new.shape[0], new.shape[1], t + w + HEADROOM, new.shape[3]))
-            buf[:, :, :t] = cached
-            grown.append(buf)
-        buffers = layer._labkit_buffers = tuple(grown)
-    buffers[0][:, :, t:t + w] = keys
-    buffers[1][:, :, t:t + w] = values
-    layer.keys, layer.values = buffers[0][:, :, :t + w], buffers[1][:, :, :t + w]
-    return layer.keys, layer.values
-
-
 def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      ragged: RaggedLayout | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention of a packed forward: each row's queries over its own cache and its own new keys.
+    """Attention of a ragged forward: each row's queries over its own slot of the cache.
 
-    query/key/value come in packed, (1, heads, N, head_dim), after RoPE; the new keys and values are
-    appended to each row's cache layer here (the model is called without a cache of its own).
-    Returns (1, N, heads, head_dim), the layout transformers' attention functions return."""
+    query/key/value come after RoPE, (1, heads, N, head_dim) packed or (R, heads, W, head_dim) padded;
+    the new keys and values are written into the slab here (the model is called without a cache of
+    its own). Returns (batch, tokens, heads, head_dim), the layout transformers' attention functions return."""
     if ragged is None:
         raise RuntimeError("ragged_attention runs only inside labkit.model.ragged.forward (it needs the layout).")
-    layer = ragged.cache.layers[module.layer_idx]
-    keys, values = _append(layer, _grid(key, ragged.gather), _grid(value, ragged.gather))
-    q = _grid(query, ragged.gather)
+    if ragged.packed:
+        new_k, new_v, q = key[0].transpose(0, 1), value[0].transpose(0, 1), _grid(query, ragged.gather)
+    else:
+        new_k, new_v, q = key.transpose(1, 2)[ragged.new_valid], value.transpose(1, 2)[ragged.new_valid], query
+    ragged.slab.write(module.layer_idx, new_k, new_v, ragged.slot, ragged.column)
+    keys, values = ragged.slab.read(module.layer_idx, ragged.first, ragged.first + q.shape[0], ragged.columns)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ragged.mask, scale=scaling,
                                          enable_gqa=q.shape[1] != keys.shape[1])
-    return out.permute(0, 2, 1, 3)[ragged.rows, ragged.cols].unsqueeze(0), None
+    if ragged.packed:
+        return out.permute(0, 2, 1, 3)[ragged.rows, ragged.cols].unsqueeze(0), None
+    return out.transpose(1, 2), None
 
 
 AttentionInterface.register(RAGGED, ragged_attention)
@@ -145,17 +127,33 @@ def _attention(config, name: str) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def forward(model, tokens: list[torch.Tensor], positions: list[torch.Tensor], valid: torch.Tensor,
-            cache: DynamicCache, output_hidden_states: bool = False):
-    """One packed forward of the decoder (no LM head) over rows of new `tokens` at `positions`.
+def forward(model, tokens: list[torch.Tensor], starts: list[int], slab: Slab, first: int, packed: bool = True,
+            output_hidden_states: bool = False):
+    """One forward of the decoder (no LM head): row r, in slot first + r, holds starts[r] tokens and
+    gets tokens[r], at positions starts[r], starts[r] + 1, ... The caller has reserved the slab's room.
 
-    `cache` holds R rows x T columns (`valid` (R, T) says which are live); each row's new keys and
-    values are appended as W = max(w_r) new columns (the pads invalid). Returns (the decoder's output,
-    whose last_hidden_state is (1, N, H) over the real tokens in row order, and the layout)."""
-    plan = layout([len(t) for t in tokens], valid, cache)
+    Returns (the decoder's output, the layout); its last_hidden_state is (1, N, H) packed, (R, W, H)
+    padded (`real_hidden` takes the real tokens of either, in row order)."""
+    plan = layout([len(t) for t in tokens], starts, slab, first, packed)
+    positions = plan.column  # a token's position is its column: rows are prefixes from column 0
+    if packed:
+        ids, pos = torch.cat(tokens)[None], positions[None]
+    else:
+        ids = torch.zeros(plan.new_valid.shape, dtype=torch.long, device=positions.device)
+        ids[plan.new_valid] = torch.cat(tokens)
+        pos = torch.tensor(starts, device=positions.device)[:, None] + torch.arange(ids.shape[1], device=positions.device)
     decoder = model.get_decoder()
     with _attention(decoder.config, RAGGED):
-        out = decoder(input_ids=torch.cat(tokens)[None], position_ids=torch.cat(positions)[None],
-                      attention_mask=plan.mask, use_cache=False, output_hidden_states=output_hidden_states,
-                      ragged=plan)
+        out = decoder(input_ids=ids, position_ids=pos, attention_mask=plan.mask, use_cache=False,
+                      output_hidden_states=output_hidden_states, ragged=plan)
     return out, plan
+
+
+def real_hidden(h: torch.Tensor, plan: RaggedLayout) -> torch.Tensor:
+    """(N, H): the real tokens' states, in row order, from a packed (1, N, H) or padded (R, W, H) output."""
+    return h[0] if plan.packed else h[plan.new_valid]
+
+
+def row_hidden(h: torch.Tensor, plan: RaggedLayout, r: int, start: int, width: int) -> torch.Tensor:
+    """(width, H): row r's states, tokens start..start+width of the packed sequence."""
+    return h[0, start:start + width] if plan.packed else h[r, :width]

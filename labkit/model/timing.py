@@ -211,7 +211,7 @@ class _Rows:
 
     def __init__(self, target: Target, rows: int, kv_len: int, gen: torch.Generator):
         prompt = torch.randint(target.vocab_size, (kv_len,), generator=gen).tolist()
-        self.target, self.kv = target, BatchKV(target, compact_at=1.0)
+        self.target, self.kv = target, BatchKV(target)
         self.kv.add(0, prompt)
         self.kv.replicate(rows)
         self.rows, self.gen = rows, gen
@@ -223,7 +223,7 @@ class _Rows:
         def one_step():
             self.kv.step(tokens)
             sync_device(self.target.device)
-            self.kv.drop_last_columns(width)
+            self.kv.undo_step()
 
         return one_step
 
