@@ -398,3 +398,44 @@ def test_admission_and_retirement_copy_no_other_row(sdpa_target):
     admit(kv, t, solos, "d", tokens(rng, 3))
     run_step(kv, solos, {key: 3 for key in kv.keys}, rng)
     assert [b.data_ptr() for b in kv.slab.keys + kv.slab.values] == buffers
+
+
+def test_split_width_runs_deep_rows_apart_only_when_it_pays(monkeypatch):
+    """Hand-made widths: one deep row among many shallow ones runs apart; uniform or few rows run in one
+    pass; the split minimises R s + PASS_COST + sum over wide rows of (W - s + GATHER_COST)."""
+    import labkit.model.ragged as ragged
+    monkeypatch.setattr(ragged, "GATHER_COST", 8)
+    monkeypatch.setattr(ragged, "PASS_COST", 16)
+    assert ragged.split_width([8] + [1] * 31) == 1  # 32 + 16 + 15 = 63 < 256
+    assert ragged.split_width([2] * 32) == 2  # uniform: nothing to split
+    assert ragged.split_width([6, 1]) == 6  # 2 rows: a second pass costs more than the padding
+    assert ragged.split_width([5, 5, 4, 4] + [1] * 10 + [2] * 18) == 2  # 64 + 16 + 4 * 11 = 124 < 160
+    monkeypatch.setattr(ragged, "PASS_COST", 300)  # 32 + 300 + 15 > 256
+    assert ragged.split_width([8] + [1] * 31) == 8
+
+
+@pytest.mark.parametrize("layout_packed", [True, False], ids=["packed", "padded"])
+def test_two_pass_attention_matches_solo(sdpa_target, layout_packed, monkeypatch):
+    """With the second pass free, every ragged step splits its rows (checked), and every row still
+    equals its solo run through rollbacks, an admission and a removal."""
+    import labkit.model.ragged as ragged
+    monkeypatch.setattr(ragged, "GATHER_COST", 0)
+    monkeypatch.setattr(ragged, "PASS_COST", 0)
+    splits, layout = [], ragged.layout
+
+    def spy(widths, *args, **kwargs):
+        plan = layout(widths, *args, **kwargs)
+        splits.append((plan.split, max(widths)))
+        return plan
+
+    monkeypatch.setattr(ragged, "layout", spy)
+    t, rng = sdpa_target, random.Random(10)
+    kv, solos = BatchKV(t, hidden_layers=LAYERS, packed=layout_packed), {}
+    for key, n in zip("abcd", [3, 9, 4, 6]):
+        admit(kv, t, solos, key, tokens(rng, n))
+    for s in range(6):
+        if s == 3:
+            kv.remove("b")
+            admit(kv, t, solos, "e", tokens(rng, 5))
+        run_step(kv, solos, {key: rng.choice([1, 1, 2, 5]) for key in kv.keys}, rng)
+    assert sum(split < width for split, width in splits) >= 3

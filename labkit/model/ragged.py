@@ -46,7 +46,9 @@ class RaggedLayout:
     packed: gather (R, W) is the packed index of each cell (pads point at the row's first token: their
     queries are dropped), rows / cols (N,) the grid cell of packed token n. slot / column (N,): where
     token n's key and value are written. mask (R, 1, W, T): what each query may attend to, T the
-    columns every row is read over after the writes."""
+    columns every row is read over after the writes. split: the query columns every row runs in the
+    main pass; wide (rows with more tokens) run theirs past `split` in a second pass (`split_width`):
+    main / rest (packed indices of the tokens of each pass), wide_of (R,): a row's index among wide."""
 
     slab: Slab
     first: int
@@ -58,10 +60,38 @@ class RaggedLayout:
     slot: torch.Tensor
     column: torch.Tensor
     mask: torch.Tensor
+    split: int
+    wide: torch.Tensor
+    wide_of: torch.Tensor
+    main: torch.Tensor
+    rest: torch.Tensor
 
     @property
     def columns(self) -> int:
         return self.mask.shape[-1]
+
+
+#: what copying one row's keys and values for the second pass costs, and what a second attention call
+#: costs at all, in units of one query column over one row: measured on the 2-core CPU (SmolLM2-135M,
+#: 32 rows of 300 tokens, per layer: a query column over a row about 9 us, copying a row about 75 us,
+#: a call about 140 us; docs/facts.md, "Packed verify")
+GATHER_COST, PASS_COST = 8, 16
+
+
+def split_width(widths: list[int]) -> int:
+    """Query columns every row runs in the main attention pass; the rows wider than that run the rest
+    in a second pass over a copy of their own keys and values.
+
+    Attention runs a rectangle of queries, so one row verifying 8 tokens beside 31 rows verifying 1
+    would make all 32 rows run 8 query columns. Two passes cost R s + PASS_COST + the sum over wide
+    rows of (W - s + GATHER_COST); this is the s that minimises it (s = W: one pass)."""
+    rows, width = len(widths), max(widths)
+    best, best_cost = width, rows * width
+    for s in range(1, width):
+        cost = rows * s + PASS_COST + sum(width - s + GATHER_COST for w in widths if w > s)
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def layout(widths: list[int], starts: list[int], slab: Slab, first: int, packed: bool = True) -> RaggedLayout:
@@ -80,8 +110,14 @@ def layout(widths: list[int], starts: list[int], slab: Slab, first: int, packed:
     # query j of row r sees the row's columns up to its own (a pad query sees the row's last real one)
     last_seen = s[:, None] + torch.minimum(cols[None, :], w[:, None] - 1)
     mask = torch.arange(columns, device=device)[None, None, :] <= last_seen[:, :, None]
+    split = split_width(widths)
+    wide = (w > split).nonzero().squeeze(1)
+    wide_of = torch.zeros(r, dtype=torch.long, device=device)
+    wide_of[wide] = torch.arange(len(wide), device=device)
     return RaggedLayout(slab=slab, first=first, packed=packed, new_valid=new_valid, gather=gather, rows=rows,
-                        cols=packed_cols, slot=first + rows, column=s[rows] + packed_cols, mask=mask[:, None])
+                        cols=packed_cols, slot=first + rows, column=s[rows] + packed_cols, mask=mask[:, None],
+                        split=split, wide=wide, wide_of=wide_of, main=(packed_cols < split).nonzero().squeeze(1),
+                        rest=(packed_cols >= split).nonzero().squeeze(1))
 
 
 def _grid(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
@@ -105,11 +141,27 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         new_k, new_v, q = key.transpose(1, 2)[ragged.new_valid], value.transpose(1, 2)[ragged.new_valid], query
     ragged.slab.write(module.layer_idx, new_k, new_v, ragged.slot, ragged.column)
     keys, values = ragged.slab.read(module.layer_idx, ragged.first, ragged.first + q.shape[0], ragged.columns)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ragged.mask, scale=scaling,
-                                         enable_gqa=q.shape[1] != keys.shape[1])
+    gqa = q.shape[1] != keys.shape[1]
+    s = ragged.split
+    if s == q.shape[2]:  # one pass
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ragged.mask, scale=scaling, enable_gqa=gqa)
+        if ragged.packed:
+            return out.permute(0, 2, 1, 3)[ragged.rows, ragged.cols].unsqueeze(0), None
+        return out.transpose(1, 2), None
+    main = F.scaled_dot_product_attention(q[:, :, :s], keys, values, attn_mask=ragged.mask[:, :, :s], scale=scaling,
+                                          enable_gqa=gqa).permute(0, 2, 1, 3)
+    w = ragged.wide
+    wide = F.scaled_dot_product_attention(q[w, :, s:], keys[w], values[w], attn_mask=ragged.mask[w, :, s:],
+                                          scale=scaling, enable_gqa=gqa).permute(0, 2, 1, 3)
+    tokens = q.new_empty((len(ragged.rows), q.shape[1], q.shape[3]))
+    m, rest = ragged.main, ragged.rest
+    tokens[m] = main[ragged.rows[m], ragged.cols[m]]
+    tokens[rest] = wide[ragged.wide_of[ragged.rows[rest]], ragged.cols[rest] - s]
     if ragged.packed:
-        return out.permute(0, 2, 1, 3)[ragged.rows, ragged.cols].unsqueeze(0), None
-    return out.transpose(1, 2), None
+        return tokens.unsqueeze(0), None
+    grid = q.new_zeros((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+    grid[ragged.new_valid] = tokens
+    return grid, None
 
 
 AttentionInterface.register(RAGGED, ragged_attention)
