@@ -12,9 +12,10 @@ place where rows must not mix, sees rows in both layouts:
                over the row's own columns (its prefix + causal over its new tokens), scatter back to N
     o-projection, MLP, norms over N tokens (the LM head is the caller's, over real tokens only)
 
-Attention still runs R x W queries (pads included, masked) over R x T columns, T the longest row:
-over a 135M-parameter model with a few hundred cached tokens that is a small share of a verify
-forward; the token-wise layers are the rest (docs/facts.md, "Packed verify"). No custom kernel: the
+Attention still runs a rectangle of queries (pads included, masked) over R x T columns, T the longest
+row; where a few rows verify far deeper than the rest, those rows' extra queries run in a second call
+over a copy of their own keys (`split_width`), so one deep row does not make every row as wide
+(docs/facts.md, "The batched KV cache"). The token-wise layers are most of a verify forward. No custom kernel: the
 model's own modules run, and only its attention function is swapped for `ragged_attention`
 (transformers' `AttentionInterface`) while the forward runs. A query never sees another row's keys:
 each row's queries meet their own slot only, which is the whole isolation argument
@@ -74,7 +75,7 @@ class RaggedLayout:
 #: what copying one row's keys and values for the second pass costs, and what a second attention call
 #: costs at all, in units of one query column over one row: measured on the 2-core CPU (SmolLM2-135M,
 #: 32 rows of 300 tokens, per layer: a query column over a row about 9 us, copying a row about 75 us,
-#: a call about 140 us; docs/facts.md, "Packed verify")
+#: a call about 140 us; docs/facts.md, "The batched KV cache")
 GATHER_COST, PASS_COST = 8, 16
 
 
