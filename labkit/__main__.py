@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", default="fit", help="how Algorithm 1 prices a step once the engine measured "
                    "some: fit (its own fit, default), offset (the table plus the measured excess) or table (the "
                    "table plus drafting)")
+    p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false", help="policies read the drafter's "
+                   "confidences as they come, not corrected by the engine's own verdicts (AcceptanceRatio)")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
     _add_model_args(p)
 
@@ -562,7 +564,8 @@ def cmd_serve_sweep(args) -> None:
     table = cost_table_for(target, args.table, args.reprofile)
     by_temperature = run_sweeps(target, drafter, prompts, args.users, args.policies, table, args.temperatures,
                                 args.max_new_tokens, args.requests_per_user, args.seed, args.drafter, progress=True,
-                                top_p=args.top_p, repeats=args.repeats, cost_model=args.cost_model)
+                                top_p=args.top_p, repeats=args.repeats, cost_model=args.cost_model,
+                                recalibrate=args.recalibrate)
     reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
     gains = {}

@@ -277,3 +277,44 @@ def test_cut_value_by_hand():
     from labkit.core.calibration import cut_value
     v = cut_value([[0.9, 0.5, 0.2], [0.6, 0.6, 0.8]], [2, 0], 0.4)
     assert v["cut"] == pytest.approx(0.4) and v["verify_all"] == pytest.approx(-0.2)
+
+
+# ---- AcceptanceRatio: the engine's online correction -------------------------------------------------
+
+def test_acceptance_ratio_counts_only_verified_and_reached_drafts():
+    """Row 1 verified 3 drafts and accepted 1: draft 1 reached and accepted, draft 2 reached and
+    rejected, draft 3 never reached. Row 2 verified 1 of 3 and accepted it: only draft 1 counts."""
+    from labkit.core.calibration import AcceptanceRatio
+    r = AcceptanceRatio(3, prior=1.0)
+    r.update(torch.tensor([[0.8, 0.5, 0.5], [0.6, 0.9, 0.9]]), [3, 1], [1, 1])
+    assert r.predicted == pytest.approx([1.4, 0.5, 0.0])
+    assert r.accepted == [2.0, 0.0, 0.0]
+    assert r.ratios == pytest.approx([3.0 / 2.4, 1.0 / 1.5, 1.0])
+
+
+def test_acceptance_ratio_recovers_a_known_miscalibration_and_starts_at_one():
+    """Synthetic rounds where a draft at confidence c is accepted with probability 0.7 c: the ratios
+    start at exactly 1 (no verdicts yet), move toward 0.7 with rounds (within 0.05 after 4000 rounds of
+    4 drafts, seed 0), and scaled confidences stay in [0, 1]."""
+    from labkit.core.calibration import AcceptanceRatio
+    r, gen = AcceptanceRatio(4), torch.Generator().manual_seed(0)
+    assert r.ratios == [1.0] * 4
+    for _ in range(4000):
+        conf = 0.3 + 0.7 * torch.rand(1, 4, generator=gen)
+        accepted = 0
+        while accepted < 4 and torch.rand(1, generator=gen).item() < 0.7 * conf[0, accepted].item():
+            accepted += 1
+        r.update(conf, [4], [accepted])
+    assert all(abs(x - 0.7) < 0.05 for x in r.ratios[:2])  # later positions are reached less often
+    assert all(0.5 < x < 0.9 for x in r.ratios)
+    scaled = r.scale(torch.tensor([[1.0, 0.5, 0.2, 0.9, 0.9]]))
+    assert scaled[0, 4] == 0.9 and ((scaled >= 0) & (scaled <= 1)).all()
+    assert scaled[0, 0] == pytest.approx(r.ratios[0])
+
+
+def test_acceptance_ratio_refuses_bad_settings():
+    from labkit.core.calibration import AcceptanceRatio
+    with pytest.raises(LabkitError, match="gamma >= 1"):
+        AcceptanceRatio(0)
+    with pytest.raises(LabkitError, match="prior > 0"):
+        AcceptanceRatio(2, prior=0.0)

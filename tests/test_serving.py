@@ -340,3 +340,19 @@ def test_a_length_choosing_policy_drafts_one_past_each_requests_last_length(tiny
     assert all(s.cap is None for s in fixed.steps)
     uncapped, _ = serve(tiny, dspark, requests, 3, "algorithm1", steep_table(slope=1.0), adaptive_cap=False)
     assert all(s.cap is None for s in uncapped.steps)
+
+
+def test_policies_read_confidences_corrected_by_the_engines_own_verdicts(tiny, dspark):
+    """With recalibration (the default) each step's recorded confidences, what the policy read, are the
+    drafter's times the ratio learnt from earlier steps only; without it they are the drafter's. Greedy
+    outputs equal solo greedy either way."""
+    requests = mixed_requests(6)
+    on, _ = serve(tiny, dspark, requests, 3, "algorithm1", steep_table())
+    off, _ = serve(tiny, dspark, requests, 3, "algorithm1", steep_table(), recalibrate=False)
+    assert set(on.acceptance) == {0.0} and off.acceptance == {}
+    ratios = on.acceptance[0.0].ratios
+    assert any(abs(x - 1.0) > 1e-3 for x in ratios)  # the tiny drafter is far from calibrated
+    assert on.steps[0].conf == off.steps[0].conf  # nothing learnt before the first verdicts
+    for engine in (on, off):
+        for rec in engine.done:
+            assert rec.token_ids == solo(tiny, dspark, next(r for r in requests if r.id == rec.id))

@@ -4,8 +4,10 @@ Each engine step
 1. drafts a block for every active request in one call of the drafter (`Drafter.propose_many`: one
    backbone forward for all requests where the drafter batches, each request on its own context state),
 2. asks a prefix policy (`labkit.core.scheduler`) how many drafted tokens of each request to verify, from
-   the drafter's confidences and a step price: the profiled cost table SPS(B) at first, then the
-   engine's own measurements (`COST_MODELS`: by default a fit of its past steps, `labkit.core.step_fit`),
+   the drafter's confidences (by default corrected per position by how often this engine's verified
+   drafts were accepted against what they predicted, `labkit.core.calibration.AcceptanceRatio`) and a
+   step price: the profiled cost table SPS(B) at first, then the engine's own measurements
+   (`COST_MODELS`: by default a fit of its past steps, `labkit.core.step_fit`),
 3. verifies ALL requests in ONE batched target forward with a different number of tokens per row
    (`labkit.model.batch_kv.BatchKV`: one KV cache of ragged rows, per-row positions and mask),
 4. judges each request with its own generator (`decoding.judge`, as single-request decoding does), then
@@ -49,6 +51,7 @@ from labkit.decode import loop as decoding
 from labkit.model.batch_kv import BatchKV
 from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
+from labkit.core.calibration import AcceptanceRatio
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams, Verdict
 from labkit.core.scheduler import (CostTable, HasSPS, RoundRate, ScheduleInput, make_policy, packed_tokens,
@@ -166,7 +169,7 @@ class Engine:
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
                  table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
                  on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True,
-                 adaptive_cap: bool = True, cost_model: str = "fit"):
+                 adaptive_cap: bool = True, cost_model: str = "fit", recalibrate: bool = True):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -198,6 +201,10 @@ class Engine:
             raise LabkitError(f"Unknown cost model {cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
         #: how Algorithm 1 prices a step (`COST_MODELS`)
         self.cost_model = cost_model
+        #: whether policies read confidences corrected by what this engine's own verdicts showed
+        #: (`AcceptanceRatio`, one per sampling temperature), or the drafter's as they come
+        self.recalibrate = recalibrate
+        self.acceptance: dict[float, AcceptanceRatio] = {}
         #: cost model "fit": the step's seconds against its requests and verified drafts, from past steps
         self.step_fit: StepFit | None = StepFit() if cost_model == "fit" else None
         #: running mean of a step's measured seconds (admissions included) above the table's forward
@@ -318,6 +325,34 @@ class Engine:
                 conf[i, :k] = torch.tensor(prior[:k])
         return conf
 
+    def _temperature(self, rid: int) -> float:
+        return self.active[rid].request.params.temperature
+
+    def _recalibrated(self, ids: list[int], raw: torch.Tensor) -> torch.Tensor:
+        """The confidences the policy reads: each row scaled by its temperature's `AcceptanceRatio`."""
+        if not self.recalibrate or raw.shape[1] == 0:
+            return raw
+        conf = raw.clone()
+        for i, rid in enumerate(ids):
+            ratio = self.acceptance.get(self._temperature(rid))
+            if ratio is not None:
+                conf[i] = ratio.scale(raw[i:i + 1])[0]
+        return conf
+
+    def _observe_acceptance(self, ids: list[int], raw: torch.Tensor, lengths, judged: list[bool],
+                            accepted: list[int]) -> None:
+        """Feed each judged request's verdict to its temperature's `AcceptanceRatio` (uncorrected confidences)."""
+        if not self.recalibrate or raw.shape[1] == 0:
+            return
+        for i, rid in enumerate(ids):
+            if judged[i]:
+                t = self._temperature(rid)
+                ratio = self.acceptance.setdefault(t, AcceptanceRatio(raw.shape[1]))
+                if ratio.gamma < raw.shape[1]:  # a deeper block than seen so far: widen, keeping what was counted
+                    ratio = self.acceptance[t] = AcceptanceRatio(raw.shape[1], predicted=ratio.predicted + [0.0] * (
+                        raw.shape[1] - ratio.gamma), accepted=ratio.accepted + [0.0] * (raw.shape[1] - ratio.gamma))
+                ratio.update(raw[i:i + 1], [int(lengths[i])], [accepted[i]])
+
     def _old_confidences(self, ids: list[int], gamma: int) -> tuple[torch.Tensor, list[int | None]]:
         """Confidences from two steps before; None marks a request younger than that (survival 1)."""
         old = torch.zeros(len(ids), gamma)
@@ -343,7 +378,8 @@ class Engine:
         t_drafted = self._clock()
         if not ids:  # every request failed while drafting
             return None
-        conf = self._confidences(proposals)
+        raw = self._confidences(proposals)
+        conf = self._recalibrated(ids, raw)
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
@@ -368,6 +404,7 @@ class Engine:
                 failed[rid] = f"verification failed: {type(exc).__name__}: {exc}"
         self._commit(ids, proposals, verdicts, outs, failed, (t_drafted - t_start) / len(ids))
         accepted = [verdicts[rid].n_accepted if rid in verdicts and rid not in failed else 0 for rid in ids]
+        self._observe_acceptance(ids, raw, lengths, [rid in verdicts and rid not in failed for rid in ids], accepted)
         t_end = self._clock()
         spent = (t_drafted - t_start) / len(ids)
         self._draft_s_per_request = running_mean(self._draft_s_per_request, spent)
@@ -605,6 +642,8 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
         "tau": mean_tau(engine.rounds),
         "steps": len(steps),
         "table": engine.table.to_dict(),
+        "recalibrate": engine.recalibrate,
+        "acceptance_ratios": {f"{t:g}": r.ratios for t, r in engine.acceptance.items()},
         "step_trace": [{"t_s": s.t_s, "active": s.active, "lengths": s.lengths, "accepted": s.accepted,
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
@@ -623,10 +662,10 @@ def run_closed_loop(target: Target, drafter: Drafter | None, requests: list[Serv
                     policy: str = "algorithm1", table: CostTable | None = None, n_requests: int | None = None,
                     duration_s: float | None = None, max_draft: int | None = None, drafter_spec: str | None = None,
                     progress: bool = False, on_step: Callable[[Engine, StepRecord], None] | None = None,
-                    cost_model: str = "fit") -> dict:
+                    cost_model: str = "fit", recalibrate: bool = True) -> dict:
     """One closed-loop run of `users` users over `requests` with one policy; returns `report(...)`."""
     from tqdm.auto import tqdm
-    engine = Engine(target, drafter, policy, table, max_draft, cost_model=cost_model)
+    engine = Engine(target, drafter, policy, table, max_draft, cost_model=cost_model, recalibrate=recalibrate)
     total = n_requests if n_requests is not None else len(requests)
     with tqdm(total=total, desc=f"serve {policy} x{users}", unit="req", disable=not progress) as bar:
         for rec in closed_loop(requests, users, engine, n_requests, duration_s):

@@ -159,7 +159,7 @@ def _rotated(policies: list[str], k: int) -> list[str]:
 def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: list[int],
           policies: list[str], table: CostTable | None = None, requests_per_user: int = 3,
           drafter_spec: str | None = None, progress: bool = False, repeats: int = 1,
-          cost_model: str = "fit") -> list[dict]:
+          cost_model: str = "fit", recalibrate: bool = True) -> list[dict]:
     """Every (users, policy) cell `repeats` times: repeats outermost, then loads, then the policies
     interleaved (rotated by one each repeat). `requests` is the prompt mix (cycled to
     `requests_per_user`); each load of N users serves it N times over (`load_queue`). One report per
@@ -176,7 +176,8 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
             queue = load_queue(mix, n, seed_offset=rep * n * len(mix))
             for policy in _rotated(list(policies), rep):
                 report = run_closed_loop(target, drafter, queue, n, policy, table, n_requests=len(queue),
-                                         drafter_spec=drafter_spec, progress=progress, cost_model=cost_model)
+                                         drafter_spec=drafter_spec, progress=progress, cost_model=cost_model,
+                                         recalibrate=recalibrate)
                 out.append(dict(report, repeat=rep, requests_per_user=len(mix),
                                 engine_aggregate_tokens_per_s=report.get("aggregate_tokens_per_s"),
                                 **measure_run(report)))
@@ -187,7 +188,7 @@ def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: li
                table: CostTable | None, temperatures: list[float], max_new_tokens: int,
                requests_per_user: int = 3, seed: int = 0, drafter_spec: str | None = None,
                progress: bool = False, top_p: float = 1.0, repeats: int = 3,
-               cost_model: str = "fit") -> dict[float, list[dict]]:
+               cost_model: str = "fit", recalibrate: bool = True) -> dict[float, list[dict]]:
     """`sweep` at each sampling temperature over the same prompt mix (`prompt_mix(prompts,
     requests_per_user)`); each report gets its "temperature" added. Returns {temperature: [report, ...]}."""
     mix = prompt_mix(list(prompts), requests_per_user)
@@ -195,7 +196,7 @@ def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: li
     for temp in temperatures:
         requests = make_requests(target, mix, max_new_tokens, SamplingParams(temperature=float(temp), top_p=top_p), seed)
         reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
-                     drafter_spec, progress, repeats, cost_model)
+                     drafter_spec, progress, repeats, cost_model, recalibrate)
         out[temp] = [dict(r, temperature=float(temp)) for r in reps]
     return out
 
