@@ -14,8 +14,5 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-ge
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 fi
-# no path given: pytest runs pyproject's testpaths (tests/); paths given (as .ci/run does): only those.
-# Two worker processes, a test file each at a time (module fixtures such as the notebooks' one headless
-# run stay in one process): on the 2-core CI machine the notebooks' kernels run beside the unit tests
-# instead of after them. LABKIT_TEST_WORKERS=0 runs everything in this process.
-python -m pytest -n "${LABKIT_TEST_WORKERS:-2}" --dist loadfile "$@"
+# no path given: pytest runs pyproject's testpaths (tests/); paths given (as .ci/run does): only those
+python -m pytest "$@"
