@@ -346,11 +346,7 @@ class Engine:
             return
         for i, rid in enumerate(ids):
             if judged[i]:
-                t = self._temperature(rid)
-                ratio = self.acceptance.setdefault(t, AcceptanceRatio(raw.shape[1]))
-                if ratio.gamma < raw.shape[1]:  # a deeper block than seen so far: widen, keeping what was counted
-                    ratio = self.acceptance[t] = AcceptanceRatio(raw.shape[1], predicted=ratio.predicted + [0.0] * (
-                        raw.shape[1] - ratio.gamma), accepted=ratio.accepted + [0.0] * (raw.shape[1] - ratio.gamma))
+                ratio = self.acceptance.setdefault(self._temperature(rid), AcceptanceRatio(self.drafter.gamma))
                 ratio.update(raw[i:i + 1], [int(lengths[i])], [accepted[i]])
 
     def _old_confidences(self, ids: list[int], gamma: int) -> tuple[torch.Tensor, list[int | None]]:

@@ -94,7 +94,3 @@ class Slab:
             for buf in bufs:
                 if buf is not None:
                     buf[targets.start:targets.stop, :, : self.columns] = buf[source:source + 1, :, : self.columns]
-
-    def clear(self) -> None:
-        """No occupied slot; the buffers stay allocated for the next requests."""
-        self.rows = self.columns = 0
