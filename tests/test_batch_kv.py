@@ -439,3 +439,17 @@ def test_two_pass_attention_matches_solo(sdpa_target, layout_packed, monkeypatch
             admit(kv, t, solos, "e", tokens(rng, 5))
         run_step(kv, solos, {key: rng.choice([1, 1, 2, 5]) for key in kv.keys}, rng)
     assert sum(split < width for split, width in splits) >= 3
+
+
+def test_replicate_and_undo_step_outside_inference_mode(sdpa_target):
+    """The profiler's batches (scripts/bench_verify.py calls these outside inference mode): `replicate`
+    copies the one row into every slot, each copy steps to the same logits, and `undo_step` takes back
+    exactly what the step added."""
+    kv = BatchKV(sdpa_target)
+    kv.add(0, [1, 2, 3, 4])
+    kv.replicate(3)
+    assert kv.keys == [0, 1, 2] and [kv.length(k) for k in kv.keys] == [4, 4, 4]
+    out = kv.step({0: [5, 6], 1: [5, 6], 2: [5]})
+    assert close(out[0][0], out[1][0]) <= TOL and close(out[0][0][:1], out[2][0]) <= TOL
+    kv.undo_step()
+    assert [kv.length(k) for k in kv.keys] == [4, 4, 4]

@@ -241,6 +241,7 @@ class BatchKV:
     # ----------------------------------------------------------------------------------------------
     # The profiler's batches
 
+    @torch.inference_mode()
     def replicate(self, rows: int) -> None:
         """Copy the one active row into `rows` rows keyed 0..rows-1 (the profiler's batches: content
         does not change the cost of a forward)."""
