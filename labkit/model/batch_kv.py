@@ -162,10 +162,7 @@ class BatchKV:
         result = {}
         for r, (key, t) in enumerate(zip(keys, tokens)):
             self._rows.append(_Row(key=key, length=len(t), last_added=0))
-            start = int(ends[r]) - len(t)
-            hidden = (tuple(out.hidden_states[i][0, start:int(ends[r])] for i in self.hidden_layers)
-                      if self.hidden_layers else None)
-            result[key] = (logits[r], hidden)
+            result[key] = (logits[r], self._row_hidden(out.hidden_states, plan, r, int(ends[r]) - len(t), len(t)))
         self._sync_slab()
         return result
 

@@ -142,22 +142,18 @@ def ragged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         new_k, new_v, q = key.transpose(1, 2)[ragged.new_valid], value.transpose(1, 2)[ragged.new_valid], query
     ragged.slab.write(module.layer_idx, new_k, new_v, ragged.slot, ragged.column)
     keys, values = ragged.slab.read(module.layer_idx, ragged.first, ragged.first + q.shape[0], ragged.columns)
-    gqa = q.shape[1] != keys.shape[1]
-    s = ragged.split
+    def attend(rows, columns: slice, k, v) -> torch.Tensor:  # (rows, query columns, heads, head_dim)
+        return F.scaled_dot_product_attention(q[rows, :, columns], k, v, attn_mask=ragged.mask[rows, :, columns],
+                                              scale=scaling, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+
+    s, rows, cols = ragged.split, ragged.rows, ragged.cols
     if s == q.shape[2]:  # one pass
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ragged.mask, scale=scaling, enable_gqa=gqa)
-        if ragged.packed:
-            return out.permute(0, 2, 1, 3)[ragged.rows, ragged.cols].unsqueeze(0), None
-        return out.transpose(1, 2), None
-    main = F.scaled_dot_product_attention(q[:, :, :s], keys, values, attn_mask=ragged.mask[:, :, :s], scale=scaling,
-                                          enable_gqa=gqa).permute(0, 2, 1, 3)
-    w = ragged.wide
-    wide = F.scaled_dot_product_attention(q[w, :, s:], keys[w], values[w], attn_mask=ragged.mask[w, :, s:],
-                                          scale=scaling, enable_gqa=gqa).permute(0, 2, 1, 3)
-    tokens = q.new_empty((len(ragged.rows), q.shape[1], q.shape[3]))
-    m, rest = ragged.main, ragged.rest
-    tokens[m] = main[ragged.rows[m], ragged.cols[m]]
-    tokens[rest] = wide[ragged.wide_of[ragged.rows[rest]], ragged.cols[rest] - s]
+        tokens = attend(slice(None), slice(None), keys, values)[rows, cols]
+    else:
+        main, rest, w = ragged.main, ragged.rest, ragged.wide
+        tokens = q.new_empty((len(rows), q.shape[1], q.shape[3]))
+        tokens[main] = attend(slice(None), slice(0, s), keys, values)[rows[main], cols[main]]
+        tokens[rest] = attend(w, slice(s, None), keys[w], values[w])[ragged.wide_of[rows[rest]], cols[rest] - s]
     if ragged.packed:
         return tokens.unsqueeze(0), None
     grid = q.new_zeros((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
