@@ -18,7 +18,7 @@ from conftest import ToyTokenizer
 from labkit.__main__ import build_parser, data_config, train_job
 from labkit.lab.byom import (accelerate_config, command_line, data_argv, describe_calibration, describe_target,
                              labkit_argv, serving_commands)
-from labkit.core.calibration import fit_sts
+from labkit.core.calibration import ece_change, fit_sts
 from labkit.drafters.dflash import default_layers
 from labkit.core.errors import LabkitError
 from labkit.model.target import PLAIN_PROMPT, Target
@@ -148,10 +148,17 @@ def test_describe_calibration_says_which_positions_had_too_few_examples():
     report = {"greedy": {**sts.to_dict(), "rounds": 40, "prompts": 3}}
     (line,) = describe_calibration(report)
     assert line.startswith("greedy: 40 full-block rounds from 3 held-out prompts; too few examples at every position")
-    assert "at least 32 accepted and 32 rejected" in line and "STS left the mean ECE" in line
+    assert "at least 32 accepted and 32 rejected" in line and "nothing was calibrated" in line
+    assert "ECE" not in line.split("rejected rounds there")[1]  # no sentence about an ECE change nothing caused
     half = {"T=1": {**sts.to_dict(), "fitted": [True, False], "rounds": 40, "prompts": 3}}
     (line,) = describe_calibration(half)
     assert "position(s) 2 had too few examples" in line
+    assert "no interval over rounds was recorded" in line  # a record without one: numbers, no verdict
+    change = ece_change(z, accepted, [0.5, 1.0], [True, False])
+    judged = {"T=1": {**half["T=1"], "ece_change": {"rounds": 40, "mean": change.to_dict()["mean"],
+                                                    "change": change.to_dict()["change"]}}}
+    (line,) = describe_calibration(judged)
+    assert "over 40 rounds" in line and "no interval" not in line
 
 
 def test_serving_commands_quote_the_speculative_config_as_one_json_argument():

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit.core.calibration import STSResult, describe_cut_values, describe_ece_change, fit_sts
+from labkit.core.calibration import (ECEChange, STSResult, apply_temperatures, cut_value, cut_value_change,
+                                    describe_cut_values, describe_ece_change, ece_change, fit_sts)
+from labkit.core.evidence import Interval
 from labkit.decode.loop import generate
 from labkit.measure.diagnostics import DraftedBlock, block_showcase, pick_block
 from labkit.drafters.dflash import DFlashConfig, DFlashDrafter
@@ -146,23 +148,82 @@ def test_sts_result_with_at_edge_round_trips_and_old_records_still_load():
         STSResult.from_dict({**old, "at_edge": [True, False]})
 
 
-def test_describe_ece_change_follows_the_measured_numbers():
-    assert describe_ece_change([0.10, 0.06], [0.04, 0.02]).startswith("STS lowered the mean ECE from 0.080 to 0.030")
-    assert describe_ece_change([0.066], [0.072]).startswith("STS raised the mean ECE from 0.066 to 0.072")
-    assert "about where it was (0.066 -> 0.067" in describe_ece_change([0.066], [0.067], where="on x")
-    assert "mean ECE on the benchmark rounds" in describe_ece_change([0.1], [0.05], where="on the benchmark rounds")
-    assert describe_ece_change([None, 0.1], [None, 0.05]).startswith("STS lowered the mean ECE from 0.100 to 0.050")
-    assert "no ECE" in describe_ece_change([None], [None])
+def _change(before, after, mean, per=None, fitted=None, rounds=100):
+    iv = lambda t: None if t is None else Interval(t[0], t[1], t[2], rounds)  # noqa: E731
+    per = per or [None] * len(before)
+    return ECEChange(before, after, [iv(c) for c in per], iv(mean), rounds, fitted or [True] * len(before))
 
 
-def test_describe_cut_values_counts_wins_losses_and_ties():
-    row = lambda raw, cal, all_=0.0: {"raw": {"cut": raw, "verify_all": all_}, "calibrated": {"cut": cal, "verify_all": all_}}
-    better = describe_cut_values([row(0.5, 0.6), row(0.5, 0.7), row(0.5, 0.5)])
-    assert "beat the raw cut at 2 of 3 costs, lost at 0 and tied at 1" in better and "nearer its break-even" in better
-    assert "verifying everything at 3" in better
-    worse = describe_cut_values([row(0.5, 0.4)])
+def test_describe_ece_change_follows_the_measured_numbers_and_their_interval():
+    lowered = describe_ece_change(_change([0.10, 0.06], [0.04, 0.02], (-0.05, -0.07, -0.03)))
+    assert lowered.startswith("STS lowered the mean ECE 0.080 -> 0.030, a change of -0.050 [-0.070, -0.030] over 100 rounds")
+    raised = describe_ece_change(_change([0.066], [0.090], (0.024, 0.010, 0.040)))
+    assert raised.startswith("STS raised the mean ECE 0.066 -> 0.090") and "did not carry over" in raised
+    noise = describe_ece_change(_change([0.066], [0.067], (0.001, -0.02, 0.02)), where="on x")
+    assert "mean ECE on x 0.066 -> 0.067" in noise and "within noise" in noise and "lowered" not in noise
+    tied = describe_ece_change(_change([0.066], [0.067], (0.001, -0.001, 0.0015)))
+    assert "unchanged within 0.002" in tied
+
+
+def test_describe_ece_change_names_a_position_that_moved_against_the_mean():
+    # the notebook-04 case: the mean fell, position 2's ECE rose beyond its interval
+    mixed = _change([0.10, 0.032], [0.04, 0.052], (-0.02, -0.03, -0.01), per=[(-0.06, -0.08, -0.04), (0.02, 0.005, 0.035)])
+    text = describe_ece_change(mixed)
+    assert text.startswith("STS lowered") and "but it raised position 2's (0.032 -> 0.052, +0.020 [+0.005, +0.035])" in text
+    quiet = _change([0.10, 0.032], [0.04, 0.052], (0.0, -0.03, 0.03), per=[(-0.06, -0.08, -0.04), (0.02, 0.005, 0.035)])
+    assert "position 1 fell beyond its interval" in describe_ece_change(quiet)
+    assert "position 2 rose beyond its interval" in describe_ece_change(quiet)
+
+
+def test_describe_ece_change_with_nothing_fitted_concludes_nothing():
+    text = describe_ece_change(_change([0.05, 0.06], [0.05, 0.06], (0.0, 0.0, 0.0), fitted=[False, False]))
+    assert "fitted none of the 2 positions" in text and "says nothing" in text
+    assert "no interval over rounds" in describe_ece_change(_change([0.05], [0.04], None))
+    assert "no ECE" in describe_ece_change(_change([], [], None, fitted=[True]))
+
+
+def _miscalibrated_rounds(n, scale, seed=0):
+    """Rounds of gamma 2 whose true acceptance is p = sigmoid(u); the head reports scale * u."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    ok = torch.rand(n, 2, generator=g, dtype=torch.float64) < torch.sigmoid(u)
+    accepted = torch.where(~ok[:, 0], 0, torch.where(~ok[:, 1], 1, 2))
+    return scale * u, accepted
+
+
+def test_ece_change_on_rounds_with_a_known_miscalibration():
+    z, accepted = _miscalibrated_rounds(3000, scale=3.0)  # three times over-confident: T = 3 undoes it
+    fixed = ece_change(z, accepted, [3.0, 3.0])
+    assert fixed.mean.high < 0 and all(c.high < 0 for c in fixed.change)
+    assert describe_ece_change(fixed).startswith("STS lowered")
+    worse = ece_change(z / 3.0, accepted, [0.3, 0.3])  # a calibrated head made over-confident
+    assert worse.mean.low > 0 and describe_ece_change(worse).startswith("STS raised")
+    few_z, few_acc = _miscalibrated_rounds(30, scale=1.0, seed=1)  # calibrated head, a small nudge, 30 rounds
+    few = ece_change(few_z, few_acc, [1.2, 1.0], [True, False])
+    assert few.mean.low < 0 < few.mean.high and "within noise" in describe_ece_change(few)
+    assert ece_change(z, accepted, [3.0, 3.0], seed=5).mean == ece_change(z, accepted, [3.0, 3.0], seed=5).mean
+    assert ece_change(z, accepted, [1.0, 3.0], [False, True]).change[0] is None  # a_1 cannot move
+
+
+def test_describe_cut_values_judges_each_cost_by_its_interval():
+    def row(change, cal_cut=0.6, all_=0.0):
+        return {"change": Interval(change[0], change[1], change[2], 50), "calibrated": {"cut": cal_cut, "verify_all": all_}}
+    better = describe_cut_values([row((0.1, 0.05, 0.15)), row((0.2, 0.1, 0.3)), row((0.003, -0.01, 0.02))])
+    assert "beyond its interval at 2 of 3 costs, lost at 0, and was tied or within noise at 1" in better
+    assert "nearer its break-even" in better and "verifying everything at 3" in better and "Over 50 rounds" in better
+    worse = describe_cut_values([row((-0.1, -0.15, -0.05))])
     assert "lost at 1" in worse and "did not pay" in worse
-    assert "already about as well placed" in describe_cut_values([row(0.5, 0.501)])
+    # the notebook-04 case: a 0.003-token difference whose interval holds 0 supports no conclusion
+    assert "cannot tell the two cuts apart" in describe_cut_values([row((0.003, -0.004, 0.011))])
+
+
+def test_cut_value_change_is_the_mean_of_per_round_differences():
+    z, accepted = _miscalibrated_rounds(400, scale=3.0)
+    raw, cal = torch.sigmoid(z), apply_temperatures(z, [3.0, 3.0])
+    change = cut_value_change(raw, cal, accepted, 0.5)
+    assert change.value == pytest.approx(cut_value(cal, accepted, 0.5)["cut"] - cut_value(raw, accepted, 0.5)["cut"])
+    assert change.low <= change.value <= change.high and change.n == 400
+    assert cut_value_change(raw, raw, accepted, 0.5).text() == "0.000 [0.000, 0.000]"
 
 
 # ---- 5: the drafted-block showcase ----------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_sps_rows_show_samples_median_quartiles_and_fit():
 
 
 def test_replay_on_a_flat_table_verifies_everything_and_static_budgets_are_1_plus_k():
-    from labkit.lab.scheduler_views import replay_sweep, verdict
+    from labkit.core.evidence import verdict
+    from labkit.lab.scheduler_views import replay_sweep
     blocks = _blocks()
     cells = replay_sweep(blocks, CostTable.flat(), [1, 3], ["mtp1", "fixed:2", "fixed"], draws=24, resamples=3)
     by = {(c.policy, c.requests): c for c in cells}
@@ -314,7 +315,7 @@ def test_replay_is_seeded_and_refuses_bad_input():
 
 
 def test_verdict_reads_the_interval():
-    from labkit.lab.scheduler_views import verdict
+    from labkit.core.evidence import verdict
     assert verdict(1.2, 1.1, 1.3) == "above" and verdict(0.8, 0.7, 0.9) == "below"
     assert verdict(1.05, 0.95, 1.2) == "within noise" and verdict(1.0, 0.995, 1.004) == "tied (within 1%)"
     assert verdict(1.5, None, None) == "spread unknown"

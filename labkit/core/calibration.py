@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.core.errors import LabkitError
+from labkit.core.evidence import RESAMPLES, Interval, bootstrap, judge
 
 
 # ---- scalar metrics over one set of (probability, label) pairs --------------------------------------
@@ -326,56 +327,143 @@ def fit_sts(conf_logits, accepted, grid=None, min_each: int = 32, n_bins: int = 
                      at_edge=[f and t in (lo, hi) for t, f in zip(temps, fitted)])
 
 
+def _column_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """ECE of every column of (N, K) probabilities against (N, K) labels at once (`_ece` per column)."""
+    idx = _bin_index(p, n_bins)
+    sum_p = torch.zeros(n_bins, p.shape[1], dtype=torch.float64).scatter_add_(0, idx, p)
+    sum_y = torch.zeros(n_bins, p.shape[1], dtype=torch.float64).scatter_add_(0, idx, y)
+    return (sum_y - sum_p).abs().sum(0) / p.shape[0]
+
+
+@dataclass
+class ECEChange:
+    """ECE of the prefix survival a_k before and after a set of temperatures, on the same rounds, per
+    position; `change[k]` is after minus before with its bootstrap interval over rounds (None where a
+    position was never fitted, so nothing changed), `mean` the same for the mean over positions."""
+
+    before: list[float]
+    after: list[float]
+    change: list[Interval | None]
+    mean: Interval | None
+    rounds: int
+    fitted: list[bool]
+
+    def to_dict(self) -> dict:
+        """Plain lists, for a calibration record: each interval as [value, low, high] (None where absent)."""
+        as_list = lambda c: None if c is None else [c.value, c.low, c.high]  # noqa: E731
+        return {"before": self.before, "after": self.after, "fitted": self.fitted, "rounds": self.rounds,
+                "mean": as_list(self.mean), "change": [as_list(c) for c in self.change]}
+
+    @classmethod
+    def from_record(cls, r: dict) -> ECEChange:
+        """From a calibration record (`STSResult.to_dict` plus, where recorded, `to_dict`'s "ece_change");
+        a record without intervals gives mean None: its numbers can be shown, not judged."""
+        ch = r.get("ece_change") or {}
+        rounds = int(ch.get("rounds", r.get("rounds", 0)))
+        as_iv = lambda c: None if c is None else Interval(c[0], c[1], c[2], rounds)  # noqa: E731
+        gamma = len(r["ece_before"])
+        return cls(list(r["ece_before"]), list(r["ece_after"]), [as_iv(c) for c in ch.get("change", [None] * gamma)],
+                   as_iv(ch.get("mean")), rounds, [bool(f) for f in r["fitted"]])
+
+
+def ece_change(conf_logits, accepted, temperatures, fitted: list[bool] | None = None, n_bins: int = 10,
+               resamples: int = RESAMPLES, seed: int = 0) -> ECEChange:
+    """How much the temperatures moved ECE of a_k on these rounds, and how sure that is: the rounds are
+    resampled with replacement and ECE before and after recomputed on each resample (a paired bootstrap,
+    `labkit.core.evidence`). `fitted` (from `fit_sts`; default: positions whose T differs from 1) marks the
+    positions whose temperature was moved: only they (and, through a_k, the positions after them) can change.
+    """
+    _check_bins(n_bins)
+    z, y = _conf_and_labels(conf_logits, accepted)
+    gamma = z.shape[1]
+    temps = _temperature_tensor(temperatures, gamma, torch.float64)
+    fitted = [bool(t != 1.0) for t in temps.tolist()] if fitted is None else [bool(f) for f in fitted]
+    before_a, after_a = survival(torch.sigmoid(z)), survival(torch.sigmoid(z / temps))
+
+    def diff(i):
+        return _column_ece(after_a[i], y[i], n_bins) - _column_ece(before_a[i], y[i], n_bins)
+
+    first = next((k for k, f in enumerate(fitted) if f), gamma)  # a_k is unchanged before the first moved T
+    per = [bootstrap(lambda i, k=k: diff(i)[k], z.shape[0], resamples, seed=seed) if k >= first else None
+           for k in range(gamma)]
+    mean = bootstrap(lambda i: diff(i).mean(), z.shape[0], resamples, seed=seed)
+    return ECEChange(before=_column_ece(before_a, y, n_bins).tolist(), after=_column_ece(after_a, y, n_bins).tolist(),
+                     change=per, mean=mean, rounds=z.shape[0], fitted=fitted)
+
+
 def _mean(xs) -> float | None:
     vals = [float(x) for x in xs if x is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-def describe_ece_change(ece_before, ece_after, tolerance: float = 0.002, where: str = "") -> str:
-    """A sentence that reads the measured mean ECE before and after STS aloud, lowered / raised / unchanged.
+def describe_ece_change(result: ECEChange, where: str = "", tie: float = 0.002) -> str:
+    """The sentence a measured ECE change supports (`ece_change`): lowered or raised where the interval of
+    the mean change excludes 0, "within noise" where it holds 0, and, beside a mean verdict, any position
+    that moved the other way beyond its own interval. No position fitted: nothing moved, nothing to say.
 
-    Changes smaller than `tolerance` (absolute ECE) are called unchanged: at a few hundred rounds the ECE
-    of ten bins moves by more than that between two samples of the same head. `where` names the rounds
-    (e.g. "on the benchmark rounds").
+    `tie`: a change whose whole interval lies within this absolute ECE of 0 is called unchanged, and a
+    position that moved by less than it is not named.
+    `where` names the rounds (e.g. "on the 40 benchmark rounds").
     """
-    b, a = _mean(ece_before), _mean(ece_after)
+    on = f" {where}" if where else ""
+    if not any(result.fitted):
+        return (f"STS fitted none of the {len(result.fitted)} positions (each needs enough accepted and enough "
+                f"rejected rounds), so every temperature stayed 1 and the ECE{on} cannot have changed: this run "
+                "says nothing about what calibration does.")
+    b, a, m = _mean(result.before), _mean(result.after), result.mean
     if b is None or a is None:
         return "There is no ECE to compare (no position had rounds to score)."
-    on = f" {where}" if where else ""
-    if abs(a - b) < tolerance:
-        return (f"STS left the mean ECE{on} about where it was ({b:.3f} -> {a:.3f}, a change below {tolerance}): "
-                "on these rounds the raw head was about as well calibrated as the fit could make it.")
-    if a < b:
-        return f"STS lowered the mean ECE{on} from {b:.3f} to {a:.3f} ({100 * (b - a) / b:.0f}% lower)."
-    return (f"STS raised the mean ECE{on} from {b:.3f} to {a:.3f}: temperatures fitted on other rounds did not "
-            "carry over to these (a fit on few rounds chases noise, and prompts unlike the fitting ones are "
-            "calibrated differently).")
+    if m is None:
+        return (f"Mean ECE{on} {b:.3f} -> {a:.3f}; no interval over rounds was recorded, so this run draws no "
+                "conclusion from the difference.")
+    numbers = f"mean ECE{on} {b:.3f} -> {a:.3f}, a change of {m.text(signed=True)} over {result.rounds} rounds"
+    call = judge(m, tie=tie, null=0.0)
+    opposite = "above" if call == "below" else "below" if call == "above" else None
+    # a position is named only when its own interval excludes 0 and it moved by at least `tie`
+    named = [(k, c) for k, c in enumerate(result.change) if c is not None and abs(c.value) >= tie]
+    against = [(k, c) for k, c in named if opposite and judge(c, tie, 0.0) == opposite]
+    but = "".join(f"; but it {'raised' if opposite == 'above' else 'lowered'} position {k + 1}'s "
+                  f"({result.before[k]:.3f} -> {result.after[k]:.3f}, {c.text(signed=True)})" for k, c in against)
+    if call == "below":
+        return f"STS lowered the {numbers}{but}."
+    if call == "above":
+        return (f"STS raised the {numbers}{but}: temperatures fitted on other rounds did not carry over to these "
+                "(a fit on few rounds chases noise, and prompts unlike the fitting ones are calibrated differently).")
+    if call.startswith("tied"):
+        return f"STS left the {numbers}: unchanged within {tie} either way."
+    moved = [(k, c) for k, c in named if judge(c, tie, 0.0) in ("above", "below")]
+    detail = "".join(f"; position {k + 1} {'rose' if judge(c, tie, 0.0) == 'above' else 'fell'} beyond its interval "
+                     f"({result.before[k]:.3f} -> {result.after[k]:.3f}, {c.text(signed=True)})" for k, c in moved)
+    return (f"STS changed the {numbers}: within noise, so this run cannot tell whether it helped{detail}. "
+            "More rounds (the full run) narrow the interval.")
 
 
-def describe_cut_values(rows: list[dict], tolerance: float = 0.005) -> str:
-    """A sentence from `cut_value` results at several costs: did cutting at the calibrated survival beat
-    cutting at the raw one, and verifying everything?
+def describe_cut_values(rows: list[dict], tie: float = 0.002) -> str:
+    """A sentence from `cut_value_change` results at several costs: did cutting at the calibrated survival
+    beat cutting at the raw one, beyond the interval over rounds, and verifying everything?
 
-    `rows` are dicts {"cost", "raw": cut_value(raw...), "calibrated": cut_value(calibrated...)}; a
-    difference below `tolerance` tokens a step counts as a tie.
+    `rows` are dicts {"cost", "change": Interval of calibrated minus raw cut value (tokens a step),
+    "calibrated": {"cut", "verify_all"}}; an interval within `tie` tokens of 0 is a tie.
     """
     if not rows:
         return "No cost was tried."
-    better = sum(r["calibrated"]["cut"] > r["raw"]["cut"] + tolerance for r in rows)
-    worse = sum(r["calibrated"]["cut"] < r["raw"]["cut"] - tolerance for r in rows)
-    tied = len(rows) - better - worse
-    over_all = sum(r["calibrated"]["cut"] > r["calibrated"]["verify_all"] + tolerance for r in rows)
-    gain = _mean([r["calibrated"]["cut"] - r["raw"]["cut"] for r in rows])
-    verdict = (f"Cutting where the calibrated a_k falls below λ beat the raw cut at {better} of {len(rows)} costs, "
-               f"lost at {worse} and tied at {tied} (mean difference {gain:+.3f} accepted tokens a step), and beat "
-               f"verifying everything at {over_all}.")
-    if better > worse:
-        return verdict + " Calibrated absolute values put the cut nearer its break-even point."
-    if worse > better:
+    calls = [judge(r["change"], tie, 0.0) for r in rows]
+    better, worse = calls.count("above"), calls.count("below")
+    unsure = len(rows) - better - worse
+    over_all = sum(r["calibrated"]["cut"] > r["calibrated"]["verify_all"] + tie for r in rows)
+    n = min(r["change"].n for r in rows)
+    verdict = (f"Over {n} rounds, cutting where the calibrated a_k falls below λ beat the raw cut beyond its "
+               f"interval at {better} of {len(rows)} costs, lost at {worse}, and was tied or within noise at "
+               f"{unsure}; it beat verifying everything at {over_all}.")
+    if better and not worse:
+        return verdict + " Where it mattered, calibrated absolute values put the cut nearer its break-even point."
+    if worse and not better:
         return verdict + (" Here calibration did not pay: the temperatures fitted on held-out rounds moved the "
                           "survival the wrong way for these rounds.")
-    return verdict + (" On these rounds the raw survival was already about as well placed as the calibrated one, "
-                      "so the cut cannot improve; the gap appears when a head is clearly over- or under-confident.")
+    if better and worse:
+        return verdict + " Calibration helped at some costs and hurt at others: no single conclusion."
+    return verdict + (" This run cannot tell the two cuts apart: the raw survival was already about as well "
+                      "placed as the calibrated one, or there are too few rounds to see the difference.")
 
 
 # ---- static threshold sweep (paper Fig. 5) ---------------------------------------------------------
@@ -414,6 +502,21 @@ def cut_value(conf, accepted, cost: float) -> dict[str, float]:
     cut, full = threshold_sweep(conf, accepted, [cost, 0.0])
     return {"cut": cut["accepted_per_step"] - cost * cut["verified_per_step"],
             "verify_all": full["accepted_per_step"] - cost * full["verified_per_step"]}
+
+
+def _round_cut_values(conf, accepted, cost: float) -> torch.Tensor:
+    """Per round, accepted - cost * verified when verifying the leading drafts with a_k >= cost."""
+    c, y = _conf_and_labels(conf, accepted)
+    cut = torch.cumprod((survival(c) >= cost).to(torch.float64), 1).sum(1)
+    return torch.minimum(y.sum(1), cut) - cost * cut
+
+
+def cut_value_change(raw_conf, calibrated_conf, accepted, cost: float, resamples: int = RESAMPLES,
+                     seed: int = 0) -> Interval:
+    """How much cutting at the calibrated survival gains over cutting at the raw one (`cut_value`), in
+    tokens a step, on the same rounds, with its paired bootstrap interval over rounds."""
+    d = _round_cut_values(calibrated_conf, accepted, cost) - _round_cut_values(raw_conf, accepted, cost)
+    return bootstrap(lambda i: d[i].mean(), d.numel(), resamples, seed=seed)
 
 
 # ---- online correction while serving -----------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from labkit.core.errors import LabkitError
-from labkit.core.calibration import describe_ece_change, fit_sts
+from labkit.core.calibration import ECEChange, describe_ece_change, fit_sts
 from labkit.drafters.dflash import default_layers
 from labkit.drafters.export import embedding_scale, target_problems
 from labkit.model.target import PLAIN_PROMPT
@@ -188,12 +188,14 @@ def describe_calibration(report: dict) -> list[str]:
         if not kept:
             head += "every position fitted. "
         elif len(kept) == len(r["fitted"]):
-            head += (f"too few examples at every position (fit_sts moves T_k only with at least {min_each} "
-                     f"accepted and {min_each} rejected rounds there), so all kept T = 1. ")
+            out.append(head + f"too few examples at every position (fit_sts moves T_k only with at least {min_each} "
+                       f"accepted and {min_each} rejected rounds there), so all kept T = 1: nothing was calibrated, "
+                       "and this run says nothing about what STS does.")
+            continue
         else:
             head += (f"position(s) {', '.join(map(str, kept))} had too few examples (fewer than {min_each} "
                      f"accepted or {min_each} rejected rounds) and kept T = 1. ")
-        out.append(head + describe_ece_change(r["ece_before"], r["ece_after"]))
+        out.append(head + describe_ece_change(ECEChange.from_record(r), where="on the rounds it was fitted on"))
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from labkit.core.errors import LabkitError
+from labkit.core.evidence import verdict
 from labkit.lab.plots import COLORS, POLICY_COLORS, POLICY_LABELS, TEMPLATE
 from labkit.core.scheduler import (
     APPENDIX_A_P_T,
@@ -686,20 +687,6 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def verdict(ratio: float, low: float | None, high: float | None, tie: float = 0.01) -> str:
-    """A ratio against 1 judged by its interval: "tied" where the whole interval lies within `tie` of 1,
-    "above" / "below" where it excludes 1, "within noise" where it holds 1; "spread unknown" without one."""
-    if low is None or high is None:
-        return "spread unknown"
-    if 1 - tie <= low and high <= 1 + tie:
-        return f"tied (within {tie:.0%})"
-    if low > 1:
-        return "above"
-    if high < 1:
-        return "below"
-    return "within noise"
-
-
 def _ratio_text(c: ReplayCell) -> str:
     if c.ratio_low is None:
         return f"{c.ratio:.3f}"
@@ -907,7 +894,7 @@ def scheduler_claims(table: CostTable, knee: Knee, cells: Sequence[ReplayCell], 
                  "the same mechanism; " + (
                      f"this CPU's knee (B = {knee.b_half}) is reached at R = {math.ceil(knee.b_half / (1 + (cells[0].gamma or 1)))} "
                      f"verifying every draft and at R = {math.ceil(knee.b_half / 2)} with MTP-1, where a GPU's lies "
-                     "hundreds of tokens out" if knee.b_half else f"this CPU's SPS never halved within the profile")))
+                     "hundreds of tokens out" if knee.b_half else "this CPU's SPS never halved within the profile")))
     for p in statics:
         c = by[(p, hi)]
         rows.append((f"a static multi-token drafter loses under load: {POLICY_LABELS.get(p, p)}",

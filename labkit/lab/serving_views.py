@@ -681,7 +681,7 @@ def paired_ratios(reports: Sequence[dict], baseline: str = "mtp1", key: str = "a
 
 
 def _judge(row: dict, tie: float) -> str:
-    from labkit.lab.scheduler_views import verdict
+    from labkit.core.evidence import verdict
     if row["repeats"] < 2:
         return "one repeat, spread unknown"
     return verdict(row["ratio"], row["low"], row["high"], tie)

@@ -280,7 +280,7 @@ def describe_simulation(results: Sequence[dict], resampled: Sequence[dict] = (),
     """Sentences from a simulation: the matched-throughput gain (`sim_matched_gain`) with its resampled
     spread, where each pair's throughput ratio is above, below or within the resamples' spread of 1, and
     how Algorithm 1's budget moves from the lightest load to the heaviest."""
-    from labkit.lab.scheduler_views import verdict
+    from labkit.core.evidence import verdict
     out = []
     k = len({r["repeat"] for r in resampled}) if resampled else 0
     unit = f"{k} bootstrap resamples of the {n_requests or '?'} recorded requests" if k else "no resampling"

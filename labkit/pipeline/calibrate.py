@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit.core.calibration import STSResult, apply_temperatures, fit_sts, per_position_metrics
+from labkit.core.calibration import STSResult, apply_temperatures, ece_change, fit_sts, per_position_metrics
 from labkit.decode.loop import generate
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
@@ -116,6 +116,10 @@ def calibrate_checkpoint(target, path: str | Path, data_dir: str | Path, n_promp
         record[calibration_key(t)] = {**sts.to_dict(), "rounds": len(rounds), "prompts": len(prompts),
                                       "max_new_tokens": max_new_tokens, "data": str(data_dir),
                                       "sequences": [start, start + len(prompts)]}  # [start, end) in data order
+        if len(rounds):  # in-sample (the rounds it was fitted on), with its interval over those rounds
+            change = ece_change(rounds.conf_logits, rounds.accepted, sts.temperatures, sts.fitted, seed=seed)
+            record[calibration_key(t)]["ece_change"] = {"rounds": change.rounds, "mean": change.to_dict()["mean"],
+                                                        "change": change.to_dict()["change"]}
         report[calibration_key(t)] = record[calibration_key(t)]
     if write:
         write_calibration(path, record)

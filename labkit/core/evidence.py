@@ -1,0 +1,116 @@
+"""How sure a measurement is, and which sentence it supports.
+
+A notebook that prints "A beat B" from one short run teaches the wrong habit. Every sentence that
+interprets a measured difference is chosen here, from the number and its spread: an `Interval` (a
+point estimate with a percentile bootstrap interval over the units that were measured, e.g. the
+decoding rounds or the repeats of a timing) and `verdict`, which reads the interval against the value
+that means "no difference". "Within noise" is a verdict like any other: the run did not settle it.
+
+The bootstrap resamples whole units with replacement (rounds, prompts, repeats), the same draw for
+every quantity computed from one resample, so paired quantities (a metric before and after a change,
+on the same rounds) keep their pairing. It is seeded: the same data give the same interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from labkit.core.errors import LabkitError
+
+#: resamples a bootstrap draws by default: enough for a stable 95% percentile interval
+RESAMPLES = 1000
+#: the interval's coverage
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A measured value, its bootstrap interval [low, high] at `level`, and how many units it rests on."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+    level: float = LEVEL
+
+    def __post_init__(self):
+        if not self.low <= self.high:
+            raise LabkitError(f"an interval needs low <= high, got [{self.low}, {self.high}].")
+
+    def text(self, fmt: str = ".3f", signed: bool = False) -> str:
+        """"0.123 [0.100, 0.150]" (with a sign on each number when `signed`)."""
+        f = ("+" if signed else "") + fmt
+        return f"{self.value:{f}} [{self.low:{f}}, {self.high:{f}}]"
+
+    def excludes(self, null: float) -> bool:
+        return self.high < null or self.low > null
+
+
+def bootstrap(statistic: Callable[[torch.Tensor], float], n: int, resamples: int = RESAMPLES,
+              level: float = LEVEL, seed: int = 0) -> Interval:
+    """Percentile bootstrap of `statistic(index)` over `n` units: `index` is a LongTensor of unit indices
+    (all of them, in order, for the point estimate; drawn with replacement for each resample), so one
+    function computes any paired quantity from the same draw."""
+    if n < 1:
+        raise LabkitError("a bootstrap needs at least one measured unit (a round, a prompt, a repeat).")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise LabkitError(f"a bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples} and {level}.")
+    value = float(statistic(torch.arange(n)))
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.tensor([float(statistic(torch.randint(n, (n,), generator=gen))) for _ in range(resamples)],
+                         dtype=torch.float64)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(value, min(low, value), max(high, value), n, level)
+
+
+def mean_interval(samples, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
+    """The mean of `samples` with its bootstrap interval."""
+    x = torch.as_tensor(samples, dtype=torch.float64).flatten()
+    return bootstrap(lambda i: x[i].mean(), x.numel(), resamples, level, seed)
+
+
+def ratio_interval(a, b, paired: bool = False, resamples: int = RESAMPLES, level: float = LEVEL,
+                   seed: int = 0) -> Interval:
+    """mean(a) / mean(b) with its bootstrap interval; `paired` resamples the pairs (a_i, b_i) together
+    (two methods timed on the same prompts), else each sample on its own."""
+    x = torch.as_tensor(a, dtype=torch.float64).flatten()
+    y = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if x.numel() == 0 or y.numel() == 0:
+        raise LabkitError("a ratio needs samples on both sides.")
+    if paired:
+        if x.numel() != y.numel():
+            raise LabkitError(f"paired samples need the same count, got {x.numel()} and {y.numel()}.")
+        return bootstrap(lambda i: x[i].mean() / y[i].mean(), x.numel(), resamples, level, seed)
+    gen = torch.Generator().manual_seed(seed)
+    value = float(x.mean() / y.mean())
+    draws = torch.stack([x[torch.randint(x.numel(), (x.numel(),), generator=gen)].mean()
+                         / y[torch.randint(y.numel(), (y.numel(),), generator=gen)].mean() for _ in range(resamples)])
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(value, min(low, value), max(high, value), min(x.numel(), y.numel()), level)
+
+
+def verdict(value: float, low: float | None, high: float | None, tie: float = 0.01, null: float = 1.0) -> str:
+    """A measured value against `null` (1 for a ratio, 0 for a difference), judged by its interval:
+    "tied (within tie)" where the whole interval lies within `tie` of null (relative to null for a ratio,
+    absolute for null 0), "above" / "below" where it excludes null, "within noise" where it holds null;
+    "spread unknown" without an interval."""
+    if low is None or high is None:
+        return "spread unknown"
+    band = tie * abs(null) if null else tie
+    if null - band <= low and high <= null + band:
+        return f"tied (within {tie:.0%})" if null else f"tied (within {tie:g})"
+    if low > null:
+        return "above"
+    if high < null:
+        return "below"
+    return "within noise"
+
+
+def judge(interval: Interval, tie: float = 0.01, null: float = 1.0) -> str:
+    """`verdict` of an Interval."""
+    return verdict(interval.value, interval.low, interval.high, tie, null)

@@ -1,0 +1,60 @@
+"""Intervals and verdicts (labkit/core/evidence.py) on hand-made samples: what a sentence may conclude."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labkit.core.errors import LabkitError
+from labkit.core.evidence import Interval, bootstrap, judge, mean_interval, ratio_interval, verdict
+
+
+def test_the_mean_interval_covers_the_true_mean_about_as_often_as_it_says():
+    gen = torch.Generator().manual_seed(0)
+    hits = 0
+    for trial in range(200):
+        x = torch.randn(40, generator=gen, dtype=torch.float64) + 3.0
+        iv = mean_interval(x, resamples=300, seed=trial)
+        hits += iv.low <= 3.0 <= iv.high
+    assert 0.88 <= hits / 200 <= 0.99  # nominal 0.95; the percentile bootstrap runs a little narrow at n = 40
+
+
+def test_more_samples_narrow_the_interval_and_a_seed_fixes_it():
+    gen = torch.Generator().manual_seed(1)
+    few, many = torch.randn(10, generator=gen), torch.randn(1000, generator=gen)
+    w = lambda iv: iv.high - iv.low  # noqa: E731
+    assert w(mean_interval(many)) < w(mean_interval(few)) / 4
+    assert mean_interval(few, seed=3) == mean_interval(few, seed=3)
+    assert mean_interval([2.0]) == Interval(2.0, 2.0, 2.0, 1)
+
+
+def test_a_paired_ratio_removes_what_both_sides_share():
+    # two methods timed on the same 20 prompts: prompt length moves both, the method adds 10% to one
+    gen = torch.Generator().manual_seed(2)
+    base = torch.rand(20, generator=gen, dtype=torch.float64) * 10 + 1
+    a, b = base * 1.1, base
+    paired, unpaired = ratio_interval(a, b, paired=True), ratio_interval(a, b, paired=False)
+    assert paired.value == pytest.approx(1.1) and paired.low == pytest.approx(1.1) and paired.high == pytest.approx(1.1)
+    assert judge(paired) == "above" and judge(unpaired) == "within noise"
+    with pytest.raises(LabkitError, match="same count"):
+        ratio_interval([1.0, 2.0], [1.0], paired=True)
+
+
+def test_verdicts_for_ratios_and_differences():
+    assert verdict(1.2, 1.1, 1.3) == "above" and verdict(0.8, 0.7, 0.9) == "below"
+    assert verdict(1.05, 0.95, 1.2) == "within noise" and verdict(1.0, 0.995, 1.004) == "tied (within 1%)"
+    assert verdict(1.5, None, None) == "spread unknown"
+    assert verdict(0.01, 0.005, 0.02, tie=0.002, null=0.0) == "above"
+    assert verdict(0.0005, -0.001, 0.0015, tie=0.002, null=0.0) == "tied (within 0.002)"
+    assert verdict(-0.001, -0.02, 0.01, tie=0.002, null=0.0) == "within noise"
+
+
+def test_bootstrap_refuses_what_it_cannot_measure():
+    with pytest.raises(LabkitError, match="at least one measured unit"):
+        bootstrap(lambda i: 0.0, 0)
+    with pytest.raises(LabkitError, match="0 < level < 1"):
+        mean_interval([1.0, 2.0], level=1.5)
+    with pytest.raises(LabkitError, match="low <= high"):
+        Interval(1.0, 2.0, 1.5, 3)
+    assert Interval(0.5, 0.25, 0.75, 4).text(".2f") == "0.50 [0.25, 0.75]"
+    assert Interval(0.5, 0.25, 0.75, 4).text(".2f", signed=True) == "+0.50 [+0.25, +0.75]"
