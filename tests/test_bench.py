@@ -13,7 +13,9 @@ import json
 import pytest
 
 from labkit.__main__ import main
-from labkit.measure.bench import DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_table, run_bench
+from labkit.core.errors import LabkitError
+from labkit.measure.bench import (DEFAULT_METHODS, SHIPPED_METHODS, default_methods, format_speedup, format_table,
+                                   run_bench, speedup_interval)
 from labkit.pipeline.prompt_sets import load_prompts
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import load_target
@@ -79,6 +81,34 @@ def test_bench_speedups_are_ratios_to_hf_generate_of_the_same_run(greedy_result)
     for row in rows.values():
         assert row["speedup_vs_hf"] == pytest.approx(row["tokens_per_s"] / hf_tps, rel=1e-9)
         assert row["tokens_per_s"] == pytest.approx(row["new_tokens"] / row["seconds"], rel=1e-9)
+
+
+def test_bench_speedup_intervals_come_from_its_own_prompts(greedy_result):
+    """Each row keeps (tokens, seconds) per prompt; its ratio to HF generate recomputed from them is the
+    row's speedup, its interval holds it, and a speculative row keeps its rounds per prompt for tau."""
+    rows = {row["method"]: row for row in greedy_result["rows"]}
+    base = rows["hf-generate"]
+    assert base["speedup_interval"] is None and format_speedup(base) == "1.00x (the baseline)"
+    for method, row in rows.items():
+        assert len(row["per_prompt"]) == 3 and sum(t for t, _ in row["per_prompt"]) == row["new_tokens"]
+        if method == "hf-generate":
+            continue
+        ratio, low, high = speedup_interval([tuple(x) for x in row["per_prompt"]], [tuple(x) for x in base["per_prompt"]])
+        assert ratio == pytest.approx(row["speedup_vs_hf"], rel=1e-9) and row["speedup_interval"] == [low, high]
+        assert low <= ratio <= high and f"{ratio:.2f}x [{low:.2f}-{high:.2f}] over 3 prompts, " in format_speedup(row)
+        if method.startswith("spec:"):
+            emitted, n = map(sum, zip(*row["per_prompt_rounds"]))
+            assert emitted / n == pytest.approx(row["tau"])
+    with pytest.raises(LabkitError, match="same prompts"):
+        speedup_interval([(4, 1.0)], [(4, 1.0), (4, 2.0)])
+
+
+def test_speedup_interval_on_hand_made_timings():
+    # method twice as fast on every prompt: ratio 2 and no spread; mixed prompts: an interval around it
+    base = [(10, 1.0), (10, 2.0), (10, 4.0)]
+    assert speedup_interval([(10, 0.5), (10, 1.0), (10, 2.0)], base) == pytest.approx((2.0, 2.0, 2.0))
+    ratio, low, high = speedup_interval([(10, 0.4), (10, 1.5), (10, 2.0)], base)
+    assert low < ratio < high and low < 2.0
 
 
 def test_bench_tau_only_for_speculative_methods(greedy_result):

@@ -7,6 +7,7 @@ import torch
 
 from labkit.core.errors import LabkitError
 from labkit.core.evidence import Interval, bootstrap, judge, mean_interval, ratio_interval, verdict
+from labkit.core.trace import tau_ratio_interval
 
 
 def test_the_mean_interval_covers_the_true_mean_about_as_often_as_it_says():
@@ -58,3 +59,25 @@ def test_bootstrap_refuses_what_it_cannot_measure():
         Interval(1.0, 2.0, 1.5, 3)
     assert Interval(0.5, 0.25, 0.75, 4).text(".2f") == "0.50 [0.25, 0.75]"
     assert Interval(0.5, 0.25, 0.75, 4).text(".2f", signed=True) == "+0.50 [+0.25, +0.75]"
+
+
+def test_tau_ratio_interval_pools_rounds_by_prompt_and_pairs_prompts():
+    # drafter a emits 3 tokens a round on every prompt, b 2: ratio 1.5 whatever the prompts' round counts
+    a, b = [(30, 10), (6, 2), (90, 30)], [(20, 10), (4, 2), (60, 30)]
+    iv = tau_ratio_interval(a, b)
+    assert (iv.value, iv.low, iv.high, iv.n) == (pytest.approx(1.5), pytest.approx(1.5), pytest.approx(1.5), 3)
+    mixed = tau_ratio_interval([(30, 10), (4, 2), (90, 30)], [(20, 10), (6, 2), (60, 30)])
+    assert mixed.low < mixed.value < mixed.high
+    assert mixed.value == pytest.approx((124 / 42) / (86 / 42))  # pooled: sum emitted / sum rounds, as mean_tau
+    with pytest.raises(LabkitError, match="at least one round"):
+        tau_ratio_interval([(3, 1), (0, 0)], [(2, 1), (2, 1)])
+
+
+def test_describe_ratio_says_what_the_interval_supports():
+    from labkit.core.evidence import describe_ratio
+    up = describe_ratio("tau", "DSpark", "DFlash", Interval(1.2, 1.1, 1.3, 24), "prompts")
+    assert up == "DSpark's tau is 1.20x DFlash's [1.10-1.30, 95% interval over 24 prompts]: higher, beyond the noise of this run."
+    assert "lower, beyond" in describe_ratio("tau", "a", "b", Interval(0.8, 0.7, 0.9, 5), "prompts")
+    noise = describe_ratio("tau", "a", "b", Interval(1.08, 0.98, 1.19, 3), "prompts")
+    assert "within noise" in noise and "higher" not in noise
+    assert "the same within 1%" in describe_ratio("speed", "a", "b", Interval(1.0, 0.995, 1.004, 9), "repeats")

@@ -233,6 +233,7 @@ def test_moving_gamma_down_clamps_tau_and_redraws():
 def test_decoding_dashboard_runs_real_generations_and_validates_sliders(tiny_target):
     dash = decoding_dashboard(tiny_target, [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], gamma=3, max_new_tokens=6)
     assert "tau" in dash.readout.value and len(dash.figure.data) == 2
+    assert "median of 3 interleaved repeats" in dash.readout.value and "3 interleaved repeats" in dash.figure.layout.title.text
     dash.update(gamma=5, temperature=0.8)
     assert dash.sliders["gamma"].value == 5 and "gamma=5" in dash.figure.layout.title.text
     for bad in ({"gamma": 0}, {"gamma": 17}, {"temperature": -0.1}, {"temperature": 2.0}):
@@ -240,6 +241,8 @@ def test_decoding_dashboard_runs_real_generations_and_validates_sliders(tiny_tar
             dash.update(**bad)
     with pytest.raises(LabkitError):
         decoding_dashboard(tiny_target, [1, 2, 3], gamma=40)
+    with pytest.raises(LabkitError, match="whole number >= 1"):
+        decoding_dashboard(tiny_target, [1, 2, 3], gamma=3, repeats=0)
 
 
 def test_vocab_costs_time_every_configuration_and_size_the_heads(make_tiny_target):

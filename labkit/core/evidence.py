@@ -114,3 +114,19 @@ def verdict(value: float, low: float | None, high: float | None, tie: float = 0.
 def judge(interval: Interval, tie: float = 0.01, null: float = 1.0) -> str:
     """`verdict` of an Interval."""
     return verdict(interval.value, interval.low, interval.high, tie, null)
+
+
+def describe_ratio(quantity: str, name: str, other: str, interval: Interval, units: str, tie: float = 0.01) -> str:
+    """One sentence for a measured ratio of `name`'s `quantity` over `other`'s, chosen by its verdict:
+    e.g. "DSpark's tau is 1.08x DFlash's [0.98-1.19, 95% interval over 6 prompts]: within noise, so this
+    run cannot tell them apart." `units` names what the interval resampled ("prompts", "repeats")."""
+    call = judge(interval, tie)
+    head = (f"{name}'s {quantity} is {interval.value:.2f}x {other}'s [{interval.low:.2f}-{interval.high:.2f}, "
+            f"{interval.level:.0%} interval over {interval.n} {units}]")
+    if call == "above":
+        return f"{head}: higher, beyond the noise of this run."
+    if call == "below":
+        return f"{head}: lower, beyond the noise of this run."
+    if call.startswith("tied"):
+        return f"{head}: the same within {tie:.0%}."
+    return f"{head}: within noise, so this run cannot tell them apart (the full run measures more {units})."

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.core.errors import LabkitError
+from labkit.core.evidence import Interval, bootstrap
 
 
 @dataclass
@@ -50,6 +51,21 @@ def mean_tau(rounds: Sequence[Round]) -> float | None:
     if not rounds:
         return None
     return sum(r.emitted for r in rounds) / len(rounds)
+
+
+def tau_ratio_interval(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], seed: int = 0) -> Interval:
+    """tau of one drafter over another's on the same prompts, each pooled as `mean_tau` pools rounds (tokens
+    emitted over rounds), given per prompt as (tokens emitted, rounds); the interval is a paired bootstrap
+    over prompts (`labkit.core.evidence`), since rounds of one prompt share its text and are not independent."""
+    x = torch.tensor(a, dtype=torch.float64).reshape(-1, 2)
+    y = torch.tensor(b, dtype=torch.float64).reshape(-1, 2)
+    if x.shape != y.shape or x.shape[0] == 0 or bool((x[:, 1] < 1).any()) or bool((y[:, 1] < 1).any()):
+        raise LabkitError("a tau ratio needs both drafters' rounds on the same prompts, at least one round on each.")
+
+    def ratio(i):
+        return (x[i, 0].sum() / x[i, 1].sum()) / (y[i, 0].sum() / y[i, 1].sum())
+
+    return bootstrap(ratio, x.shape[0], seed=seed)
 
 
 def token_coverage(token_lists: Sequence[Sequence[int]], vocab: Sequence[int]) -> float:

@@ -347,7 +347,7 @@ def rank_curve_figure(rows: Sequence[dict], marker: int | None = None,
         if hit:
             fig.add_trace(go.Scatter(x=[marker] * 2, y=[hit[0]["tau_greedy"], hit[0]["tau_t1"]], mode="markers",
                                      marker=dict(size=16, symbol="circle-open", color="black"), name=f"rank {marker}"))
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="rank r (0 = the backbone alone, DFlash)",
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title="rank r (0 = DSpark's backbone with its head off, not the DFlash drafter)",
                       yaxis_title="tau on held-out sequences", xaxis_type="log" if min(ranks) > 0 else "linear")
     return fig
 

@@ -15,6 +15,7 @@ import html
 import math
 import os
 import re
+import statistics
 from collections.abc import Callable
 
 import ipywidgets as widgets
@@ -22,10 +23,11 @@ import plotly.graph_objects as go
 from IPython.display import clear_output, display
 
 from labkit.measure.costs import break_even_tau, per_token_latency_s, speculative_speedup
-from labkit.model.timing import ForwardCost
+from labkit.model.timing import ForwardCost, interleaved_runs
 from labkit.decode.loop import GenerationResult, generate
 from labkit.drafters import make_drafter
 from labkit.core.errors import LabkitError
+from labkit.core.evidence import verdict
 from labkit.lab.plots import dashboard_figure, speedup_heatmap
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
@@ -195,18 +197,25 @@ def latency_explorer(cost: ForwardCost, gamma: int = 4, tau: float = 2.0, draft_
     return Dashboard(sliders, render)
 
 
+#: interleaved timed repeats behind each of the decoding dashboard's speed ratios
+DASHBOARD_REPEATS = 3
+
+
 def decoding_dashboard(target: Target, prompt_ids: list[int], gamma: int = 4, temperature: float = 0.0,
                        max_new_tokens: int = 48, seed: int = 0, max_gamma: int = 16,
-                       max_temperature: float = 1.5) -> Dashboard:
+                       max_temperature: float = 1.5, repeats: int = DASHBOARD_REPEATS) -> Dashboard:
     """Sliders for gamma and temperature that re-run a real generation and show tau and tokens/s.
 
-    Each update decodes `prompt_ids` twice for real: the lab's AR loop and speculative decoding with
-    the prompt-lookup drafter proposing up to gamma tokens a round (AR results are reused per
-    temperature, since gamma does not change them). Wall-clock numbers are as noisy as the machine.
+    Each update decodes `prompt_ids` with the lab's AR loop and with speculative decoding (the
+    prompt-lookup drafter proposing up to gamma tokens a round), `repeats` times each, interleaved in a
+    seeded order (`labkit.model.timing.interleaved_runs`, one untimed warm-up each): the speed ratio is
+    the median of the per-repeat ratios, shown with their range. It is one prompt's ratio, not the
+    lab's (the bench over many prompts measures that), and the readout says so.
     """
     check_slider("gamma", gamma, 1, max_gamma)
     check_slider("temperature", temperature, 0.0, max_temperature)
-    ar_runs: dict[float, GenerationResult] = {}
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise LabkitError(f"repeats is a number of timed runs: pass a whole number >= 1, got {repeats!r}.")
     sliders = {
         "gamma": widgets.IntSlider(value=gamma, min=1, max=max_gamma, description="gamma", continuous_update=False),
         "temperature": widgets.FloatSlider(value=temperature, min=0.0, max=max_temperature, step=0.1,
@@ -219,17 +228,28 @@ def decoding_dashboard(target: Target, prompt_ids: list[int], gamma: int = 4, te
             raise LabkitError(f"gamma is a number of tokens: pass a whole number, got {gamma}.")
         check_slider("temperature", temperature, 0.0, max_temperature)
         params = SamplingParams(temperature=float(temperature))
-        key = round(float(temperature), 6)
-        if key not in ar_runs:
-            ar_runs[key] = generate(target, prompt_ids, None, max_new_tokens, params, seed)
-        ar = ar_runs[key]
-        spec = generate(target, prompt_ids, make_drafter("prompt-lookup", target, int(gamma)),
-                        max_new_tokens, params, seed)
-        tps = {"lab AR loop": ar.tokens_per_s, f"prompt lookup (gamma={gamma})": spec.tokens_per_s}
-        title = (f"gamma={gamma}, temperature={temperature:.1f}: tau={spec.tau:.2f}, "
-                 f"{spec.tokens_per_s / ar.tokens_per_s:.2f}x the AR loop")
-        text = (f"{len(spec.token_ids)} new tokens in {len(spec.rounds)} rounds: <b>tau {spec.tau:.2f}</b>, "
-                f"{spec.tokens_per_s:.1f} tokens/s vs {ar.tokens_per_s:.1f} for the AR loop.")
+        drafter = make_drafter("prompt-lookup", target, int(gamma))
+        runs: dict[str, GenerationResult] = {}
+
+        def decode(name: str, d) -> Callable[[], None]:
+            def run():
+                runs[name] = generate(target, prompt_ids, d, max_new_tokens, params, seed)
+            return run
+
+        seconds = interleaved_runs({"ar": decode("ar", None), "spec": decode("spec", drafter)}, repeats,
+                                   warmup=1, seed=seed)
+        ar, spec = runs["ar"], runs["spec"]  # the same tokens every repeat: one seed
+        ratios = sorted((len(spec.token_ids) / s) / (len(ar.token_ids) / a) for a, s in zip(seconds["ar"], seconds["spec"]))
+        ratio, low, high = statistics.median(ratios), ratios[0], ratios[-1]
+        call = verdict(ratio, low, high, tie=0.02)
+        tps = {"lab AR loop": len(ar.token_ids) / statistics.median(seconds["ar"]),
+               f"prompt lookup (gamma={gamma})": len(spec.token_ids) / statistics.median(seconds["spec"])}
+        title = (f"gamma={gamma}, temperature={temperature:.1f}: tau={spec.tau:.2f} on this prompt, "
+                 f"{ratio:.2f}x the AR loop [{low:.2f}-{high:.2f}, {repeats} interleaved repeats]")
+        text = (f"{len(spec.token_ids)} new tokens in {len(spec.rounds)} rounds: <b>tau {spec.tau:.2f}</b>; "
+                f"{tps[f'prompt lookup (gamma={gamma})']:.1f} tokens/s against {tps['lab AR loop']:.1f} for the AR loop, "
+                f"median of {repeats} interleaved repeats, ratio {ratio:.2f} [{low:.2f}-{high:.2f}]: {call}. "
+                "One prompt, chosen because its answer repeats it: the bench above measures many.")
         fig = dashboard_figure(tps, spec.position_acceptance(), title, max_position=int(gamma),
                                counts=spec.position_counts())
         return fig, text
@@ -240,7 +260,8 @@ def decoding_dashboard(target: Target, prompt_ids: list[int], gamma: int = 4, te
 def rank_explorer(model, batch: dict, rank: int | None = None, gamma: int | None = None) -> Dashboard:
     """Two sliders that change a real DSpark drafter and re-measure it on held-out blocks:
 
-    - rank: its trained Markov transition cut to rank r by SVD (0 = the backbone alone, i.e. DFlash);
+    - rank: its trained Markov transition cut to rank r by SVD (0 = DSpark's own backbone with the head
+      off, a parallel drafter, but not the DFlash drafter, which was trained without a head);
     - gamma: the proposal cut to its first gamma positions.
     Each move runs the drafter's forward on the held-out batch (labkit.measure.diagnostics.offline_acceptance):
     per-position acceptance (greedy top-1 and temperature-1 1 - TV) and the tau they imply.

@@ -6,7 +6,9 @@ Each method's time includes its prefill, as a user would wait for it. The result
 dict whose shape later issues extend and never break:
 {"model", "device", "dtype", "temperature", "max_new_tokens", "prompt_set": {"sets", "files",
 "domains"}, "rows": [{"method", "drafter", "tokens_per_s", "tau", "speedup_vs_hf", "n_prompts",
-"new_tokens", ...}]}.
+"new_tokens", "speedup_interval" ([low, high], paired bootstrap over prompts), "per_prompt"
+([tokens, seconds] per prompt), "per_prompt_rounds" ([tokens emitted in rounds, rounds] per prompt, for a
+tau interval: `labkit.core.trace.tau_ratio_interval`), ...}]}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from labkit.decode.loop import generate
 from labkit.model.timing import timed_call
 from labkit.drafters import check_spec, make_drafter, shipped_checkpoint
 from labkit.core.errors import LabkitError
+from labkit.core.evidence import bootstrap, verdict
 from labkit.pipeline.prompt_sets import Prompt, describe_prompts
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
@@ -52,10 +55,15 @@ class MethodStats:
     outputs: list[list[int]] = field(default_factory=list)
     by_domain: dict[str, list[float]] = field(default_factory=dict)  # domain -> [tokens, seconds]
     rounds_by_domain: dict[str, list] = field(default_factory=dict)
+    per_prompt: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds), prompt order
+    per_prompt_rounds: list[tuple[int, int]] = field(default_factory=list)  # (tokens emitted in rounds, rounds)
 
     def add(self, domain: str, tokens: list[int], seconds: float, rounds=None) -> None:
         self.new_tokens += len(tokens)
         self.seconds += seconds
+        self.per_prompt.append((len(tokens), seconds))
+        if rounds is not None:
+            self.per_prompt_rounds.append((sum(r.emitted for r in rounds), len(rounds)))
         self.outputs.append(tokens)
         agg = self.by_domain.setdefault(domain, [0, 0.0])
         agg[0] += len(tokens)
@@ -159,6 +167,10 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
                "position_acceptance": position_acceptance(st.rounds) if m.drafter_spec else None,
                "position_rounds": position_counts(st.rounds) if m.drafter_spec else None,
                "speedup_vs_hf": tps / base_tps if base_tps else None,
+               "speedup_interval": (list(speedup_interval(st.per_prompt, base.per_prompt)[1:])
+                                    if base_tps and st is not base else None),
+               "per_prompt": [list(x) for x in st.per_prompt],
+               "per_prompt_rounds": [list(x) for x in st.per_prompt_rounds] if m.drafter_spec else None,
                "n_prompts": n_prompts, "new_tokens": st.new_tokens, "seconds": st.seconds,
                "by_domain": {d: {"tokens_per_s": t / s, "speedup_vs_hf": (t / s) / base_dom[d] if d in base_dom else None,
                                  "tau": mean_tau(st.rounds_by_domain.get(d, [])) if m.drafter_spec else None,
@@ -182,6 +194,37 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
     return {"model": target.name, "device": str(target.device), "dtype": str(target.dtype).replace("torch.", ""),
             "temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": max_new_tokens,
             "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def speedup_interval(method: list[tuple[int, float]], base: list[tuple[int, float]], seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """A method's tokens/s over the baseline's on the same prompts, (sum tokens / sum seconds) each, with
+    the paired bootstrap interval over prompts (`labkit.core.evidence`): (ratio, low, high). One prompt:
+    no spread, low = high = the ratio."""
+    m = torch.tensor(method, dtype=torch.float64)
+    b = torch.tensor(base, dtype=torch.float64)
+    if m.shape != b.shape or m.numel() == 0:
+        raise LabkitError("a speed ratio needs both methods timed on the same prompts.")
+
+    def ratio(i):
+        return (m[i, 0].sum() / m[i, 1].sum()) / (b[i, 0].sum() / b[i, 1].sum())
+
+    iv = bootstrap(ratio, m.shape[0], seed=seed)
+    return iv.value, iv.low, iv.high
+
+
+def format_speedup(row: dict, tie: float = 0.02) -> str:
+    """A bench row's speed over HF generate as a sentence may quote it: "1.28x [1.10-1.45] over 8 prompts,
+    above" (`labkit.core.evidence.verdict` against 1; one prompt: "one prompt, no spread")."""
+    x = row.get("speedup_vs_hf")
+    if x is None:
+        return "-"
+    iv, n = row.get("speedup_interval"), row.get("n_prompts", 0)
+    if iv is None:
+        return f"{x:.2f}x" if row["method"] != "hf-generate" else "1.00x (the baseline)"
+    if n < 2:
+        return f"{x:.2f}x (one prompt, no spread)"
+    return f"{x:.2f}x [{iv[0]:.2f}-{iv[1]:.2f}] over {n} prompts, {verdict(x, iv[0], iv[1], tie)}"
 
 
 def _confidence(drafter, st: "MethodStats", params: SamplingParams) -> dict | None:

@@ -1,0 +1,93 @@
+"""The paper's numbers that the notebooks measure again, in one place, and the closing table that sets
+each beside the lab's.
+
+Each `PaperNumber` is what the paper reports (a value, or the range over its targets), where it says so,
+and the setting it was measured in. `paper_row` sets a lab measurement (an `Interval` where the run has
+one) beside it and says where the lab's value falls, judged by its interval; `why` is the notebook's
+sentence, built from this run's own setting (model, data, hardware), on why the two can differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from labkit.core.errors import LabkitError
+from labkit.core.evidence import Interval
+
+#: the setting of every number below unless it says otherwise (Sec. 4.1, 5)
+PAPER_SETTING = "Qwen3 4B-14B and Gemma4-12B targets, drafters trained on the paper's data, GPU serving"
+
+
+@dataclass(frozen=True)
+class PaperNumber:
+    """A number the paper reports: `low`-`high` (equal for one value), `unit`, where, in what setting."""
+
+    what: str
+    low: float
+    high: float
+    where: str
+    setting: str = PAPER_SETTING
+    unit: str = ""
+
+    def text(self) -> str:
+        value = f"{self.low:g}{self.unit}" if self.low == self.high else f"{self.low:g}-{self.high:g}{self.unit}"
+        return f"{value} ({self.where})"
+
+
+PAPER: dict[str, PaperNumber] = {
+    "dspark_over_dflash_tau": PaperNumber(
+        "DSpark tau / DFlash tau (macro over benchmarks, T = 1)", 1.163, 1.184,
+        "Table 1, Sec. 4.2: +16.3%, +18.4%, +18.3% on Qwen3-4B, 8B, 14B"),
+    "dspark_over_eagle3_tau": PaperNumber(
+        "DSpark tau / Eagle3 tau (macro over benchmarks, T = 1)", 1.267, 1.309,
+        "Table 1, Sec. 4.2: +30.9%, +26.7%, +30.0% on Qwen3-4B, 8B, 14B"),
+    "dflash_tau": PaperNumber("DFlash tau, block of 8 (per benchmark, T = 1)", 2.59, 5.45, "Table 1, all targets"),
+    "dspark_tau": PaperNumber("DSpark tau, block of 8 (per benchmark, T = 1)", 2.92, 6.21, "Table 1, all targets"),
+    "head_latency_overhead": PaperNumber(
+        "the sequential head's share of a serving round (draft + verify) at block sizes 4-16", 0.006, 0.013,
+        "Fig. 4 right, Sec. 4.3.2: +0.6% to +1.3%, batch 128", unit=" of the round"),
+    "raw_ece": PaperNumber("confidence head ECE before STS", 0.033, 0.082, "Fig. 6, Sec. 4.3.4: 3%-8%"),
+    "sts_ece": PaperNumber("mean ECE after STS", 0.004, 0.02, "Fig. 6: 0.4%-2.0%, 'about 1%' on average"),
+    "raw_auc": PaperNumber("confidence head ROC-AUC (positions 1, 3, 5, 7)", 0.812, 0.907, "Fig. 6"),
+}
+
+
+def paper_number(key: str) -> PaperNumber:
+    if key not in PAPER:
+        raise LabkitError(f"no paper number {key!r}: pick one of {', '.join(sorted(PAPER))}.")
+    return PAPER[key]
+
+
+def where_it_falls(number: PaperNumber, lab: Interval | float) -> str:
+    """Where the lab's value falls against the paper's range, judged by its interval where it has one:
+    "within the paper's range", "below it", "above it", or "overlaps it (interval)" when the value is
+    outside but its interval reaches in; without an interval only the value is compared ("no spread")."""
+    if not isinstance(lab, Interval):
+        v = float(lab)
+        place = "within the paper's range" if number.low <= v <= number.high else (
+            "below the paper's range" if v < number.low else "above the paper's range")
+        return place + " (no spread)"
+    if number.low <= lab.value <= number.high:
+        return "within the paper's range"
+    if lab.high < number.low:
+        return "below the paper's range"
+    if lab.low > number.high:
+        return "above the paper's range"
+    return "outside it, but its interval reaches the paper's range"
+
+
+PAPER_HEADER = ("claim", "paper", "this run", "where it falls", "why they can differ")
+
+
+def paper_row(key: str, lab: Interval | float | None, why: str, fmt: str = ".3f", units: str = "units"
+              ) -> tuple[str, str, str, str, str]:
+    """One closing-table row (`PAPER_HEADER`): the claim, the paper's number and where it is, the lab's
+    (with its interval and the `units` it resampled, e.g. "prompts"), where it falls, and why they can differ."""
+    number = paper_number(key)
+    if lab is None:
+        return (number.what, number.text(), "not measured in this run", "-", why)
+    if isinstance(lab, Interval):
+        measured = f"{lab.text(fmt)} ({lab.level:.0%} interval over {lab.n} {units})"
+    else:
+        measured = f"{float(lab):{fmt}}"
+    return (number.what, number.text(), measured, where_it_falls(number, lab), why)
