@@ -267,3 +267,17 @@ def test_block_showcase_on_a_tiny_dflash_compares_with_the_target_greedy_continu
     assert b.kept == max(0, next((j for j, (d, t) in enumerate(zip(b.drafted, b.target)) if d != t), 4))
     with pytest.raises(LabkitError, match="parallel drafter"):
         block_showcase(target, object(), prompts)
+
+
+def test_ece_interval_matches_the_per_position_ece_and_narrows_with_rounds():
+    from labkit.core.calibration import ece, ece_interval, survival
+    z, accepted = _miscalibrated_rounds(2000, scale=3.0)
+    y = torch.stack([accepted >= 1, accepted >= 2], 1).double()
+    a = survival(torch.sigmoid(z))
+    iv = ece_interval(z, accepted, positions=[1])
+    assert iv.value == pytest.approx(ece(a[:, 1], y[:, 1])) and iv.low <= iv.value <= iv.high
+    assert ece_interval(z, accepted, [3.0, 3.0]).value < iv.value  # the right temperatures calibrate
+    few = _miscalibrated_rounds(100, scale=3.0)
+    assert (ece_interval(*few).high - ece_interval(*few).low) > (ece_interval(z, accepted).high - ece_interval(z, accepted).low)
+    with pytest.raises(LabkitError, match="positions must lie"):
+        ece_interval(z, accepted, positions=[2])

@@ -391,6 +391,20 @@ def ece_change(conf_logits, accepted, temperatures, fitted: list[bool] | None = 
                      change=per, mean=mean, rounds=z.shape[0], fitted=fitted)
 
 
+def ece_interval(conf_logits, accepted, temperatures=None, positions: list[int] | None = None, n_bins: int = 10,
+                 resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """Mean ECE of a_k over `positions` (0-based; default all), raw or under `temperatures`, with its
+    bootstrap interval over rounds (`labkit.core.evidence`)."""
+    _check_bins(n_bins)
+    z, y = _conf_and_labels(conf_logits, accepted)
+    c = torch.sigmoid(z if temperatures is None else z / _temperature_tensor(temperatures, z.shape[1], torch.float64))
+    a = survival(c)
+    cols = list(range(z.shape[1])) if positions is None else [int(k) for k in positions]
+    if not cols or min(cols) < 0 or max(cols) >= z.shape[1]:
+        raise LabkitError(f"positions must lie in 0..{z.shape[1] - 1}, got {positions}.")
+    return bootstrap(lambda i: _column_ece(a[i][:, cols], y[i][:, cols], n_bins).mean(), z.shape[0], resamples, seed=seed)
+
+
 def _mean(xs) -> float | None:
     vals = [float(x) for x in xs if x is not None]
     return sum(vals) / len(vals) if vals else None
