@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labkit.model.timing import ForwardCost, forward_cost, memory_bandwidth_gbs
 from labkit.measure.costs import (break_even_tau, per_token_latency_s,
-                          roofline_floor_s, speculative_speedup, time_ar_loops)
+                          roofline_floor_s, speculative_speedup, time_ar_loops, compare_loops)
 from labkit.core.errors import LabkitError
 from labkit.lab import plots
 from labkit.core.stats import acceptance_rate, chi_square_test, speculative_stream, total_variation
@@ -179,6 +179,18 @@ def test_time_ar_loops_runs_hf_and_lab_greedy_to_the_same_tokens(tiny_target):
     hf, lab = timings["HF generate"], timings["lab AR loop"]
     assert hf.token_ids == lab.token_ids  # fp32 greedy: both loops pick the same argmaxes
     assert lab.new_tokens > 0 and lab.tokens_per_s > 0 and lab.s_per_token > 0
+    assert len(lab.samples_s) == 1 and "no spread" in compare_loops(lab, hf)
+    three = time_ar_loops(tiny_target, [1, 2, 3, 4, 5], max_new_tokens=8, repeats=3, progress=False)
+    assert len(three["lab AR loop"].samples_s) == 3 and "over 3 alternating repeats" in compare_loops(*three.values())
+
+
+def test_compare_loops_reads_the_per_repeat_ratios():
+    from labkit.measure.costs import LoopTiming
+    fast = LoopTiming("a", 10, 1.0, [], [1.0, 1.0, 1.1])
+    slow = LoopTiming("b", 10, 2.0, [], [2.0, 2.1, 2.0])
+    assert compare_loops(fast, slow).startswith("a ran at 2.00x b's speed [1.82-2.10 over 3 alternating repeats]: faster")
+    mixed = LoopTiming("c", 10, 2.0, [], [1.9, 2.2, 2.0])
+    assert compare_loops(mixed, slow).endswith("within noise.")
 
 
 # ---- figures and widgets ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from labkit.decode.loop import GenerationResult, generate
 from labkit.model.timing import forward_cost, timed_call
 from labkit.drafters import make_drafter
 from labkit.core.errors import LabkitError
+from labkit.core.evidence import verdict
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
 from labkit.decode.loop import prefill
@@ -78,6 +79,7 @@ class LoopTiming:
     new_tokens: int
     seconds: float
     token_ids: list[int]
+    samples_s: list[float] = field(default_factory=list)  # every timed repeat, in order (seconds is their median)
 
     @property
     def tokens_per_s(self) -> float:
@@ -122,8 +124,22 @@ def time_ar_loops(target: Target, prompt_ids: list[int], max_new_tokens: int = 6
     for name, timed in runs.items():
         seconds = statistics.median(s for s, _ in timed)
         tokens = timed[0][1]
-        out[name] = LoopTiming(name, len(tokens), seconds, tokens)
+        out[name] = LoopTiming(name, len(tokens), seconds, tokens, [s for s, _ in timed])
     return out
+
+
+def compare_loops(a: LoopTiming, b: LoopTiming, tie: float = 0.02) -> str:
+    """A sentence on two loops timed side by side (`time_ar_loops`): a's tokens/s over b's, the median of
+    the per-repeat ratios (repeats alternate the two, so each pair shares the machine's state) with their
+    range, and the verdict it supports; one repeat: "one run each, no spread", and no verdict."""
+    pairs = sorted((b_s * a.new_tokens) / (a_s * b.new_tokens) for a_s, b_s in zip(a.samples_s, b.samples_s))
+    if len(pairs) < 2:
+        ratio = a.tokens_per_s / b.tokens_per_s
+        return f"{a.name} ran at {ratio:.2f}x {b.name}'s speed (one run each, no spread: no conclusion)."
+    ratio = statistics.median(pairs)
+    call = verdict(ratio, pairs[0], pairs[-1], tie)
+    return (f"{a.name} ran at {ratio:.2f}x {b.name}'s speed [{pairs[0]:.2f}-{pairs[-1]:.2f} over {len(pairs)} "
+            f"alternating repeats]: " + {"above": "faster", "below": "slower"}.get(call, call) + ".")
 
 
 def decode_traces(target: Target, prompts_ids: list[list[int]], drafter_spec: str, max_new_tokens: int = 64,
