@@ -7,7 +7,7 @@ import torch
 
 from labkit.core.errors import LabkitError
 from labkit.core.evidence import Interval, bootstrap, judge, mean_interval, ratio_interval, verdict
-from labkit.core.trace import tau_ratio_interval
+from labkit.core.trace import tau_interval, tau_ratio_interval
 
 
 def test_the_mean_interval_covers_the_true_mean_about_as_often_as_it_says():
@@ -81,3 +81,11 @@ def test_describe_ratio_says_what_the_interval_supports():
     noise = describe_ratio("tau", "a", "b", Interval(1.08, 0.98, 1.19, 3), "prompts")
     assert "within noise" in noise and "higher" not in noise
     assert "the same within 1%" in describe_ratio("speed", "a", "b", Interval(1.0, 0.995, 1.004, 9), "repeats")
+
+
+def test_tau_interval_pools_like_mean_tau():
+    iv = tau_interval([(30, 10), (4, 2), (90, 30)])
+    assert iv.value == pytest.approx(124 / 42) and iv.low <= iv.value <= iv.high and iv.n == 3
+    assert tau_interval([(6, 3)]) == Interval(2.0, 2.0, 2.0, 1)
+    with pytest.raises(LabkitError, match="rounds on every prompt"):
+        tau_interval([(3, 0)])

@@ -53,6 +53,15 @@ def mean_tau(rounds: Sequence[Round]) -> float | None:
     return sum(r.emitted for r in rounds) / len(rounds)
 
 
+def tau_interval(per_prompt: Sequence[tuple[int, int]], seed: int = 0) -> Interval:
+    """tau pooled as `mean_tau` pools rounds (tokens emitted over rounds), given per prompt as (tokens
+    emitted, rounds), with its bootstrap interval over prompts (see `tau_ratio_interval`)."""
+    x = torch.tensor(per_prompt, dtype=torch.float64).reshape(-1, 2)
+    if x.shape[0] == 0 or bool((x[:, 1] < 1).any()):
+        raise LabkitError("tau needs rounds on every prompt: give (tokens emitted, rounds) with rounds >= 1.")
+    return bootstrap(lambda i: x[i, 0].sum() / x[i, 1].sum(), x.shape[0], seed=seed)
+
+
 def tau_ratio_interval(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], seed: int = 0) -> Interval:
     """tau of one drafter over another's on the same prompts, each pooled as `mean_tau` pools rounds (tokens
     emitted over rounds), given per prompt as (tokens emitted, rounds); the interval is a paired bootstrap
