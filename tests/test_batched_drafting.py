@@ -1,7 +1,7 @@
 """Batched drafting (`Drafter.propose_many`, the engine's step) equals drafting one request at a time.
 
 For DFlash, DSpark with a Markov head and with an RNN head, the hybrid (which falls back to one
-request at a time) and prompt lookup: requests of different prompt lengths, after rounds that
+request at a time), prompt lookup and Eagle3 (its chains stepped together over padded caches): requests of different prompt lengths, after rounds that
 accepted different numbers of drafts, so that their context caches differ in length. Batched and
 per-request drafting from identical states give the same tokens, the same probability rows and
 confidences (fp32, to 1e-5), and leave each request's generator at the same point of its stream.
@@ -16,10 +16,12 @@ from labkit.core.sampling import SamplingParams
 from labkit.decode.loop import draft_many, prefill, speculative_round
 from labkit.drafters.dflash import DFlashDrafter
 from labkit.drafters.dspark import DSparkDrafter
+from labkit.drafters.eagle3 import Eagle3Drafter
 from labkit.drafters.hybrid import make_hybrid
 from labkit.drafters.prompt_lookup import PromptLookupDrafter
 from test_dflash import make_backbone
 from test_dspark import make_dspark
+from test_eagle3 import make_model as make_eagle3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +39,8 @@ def drafters(target):
             "dspark-markov": DSparkDrafter(make_dspark(target, gamma=4, head="markov")),
             "dspark-rnn": DSparkDrafter(make_dspark(target, gamma=4, head="rnn")),
             "hybrid": make_hybrid(DSparkDrafter(make_dspark(target, gamma=4))),
-            "prompt-lookup": PromptLookupDrafter(target.vocab_size)}
+            "prompt-lookup": PromptLookupDrafter(target.vocab_size),
+            "eagle3": Eagle3Drafter(make_eagle3(target, gamma=4, n_layers=2, layers=(1, 3)))}
 
 
 def states(target, drafter, params: SamplingParams, rounds: int):
@@ -52,7 +55,7 @@ def states(target, drafter, params: SamplingParams, rounds: int):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid", "prompt-lookup"])
+@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid", "prompt-lookup", "eagle3"])
 def test_batched_drafting_equals_drafting_one_request_at_a_time(tiny, name, temperature):
     params = SamplingParams(temperature)
     one, batch = drafters(tiny)[name], drafters(tiny)[name]  # the same weights, counted apart
@@ -88,7 +91,7 @@ def test_draft_many_caps_each_request_as_draft_does(tiny):
     assert draft_many(batch, None) and all(len(p) == 0 for p in draft_many(batch, None))
 
 
-@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid"])
+@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid", "eagle3"])
 def test_batched_observe_leaves_every_context_cache_as_observing_alone_does(tiny, name):
     """After a verification that kept different numbers of drafts per request (0..3), `observe_many`
     leaves each request's projected context keys and values as its own `observe` does (fp32, 1e-5),

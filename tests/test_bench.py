@@ -137,6 +137,9 @@ def test_format_table_lists_every_method(greedy_result):
         assert method in table
     assert "prompts: files in" in table
     assert "math" in table and "code" in table
+    ar = next(r for r in greedy_result["rows"] if r["method"] == "ar")
+    line = next(x for x in table.splitlines() if x.startswith("ar "))
+    assert f"{ar['speedup_interval'][0]:.2f}-{ar['speedup_interval'][1]:.2f}" in line and "95% interval" in table
 
 
 def test_bench_sampled_run_has_same_shape(tiny_target, prompt_file):

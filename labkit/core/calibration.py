@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.core.errors import LabkitError
-from labkit.core.evidence import RESAMPLES, Interval, bootstrap, judge
+from labkit.core.evidence import RESAMPLES, Interval, bootstrap, bootstrap_many, judge
 
 
 # ---- scalar metrics over one set of (probability, label) pairs --------------------------------------
@@ -384,9 +384,9 @@ def ece_change(conf_logits, accepted, temperatures, fitted: list[bool] | None = 
         return _column_ece(after_a[i], y[i], n_bins) - _column_ece(before_a[i], y[i], n_bins)
 
     first = next((k for k, f in enumerate(fitted) if f), gamma)  # a_k is unchanged before the first moved T
-    per = [bootstrap(lambda i, k=k: diff(i)[k], z.shape[0], resamples, seed=seed) if k >= first else None
-           for k in range(gamma)]
-    mean = bootstrap(lambda i: diff(i).mean(), z.shape[0], resamples, seed=seed)
+    *per, mean = bootstrap_many(lambda i: torch.cat([(d := diff(i)), d.mean().view(1)]), z.shape[0], resamples,
+                                seed=seed)
+    per = [c if k >= first else None for k, c in enumerate(per)]
     return ECEChange(before=_column_ece(before_a, y, n_bins).tolist(), after=_column_ece(after_a, y, n_bins).tolist(),
                      change=per, mean=mean, rounds=z.shape[0], fitted=fitted)
 

@@ -49,22 +49,30 @@ class Interval:
         return self.high < null or self.low > null
 
 
-def bootstrap(statistic: Callable[[torch.Tensor], float], n: int, resamples: int = RESAMPLES,
-              level: float = LEVEL, seed: int = 0) -> Interval:
-    """Percentile bootstrap of `statistic(index)` over `n` units: `index` is a LongTensor of unit indices
-    (all of them, in order, for the point estimate; drawn with replacement for each resample), so one
-    function computes any paired quantity from the same draw."""
+def bootstrap_many(statistic: Callable[[torch.Tensor], torch.Tensor], n: int, resamples: int = RESAMPLES,
+                   level: float = LEVEL, seed: int = 0) -> list[Interval]:
+    """Percentile bootstrap of a vector of statistics over `n` units: `statistic(index)` returns a 1-D
+    tensor, `index` a LongTensor of unit indices (all of them, in order, for the point estimate; drawn
+    with replacement for each resample), so every entry is computed from the same draw (paired)."""
     if n < 1:
         raise LabkitError("a bootstrap needs at least one measured unit (a round, a prompt, a repeat).")
     if resamples < 1 or not 0.0 < level < 1.0:
         raise LabkitError(f"a bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples} and {level}.")
-    value = float(statistic(torch.arange(n)))
+    values = torch.as_tensor(statistic(torch.arange(n)), dtype=torch.float64).flatten()
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.tensor([float(statistic(torch.randint(n, (n,), generator=gen))) for _ in range(resamples)],
-                         dtype=torch.float64)
+    draws = torch.stack([torch.as_tensor(statistic(torch.randint(n, (n,), generator=gen)), dtype=torch.float64).flatten()
+                         for _ in range(resamples)])  # (resamples, K)
     tail = (1.0 - level) / 2
-    low, high = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return Interval(value, min(low, value), max(high, value), n, level)
+    bounds = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=0)  # (2, K)
+    return [Interval(v, min(lo, v), max(hi, v), n, level)
+            for v, lo, hi in zip(values.tolist(), bounds[0].tolist(), bounds[1].tolist())]
+
+
+def bootstrap(statistic: Callable[[torch.Tensor], float], n: int, resamples: int = RESAMPLES,
+              level: float = LEVEL, seed: int = 0) -> Interval:
+    """Percentile bootstrap of one statistic (`bootstrap_many` with a single entry)."""
+    return bootstrap_many(lambda i: torch.as_tensor(statistic(i), dtype=torch.float64).reshape(1), n, resamples,
+                          level, seed)[0]
 
 
 def mean_interval(samples, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:

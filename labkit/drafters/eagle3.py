@@ -360,6 +360,58 @@ class Eagle3Drafter(Drafter):
             rows.append(p)
         return self.to_proposal(torch.stack(cols), torch.stack(rows))
 
+    @torch.no_grad()
+    def propose_many(self, requests: list[DraftRequest], max_tokens: list[int]) -> list[Proposal]:
+        """`propose` for all requests, their chains stepped together: at each draft position one chain step
+        for R queries, each reading only its own request's cache (padded to the longest and masked) and its
+        own earlier steps, then one LM-head matmul; each request draws from its own row with its own
+        generator, as `propose` does, so tokens and probability rows equal `propose`'s (tested)."""
+        ks = [min(self.gamma, k) for k in max_tokens]
+        live = [i for i, k in enumerate(ks) if k > 0]
+        out = [Proposal.empty(self.vocab_size, self.device) for _ in requests]
+        if len(live) == 1:  # nothing to batch
+            out[live[0]] = self.propose(requests[live[0]], ks[live[0]])
+        if len(live) <= 1:
+            return out
+        caches: list[Eagle3Cache] = [requests[i].memo for i in live]
+        kv, mask, lengths = self._padded(caches)
+        m, rows_of = self.model, [ks[i] for i in live]
+        chain: list[tuple[list, list]] = [([], []) for _ in m.layers]
+        state = torch.cat([c.last for c in caches], 0)  # (R, 1, H)
+        cols: list[list[torch.Tensor]] = [[] for _ in live]
+        probs: list[list[torch.Tensor]] = [[] for _ in live]
+        for j in range(max(rows_of)):
+            if j:  # a request past its own k steps along with the rest; its rows are never read
+                emb = m.embedding(torch.stack([m.vocab_ids[c[-1]] for c in cols]).view(-1, 1))
+                state = m.chain_step(kv, mask, chain, emb, state, (lengths - 1 + j).view(-1, 1))
+            logits = m.logits(state[:, 0]).float()  # (R, V_draft)
+            for r, i in enumerate(live):
+                if j < rows_of[r]:
+                    req = requests[i]
+                    p = logits_to_probs(logits[r:r + 1], req.params)[0]
+                    greedy = req.generator is None or req.params.greedy
+                    cols[r].append(p.argmax() if greedy else sample(p, req.generator))
+                    probs[r].append(p)
+        for r, i in enumerate(live):
+            out[i] = self.to_proposal(torch.stack(cols[r]), torch.stack(probs[r]))
+        return out
+
+    def _padded(self, caches: list[Eagle3Cache]):
+        """The requests' draft caches as one batch: every layer's (k, v) right-padded to the longest
+        (R, h_kv, C, d), the mask (R, 1, C) of each row's real slots, and the rows' lengths (R,)."""
+        lengths = torch.tensor([c.length for c in caches], device=self.device)
+        c_max = int(lengths.max())
+        kv = []
+        for layer in range(len(self.model.layers)):
+            k0, v0 = caches[0].kv[layer]
+            k = k0.new_zeros(len(caches), k0.shape[1], c_max, k0.shape[3])
+            v = v0.new_zeros(len(caches), v0.shape[1], c_max, v0.shape[3])
+            for r, c in enumerate(caches):
+                k[r, :, :c.length], v[r, :, :c.length] = c.kv[layer][0][0], c.kv[layer][1][0]
+            kv.append((k, v))
+        mask = (torch.arange(c_max, device=self.device)[None, :] < lengths[:, None])[:, None]
+        return kv, mask, lengths
+
     def to_proposal(self, local: torch.Tensor, p_small: torch.Tensor) -> Proposal:
         """Draft-vocabulary columns and probabilities -> target token ids and (k, V) probability rows."""
         return vocab_proposal(self.model.vocab_ids, self.vocab_size, local, p_small, self.model.full_vocab)

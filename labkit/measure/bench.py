@@ -248,7 +248,8 @@ def prompt_line(result: dict) -> str:
 def format_table(result: dict) -> str:
     """A plain-text table of a benchmark result, one row per method, per-domain speedups at the end."""
     domains = sorted({d for r in result["rows"] for d in r["by_domain"]})
-    head = f"{'method':<22}{'tokens/s':>10}{'vs HF':>8}{'tau':>7}" + "".join(f"{d:>9}" for d in domains)
+    head = (f"{'method':<22}{'tokens/s':>10}{'vs HF':>8}{'95% interval':>14}{'tau':>7}"
+            + "".join(f"{d:>9}" for d in domains))
     lines = [f"{result['model']} on {result['device']} ({result['dtype']}), temperature "
              f"{result['temperature']}, {result['max_new_tokens']} new tokens; speedup vs hf-generate by domain",
              prompt_line(result), head, "-" * len(head)]
@@ -257,7 +258,10 @@ def format_table(result: dict) -> str:
         vs = f"{r['speedup_vs_hf']:.2f}x" if r["speedup_vs_hf"] is not None else "-"
         doms = "".join(f"{r['by_domain'][d]['speedup_vs_hf']:>8.2f}x" if d in r["by_domain"] and
                        r["by_domain"][d]["speedup_vs_hf"] is not None else f"{'-':>9}" for d in domains)
-        lines.append(f"{r['method']:<22}{r['tokens_per_s']:>10.2f}{vs:>8}{tau:>7}{doms}")
+        iv = r.get("speedup_interval")
+        spread = f"{iv[0]:.2f}-{iv[1]:.2f}" if iv and r.get("n_prompts", 0) > 1 else "-"
+        lines.append(f"{r['method']:<22}{r['tokens_per_s']:>10.2f}{vs:>8}{spread:>14}{tau:>7}{doms}")
+    lines.append("95% interval: paired bootstrap over prompts of the speed against hf-generate")
     return "\n".join(lines)
 
 
