@@ -93,7 +93,8 @@ def test_bench_speedup_intervals_come_from_its_own_prompts(greedy_result):
         assert len(row["per_prompt"]) == 3 and sum(t for t, _ in row["per_prompt"]) == row["new_tokens"]
         if method == "hf-generate":
             continue
-        ratio, low, high = speedup_interval([tuple(x) for x in row["per_prompt"]], [tuple(x) for x in base["per_prompt"]])
+        iv = speedup_interval([tuple(x) for x in row["per_prompt"]], [tuple(x) for x in base["per_prompt"]])
+        ratio, low, high = iv.value, iv.low, iv.high
         assert ratio == pytest.approx(row["speedup_vs_hf"], rel=1e-9) and row["speedup_interval"] == [low, high]
         assert low <= ratio <= high and f"{ratio:.2f}x [{low:.2f}-{high:.2f}] over 3 prompts, " in format_speedup(row)
         if method.startswith("spec:"):
@@ -106,9 +107,10 @@ def test_bench_speedup_intervals_come_from_its_own_prompts(greedy_result):
 def test_speedup_interval_on_hand_made_timings():
     # method twice as fast on every prompt: ratio 2 and no spread; mixed prompts: an interval around it
     base = [(10, 1.0), (10, 2.0), (10, 4.0)]
-    assert speedup_interval([(10, 0.5), (10, 1.0), (10, 2.0)], base) == pytest.approx((2.0, 2.0, 2.0))
-    ratio, low, high = speedup_interval([(10, 0.4), (10, 1.5), (10, 2.0)], base)
-    assert low < ratio < high and low < 2.0
+    same = speedup_interval([(10, 0.5), (10, 1.0), (10, 2.0)], base)
+    assert (same.value, same.low, same.high, same.n) == (pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), 3)
+    mixed = speedup_interval([(10, 0.4), (10, 1.5), (10, 2.0)], base)
+    assert mixed.low < mixed.value < mixed.high and mixed.low < 2.0
 
 
 def test_bench_tau_only_for_speculative_methods(greedy_result):

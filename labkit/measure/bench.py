@@ -22,7 +22,7 @@ from labkit.decode.loop import generate
 from labkit.model.timing import timed_call
 from labkit.drafters import check_spec, make_drafter, shipped_checkpoint
 from labkit.core.errors import LabkitError
-from labkit.core.evidence import bootstrap, verdict
+from labkit.core.evidence import Interval, bootstrap, verdict
 from labkit.pipeline.prompt_sets import Prompt, describe_prompts
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
@@ -167,7 +167,7 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
                "position_acceptance": position_acceptance(st.rounds) if m.drafter_spec else None,
                "position_rounds": position_counts(st.rounds) if m.drafter_spec else None,
                "speedup_vs_hf": tps / base_tps if base_tps else None,
-               "speedup_interval": (list(speedup_interval(st.per_prompt, base.per_prompt)[1:])
+               "speedup_interval": (_bounds(speedup_interval(st.per_prompt, base.per_prompt))
                                     if base_tps and st is not base else None),
                "per_prompt": [list(x) for x in st.per_prompt],
                "per_prompt_rounds": [list(x) for x in st.per_prompt_rounds] if m.drafter_spec else None,
@@ -196,11 +196,9 @@ def _summarise(target, runners, stats, params, max_new_tokens, n_prompts) -> dic
             "torch_threads": torch.get_num_threads(), "rows": rows}
 
 
-def speedup_interval(method: list[tuple[int, float]], base: list[tuple[int, float]], seed: int = 0
-                     ) -> tuple[float, float, float]:
+def speedup_interval(method: list[tuple[int, float]], base: list[tuple[int, float]], seed: int = 0) -> Interval:
     """A method's tokens/s over the baseline's on the same prompts, (sum tokens / sum seconds) each, with
-    the paired bootstrap interval over prompts (`labkit.core.evidence`): (ratio, low, high). One prompt:
-    no spread, low = high = the ratio."""
+    the paired bootstrap interval over prompts (`labkit.core.evidence`). One prompt: no spread, low = high."""
     m = torch.tensor(method, dtype=torch.float64)
     b = torch.tensor(base, dtype=torch.float64)
     if m.shape != b.shape or m.numel() == 0:
@@ -209,8 +207,11 @@ def speedup_interval(method: list[tuple[int, float]], base: list[tuple[int, floa
     def ratio(i):
         return (m[i, 0].sum() / m[i, 1].sum()) / (b[i, 0].sum() / b[i, 1].sum())
 
-    iv = bootstrap(ratio, m.shape[0], seed=seed)
-    return iv.value, iv.low, iv.high
+    return bootstrap(ratio, m.shape[0], seed=seed)
+
+
+def _bounds(iv: Interval) -> list[float]:
+    return [iv.low, iv.high]
 
 
 def format_speedup(row: dict, tie: float = 0.02) -> str:
