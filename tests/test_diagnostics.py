@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from labkit.decode.loop import prefill
-from labkit.measure.diagnostics import collisions, drafting_costs, heldout_batch, offline_acceptance, rank_curve
+from labkit.measure.diagnostics import (collisions, drafting_costs, head_round_share, heldout_batch, offline_acceptance,
+                                       rank_curve)
 from labkit.drafters.dspark import DSparkDrafter
 from labkit.core.errors import LabkitError
 from labkit.core.sampling import SamplingParams
@@ -60,3 +61,10 @@ def test_drafting_costs_are_positive(tiny):
     state = prefill(tiny, [1, 2, 3], 12, SamplingParams(1.0), drafter=drafter)
     costs = drafting_costs(drafter, state.request, reps=3)
     assert all(v > 0 for v in costs.values())
+
+
+def test_head_round_share_is_the_loop_over_the_whole_round():
+    costs = {"backbone_s": 0.004, "sequential_head_s": 0.006, "parallel_sampling_s": 0.001}
+    assert head_round_share(costs, 0.090) == pytest.approx(0.06)
+    with pytest.raises(LabkitError, match="positive verify time"):
+        head_round_share(costs, 0.0)

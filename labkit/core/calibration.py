@@ -59,11 +59,16 @@ def _bin_index(p: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def _ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
     """ECE of already checked float64 vectors (the fast path `fit_sts` calls many times)."""
+    return float(_column_ece(p.view(-1, 1), y.view(-1, 1), n_bins)[0])
+
+
+def _column_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """ECE of every column of (N, K) probabilities against (N, K) labels at once."""
     idx = _bin_index(p, n_bins)
-    sum_p = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, p)
-    sum_y = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, y)
+    sum_p = torch.zeros(n_bins, p.shape[1], dtype=torch.float64).scatter_add_(0, idx, p)
+    sum_y = torch.zeros(n_bins, p.shape[1], dtype=torch.float64).scatter_add_(0, idx, y)
     # sum_b (n_b / N) |mean_y - mean_p| = sum_b |sum_y - sum_p| / N; empty bins add 0.
-    return float((sum_y - sum_p).abs().sum() / p.numel())
+    return (sum_y - sum_p).abs().sum(0) / p.shape[0]
 
 
 def ece(probs, labels, n_bins: int = 10) -> float:
@@ -325,14 +330,6 @@ def fit_sts(conf_logits, accepted, grid=None, min_each: int = 32, n_bins: int = 
                      ece_before=[_ece(before[:, k], y[:, k], n_bins) for k in range(gamma)],
                      ece_after=[_ece(after[:, k], y[:, k], n_bins) for k in range(gamma)],
                      at_edge=[f and t in (lo, hi) for t, f in zip(temps, fitted)])
-
-
-def _column_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """ECE of every column of (N, K) probabilities against (N, K) labels at once (`_ece` per column)."""
-    idx = _bin_index(p, n_bins)
-    sum_p = torch.zeros(n_bins, p.shape[1], dtype=torch.float64).scatter_add_(0, idx, p)
-    sum_y = torch.zeros(n_bins, p.shape[1], dtype=torch.float64).scatter_add_(0, idx, y)
-    return (sum_y - sum_p).abs().sum(0) / p.shape[0]
 
 
 @dataclass

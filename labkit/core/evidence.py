@@ -62,6 +62,11 @@ def bootstrap_many(statistic: Callable[[torch.Tensor], torch.Tensor], n: int, re
     gen = torch.Generator().manual_seed(seed)
     draws = torch.stack([torch.as_tensor(statistic(torch.randint(n, (n,), generator=gen)), dtype=torch.float64).flatten()
                          for _ in range(resamples)])  # (resamples, K)
+    return _percentile(values, draws, n, level)
+
+
+def _percentile(values: torch.Tensor, draws: torch.Tensor, n: int, level: float) -> list[Interval]:
+    """Percentile intervals of K statistics from their point values (K,) and resampled draws (resamples, K)."""
     tail = (1.0 - level) / 2
     bounds = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=0)  # (2, K)
     return [Interval(v, min(lo, v), max(hi, v), n, level)
@@ -93,13 +98,27 @@ def ratio_interval(a, b, paired: bool = False, resamples: int = RESAMPLES, level
         if x.numel() != y.numel():
             raise LabkitError(f"paired samples need the same count, got {x.numel()} and {y.numel()}.")
         return bootstrap(lambda i: x[i].mean() / y[i].mean(), x.numel(), resamples, level, seed)
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise LabkitError(f"a bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples} and {level}.")
     gen = torch.Generator().manual_seed(seed)
-    value = float(x.mean() / y.mean())
     draws = torch.stack([x[torch.randint(x.numel(), (x.numel(),), generator=gen)].mean()
                          / y[torch.randint(y.numel(), (y.numel(),), generator=gen)].mean() for _ in range(resamples)])
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(draws, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return Interval(value, min(low, value), max(high, value), min(x.numel(), y.numel()), level)
+    return _percentile((x.mean() / y.mean()).view(1), draws.view(-1, 1), min(x.numel(), y.numel()), level)[0]
+
+
+def pooled_rate_interval(a, b=None, seed: int = 0) -> Interval:
+    """The pooled rate sum(numerator) / sum(denominator) of per-unit (numerator, denominator) rows `a`
+    (tokens over seconds, tokens emitted over rounds), or with `b`, a's pooled rate over b's measured on
+    the same units; the interval is a paired bootstrap over units. Callers check that every denominator is
+    positive and that a and b cover the same units, with their own sentence."""
+    x = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 2)
+    y = None if b is None else torch.as_tensor(b, dtype=torch.float64).reshape(-1, 2)
+
+    def rate(i):
+        r = x[i, 0].sum() / x[i, 1].sum()
+        return r if y is None else r / (y[i, 0].sum() / y[i, 1].sum())
+
+    return bootstrap(rate, x.shape[0], seed=seed)
 
 
 def verdict(value: float, low: float | None, high: float | None, tie: float = 0.01, null: float = 1.0) -> str:

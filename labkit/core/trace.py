@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from labkit.core.errors import LabkitError
-from labkit.core.evidence import Interval, bootstrap
+from labkit.core.evidence import Interval, pooled_rate_interval
 
 
 @dataclass
@@ -59,7 +59,7 @@ def tau_interval(per_prompt: Sequence[tuple[int, int]], seed: int = 0) -> Interv
     x = torch.tensor(per_prompt, dtype=torch.float64).reshape(-1, 2)
     if x.shape[0] == 0 or bool((x[:, 1] < 1).any()):
         raise LabkitError("tau needs rounds on every prompt: give (tokens emitted, rounds) with rounds >= 1.")
-    return bootstrap(lambda i: x[i, 0].sum() / x[i, 1].sum(), x.shape[0], seed=seed)
+    return pooled_rate_interval(x, seed=seed)
 
 
 def tau_ratio_interval(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]], seed: int = 0) -> Interval:
@@ -70,11 +70,7 @@ def tau_ratio_interval(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]
     y = torch.tensor(b, dtype=torch.float64).reshape(-1, 2)
     if x.shape != y.shape or x.shape[0] == 0 or bool((x[:, 1] < 1).any()) or bool((y[:, 1] < 1).any()):
         raise LabkitError("a tau ratio needs both drafters' rounds on the same prompts, at least one round on each.")
-
-    def ratio(i):
-        return (x[i, 0].sum() / x[i, 1].sum()) / (y[i, 0].sum() / y[i, 1].sum())
-
-    return bootstrap(ratio, x.shape[0], seed=seed)
+    return pooled_rate_interval(x, y, seed=seed)
 
 
 def token_coverage(token_lists: Sequence[Sequence[int]], vocab: Sequence[int]) -> float:

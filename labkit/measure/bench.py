@@ -22,7 +22,7 @@ from labkit.decode.loop import generate
 from labkit.model.timing import timed_call
 from labkit.drafters import check_spec, make_drafter, shipped_checkpoint
 from labkit.core.errors import LabkitError
-from labkit.core.evidence import Interval, bootstrap, verdict
+from labkit.core.evidence import Interval, pooled_rate_interval, verdict
 from labkit.pipeline.prompt_sets import Prompt, describe_prompts
 from labkit.core.sampling import SamplingParams
 from labkit.model.target import Target
@@ -203,11 +203,7 @@ def speedup_interval(method: list[tuple[int, float]], base: list[tuple[int, floa
     b = torch.tensor(base, dtype=torch.float64)
     if m.shape != b.shape or m.numel() == 0:
         raise LabkitError("a speed ratio needs both methods timed on the same prompts.")
-
-    def ratio(i):
-        return (m[i, 0].sum() / m[i, 1].sum()) / (b[i, 0].sum() / b[i, 1].sum())
-
-    return bootstrap(ratio, m.shape[0], seed=seed)
+    return pooled_rate_interval(m, b, seed=seed)
 
 
 def _bounds(iv: Interval) -> list[float]:

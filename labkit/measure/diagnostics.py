@@ -155,6 +155,16 @@ def drafting_costs(drafter, request: DraftRequest, reps: int = 20) -> dict[str, 
     return {"backbone_s": backbone, "sequential_head_s": loop, "parallel_sampling_s": parallel}
 
 
+def head_round_share(costs: dict[str, float], verify_s: float) -> float:
+    """The sequential head loop's share of a whole speculative round (the paper's Fig. 4, right, reports
+    it in a serving round): loop / (backbone forward + loop + the target's verify forward), from
+    `drafting_costs` and a verify forward's seconds."""
+    if not verify_s > 0 or min(costs["backbone_s"], costs["sequential_head_s"]) < 0:
+        raise LabkitError(f"head_round_share needs a positive verify time and non-negative drafting times, got "
+                          f"verify {verify_s} and {costs}.")
+    return costs["sequential_head_s"] / (costs["backbone_s"] + costs["sequential_head_s"] + verify_s)
+
+
 # ---- one drafted block, shown next to the target's continuation (notebook 02, Part 3) -----------------
 
 @dataclass
