@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-sweep", help="aggregate and per-user tokens/s of several policies at several loads, interleaved")
     _add_prompt_args(p, default_limit=4)
     p.add_argument("--users", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="loads to measure")
-    p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "algorithm1"], help="policies to compare")
+    p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "algorithm1"], help="policies to compare; "
+                   "POLICY@DRAFTER serves a policy with another drafter, e.g. mtp1@data/drafters/mtp1 (a trained "
+                   "one-token drafter under the MTP-1 policy) beside --drafter under the rest")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy")
     p.add_argument("--requests-per-user", type=_positive_int, default=3, help="requests each user serves at every "
                    "load: the same prompt mix (domains interleaved) at every load (default 3)")
@@ -228,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", default="dspark", help="drafter spec (default: the shipped dspark)")
     p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
-    p.add_argument("--cost-model", default="fit", help="how Algorithm 1 prices a step once the engine measured "
-                   "some: fit (its own fit, default), offset (the table plus the measured excess) or table (the "
-                   "table plus drafting)")
+    p.add_argument("--cost-model", default="table", help="how Algorithm 1 prices a step: table (the profiled "
+                   "SPS(B) table plus the measured drafting, default), fit (the engine's own fit of its past steps) "
+                   "or offset (the table plus the measured excess)")
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false", help="policies read the drafter's "
                    "confidences as they come, not corrected by the engine's own verdicts (AcceptanceRatio)")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
@@ -544,11 +546,16 @@ def cmd_serve_sweep(args) -> None:
     from labkit.core.scheduler import make_policy
     from labkit.decode.engine import COST_MODELS, cost_table_for
     from labkit.measure.sweeps import (WINDOW, against_best_fixed, format_against_best_fixed, format_gain, format_sweep,
-                                       is_fixed, matched_gain, prompt_mix, run_sweeps, summarize)
+                                       is_fixed, matched_gain, prompt_mix, run_sweeps, split_arm, summarize)
     from labkit.model.target import load_target
     check_spec(args.drafter)
+    arm_specs = []
     for name in args.policies:
-        make_policy(name)
+        policy, spec = split_arm(name)
+        make_policy(policy)
+        if spec is not None:
+            check_spec(spec)
+            arm_specs.append(spec)
     if args.cost_model not in COST_MODELS:
         raise LabkitError(f"Unknown --cost-model {args.cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
     if args.baseline not in args.policies:
@@ -561,11 +568,12 @@ def cmd_serve_sweep(args) -> None:
           file=sys.stderr)
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
+    arm_drafters = {spec: make_drafter(spec, target) for spec in dict.fromkeys(arm_specs)}
     table = cost_table_for(target, args.table, args.reprofile)
     by_temperature = run_sweeps(target, drafter, prompts, args.users, args.policies, table, args.temperatures,
                                 args.max_new_tokens, args.requests_per_user, args.seed, args.drafter, progress=True,
                                 top_p=args.top_p, repeats=args.repeats, cost_model=args.cost_model,
-                                recalibrate=args.recalibrate)
+                                recalibrate=args.recalibrate, arm_drafters=arm_drafters)
     reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
     gains = {}

@@ -18,7 +18,7 @@ CASES = {
     "serve: a fixed cap that is no number": (["serve", "--policy", "fixed:x"], "fixed:K takes a whole number"),
     "serve-sweep: no users": (["serve-sweep", "--users", "0"], "expected a positive integer"),
     "serve-sweep: an unknown policy": (["serve-sweep", "--policies", "nope"], "unknown scheduler policy"),
-    "serve-sweep: an unknown cost model": (["serve-sweep", "--cost-model", "guess"], "Unknown --cost-model 'guess': choose one of fit, offset, table"),
+    "serve-sweep: an unknown cost model": (["serve-sweep", "--cost-model", "guess"], "Unknown --cost-model 'guess': choose one of table, fit, offset"),
     "prepare-data: a greedy share above 1": (["prepare-data", "--greedy-share", "2"], "--greedy-share is a fraction"),
     "prepare-data: a benchmark folder that does not exist": (["prepare-data", "--benchmarks", "/nope"],
                                                              "benchmarks fetch"),

@@ -200,8 +200,8 @@ def test_no_request_starves(tiny, dspark):
 
 
 def test_flat_table_verifies_every_draft(tiny, dspark):
-    """An unprofiled (flat) cost table read as it is (cost_model "table"): Algorithm 1 degenerates to
-    verify-all, as SGLang's path does. (The default cost model prices steps by the engine's own
+    """An unprofiled (flat) cost table read as it is (cost_model "table", the default): Algorithm 1
+    degenerates to verify-all, as SGLang's path does. (cost_model "fit" prices steps by the engine's own
     measurements once it has some, profiled table or not: tests/test_step_fit.py.)"""
     engine, _ = serve(tiny, dspark, mixed_requests(6), 3, "algorithm1", CostTable.flat(), cost_model="table")
     assert all(s.lengths == s.drafted for s in engine.steps)

@@ -97,7 +97,7 @@ def test_the_engine_prices_steps_by_its_fit_records_it_and_replays_exactly(tiny,
     """A deterministic clock (a tick a reading): the first MIN_STEPS steps read the table (which truncates
     blocks), later ones the fit, recorded in each step; replaying the recorded trace (through JSON) with
     the same policy gives every step's lengths, fitted steps included."""
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock())
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock(), cost_model="fit")
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
     fitted = [s for s in engine.steps if s.step_cost is not None]
@@ -122,7 +122,7 @@ def test_the_engine_adds_the_mean_admission_time_per_step_to_the_fitted_step(tin
     """Admissions (prefills between steps) are part of every serving cycle but come in bursts unrelated
     to a step's verified drafts: the engine prices a step at the fit plus their running mean, and the
     first step's admissions (the engine filling once) are left out of that mean."""
-    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock())
+    engine = Engine(tiny, dspark, "algorithm1", steep_table(0.05), clock=ticking_clock(), cost_model="fit")
     for _ in closed_loop(mixed_requests(10), 4, engine):
         pass
     assert engine.steps[0].admit_s > 0.0  # the first fill was timed...
@@ -150,5 +150,5 @@ def test_the_offset_model_prices_the_table_plus_the_measured_excess_and_replays_
     rep = json.loads(json.dumps(report(engine, 4, "test")))
     assert replay_steps(rep["step_trace"], rep["table"], "algorithm1", batch_tokens=engine.batch_tokens) == \
         [s["lengths"] for s in rep["step_trace"]]
-    with pytest.raises(LabkitError, match="fit, offset, table"):
+    with pytest.raises(LabkitError, match="table, fit, offset"):
         Engine(tiny, dspark, "algorithm1", cost_model="guess")

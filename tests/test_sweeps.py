@@ -16,8 +16,10 @@ from labkit.core.sampling import SamplingParams
 from labkit.decode.engine import ServeRequest
 from labkit.measure.sweeps import (METRICS, WINDOW, against_best_fixed, format_against_best_fixed, is_fixed,
                                    cells_of, format_gain, format_sweep, load_queue, matched_gain,
-                                   measure_run, prompt_mix, run_sweeps, summarize, sweep)
+                                   measure_run, prompt_mix, run_sweeps, split_arm, summarize, sweep)
 from labkit.pipeline.prompt_sets import Prompt
+from labkit.drafters.dflash import DFlashDrafter
+from test_dflash import make_backbone
 from test_serving import dspark, steep_table, tiny  # noqa: F401  (shared fixtures: a tiny target and DSpark drafter)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,9 +258,65 @@ def test_serve_sweep_writes_cells_gains_and_the_window(encoded, dspark, monkeypa
     assert gain["baseline"] == "mtp1" and "overlap" in gain and "best" in gain
 
 
+class _Counting(DFlashDrafter):
+    """A block-1 DFlash (the trained MTP-1's shape) that counts the requests it drafted for."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.drafted = 0
+
+    def propose_many(self, requests, max_tokens):
+        self.drafted += len(requests)
+        return super().propose_many(requests, max_tokens)
+
+
+def test_an_arm_serves_its_policy_with_its_own_drafter(encoded, dspark):
+    """"mtp1@one" serves the MTP-1 policy with the drafter named "one" (here a block-1 DFlash), interleaved
+    with the arms on the sweep's drafter: its reports carry the arm's label and that drafter's name, that
+    drafter drafted for its runs alone, its verification never exceeds one draft, and greedy outputs are
+    the same tokens under every arm (each is the target's)."""
+    one = _Counting(make_backbone(encoded, gamma=1))
+    reps = sweep(encoded, dspark, [ServeRequest(i, p.text, [3 + i, 4, 5], 6, SamplingParams(0.0), seed=i)
+                                   for i, p in enumerate(PROMPTS)],
+                 [1, 2], ["mtp1", "mtp1@one", "algorithm1"], steep_table(), requests_per_user=3, drafter_spec="tiny",
+                 arm_drafters={"one": one})
+    assert [r["policy"] for r in reps[:3]] == ["mtp1", "mtp1@one", "algorithm1"]
+    arm = [r for r in reps if r["policy"] == "mtp1@one"]
+    assert len(arm) == 2 and all(r["drafter"] == "one" for r in arm)
+    assert all(r["drafter"] == "tiny" for r in reps if r["policy"] != "mtp1@one")
+    assert 0 < one.drafted <= sum(s["active"] for r in arm for s in r["step_trace"])
+    before = one.drafted  # the arms on the sweep's drafter never call it
+    sweep(encoded, dspark, [ServeRequest(0, "a", [3, 4], 6, SamplingParams(0.0), seed=0)], [1], ["mtp1", "algorithm1"],
+          steep_table(), requests_per_user=1, arm_drafters={"one": one})
+    assert one.drafted == before
+    assert all(max(s["lengths"]) <= 1 for r in arm for s in r["step_trace"])
+    for users in (1, 2):
+        outs = [sorted((q["prompt"], q["token_ids"]) for q in r["requests"]) for r in reps if r["users"] == users]
+        assert all(o == outs[0] for o in outs)
+    assert is_fixed("mtp1@one") and not is_fixed("algorithm1@one")
+    rows = against_best_fixed(reps)
+    assert {r["best"] for r in rows} <= {"mtp1", "mtp1@one"}
+    with pytest.raises(LabkitError, match="No drafter given for one"):
+        sweep(encoded, dspark, [ServeRequest(0, "a", [3], 2, SamplingParams(0.0), seed=0)], [1], ["mtp1@one"], steep_table())
+
+
+def test_arm_labels_split_into_policy_and_drafter_and_name_the_trained_mtp1():
+    from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS
+    assert split_arm("mtp1") == ("mtp1", None) and split_arm("fixed:2@dflash") == ("fixed:2", "dflash")
+    assert split_arm("mtp1@data/drafters/mtp1") == ("mtp1", "data/drafters/mtp1")
+    for bad in ("mtp1@", "@dflash"):
+        with pytest.raises(LabkitError, match="POLICY@DRAFTER"):
+            split_arm(bad)
+    assert POLICY_LABELS.get("mtp1@mtp1") == "MTP-1 (trained: mtp1)"
+    assert POLICY_LABELS.get("fixed:2@dflash") == "fixed K=2 with dflash"
+    assert POLICY_COLORS.get("mtp1@mtp1") != POLICY_COLORS.get("mtp1")
+    assert POLICY_LABELS.get("nonsense@x") is None
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["serve-sweep", "--repeats", "0"], "expected a positive integer"),
     (["serve-sweep", "--policies", "fixed", "algorithm1"], "--baseline mtp1 is not among"),
+    (["serve-sweep", "--policies", "mtp1", "mtp1@"], "write POLICY@DRAFTER"),
 ])
 def test_serve_sweep_bad_input_is_one_line(argv, expected, capsys):
     assert cli.main(argv) == 2

@@ -6,8 +6,8 @@ Each engine step
 2. asks a prefix policy (`labkit.core.scheduler`) how many drafted tokens of each request to verify, from
    the drafter's confidences (by default corrected per position by how often this engine's verified
    drafts were accepted against what they predicted, `labkit.core.calibration.AcceptanceRatio`) and a
-   step price: the profiled cost table SPS(B) at first, then the engine's own measurements
-   (`COST_MODELS`: by default a fit of its past steps, `labkit.core.step_fit`),
+   step price: by default the profiled cost table SPS(B) plus the measured drafting time (`COST_MODELS`;
+   a fit of the engine's own past steps, `labkit.core.step_fit`, is the alternative),
 3. verifies ALL requests in ONE batched target forward with a different number of tokens per row
    (`labkit.model.batch_kv.BatchKV`: one KV cache of ragged rows, per-row positions and mask),
 4. judges each request with its own generator (`decoding.judge`, as single-request decoding does), then
@@ -136,12 +136,16 @@ class StepRecord:
         return sum(self.lengths) - sum(self.accepted)
 
 
-#: how the engine's Algorithm 1 prices a step once it has measured some: "fit", its own least-squares fit
-#: t = a + b R + c (B - R) plus the mean admission time (`StepFit`); "offset", the profiled table's forward
-#: 1 / SPS(B) plus the running mean of what a measured step (admissions included) took above it, so that
-#: the table sets the price of one more verified token and the measurements the level; "table", the
-#: table plus the mean drafting time alone (what the engine did first)
-COST_MODELS = ("fit", "offset", "table")
+#: how the engine's Algorithm 1 prices a step: "table" (the default), the profiled table's forward
+#: 1 / SPS(B) plus the running mean of drafting seconds for the step's requests; "fit", its own
+#: least-squares fit t = a + b R + c (B - R) of past steps plus the mean admission time (`StepFit`);
+#: "offset", the table plus the running mean of what a measured step (admissions included) took above it.
+#: The table is the default: with its price Algorithm 1 stood at 0.90-1.06x the best fixed policy at
+#: 1-32 users on this CPU (4 repeats, T = 0 and 1), with the fit's at 0.81-1.00x, and at or above the fit's
+#: at every load (data/serving/cpu-measurements-2026-12-06.md, sweep14-table against sweep11). Priced by
+#: the fit it verified deeper under load (2.55 against 1.77 tokens a request at 16 users, greedy) than
+#: the steps paid back: the fit's few, noisy steps do not see what a deeper, ragged step costs here
+COST_MODELS = ("table", "fit", "offset")
 
 
 def padded_batch_tokens(lengths: list[int]) -> int:
@@ -169,7 +173,7 @@ class Engine:
     def __init__(self, target: Target, drafter: Drafter | None, policy: str = "algorithm1",
                  table: CostTable | None = None, max_draft: int | None = None, clock: Callable[[], float] = time.perf_counter,
                  on_tokens: Callable[[int, list[int]], None] | None = None, packed: bool = True,
-                 adaptive_cap: bool = True, cost_model: str = "fit", recalibrate: bool = True):
+                 adaptive_cap: bool = True, cost_model: str = "table", recalibrate: bool = True):
         if drafter is not None:
             check_batchable(drafter)
             decoding.check_drafter(target, drafter)
@@ -658,7 +662,7 @@ def run_closed_loop(target: Target, drafter: Drafter | None, requests: list[Serv
                     policy: str = "algorithm1", table: CostTable | None = None, n_requests: int | None = None,
                     duration_s: float | None = None, max_draft: int | None = None, drafter_spec: str | None = None,
                     progress: bool = False, on_step: Callable[[Engine, StepRecord], None] | None = None,
-                    cost_model: str = "fit", recalibrate: bool = True) -> dict:
+                    cost_model: str = "table", recalibrate: bool = True) -> dict:
     """One closed-loop run of `users` users over `requests` with one policy; returns `report(...)`."""
     from tqdm.auto import tqdm
     engine = Engine(target, drafter, policy, table, max_draft, cost_model=cost_model, recalibrate=recalibrate)

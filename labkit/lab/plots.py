@@ -32,28 +32,36 @@ TEMPLATE = "plotly_white"
 #: separately trained MTP module: the label says so.
 class _BySpec(dict):
     """Labels or colours by policy name; a "fixed:K" or "threshold:T" spec (`scheduler.make_policy`) gets
-    one derived from its base policy's."""
+    one derived from its base policy's, and a sweep arm "POLICY@DRAFTER" (`measure.sweeps.split_arm`)
+    one from its policy's and its drafter (`arm`)."""
 
-    def __init__(self, known: dict, derive):
+    def __init__(self, known: dict, derive, arm):
         super().__init__(known)
-        self._derive = derive
+        self._derive, self._arm = derive, arm
 
     def get(self, key, default=None):
         if key in self:
             return self[key]
-        base, _, arg = str(key).partition(":")
+        policy, at, spec = str(key).partition("@")
+        if at:
+            own = self.get(policy)
+            return self._arm(policy, own, spec) if own is not None else default
+        base, _, arg = policy.partition(":")
         return self._derive(base, arg) if arg and base in self else default
 
 
 POLICY_LABELS = _BySpec({"algorithm1": "Algorithm 1", "fixed": "fixed (verify all)", "mtp1": "MTP-1 (DSpark's 1st draft)",
                          "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
                          "threshold": "static threshold"},
-                        lambda base, arg: f"fixed K={arg}" if base == "fixed" else f"static threshold {arg}")
+                        lambda base, arg: f"fixed K={arg}" if base == "fixed" else f"static threshold {arg}",
+                        lambda policy, label, spec: (f"MTP-1 (trained: {spec})" if policy == "mtp1"
+                                                     else f"{label} with {spec}"))
 POLICY_COLORS = _BySpec({"algorithm1": "#2ca02c", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
                          "retrospective": "#d62728", "threshold": "#8c564b"},
                         lambda base, arg: {"fixed": ["#6baed6", "#3182bd", "#08519c", "#17becf"],
                                            "threshold": ["#c49c94", "#8c564b"]}[base][int(float(arg) * 10) % 2 if base == "threshold"
-                                                                                      else int(arg) % 4])
+                                                                                      else int(arg) % 4],
+                        lambda policy, colour, spec: "#e377c2" if policy == "mtp1" else colour)
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)

@@ -11,6 +11,10 @@ requests_per_user`; every policy of one (repeat, load) serves the same requests 
 The order. Repeats outermost, then loads, then policies interleaved (their order rotated by one each
 repeat), so a slow spell of the machine, or a warm-up, hits every policy alike.
 
+The arms. A policy name serves that policy with the sweep's drafter; "POLICY@DRAFTER" serves it with
+another drafter (`split_arm`), so one sweep can set a separately trained one-token drafter under the
+MTP-1 policy ("mtp1@mtp1", the trained MTP-1) beside DSpark under Algorithm 1, interleaved alike.
+
 What one run measures (`measure_run`, from the engine's `report(...)` alone):
 
 - per-user speed: each request's tokens after its first, over the wall time from its first token to
@@ -33,7 +37,7 @@ throughput from the cells' frontiers (`labkit.core.frontier`), with its spread a
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from labkit.core.errors import LabkitError
@@ -156,29 +160,47 @@ def _rotated(policies: list[str], k: int) -> list[str]:
     return policies[k:] + policies[:k]
 
 
+def split_arm(label: str) -> tuple[str, str | None]:
+    """A sweep arm's (policy, drafter spec): "POLICY@DRAFTER" serves POLICY with DRAFTER (e.g. "mtp1@mtp1",
+    the trained MTP-1 under the one-draft policy); a plain policy name, None (the sweep's drafter)."""
+    policy, at, spec = label.partition("@")
+    if at and not (policy and spec):
+        raise LabkitError(f"Sweep arm {label!r}: write POLICY@DRAFTER, e.g. mtp1@mtp1 (the trained MTP-1 under the "
+                          "one-draft policy) or fixed:2@dflash.")
+    return policy, spec or None
+
+
 def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: list[int],
           policies: list[str], table: CostTable | None = None, requests_per_user: int = 3,
           drafter_spec: str | None = None, progress: bool = False, repeats: int = 1,
-          cost_model: str = "fit", recalibrate: bool = True) -> list[dict]:
+          cost_model: str = "table", recalibrate: bool = True,
+          arm_drafters: Mapping[str, Drafter | None] | None = None) -> list[dict]:
     """Every (users, policy) cell `repeats` times: repeats outermost, then loads, then the policies
     interleaved (rotated by one each repeat). `requests` is the prompt mix (cycled to
-    `requests_per_user`); each load of N users serves it N times over (`load_queue`). One report per
-    run, with `repeat`, `requests_per_user` and `measure_run`'s numbers added (the engine's own aggregate
-    kept as `engine_aggregate_tokens_per_s`)."""
+    `requests_per_user`); each load of N users serves it N times over (`load_queue`). A policy
+    "POLICY@SPEC" (`split_arm`) is served with `arm_drafters[SPEC]`, the others with `drafter`. One report
+    per run, its "policy" the arm's label, with `repeat`, `requests_per_user` and `measure_run`'s numbers
+    added (the engine's own aggregate kept as `engine_aggregate_tokens_per_s`)."""
     if repeats < 1:
         raise LabkitError(f"--repeats must be at least 1, got {repeats}.")
     if not policies:
         raise LabkitError("A sweep needs at least one policy.")
+    arms = {label: split_arm(label) for label in policies}
+    missing = sorted({spec for _, spec in arms.values() if spec is not None} - set(arm_drafters or {}))
+    if missing:
+        raise LabkitError(f"No drafter given for {', '.join(missing)}: pass arm_drafters={{spec: drafter}} "
+                          "(serve-sweep loads them itself).")
     mix = prompt_mix(requests, requests_per_user)
     out = []
     for rep in range(repeats):
         for n in users:
             queue = load_queue(mix, n, seed_offset=rep * n * len(mix))
-            for policy in _rotated(list(policies), rep):
-                report = run_closed_loop(target, drafter, queue, n, policy, table, n_requests=len(queue),
-                                         drafter_spec=drafter_spec, progress=progress, cost_model=cost_model,
-                                         recalibrate=recalibrate)
-                out.append(dict(report, repeat=rep, requests_per_user=len(mix),
+            for label in _rotated(list(policies), rep):
+                policy, spec = arms[label]
+                report = run_closed_loop(target, drafter if spec is None else arm_drafters[spec], queue, n, policy,
+                                         table, n_requests=len(queue), drafter_spec=spec or drafter_spec,
+                                         progress=progress, cost_model=cost_model, recalibrate=recalibrate)
+                out.append(dict(report, policy=label, repeat=rep, requests_per_user=len(mix),
                                 engine_aggregate_tokens_per_s=report.get("aggregate_tokens_per_s"),
                                 **measure_run(report)))
     return out
@@ -188,7 +210,8 @@ def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: li
                table: CostTable | None, temperatures: list[float], max_new_tokens: int,
                requests_per_user: int = 3, seed: int = 0, drafter_spec: str | None = None,
                progress: bool = False, top_p: float = 1.0, repeats: int = 3,
-               cost_model: str = "fit", recalibrate: bool = True) -> dict[float, list[dict]]:
+               cost_model: str = "table", recalibrate: bool = True,
+               arm_drafters: Mapping[str, Drafter | None] | None = None) -> dict[float, list[dict]]:
     """`sweep` at each sampling temperature over the same prompt mix (`prompt_mix(prompts,
     requests_per_user)`); each report gets its "temperature" added. Returns {temperature: [report, ...]}."""
     mix = prompt_mix(list(prompts), requests_per_user)
@@ -196,7 +219,7 @@ def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: li
     for temp in temperatures:
         requests = make_requests(target, mix, max_new_tokens, SamplingParams(temperature=float(temp), top_p=top_p), seed)
         reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
-                     drafter_spec, progress, repeats, cost_model, recalibrate)
+                     drafter_spec, progress, repeats, cost_model, recalibrate, arm_drafters)
         out[temp] = [dict(r, temperature=float(temp)) for r in reps]
     return out
 
@@ -316,7 +339,8 @@ def format_sweep(reports: Sequence[dict]) -> str:
 
 
 def is_fixed(policy: str) -> bool:
-    """A policy that verifies the same length at every load: MTP-1, fixed, fixed:K."""
+    """A policy (or arm, `split_arm`) that verifies the same length at every load: MTP-1, fixed, fixed:K."""
+    policy = split_arm(policy)[0]
     return policy in ("mtp1", "fixed") or policy.startswith("fixed:")
 
 
