@@ -403,7 +403,7 @@ def test_admission_and_retirement_copy_no_other_row(sdpa_target):
 def test_split_width_runs_deep_rows_apart_only_when_it_pays(monkeypatch):
     """Hand-made widths: one deep row among many shallow ones runs apart; uniform or few rows run in one
     pass; the split minimises R s + PASS_COST + sum over wide rows of (W - s + GATHER_COST)."""
-    import labkit.model.ragged as ragged
+    import labkit.core.layout as ragged  # the split's cost model lives with the scheduler's math
     monkeypatch.setattr(ragged, "GATHER_COST", 8)
     monkeypatch.setattr(ragged, "PASS_COST", 16)
     assert ragged.split_width([8] + [1] * 31) == 1  # 32 + 16 + 15 = 63 < 256
@@ -418,9 +418,10 @@ def test_split_width_runs_deep_rows_apart_only_when_it_pays(monkeypatch):
 def test_two_pass_attention_matches_solo(sdpa_target, layout_packed, monkeypatch):
     """With the second pass free, every ragged step splits its rows (checked), and every row still
     equals its solo run through rollbacks, an admission and a removal."""
+    import labkit.core.layout as costs
     import labkit.model.ragged as ragged
-    monkeypatch.setattr(ragged, "GATHER_COST", 0)
-    monkeypatch.setattr(ragged, "PASS_COST", 0)
+    monkeypatch.setattr(costs, "GATHER_COST", 0)
+    monkeypatch.setattr(costs, "PASS_COST", 0)
     splits, layout = [], ragged.layout
 
     def spy(widths, *args, **kwargs):

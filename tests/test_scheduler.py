@@ -34,7 +34,7 @@ from labkit.core.scheduler import (
 )
 from labkit.model.timing import profile_sps
 
-COST_AWARE = ("fixed", "algorithm1", "retrospective", "async-topk")  # verify-all under a flat table
+COST_AWARE = ("fixed", "algorithm1", "algorithm1-layout", "retrospective", "async-topk")  # verify-all under a flat table
 SORT_BASED = ("algorithm1", "retrospective", "async-topk")  # admit a leading run of the global sort
 
 
@@ -257,7 +257,8 @@ def test_fixed_mtp1_threshold():
     # survivals row 0: 0.9, 0.72, 0.36, 0.324; row 1: 0.3, ...
     assert make_policy("threshold", t=0.5)(inp) == [2, 0, 0]
     assert make_policy("threshold", t=0.3)(inp) == [4, 1, 0]
-    assert set(POLICIES) == {"fixed", "mtp1", "threshold", "algorithm1", "retrospective", "async-topk"}
+    assert set(POLICIES) == {"fixed", "mtp1", "threshold", "algorithm1", "algorithm1-layout", "retrospective",
+                             "async-topk"}
     assert all(make_policy(name).name == name for name in POLICIES)
 
 
@@ -468,7 +469,7 @@ def test_bad_shapes_lengths_names_and_tables_are_refused():
         ScheduleInput(conf, table, old_conf=f64([[0.5, 0.5]]))
     with pytest.raises(LabkitError, match="sps"):
         ScheduleInput(conf, object())
-    with pytest.raises(LabkitError, match="fixed, mtp1, threshold, algorithm1, retrospective, async-topk"):
+    with pytest.raises(LabkitError, match="fixed, mtp1, threshold, algorithm1, algorithm1-layout, retrospective, async-topk"):
         make_policy("greedy")
     with pytest.raises(LabkitError, match="threshold takes t"):
         make_policy("algorithm1", t=0.5)

@@ -137,15 +137,19 @@ def wrong_judge(state, proposal, logits):
 
 
 @pytest.mark.parametrize("verifier", ["exact", "wrong"])
-@pytest.mark.parametrize("policy", ["algorithm1", "async-topk"])
+@pytest.mark.parametrize("policy", ["algorithm1", "algorithm1-layout", "async-topk"])
 def test_sampled_engine_output_follows_the_target(make_tiny_target, chi2_gof, policy, verifier, monkeypatch):
     """SAMPLED_N requests of PROMPT, 4 new tokens each at temperature 1, 8 users at a time, a DSpark
     drafter whose confidences depend on the drafted tokens, and a cost table (1% more step time per
     token) under which the policy truncates blocks differently from step to step: the emitted sequences
     pass a chi-square test against the target's exact distribution over all 8^4 sequences at alpha
     SAMPLED_ALPHA with at least SAMPLED_MIN_DF degrees of freedom (fixed seeds: deterministic); the same
-    test rejects the wrong verifier (`wrong_judge`) at the same alpha."""
+    test rejects the wrong verifier (`wrong_judge`) at the same alpha. The layout-aware policy runs with
+    an attention weight of about 1 a query column (a parity of 8 cached tokens), so its first-draft
+    search, not the break, decides which first drafts are verified."""
+    import labkit.core.layout as layout
     import labkit.decode.loop as loop
+    monkeypatch.setattr(layout, "ATTENTION_PARITY_TOKENS", 8)
     target = make_tiny_target(vocab_size=8, n_layers=2, tied=True, init=0.5)
     torch.manual_seed(0)
     drafter = DSparkDrafter(make_dspark(target, gamma=3, rank=4, scale=1.0))
@@ -154,8 +158,8 @@ def test_sampled_engine_output_follows_the_target(make_tiny_target, chi2_gof, po
     requests = [ServeRequest(i, "p", PROMPT, NEW_TOKENS, params, seed=i) for i in range(SAMPLED_N)]
     if verifier == "wrong":
         monkeypatch.setattr(loop, "judge", wrong_judge)
-    # a clock that ticks per reading: the engine's measured step price (the default cost model) is then the
-    # same every run, so the verification lengths, and with them the draws, are too
+    # a clock that ticks per reading: the engine's measured drafting time, part of its step price, is then
+    # the same every run, so the verification lengths, and with them the draws, are too
     engine, rep = serve(target, drafter, requests, 8, policy, steep_table(0.01), clock=ticking_clock())
     counts = Counter(tuple(r["token_ids"]) for r in rep["requests"])
     seqs = list(exact)

@@ -29,6 +29,7 @@ import torch
 
 from labkit.core.calibration import survival
 from labkit.core.errors import LabkitError
+from labkit.core.layout import layout_tokens
 from labkit.core.sampling import verify_chain
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +306,8 @@ class ScheduleInput:
     old_conf / old_max_lengths: confidences of two steps before, row r for the same request r, for the
       production variant. An old_max_lengths entry of None marks a request that did not exist then
       (survival 1 at each of its current slots); old_conf None means every request is new.
+    attention_weight: what one attention query column costs in tokens of the forward
+      (`labkit.core.layout`); read only by the layout-aware policy, 0 prices by B alone.
     """
 
     conf: torch.Tensor
@@ -313,6 +316,7 @@ class ScheduleInput:
     batch_tokens: Callable[[list[int]], int] = packed_tokens
     old_conf: torch.Tensor | None = None
     old_max_lengths: list[int | None] | None = None
+    attention_weight: float = 0.0
 
     def __post_init__(self):
         if not callable(getattr(self.table, "sps", None)):
@@ -451,6 +455,7 @@ class Walk:
     tau: list[float]
     sps: list[float]
     n_requests: int
+    start: list[int] | None = None  # the lengths the walk started from (None: all zero)
 
     @property
     def theta(self) -> list[float]:
@@ -477,20 +482,28 @@ class Walk:
 
     def lengths(self, k: int) -> list[int]:
         """l_r after the first k admissions (each extends one request's prefix by one)."""
-        return _lengths_of(self.path, k, self.n_requests)
+        return _lengths_of(self.path, k, self.n_requests, self.start)
 
 
-def walk(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], int], until_break: bool = False) -> Walk:
+def walk(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], int], until_break: bool = False,
+         start: list[int] | None = None, start_tau: float = 0.0) -> Walk:
     """Admit the candidates of the global sort of survivals `a` in turn (Algorithm 1, lines 4-10),
     recording B, tau* and SPS after each: `count(lengths)` is the batch size the verify forward
     computes for those lengths (`packed_tokens`: the paper's B = sum_r (1 + l_r)).
 
     `until_break`: stop at the first admission that does not raise theta (Algorithm 1's break), so
-    that neither SPS nor `count` is asked about anything past it; else walk the whole path."""
+    that neither SPS nor `count` is asked about anything past it; else walk the whole path.
+    `start`: lengths already admitted (their slots must be absent from `a`'s candidates, i.e. zero
+    there, and every candidate must extend a prefix), `start_tau` the sum of their survivals: tau*
+    starts at R + start_tau."""
     n_req = a.shape[0]
     path = _path(a)
-    lengths = [0] * n_req
-    out = Walk(path, [count(lengths)], [float(n_req)], [], n_req)
+    lengths = [0] * n_req if start is None else list(start)
+    if start is not None:
+        admitted = torch.arange(a.shape[1]) < torch.tensor(start, dtype=torch.long).view(-1, 1)
+        if bool((a[admitted] > 0).any()):
+            raise LabkitError("walk(start=...): the admitted slots must be zero in the survivals walked.")
+    out = Walk(path, [count(lengths)], [float(n_req) + start_tau], [], n_req, None if start is None else list(start))
     out.sps.append(table.sps(out.batch_tokens[0]))
     best = out.tau[0] * out.sps[0]
     for r, j, gain in path.candidates():
@@ -510,9 +523,9 @@ def admission_walk(inp: ScheduleInput, until_break: bool = False) -> Walk:
     return walk(survival(inp.conf, inp.max_lengths), inp.table, inp.batch_tokens, until_break)
 
 
-def _lengths_of(path: AdmissionPath, k: int, n_req: int) -> list[int]:
+def _lengths_of(path: AdmissionPath, k: int, n_req: int, start: list[int] | None = None) -> list[int]:
     """Lengths after admitting the first k candidates of the path (each extends a prefix by one)."""
-    lengths = [0] * n_req
+    lengths = [0] * n_req if start is None else list(start)
     for r, j in zip(path.requests[:k], path.positions[:k]):
         lengths[r] = j
     return lengths
@@ -603,6 +616,64 @@ class Algorithm1:
         return w.lengths(w.algorithm1_k)
 
 
+def first_drafts(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], float]) -> tuple[list[int], float]:
+    """Which requests verify their first draft: the m requests of highest first-draft survival a_{r,1},
+    m searched over 0..R for the highest theta (the first maximum), not stopped at the first drop.
+    Returns (lengths in {0, 1}, the sum of the admitted a_{r,1}).
+
+    Lossless without a break: a_{r,1} = c_{r,1} is computed before any draft is drawn (c_k reads
+    x_{k-1}), so no draft can influence whether it is verified here."""
+    n_req = a.shape[0]
+    first = a[:, 0] if a.shape[1] else torch.zeros(n_req, dtype=torch.float64)
+    order = [r for r in sorted(range(n_req), key=lambda r: (-float(first[r]), r)) if float(first[r]) > 0]
+    lengths, tau = [0] * n_req, float(n_req)
+    best_theta, best_m, best_tau = tau * table.sps(count(lengths)), 0, 0.0
+    for m, r in enumerate(order, start=1):
+        lengths[r] = 1
+        tau += float(first[r])
+        theta = tau * table.sps(count(lengths))
+        if theta > best_theta:
+            best_theta, best_m, best_tau = theta, m, tau - n_req
+    chosen = [0] * n_req
+    for r in order[:best_m]:
+        chosen[r] = 1
+    return chosen, best_tau
+
+
+@dataclass
+class LayoutAlgorithm1:
+    """Algorithm 1 priced by the step's layout: B_eff = B + w (attention columns - B) (`labkit.core.layout`,
+    w = `ScheduleInput.attention_weight`), for a forward whose attention runs a rectangle of queries.
+
+    Under that price the first draft verified in a batch costs a jump (every row's attention grows a
+    column, or a second pass starts), and the next first drafts cost less than a token each (the
+    rectangle is already paid), so Algorithm 1's break would stop at the jump and verify nothing. So the
+    first drafts are chosen by a search over how many to verify (`first_drafts`: lossless, as c_{r,1}
+    reads no draft), and the deeper slots of those requests by Algorithm 1's walk with its break,
+    started from there (`walk(start=...)`): the decision on x_{r,k}, k >= 2, reads c_{r,1..k} only, as
+    in the paper. With w = 0 and a price that falls smoothly with B it verifies what Algorithm 1 does
+    up to the order in which first and deeper slots are admitted.
+    """
+
+    name = "algorithm1-layout"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = True
+    draft_cap = None
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        a = survival(inp.conf, inp.max_lengths)
+        if a.shape[1] == 0:
+            return [0] * inp.n_requests
+        def count(lengths: list[int]) -> float:
+            return layout_tokens(lengths, inp.attention_weight, inp.batch_tokens)
+        start, start_tau = first_drafts(a, inp.table, count)
+        rest = a.clone()
+        rest[:, 0] = 0.0
+        rest[torch.tensor(start) == 0] = 0.0  # no deeper slot without its first
+        w = walk(rest, inp.table, count, until_break=True, start=start, start_tau=start_tau)
+        return w.lengths(w.algorithm1_k)
+
+
 @dataclass
 class Retrospective:
     """BIASED: the admission path's global maximum, searched past the first drop (Appendix A).
@@ -660,11 +731,12 @@ def old_survival(inp: ScheduleInput) -> torch.Tensor:
     return torch.where(new, pad(fresh, (0, width - gamma)), pad(old, (0, width - old.shape[1])))
 
 
-POLICIES: dict[str, type] = {p.name: p for p in (Fixed, MTP1, Threshold, Algorithm1, Retrospective, AsyncTopK)}
+POLICIES: dict[str, type] = {p.name: p for p in (Fixed, MTP1, Threshold, Algorithm1, LayoutAlgorithm1, Retrospective,
+                                                  AsyncTopK)}
 
 
 def make_policy(name: str, **kw):
-    """A policy by name (fixed, mtp1, threshold, algorithm1, retrospective, async-topk) and its settings;
+    """A policy by name (fixed, mtp1, threshold, algorithm1, algorithm1-layout, retrospective, async-topk) and its settings;
     "fixed:K" is the fixed policy capped at K drafts (a static MTP-K), "threshold:T" a threshold of T."""
     base, _, arg = name.partition(":")
     if base not in POLICIES:

@@ -53,6 +53,7 @@ from labkit.model.timing import profile_cost_table
 from labkit.drafters.base import Drafter, Proposal, check_batchable
 from labkit.core.calibration import AcceptanceRatio
 from labkit.core.errors import LabkitError
+from labkit.core.layout import attention_weight
 from labkit.core.sampling import SamplingParams, Verdict
 from labkit.core.scheduler import (CostTable, HasSPS, RoundRate, ScheduleInput, make_policy, packed_tokens,
                                    running_mean)
@@ -121,6 +122,9 @@ class StepRecord:
     admit_s: float = 0.0  # seconds spent admitting (prefilling) requests between the last step and this one
     #: cost model "offset": the seconds the policy added to the table's forward (None: not priced so)
     offset_s: float | None = None
+    #: one attention query column's cost in tokens of the forward at this step's cache (`labkit.core.layout`),
+    #: what the layout-aware policy priced the rectangle with
+    attention_weight: float = 0.0
 
     @property
     def emitted(self) -> int:
@@ -187,6 +191,7 @@ class Engine:
         #: the scheduler's B for a step's verification lengths: the real tokens of a packed forward (the
         #: paper's count), or rows x the widest row where the forward is padded
         self.batch_tokens = packed_tokens if packed else padded_batch_tokens
+        self.packed = packed
         self.active: dict[int, _Active] = {}
         self.done: list[RequestRecord] = []
         self.steps: list[StepRecord] = []
@@ -384,9 +389,10 @@ class Engine:
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
         cost, step_cost, offset = self._price(len(ids), draft_cost_s)
+        weight = attention_weight(self.kv.columns) if self.packed else 0.0
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=self.batch_tokens,
-                            old_conf=old_conf, old_max_lengths=old_lengths)
+                            old_conf=old_conf, old_max_lengths=old_lengths, attention_weight=weight)
         lengths = self.policy(inp)
         for i, rid in enumerate(ids):
             self._conf_history[rid].append(conf[i, :max_lengths[i]].clone())
@@ -420,7 +426,8 @@ class Engine:
                             schedule_s=t_scheduled - t_drafted, verify_s=t_end - t_scheduled, ids=ids,
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
-                            caps=caps, step_cost=step_cost, admit_s=admit_s, offset_s=offset)
+                            caps=caps, step_cost=step_cost, admit_s=admit_s, offset_s=offset,
+                            attention_weight=weight)
         self.steps.append(record)
         return record
 
@@ -648,7 +655,7 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
                         "cap": s.cap, "step_cost": s.step_cost, "schedule_s": s.schedule_s,
-                        "admit_s": s.admit_s, "offset_s": s.offset_s}
+                        "admit_s": s.admit_s, "offset_s": s.offset_s, "attention_weight": s.attention_weight}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,

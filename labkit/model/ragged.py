@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from labkit.core.layout import split_width
 from labkit.model.slab import Slab
 
 #: the name under which `ragged_attention` is registered with transformers
@@ -70,29 +71,6 @@ class RaggedLayout:
     @property
     def columns(self) -> int:
         return self.mask.shape[-1]
-
-
-#: what copying one row's keys and values for the second pass costs, and what a second attention call
-#: costs at all, in units of one query column over one row: measured on the 2-core CPU (SmolLM2-135M,
-#: 32 rows of 300 tokens, per layer: a query column over a row about 9 us, copying a row about 75 us,
-#: a call about 140 us; docs/facts.md, "The batched KV cache")
-GATHER_COST, PASS_COST = 8, 16
-
-
-def split_width(widths: list[int]) -> int:
-    """Query columns every row runs in the main attention pass; the rows wider than that run the rest
-    in a second pass over a copy of their own keys and values.
-
-    Attention runs a rectangle of queries, so one row verifying 8 tokens beside 31 rows verifying 1
-    would make all 32 rows run 8 query columns. Two passes cost R s + PASS_COST + the sum over wide
-    rows of (W - s + GATHER_COST); this is the s that minimises it (s = W: one pass)."""
-    rows, width = len(widths), max(widths)
-    best, best_cost = width, rows * width
-    for s in range(1, width):
-        cost = rows * s + PASS_COST + sum(width - s + GATHER_COST for w in widths if w > s)
-        if cost < best_cost:
-            best, best_cost = s, cost
-    return best
 
 
 def layout(widths: list[int], starts: list[int], slab: Slab, first: int, packed: bool = True) -> RaggedLayout:
