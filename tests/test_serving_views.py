@@ -399,3 +399,26 @@ def test_serving_claims_set_the_papers_numbers_beside_the_measured_and_simulated
     assert "at 4 users" not in port[2] and "at 4 (" in port[2]  # measured Algorithm 1 / verify-all at 1 and 4 users
     plain = serving_claims(runs)
     assert plain[0][3] == "not simulated" and not plain[0][2].startswith("SMOKE")
+
+
+def test_the_layout_policy_and_a_drafter_arm_are_drawn_and_named(tiny, dspark, monkeypatch):
+    """Notebook 06's full run sweeps `algorithm1-layout`, and a sweep may serve an arm "mtp1@SPEC": both get a
+    trace in each figure, a row in each table and their own names (never the raw spec) in the sentences."""
+    import labkit.lab.serving_views as sv
+    from labkit.drafters.dflash import DFlashDrafter
+    from test_dflash import make_backbone
+
+    monkeypatch.setattr(tiny, "encode_prompt", lambda text, chat=True: [ord(c) % 16 for c in text])
+    policies = ["mtp1", "algorithm1-layout", "mtp1@one"]
+    out = run_sweeps(tiny, dspark, ["ab", "cde", "fg"], users=[1, 2], policies=policies, table=steep_table(),
+                     temperatures=[0.0], max_new_tokens=6, requests_per_user=3, drafter_spec="tiny", repeats=2,
+                     arm_drafters={"one": DFlashDrafter(make_backbone(tiny, gamma=1))})
+    reps = out[0.0]
+    names = {t.name for t in throughput_speed_figure(reps, policies).data}
+    assert names == {POLICY_LABELS.get(p) for p in policies} and None not in names
+    assert len(load_figure(reps, policies).data) == 2 * len(policies)
+    assert len(sweep_rows(reps)) == 2 * len(policies)
+    ratios = sv.paired_ratios(reps, "mtp1", policies=policies)
+    assert {r["policy"] for r in ratios} == {"algorithm1-layout", "mtp1@one"}
+    assert len(sv.ratio_rows(ratios)) == len(ratios)
+    assert len(sv.eq1_rows(reps, policies)) == 2 * len(policies)
