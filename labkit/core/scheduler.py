@@ -618,26 +618,17 @@ class Algorithm1:
 
 def first_drafts(a: torch.Tensor, table: HasSPS, count: Callable[[list[int]], float]) -> tuple[list[int], float]:
     """Which requests verify their first draft: the m requests of highest first-draft survival a_{r,1},
-    m searched over 0..R for the highest theta (the first maximum), not stopped at the first drop.
-    Returns (lengths in {0, 1}, the sum of the admitted a_{r,1}).
+    m searched over 0..R for the highest theta (the walk over first slots alone, to its end, and its
+    first maximum), not stopped at the first drop. Returns (lengths in {0, 1}, the sum of the admitted
+    a_{r,1}).
 
     Lossless without a break: a_{r,1} = c_{r,1} is computed before any draft is drawn (c_k reads
     x_{k-1}), so no draft can influence whether it is verified here."""
-    n_req = a.shape[0]
-    first = a[:, 0] if a.shape[1] else torch.zeros(n_req, dtype=torch.float64)
-    order = [r for r in sorted(range(n_req), key=lambda r: (-float(first[r]), r)) if float(first[r]) > 0]
-    lengths, tau = [0] * n_req, float(n_req)
-    best_theta, best_m, best_tau = tau * table.sps(count(lengths)), 0, 0.0
-    for m, r in enumerate(order, start=1):
-        lengths[r] = 1
-        tau += float(first[r])
-        theta = tau * table.sps(count(lengths))
-        if theta > best_theta:
-            best_theta, best_m, best_tau = theta, m, tau - n_req
-    chosen = [0] * n_req
-    for r in order[:best_m]:
-        chosen[r] = 1
-    return chosen, best_tau
+    first = torch.zeros_like(a)
+    first[:, :1] = a[:, :1]
+    w = walk(first, table, count)
+    k = w.peak_k
+    return w.lengths(k), w.tau[k] - a.shape[0]
 
 
 @dataclass
