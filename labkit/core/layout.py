@@ -33,25 +33,23 @@ GATHER_COST, PASS_COST = 8, 16
 ATTENTION_PARITY_TOKENS = 1500
 
 
-def _cost(widths: Sequence[int], s: int, gather: int, pass_cost: int) -> int:
+def _cost(widths: Sequence[int], s: int) -> int:
     rows, width = len(widths), max(widths)
     if s >= width:
         return rows * width
-    return rows * s + pass_cost + sum(width - s + gather for w in widths if w > s)
+    return rows * s + PASS_COST + sum(width - s + GATHER_COST for w in widths if w > s)
 
 
-def split_width(widths: Sequence[int], gather: int | None = None, pass_cost: int | None = None) -> int:
+def split_width(widths: Sequence[int]) -> int:
     """Query columns every row runs in the main attention pass; the rows wider than that run the rest
     in a second pass over a copy of their own keys and values.
 
     Attention runs a rectangle of queries, so one row verifying 8 tokens beside 31 rows verifying 1
     would make all 32 rows run 8 query columns. Two passes cost R s + PASS_COST + the sum over wide
     rows of (W - s + GATHER_COST); this is the s that minimises it (s = W: one pass)."""
-    gather = GATHER_COST if gather is None else gather
-    pass_cost = PASS_COST if pass_cost is None else pass_cost
     width = max(widths)
     # ties: one pass first, then the narrowest main pass (the rule the forward always used)
-    return min(range(1, width + 1), key=lambda s: (_cost(widths, s, gather, pass_cost), s != width, s))
+    return min(range(1, width + 1), key=lambda s: (_cost(widths, s), s != width, s))
 
 
 def attention_columns(widths: Sequence[int]) -> int:
@@ -59,7 +57,7 @@ def attention_columns(widths: Sequence[int]) -> int:
     at the split `split_width` chooses; equal to sum(widths) where all widths are equal."""
     if not widths:
         return 0
-    return _cost(widths, split_width(widths), GATHER_COST, PASS_COST)
+    return _cost(widths, split_width(widths))
 
 
 def attention_weight(cache_tokens: float) -> float:

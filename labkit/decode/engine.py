@@ -191,7 +191,6 @@ class Engine:
         #: the scheduler's B for a step's verification lengths: the real tokens of a packed forward (the
         #: paper's count), or rows x the widest row where the forward is padded
         self.batch_tokens = packed_tokens if packed else padded_batch_tokens
-        self.packed = packed
         self.active: dict[int, _Active] = {}
         self.done: list[RequestRecord] = []
         self.steps: list[StepRecord] = []
@@ -389,7 +388,7 @@ class Engine:
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
         cost, step_cost, offset = self._price(len(ids), draft_cost_s)
-        weight = attention_weight(self.kv.columns) if self.packed else 0.0
+        weight = attention_weight(self.kv.columns) if self.kv.packed else 0.0
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=self.batch_tokens,
                             old_conf=old_conf, old_max_lengths=old_lengths, attention_weight=weight)
