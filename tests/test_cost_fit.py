@@ -143,7 +143,7 @@ def test_a_cached_table_with_the_old_envelope_is_refitted_as_its_file_loads(tmp_
 # ---------------------------------------------------------------------------------------------------
 # Synthetic profiles: true curves, the engine's shapes, seeded noise
 
-ROWS, WIDTHS = (1, 2, 4, 8, 16), (1, 2, 4, 6, 9)  # profile_cost_table's default shapes, B = R x W
+ROWS, WIDTHS = (1, 2, 4, 8, 16), (1, 2, 4, 6, 9)  # profile_cost_table's shapes before R = 32 joined, B = R x W
 SHAPES = [(r, w) for r in ROWS for w in WIDTHS]
 SIZES = sorted({r * w for r, w in SHAPES})
 CURVES = {  # steps per second at B tokens, each non-increasing
@@ -319,16 +319,20 @@ def test_profile_cost_table_keeps_every_sample_of_every_shape(make_tiny_target):
     assert all(len(p["samples_s"]) == 4 and p["seconds"] == statistics.median(p["samples_s"]) for p in points)
     assert table.batch_sizes == [1, 2, 4] and table.counts == [4, 8, 4]
     assert table.raw_low is not None and table.smoothed_sps == isotonic_decreasing(table.raw_sps, table.counts)[0]
+    # the shapes behind the pooled medians are kept, so a step can be priced at its own row count
+    assert [(sh.rows, sh.width, sh.seconds) for sh in table.shapes] == [(p["rows"], p["width"], p["seconds"]) for p in points]
+    assert table.at_rows(2).seconds(2) >= table.at_rows(2).seconds(1)
     with pytest.raises(LabkitError, match="repeats >= 1"):
         profile_cost_table(target, rows=(1,), widths=(1,), kv_len=8, repeats=0)
 
 
 def test_the_fit_has_one_home():
-    """Only core/scheduler.py fits SPS(B); the profilers and the views read CostTable's fit."""
+    """Only core/isotonic.py fits a cost curve; CostTable, the price by rows, the profilers and the views
+    read that fit."""
     fits = {"isotonic_decreasing", "monotone_sps", "pava", "isotonic", "upper_envelope"}
     for path in PACKAGE.rglob("*.py"):
         defined = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
-        if path.relative_to(PACKAGE).as_posix() == "core/scheduler.py":
+        if path.relative_to(PACKAGE).as_posix() == "core/isotonic.py":
             assert "isotonic_decreasing" in defined and "monotone_sps" not in defined
         else:
             assert not defined & fits, f"{path.relative_to(PACKAGE)} defines {defined & fits}"

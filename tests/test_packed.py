@@ -125,3 +125,16 @@ def test_a_loaded_drafter_is_packed_when_its_target_is(make_tiny_target, tmp_pat
     loaded = load_backbone(path, target)
     assert "PackedLinear" in kinds(loaded) and loaded.packed_head is not None
     assert "PackedLinear" not in kinds(load_backbone(path, target, packed=False))
+
+
+def test_bf16_packing_is_offered_exactly_where_the_cpu_can_run_it():
+    """An AVX2-only CPU has no oneDNN bf16 path: loading a bf16 target there must fall back to the stock
+    kernels instead of failing (the feature cache of `train --feature-dtype bfloat16` loads one)."""
+    weight = torch.randn(24, 16, dtype=torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    if can_pack(torch.device("cpu"), torch.bfloat16):
+        got = PackedLinear(weight)(x).float()
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight).float(), rtol=2e-2, atol=2e-2)
+    else:
+        with pytest.raises(RuntimeError):
+            PackedLinear(weight)

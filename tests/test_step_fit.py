@@ -130,10 +130,10 @@ def test_the_engine_adds_the_mean_admission_time_per_step_to_the_fitted_step(tin
     assert engine._admit_mean is not None and 0.0 < engine._admit_mean <= max(later)  # ...but not averaged in
     engine.step_fit = fed(mixed_steps())
     rate = engine.step_fit.rate(4)
-    priced, recorded, offset = engine._price(4, None)
+    priced, recorded, offset, rows = engine._price(4, None)
     assert priced.fixed_s == pytest.approx(rate.fixed_s + engine._admit_mean)
     assert priced.per_token_s == rate.per_token_s
-    assert recorded == (priced.fixed_s, priced.per_token_s) and offset is None
+    assert recorded == (priced.fixed_s, priced.per_token_s) and offset is None and rows is None
 
 
 def test_the_offset_model_prices_the_table_plus_the_measured_excess_and_replays_exactly(tiny, dspark):
@@ -150,5 +150,32 @@ def test_the_offset_model_prices_the_table_plus_the_measured_excess_and_replays_
     rep = json.loads(json.dumps(report(engine, 4, "test")))
     assert replay_steps(rep["step_trace"], rep["table"], "algorithm1", batch_tokens=engine.batch_tokens) == \
         [s["lengths"] for s in rep["step_trace"]]
-    with pytest.raises(LabkitError, match="table, fit, offset"):
+    with pytest.raises(LabkitError, match="table, fit, offset, rows"):
         Engine(tiny, dspark, "algorithm1", cost_model="guess")
+
+
+def shaped_table() -> CostTable:
+    """A profiled grid where a row costs as much as 4 tokens (1 token = 1 unit): priced by rows, a step of
+    R requests reads its own row count's curve; pooled, the shapes of one B are averaged."""
+    from labkit.core.row_price import Shape
+    shapes = [Shape(r, w, 1.0 + 4 * r + r * w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)]
+    by_b: dict[int, list[float]] = {}
+    for s in shapes:
+        by_b.setdefault(s.rows * s.width, []).append(1.0 / s.seconds)
+    return CostTable.from_samples("test", "tiny", "float32", by_b, shapes=shapes)
+
+
+def test_the_rows_model_prices_each_step_at_its_own_requests_and_replays_exactly(tiny, dspark):
+    """cost_model="rows": each step reads the table at its number of requests (`CostTable.at_rows`),
+    recorded as price_rows; the replay through JSON gives every step's lengths. A table without shapes is
+    refused when the engine is built, with the fix."""
+    engine = Engine(tiny, dspark, "algorithm1", shaped_table(), clock=ticking_clock(), cost_model="rows")
+    for _ in closed_loop(mixed_requests(10), 4, engine):
+        pass
+    assert [s.price_rows for s in engine.steps] == [s.active for s in engine.steps]
+    assert len({s.active for s in engine.steps}) > 1, "the run never changed its number of requests"
+    rep = json.loads(json.dumps(report(engine, 4, "test")))
+    assert replay_steps(rep["step_trace"], rep["table"], "algorithm1", batch_tokens=engine.batch_tokens) == \
+        [s["lengths"] for s in rep["step_trace"]]
+    with pytest.raises(LabkitError, match="reprofile"):
+        Engine(tiny, dspark, "algorithm1", steep_table(), cost_model="rows")

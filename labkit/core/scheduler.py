@@ -29,7 +29,9 @@ import torch
 
 from labkit.core.calibration import survival
 from labkit.core.errors import LabkitError
+from labkit.core.isotonic import isotonic_decreasing
 from labkit.core.layout import layout_tokens
+from labkit.core.row_price import RowPrice, Shape, check_shapes
 from labkit.core.sampling import verify_chain
 
 # ---------------------------------------------------------------------------------------------------
@@ -40,39 +42,6 @@ TAILS = ("proportional", "constant")
 #: the name of the table's fit, stored with it: a table stored without it (the old running median and
 #: envelope) is refitted from its raw medians when its cost-table file loads (`load_cost_tables`)
 FIT = "isotonic"
-
-
-def isotonic_decreasing(values: Sequence[float], weights: Sequence[float] | None = None
-                        ) -> tuple[list[float], list[tuple[int, int]]]:
-    """The weighted least-squares non-increasing fit of `values` (pool adjacent violators), and its blocks.
-
-    Walking left to right, a value larger than the block before it violates the order, so the two
-    are pooled into one block at their weighted mean, and pooling repeats while the new block is
-    larger than the one before it. Returns the fitted value at every index and the blocks as
-    (first, last) index pairs, singletons included. A pooled value is a weighted mean of the values it
-    pools, so the fit never exceeds the largest value it pools (nor the largest value overall) and
-    never falls below the smallest; an already non-increasing sequence passes unchanged.
-    """
-    values = [float(v) for v in values]
-    weights = [1.0] * len(values) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(values) or not all(0.0 < w < math.inf for w in weights):
-        raise LabkitError(f"the isotonic fit needs one positive, finite weight per value, got {len(weights)} "
-                          f"weights for {len(values)} values.")
-    blocks: list[list[float]] = []  # [weighted sum, weight, first, last]
-    for i, (v, w) in enumerate(zip(values, weights)):
-        blocks.append([v * w, w, i, i])
-        while len(blocks) > 1 and blocks[-1][0] / blocks[-1][1] > blocks[-2][0] / blocks[-2][1]:
-            s, w2, _, last = blocks.pop()
-            blocks[-1][0] += s
-            blocks[-1][1] += w2
-            blocks[-1][3] = last
-    fitted: list[float] = []
-    for s, w, first, last in blocks:
-        mean = s / w
-        pooled = values[first:last + 1]
-        # A weighted mean lies within its values; the clamp keeps that true through float rounding.
-        fitted += [min(max(pooled), max(min(pooled), mean))] * (last - first + 1)
-    return fitted, [(int(first), int(last)) for _, _, first, last in blocks]
 
 
 def _quartile_samples(xs: Sequence[float]) -> tuple[float, float, float]:
@@ -111,6 +80,8 @@ class CostTable:
     raw_low: list[float] | None = None
     raw_high: list[float] | None = None
     tail: str = "proportional"
+    #: the profiled R x W shapes behind the medians, where kept: what `at_rows` prices a step by
+    shapes: list[Shape] | None = None
 
     def __post_init__(self):
         self.batch_sizes = [whole_number(b, "every batch size") for b in self.batch_sizes]
@@ -140,6 +111,9 @@ class CostTable:
                     0.0 < lo <= r <= hi < math.inf for lo, r, hi in zip(self.raw_low, self.raw_sps, self.raw_high)):
                 raise LabkitError("raw_low and raw_high must hold one positive value per batch size with "
                                   "raw_low <= raw_sps <= raw_high (the quartiles around the median).")
+        if self.shapes is not None:
+            self.shapes = [s if isinstance(s, Shape) else Shape(int(s[0]), int(s[1]), float(s[2])) for s in self.shapes]
+            check_shapes(self.shapes)
         if self.smoothed_sps is None:
             self.smoothed_sps = isotonic_decreasing(self.raw_sps, self.counts)[0]
         self.smoothed_sps = [float(s) for s in self.smoothed_sps]
@@ -151,15 +125,16 @@ class CostTable:
 
     @classmethod
     def from_samples(cls, device: str, model: str, dtype: str, samples: dict[int, Sequence[float]],
-                     tail: str = "proportional") -> CostTable:
+                     tail: str = "proportional", shapes: list[Shape] | None = None) -> CostTable:
         """The table of SPS samples per B ({B: [steps per second, ...]}): per B the upper median, the
-        quartile samples as its spread, the number of samples as the fit's weight."""
+        quartile samples as its spread, the number of samples as the fit's weight; `shapes`, the
+        profiled R x W grid behind them, if kept."""
         sizes = sorted(samples)
         if not sizes or any(len(samples[b]) == 0 for b in sizes):
             raise LabkitError("a cost table needs at least one SPS sample at every batch size it lists.")
         low, mid, high = (list(q) for q in zip(*(_quartile_samples(samples[b]) for b in sizes)))
         return cls(device, model, dtype, sizes, mid, counts=[len(samples[b]) for b in sizes],
-                   raw_low=low, raw_high=high, tail=tail)
+                   raw_low=low, raw_high=high, tail=tail, shapes=shapes)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -186,6 +161,13 @@ class CostTable:
         # Clamped to the segment so that rounding can never make SPS rise where segments meet.
         return min(y0, max(y1, y0 + (y1 - y0) * (batch_tokens - x0) / (x1 - x0)))
 
+    def at_rows(self, rows: int) -> RowPrice:
+        """SPS(B) for a step of `rows` requests, read off the profiled shapes (`labkit.core.row_price`)."""
+        if not self.shapes:
+            raise LabkitError("this cost table keeps no profiled shapes, so it cannot price by rows: re-profile "
+                              "it (`serve-sweep --reprofile`) or use the cost model 'table'.")
+        return RowPrice(self.shapes, rows)
+
     @classmethod
     def flat(cls, sps: float = 1.0, device: str = "unprofiled", model: str = "any",
              dtype: str = "any") -> CostTable:
@@ -199,6 +181,8 @@ class CostTable:
         for name in ("counts", "raw_low", "raw_high"):
             if getattr(self, name) is not None:
                 d[name] = list(getattr(self, name))
+        if self.shapes is not None:
+            d["shapes"] = [[s.rows, s.width, s.seconds] for s in self.shapes]
         return d
 
     @classmethod
@@ -209,7 +193,7 @@ class CostTable:
         if missing:
             raise LabkitError(f"a stored cost table lacks {', '.join(missing)}: re-profile and save it again.")
         known = {"device", "model", "dtype", "batch_sizes", "raw_sps", "smoothed_sps", "counts", "raw_low",
-                 "raw_high", "tail"}
+                 "raw_high", "tail", "shapes"}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: str | Path) -> None:

@@ -130,7 +130,8 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
     and `draft_cost_s`. table: the engine's `CostTable` (or its dict, `report(...)["table"]`). Each step
     is asked as the engine asked it: conf padded with zeros to the step's widest block, the step's
     `RoundRate(table, draft_cost_s * R)` (None counts as 0), or its `StepRate` where the engine's own fit
-    priced it (`step_cost`), or `RoundRate(table, offset_s)` where its measured offset did, the production
+    priced it (`step_cost`), or `RoundRate(table, offset_s)` where its measured offset did, the table read
+    at `price_rows` requests where the step was priced by rows (`CostTable.at_rows`), the production
     variant's confidences of two steps before from this trace's own history, and the step's
     `attention_weight` (0 where the trace has none). `batch_tokens` must be the count the engine used.
     """
@@ -147,8 +148,10 @@ def replay_steps(step_trace: Sequence, table, policy, batch_tokens: Callable[[li
         gamma = max(max_lengths, default=0)
         old, old_lengths = history.old(ids, gamma)
         draft, fitted, offset = _get(step, "draft_cost_s"), _optional(step, "step_cost"), _optional(step, "offset_s")
+        rows = _optional(step, "price_rows")
+        read = table.at_rows(rows) if rows is not None else table
         rate = (StepRate(*fitted, len(ids)) if fitted is not None else
-                RoundRate(table, offset if offset is not None else (draft or 0.0) * len(ids)))
+                RoundRate(read, offset if offset is not None else (draft or 0.0) * len(ids)))
         weight = _optional(step, "attention_weight")
         inp = ScheduleInput(conf=_conf_rows(confs, gamma), table=rate, max_lengths=max_lengths,
                             batch_tokens=batch_tokens, old_conf=old, old_max_lengths=old_lengths,

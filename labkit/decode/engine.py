@@ -125,6 +125,9 @@ class StepRecord:
     #: one attention query column's cost in tokens of the forward at this step's cache (`labkit.core.layout`),
     #: what the layout-aware policy priced the rectangle with
     attention_weight: float = 0.0
+    #: cost model "rows": the row count whose profiled shapes priced the step (`CostTable.at_rows`);
+    #: None where the table's pooled SPS(B) did
+    price_rows: int | None = None
 
     @property
     def emitted(self) -> int:
@@ -149,7 +152,9 @@ class StepRecord:
 #: at every load (data/serving/cpu-measurements-2026-12-06.md, sweep14-table against sweep11). Priced by
 #: the fit it verified deeper under load (2.55 against 1.77 tokens a request at 16 users, greedy) than
 #: the steps paid back: the fit's few, noisy steps do not see what a deeper, ragged step costs here
-COST_MODELS = ("table", "fit", "offset")
+#: "rows": the table read at the step's own number of requests (`labkit.core.row_price`: the profiled
+#: R x W shapes, not every shape of one B pooled) plus the same drafting time
+COST_MODELS = ("table", "fit", "offset", "rows")
 
 
 def padded_batch_tokens(lengths: list[int]) -> int:
@@ -207,6 +212,10 @@ class Engine:
         self._draft_s_per_request: float | None = None
         if cost_model not in COST_MODELS:
             raise LabkitError(f"Unknown cost model {cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
+        if cost_model == "rows" and not self.table.shapes:
+            raise LabkitError("the cost model 'rows' reads the profiled R x W shapes, and this cost table keeps "
+                              "none: profile one (`cost_table_for(target, reprofile=True)`, or `serve-sweep "
+                              "--reprofile`) or use the cost model 'table'.")
         #: how Algorithm 1 prices a step (`COST_MODELS`)
         self.cost_model = cost_model
         #: whether policies read confidences corrected by what this engine's own verdicts showed
@@ -387,7 +396,7 @@ class Engine:
         max_lengths = [len(p) for p in proposals]
         old_conf, old_lengths = self._old_confidences(ids, conf.shape[1])
         draft_cost_s = self._draft_s_per_request
-        cost, step_cost, offset = self._price(len(ids), draft_cost_s)
+        cost, step_cost, offset, price_rows = self._price(len(ids), draft_cost_s)
         weight = attention_weight(self.kv.columns) if self.kv.packed else 0.0
         inp = ScheduleInput(conf=conf, table=cost, max_lengths=max_lengths,
                             batch_tokens=self.batch_tokens,
@@ -426,14 +435,15 @@ class Engine:
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
                             caps=caps, step_cost=step_cost, admit_s=admit_s, offset_s=offset,
-                            attention_weight=weight)
+                            attention_weight=weight, price_rows=price_rows)
         self.steps.append(record)
         return record
 
     def _price(self, requests: int, draft_cost_s: float | None
-               ) -> tuple[HasSPS, tuple[float, float] | None, float | None]:
+               ) -> tuple[HasSPS, tuple[float, float] | None, float | None, int | None]:
         """What Algorithm 1 reads for this step (`COST_MODELS`), and what the step records of it for an exact
-        replay: (the price, the fit's (fixed, per-draft) seconds or None, the offset's seconds or None).
+        replay: (the price, the fit's (fixed, per-draft) seconds or None, the offset's seconds or None,
+        the row count the table was read at or None).
 
         "fit": the fitted step at this many requests plus the running mean of admission seconds per step.
         Admissions are a serving cycle's cost as surely as its forwards (a long run pays every prefill),
@@ -442,11 +452,13 @@ class Engine:
         rate = self.step_fit.rate(requests) if self.step_fit is not None else None
         if rate is not None:
             fitted = StepRate(rate.fixed_s + (self._admit_mean or 0.0), rate.per_token_s, requests)
-            return fitted, (fitted.fixed_s, fitted.per_token_s), None
+            return fitted, (fitted.fixed_s, fitted.per_token_s), None, None
         if self.cost_model == "offset" and self._offset_mean is not None:
             offset = max(0.0, self._offset_mean)
-            return RoundRate(self.table, offset), None, offset
-        return RoundRate(self.table, (draft_cost_s or 0.0) * requests), None, None
+            return RoundRate(self.table, offset), None, offset, None
+        if self.cost_model == "rows":
+            return RoundRate(self.table.at_rows(requests), (draft_cost_s or 0.0) * requests), None, None, requests
+        return RoundRate(self.table, (draft_cost_s or 0.0) * requests), None, None, None
 
     def _learn(self, requests: int, batch_tokens: int, step_s: float, admit_s: float) -> None:
         """Feed the measured cost model one finished step: `step_s` seconds (with its retirements) at
@@ -654,7 +666,8 @@ def report(engine: Engine, users: int, drafter_spec: str | None) -> dict:
                         "drafted": s.drafted, "batch_tokens": s.batch_tokens, "draft_s": s.draft_s,
                         "verify_s": s.verify_s, "ids": s.ids, "conf": s.conf, "draft_cost_s": s.draft_cost_s,
                         "cap": s.cap, "step_cost": s.step_cost, "schedule_s": s.schedule_s,
-                        "admit_s": s.admit_s, "offset_s": s.offset_s, "attention_weight": s.attention_weight}
+                        "admit_s": s.admit_s, "offset_s": s.offset_s, "attention_weight": s.attention_weight,
+                        "price_rows": s.price_rows}
                        for s in steps],
         "requests": [{"id": r.id, "prompt": r.prompt, "token_ids": r.token_ids, "text": r.text,
                       "tokens_per_s": r.tokens_per_s, "ttft_s": r.ttft_s, "first_token_s": r.first_token_s,

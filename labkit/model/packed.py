@@ -23,8 +23,11 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN packing applies on the CPU, fp32 or bf16, where torch was built with it."""
-    return device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+    """oneDNN packing applies on the CPU, fp32 or bf16, where torch was built with it; bf16 only where
+    the CPU has bf16 instructions (AVX-512 or AVX-NE-CONVERT): on an AVX2-only CPU oneDNN refuses it."""
+    if device.type != "cpu" or dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def packing_wanted(device: torch.device, dtype: torch.dtype) -> bool:

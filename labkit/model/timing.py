@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit.core.errors import LabkitError
+from labkit.core.row_price import Shape
 from labkit.core.scheduler import CostTable, whole_number
 from labkit.model.batch_kv import BatchKV
 from labkit.model.target import Target
@@ -262,18 +263,20 @@ def time_step(target: Target, rows: int, width: int, kv_len: int, repeats: int =
 
 
 def table_from_points(points: list[dict], device: str, model: str, dtype: str, **meta) -> CostTable:
-    """SPS(B) from per-shape measurements ({"batch_tokens", "sps"}, and "samples_s", the seconds of
-    every timed step, where kept): the samples of every shape with that B pooled, their upper median
-    as raw SPS, their quartiles as its spread, their number as the fit's weight
-    (`CostTable.from_samples`). A point without samples counts as one sample, its "sps"."""
+    """SPS(B) from per-shape measurements ({"rows", "width", "batch_tokens", "seconds" (median), "sps",
+    and "samples_s", the seconds of every timed step, where kept): the samples of every shape with that
+    B pooled, their upper median as raw SPS, their quartiles as its spread, their number as the fit's
+    weight (`CostTable.from_samples`); the shapes themselves kept for the price by rows (`at_rows`). A
+    point without samples counts as one sample, its "sps"."""
     by_b: dict[int, list[float]] = {}
     for pt in points:
         samples = [1.0 / max(s, 1e-12) for s in pt["samples_s"]] if pt.get("samples_s") else [pt["sps"]]
         by_b.setdefault(pt["batch_tokens"], []).extend(samples)
-    return CostTable.from_samples(device, model, dtype, by_b, **meta)
+    shapes = [Shape(pt["rows"], pt["width"], pt["seconds"]) for pt in points]
+    return CostTable.from_samples(device, model, dtype, by_b, shapes=shapes, **meta)
 
 
-def profile_cost_table(target: Target, rows: tuple[int, ...] = (1, 2, 4, 8, 16), widths: tuple[int, ...] = (1, 2, 4, 6, 9),
+def profile_cost_table(target: Target, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32), widths: tuple[int, ...] = (1, 2, 4, 6, 9),
                        kv_len: int = 256, repeats: int = PROFILE_REPEATS, progress: bool = False,
                        seed: int = 0) -> tuple[CostTable, list[dict]]:
     """SPS(B) on the shapes the engine runs: R rows x W tokens over a KV of `kv_len`, B = R * W.
