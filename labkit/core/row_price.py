@@ -12,7 +12,8 @@ unverified that would have paid (data/serving/cpu-measurements-2026-12-06.md, sw
 `RowPrice` reads the profiled shapes (rows, width, median seconds) at the step's R instead: along
 each profiled row count the seconds are fitted non-decreasing in W (the table's isotonic fit), at an R
 between two profiled counts they are interpolated linearly in R at equal width, past the largest
-count extrapolated along the last two counts' slope (never below the largest count's time), and between
+count extrapolated along the last two counts' slope (never below the largest count's time; below the
+fewest, that count's own), and between
 profiled widths interpolated linearly in W; past the widest, the time per token stays constant. SPS at B
 is then 1 / seconds(B / R): non-increasing in B at every R, the shape Algorithm 1's break assumes.
 """
@@ -91,16 +92,14 @@ class RowPrice:
 
 def _at_rows(fitted: dict[int, list[float]], counts: list[int], rows: int) -> list[float]:
     """Seconds at each profiled width for `rows` rows: linear in R between the two nearest profiled
-    counts; outside them along the nearest two counts' slope, never below the nearer count's time."""
-    if rows in fitted or len(counts) == 1:
-        return list(fitted[rows] if rows in fitted else fitted[counts[0]])
-    i = bisect.bisect_left(counts, rows)
-    lo, hi = (counts[i - 1], counts[i]) if 0 < i < len(counts) else (
-        (counts[0], counts[1]) if i == 0 else (counts[-2], counts[-1]))
+    counts; past the largest along the last two counts' slope, never below the largest count's time;
+    below the fewest profiled, that count's own (no profile says how much cheaper fewer rows are)."""
+    if rows in fitted or len(counts) == 1 or rows < counts[0]:
+        return list(fitted.get(rows, fitted[counts[0]]))
+    i = min(bisect.bisect_left(counts, rows), len(counts) - 1)
+    lo, hi = counts[i - 1], counts[i]  # the bracketing counts, or the last two past them
     t = (rows - lo) / (hi - lo)
-    near = fitted[lo] if i == 0 else fitted[hi]
     out = [a + t * (b - a) for a, b in zip(fitted[lo], fitted[hi])]
-    if i == 0 or i == len(counts):  # extrapolated: a row more never makes a step cheaper
-        out = [max(v, n) if i == len(counts) else min(v, n) for v, n in zip(out, near)]
-        out = [max(v, 1e-9) for v in out]
+    if rows > hi:  # extrapolated: a row more never makes a step cheaper
+        out = [max(v, b) for v, b in zip(out, fitted[hi])]
     return _non_decreasing(out)
