@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="loads to measure")
     p.add_argument("--policies", nargs="+", default=["mtp1", "fixed", "algorithm1"], help="policies to compare; "
                    "POLICY@DRAFTER serves a policy with another drafter, e.g. mtp1@data/drafters/mtp1 (a trained "
-                   "one-token drafter under the MTP-1 policy) beside --drafter under the rest")
+                   "one-token drafter under the MTP-1 policy) beside --drafter under the rest; POLICY~MODEL prices "
+                   "one arm by another cost model, e.g. algorithm1~rows beside algorithm1")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy")
     p.add_argument("--requests-per-user", type=_positive_int, default=3, help="requests each user serves at every "
                    "load: the same prompt mix (domains interleaved) at every load (default 3)")
@@ -545,13 +546,14 @@ def cmd_serve_sweep(args) -> None:
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.core.scheduler import make_policy
     from labkit.decode.engine import COST_MODELS, cost_table_for
-    from labkit.measure.sweeps import (WINDOW, against_best_fixed, format_against_best_fixed, format_gain, format_sweep,
-                                       is_fixed, matched_gain, prompt_mix, run_sweeps, split_arm, summarize)
+    from labkit.measure.sweeps import (WINDOW, against_best_fixed, arm_cost_model, format_against_best_fixed,
+                                       format_gain, format_sweep, is_fixed, matched_gain, prompt_mix, run_sweeps,
+                                       split_arm, summarize)
     from labkit.model.target import load_target
     check_spec(args.drafter)
     arm_specs = []
     for name in args.policies:
-        policy, spec = split_arm(name)
+        policy, spec = split_arm(arm_cost_model(name)[0])
         make_policy(policy)
         if spec is not None:
             check_spec(spec)

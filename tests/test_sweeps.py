@@ -313,6 +313,20 @@ def test_arm_labels_split_into_policy_and_drafter_and_name_the_trained_mtp1():
     assert POLICY_LABELS.get("nonsense@x") is None
 
 
+def test_a_cost_model_suffix_prices_one_arm_and_is_named():
+    from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS
+    from labkit.measure.sweeps import arm_cost_model
+    assert arm_cost_model("algorithm1") == ("algorithm1", None)
+    assert arm_cost_model("algorithm1~rows") == ("algorithm1", "rows")
+    assert arm_cost_model("mtp1@data/drafters/mtp1~table") == ("mtp1@data/drafters/mtp1", "table")
+    for bad in ("algorithm1~guess", "~rows"):
+        with pytest.raises(LabkitError, match="POLICY~MODEL"):
+            arm_cost_model(bad)
+    assert is_fixed("mtp1~rows") and not is_fixed("algorithm1~rows")
+    assert POLICY_LABELS.get("algorithm1~rows") == "Algorithm 1, priced by rows"
+    assert POLICY_COLORS.get("algorithm1~rows") not in (None, POLICY_COLORS.get("algorithm1"))
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["serve-sweep", "--repeats", "0"], "expected a positive integer"),
     (["serve-sweep", "--policies", "fixed", "algorithm1"], "--baseline mtp1 is not among"),
@@ -343,3 +357,15 @@ def test_against_best_fixed_pairs_each_repeat_with_its_own_best_fixed_policy():
     assert "1.09x [1.00-1.14] at 1 (best fixed:4)" in line and "0.90x [0.90-0.90] at 8 (best mtp1)" in line
     with pytest.raises(LabkitError, match="one temperature"):
         against_best_fixed(runs + [_run("mtp1", 1, 0, 10.0, 9.0, temp=1.0)])
+
+
+def test_a_priced_arm_runs_its_steps_under_its_cost_model(encoded, dspark):
+    """"algorithm1~rows" beside "algorithm1" in one sweep: the first prices every step at its own number of
+    requests (recorded as price_rows), the second by the sweep's cost model (the pooled table)."""
+    from test_step_fit import shaped_table
+    reps = sweep(encoded, dspark, [ServeRequest(i, p.text, [3 + i, 4, 5], 6, SamplingParams(0.0), seed=i)
+                                   for i, p in enumerate(PROMPTS)],
+                 [2], ["algorithm1", "algorithm1~rows"], shaped_table(), requests_per_user=2)
+    by = {r["policy"]: r for r in reps}
+    assert all(s["price_rows"] == s["active"] for s in by["algorithm1~rows"]["step_trace"])
+    assert all(s["price_rows"] is None for s in by["algorithm1"]["step_trace"])

@@ -33,15 +33,20 @@ TEMPLATE = "plotly_white"
 class _BySpec(dict):
     """Labels or colours by policy name; a "fixed:K" or "threshold:T" spec (`scheduler.make_policy`) gets
     one derived from its base policy's, and a sweep arm "POLICY@DRAFTER" (`measure.sweeps.split_arm`)
-    one from its policy's and its drafter (`arm`)."""
+    one from its policy's and its drafter (`arm`), and an arm "...~MODEL" (`measure.sweeps.arm_cost_model`)
+    one from the arm's and its cost model (`priced`)."""
 
-    def __init__(self, known: dict, derive, arm):
+    def __init__(self, known: dict, derive, arm, priced):
         super().__init__(known)
-        self._derive, self._arm = derive, arm
+        self._derive, self._arm, self._priced = derive, arm, priced
 
     def get(self, key, default=None):
         if key in self:
             return self[key]
+        head, tilde, model = str(key).rpartition("~")
+        if tilde:
+            own = self.get(head)
+            return self._priced(own, model) if own is not None else default
         policy, at, spec = str(key).partition("@")
         if at:
             own = self.get(policy)
@@ -55,13 +60,21 @@ POLICY_LABELS = _BySpec({"algorithm1": "Algorithm 1", "algorithm1-layout": "Algo
                          "threshold": "static threshold"},
                         lambda base, arg: f"fixed K={arg}" if base == "fixed" else f"static threshold {arg}",
                         lambda policy, label, spec: (f"MTP-1 (trained: {spec})" if policy == "mtp1"
-                                                     else f"{label} with {spec}"))
+                                                     else f"{label} with {spec}"),
+                        lambda label, model: f"{label}, priced by {model}")
 POLICY_COLORS = _BySpec({"algorithm1": "#2ca02c", "algorithm1-layout": "#bcbd22", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
                          "retrospective": "#d62728", "threshold": "#8c564b"},
                         lambda base, arg: {"fixed": ["#6baed6", "#3182bd", "#08519c", "#17becf"],
                                            "threshold": ["#c49c94", "#8c564b"]}[base][int(float(arg) * 10) % 2 if base == "threshold"
                                                                                       else int(arg) % 4],
-                        lambda policy, colour, spec: "#e377c2" if policy == "mtp1" else colour)
+                        lambda policy, colour, spec: "#e377c2" if policy == "mtp1" else colour,
+                        lambda colour, model: _darker(colour))
+
+
+def _darker(colour: str, share: float = 0.45) -> str:
+    """`colour` (#rrggbb) mixed toward black: a priced arm beside its plain policy."""
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(c * (1 - share)):02x}" for c in rgb)
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)

@@ -44,7 +44,7 @@ from labkit.core.errors import LabkitError
 from labkit.core.frontier import best_gain, eq1_speed, frontier, gain_at, matched_gains, overlap
 from labkit.core.sampling import SamplingParams
 from labkit.core.scheduler import CostTable
-from labkit.decode.engine import ServeRequest, make_requests, run_closed_loop
+from labkit.decode.engine import COST_MODELS, ServeRequest, make_requests, run_closed_loop
 from labkit.drafters.base import Drafter
 from labkit.model.target import Target
 
@@ -170,6 +170,19 @@ def split_arm(label: str) -> tuple[str, str | None]:
     return policy, spec or None
 
 
+def arm_cost_model(label: str) -> tuple[str, str | None]:
+    """A sweep arm's (arm without it, cost model): "POLICY~MODEL" prices POLICY's steps by MODEL (one of
+    the engine's `COST_MODELS`, e.g. "algorithm1~rows" beside "algorithm1" in one sweep); without the
+    suffix, None (the sweep's cost model)."""
+    head, tilde, model = label.rpartition("~")
+    if not tilde:
+        return label, None
+    if model not in COST_MODELS or not head:
+        raise LabkitError(f"Sweep arm {label!r}: write POLICY~MODEL with MODEL one of {', '.join(COST_MODELS)}, "
+                          "e.g. algorithm1~rows.")
+    return head, model
+
+
 def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest], users: list[int],
           policies: list[str], table: CostTable | None = None, requests_per_user: int = 3,
           drafter_spec: str | None = None, progress: bool = False, repeats: int = 1,
@@ -178,14 +191,16 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
     """Every (users, policy) cell `repeats` times: repeats outermost, then loads, then the policies
     interleaved (rotated by one each repeat). `requests` is the prompt mix (cycled to
     `requests_per_user`); each load of N users serves it N times over (`load_queue`). A policy
-    "POLICY@SPEC" (`split_arm`) is served with `arm_drafters[SPEC]`, the others with `drafter`. One report
+    "POLICY@SPEC" (`split_arm`) is served with `arm_drafters[SPEC]`, the others with `drafter`; an arm
+    "...~MODEL" (`arm_cost_model`) is priced by that cost model, the others by `cost_model`. One report
     per run, its "policy" the arm's label, with `repeat`, `requests_per_user` and `measure_run`'s numbers
     added (the engine's own aggregate kept as `engine_aggregate_tokens_per_s`)."""
     if repeats < 1:
         raise LabkitError(f"--repeats must be at least 1, got {repeats}.")
     if not policies:
         raise LabkitError("A sweep needs at least one policy.")
-    arms = {label: split_arm(label) for label in policies}
+    priced = {label: arm_cost_model(label) for label in policies}
+    arms = {label: split_arm(priced[label][0]) for label in policies}
     missing = sorted({spec for _, spec in arms.values() if spec is not None} - set(arm_drafters or {}))
     if missing:
         raise LabkitError(f"No drafter given for {', '.join(missing)}: pass arm_drafters={{spec: drafter}} "
@@ -199,7 +214,8 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
                 policy, spec = arms[label]
                 report = run_closed_loop(target, drafter if spec is None else arm_drafters[spec], queue, n, policy,
                                          table, n_requests=len(queue), drafter_spec=spec or drafter_spec,
-                                         progress=progress, cost_model=cost_model, recalibrate=recalibrate)
+                                         progress=progress, cost_model=priced[label][1] or cost_model,
+                                         recalibrate=recalibrate)
                 out.append(dict(report, policy=label, repeat=rep, requests_per_user=len(mix),
                                 engine_aggregate_tokens_per_s=report.get("aggregate_tokens_per_s"),
                                 **measure_run(report)))
@@ -340,7 +356,7 @@ def format_sweep(reports: Sequence[dict]) -> str:
 
 def is_fixed(policy: str) -> bool:
     """A policy (or arm, `split_arm`) that verifies the same length at every load: MTP-1, fixed, fixed:K."""
-    policy = split_arm(policy)[0]
+    policy = split_arm(arm_cost_model(policy)[0])[0]
     return policy in ("mtp1", "fixed") or policy.startswith("fixed:")
 
 
