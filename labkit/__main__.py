@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a drafter in DeepSpec's layout, which vLLM and SGLang load")
     p.add_argument("out", help="folder to write (config.json, model.safetensors, README.md; replaced atomically)")
-    p.add_argument("--drafter", required=True, help="dflash, dspark, eagle3 (the shipped checkpoints) or a "
+    p.add_argument("--drafter", required=True, help="dflash, dspark, eagle3, mtp1 (the shipped checkpoints) or a "
                    "checkpoint path")
     p.add_argument("--format", choices=("deepspec",), default="deepspec", help="deepspec (the only one)")
     p.add_argument("--target", default=None,

@@ -19,16 +19,17 @@ from labkit.drafters.scheduled import ScheduledDrafter
 from labkit.model.target import DEFAULT_TARGET, Target
 from labkit.model.timing import verify_table
 
-BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "eagle3", "hybrid", "sched")
-#: the trained drafters `--drafter NAME` names (eagle3: once one is trained into data/drafters/eagle3)
-SHIPPED = ("dflash", "dspark", "eagle3")
+BUILTIN = ("none", "prompt-lookup", "layer-skip", "dflash", "dspark", "eagle3", "mtp1", "hybrid", "sched")
+#: the trained drafters `--drafter NAME` names (eagle3: once one is trained into data/drafters/eagle3; mtp1:
+#: a one-token DFlash, the serving baseline's MTP module)
+SHIPPED = ("dflash", "dspark", "eagle3", "mtp1")
 #: trained checkpoints shipped with the lab, by the name that `--drafter` takes: the default target's in
 #: this folder, another packaged target's in a subfolder named after it (data/drafters/gemma-3-270m/dflash)
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "drafters"
 
 
 def shipped_checkpoint(name: str, target_name: str | None = None) -> Path:
-    """The shipped `name` drafter (dflash, dspark or eagle3) for a target (default: the default target)."""
+    """The shipped `name` drafter (dflash, dspark, eagle3 or mtp1) for a target (default: the default target)."""
     target_name = target_name or DEFAULT_TARGET
     path = SHIPPED_DIR / name if target_name == DEFAULT_TARGET else SHIPPED_DIR / target_name / name
     if not (path / "config.json").exists():
@@ -40,12 +41,12 @@ def shipped_checkpoint(name: str, target_name: str | None = None) -> Path:
 
 
 def checkpoint_path(spec: str, command: str = "this command", target_name: str | None = None) -> Path:
-    """The checkpoint folder a --drafter spec names: dflash, dspark or eagle3 (shipped for `target_name`) or
+    """The checkpoint folder a --drafter spec names: dflash, dspark, eagle3 or mtp1 (shipped for `target_name`) or
     a path; else a sentence."""
     if spec in SHIPPED:
         return shipped_checkpoint(spec, target_name)
     if not _is_checkpoint_path(spec):
-        raise LabkitError(f"{command} takes a trained drafter: --drafter dflash, dspark, eagle3 or the path of a "
+        raise LabkitError(f"{command} takes a trained drafter: --drafter dflash, dspark, eagle3, mtp1 or the path of a "
                           f"checkpoint folder, got {spec!r}.")
     read_config(spec)  # a clear error if it is no checkpoint
     return Path(spec)
@@ -103,8 +104,8 @@ def _check_sched(spec: str) -> None:
 
 
 def make_drafter(spec: str | None, target: Target, gamma: int | None = None) -> Drafter | None:
-    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash', 'dspark' or 'eagle3' (the
-    shipped checkpoints; dspark calibrated), the path of a trained checkpoint folder (any kind), or
+    """'none' -> None (plain decoding), 'prompt-lookup', 'layer-skip[:N]', 'dflash', 'dspark', 'eagle3' or 'mtp1'
+    (the shipped checkpoints; dspark calibrated; mtp1 a one-token DFlash), the path of a trained checkpoint folder (any kind), or
     'hybrid:<dspark|dflash|PATH>' (prompt lookup, then that model for the rest; `gamma` caps both), or
     'sched:<spec>' (that drafter's confident prefixes only, Algorithm 1 on this device's measured costs)."""
     check_spec(spec)
