@@ -57,7 +57,7 @@ def test_lab_ar_greedy_equals_hf_generate(real_target, prompt_ids, ar_outputs):
         assert len(ar) == NEW_TOKENS or ar[-1] in real_target.eos_token_ids
 
 
-@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip", "dflash", "dspark"])
+@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip", "dflash", "dspark", "mtp1"])
 def test_greedy_speculative_equals_ar(real_target, prompt_ids, ar_outputs, spec):
     drafter = make_drafter(spec, real_target)
     proposed = 0
@@ -122,7 +122,7 @@ def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_go
     assert chi2_gof([wrong[i] for i in range(len(support))], p_t.tolist()).rejects(ALPHA)
 
 
-@pytest.mark.parametrize("name", ["dflash", "dspark"])
+@pytest.mark.parametrize("name", ["dflash", "dspark", "mtp1"])
 def test_shipped_drafter_is_small_matches_the_target_and_says_how_it_was_made(real_target, name):
     from labkit.drafters import shipped_checkpoint
     from labkit.drafters.checkpoint import read_config
@@ -133,7 +133,21 @@ def test_shipped_drafter_is_small_matches_the_target_and_says_how_it_was_made(re
     assert cfg["target_vocab_size"] == real_target.vocab_size and cfg["target_num_layers"] == real_target.num_layers
     assert cfg["extra"]["train_command"].startswith("python -m labkit train")
     assert (path / "metrics.jsonl").exists()
-    assert cfg["kind"] == name
+    assert cfg["kind"] == ("dflash" if name == "mtp1" else name)
+
+
+def test_shipped_mtp1_is_a_one_token_dflash_with_the_shipped_recipe():
+    """The serving baseline's MTP module: block size 1 with the anchor predicting, the shipped DFlash's
+    shape, draft vocabulary size, steps and anchors (its data is a subset: data/README.md says why)."""
+    from labkit.drafters import shipped_checkpoint
+    from labkit.drafters.checkpoint import read_config
+    flash, mtp = read_config(shipped_checkpoint("dflash")), read_config(shipped_checkpoint("mtp1"))
+    assert mtp["gamma"] == 1 and mtp["anchor_predicts"] and mtp["kind"] == "dflash"
+    for key in ("n_layers", "target_layers", "draft_vocab", "hidden_size", "intermediate_size"):
+        assert flash[key] == mtp[key], key
+    for key in ("step", "anchors"):
+        assert flash["extra"][key] == mtp["extra"][key], key
+    assert set(mtp["extra"]["data_folders"]) == set(flash["extra"]["data_folders"])
 
 
 def test_shipped_dspark_is_comparable_to_dflash_and_calibrated():
@@ -152,7 +166,7 @@ def test_shipped_dspark_is_comparable_to_dflash_and_calibrated():
         assert fit["rounds"] > 0
 
 
-@pytest.mark.parametrize("name", ["dflash", "dspark"])
+@pytest.mark.parametrize("name", ["dflash", "dspark", "mtp1"])
 def test_shipped_drafter_drafts_better_than_chance(real_target, prompt_ids, name):
     """The shipped drafter is trained: over the test prompts it keeps more than one token a round."""
     drafter = make_drafter(name, real_target)

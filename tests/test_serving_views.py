@@ -399,6 +399,11 @@ def test_serving_claims_set_the_papers_numbers_beside_the_measured_and_simulated
     assert "at 4 users" not in port[2] and "at 4 (" in port[2]  # measured Algorithm 1 / verify-all at 1 and 4 users
     plain = serving_claims(runs)
     assert plain[0][3] == "not simulated" and not plain[0][2].startswith("SMOKE")
+    # against a trained MTP-1 arm: the same claims, read against that arm, and the reason names it
+    armed = [dict(r, policy="mtp1@one") if r["policy"] == "mtp1" else r for r in runs]
+    trained = serving_claims(armed, baseline="mtp1@one")
+    assert "a trained one-token drafter (one)" in trained[0][4] and "not a trained MTP module" not in trained[0][4]
+    assert trained[0][2] == plain[0][2]
 
 
 def test_the_layout_policy_and_a_drafter_arm_are_drawn_and_named(tiny, dspark, monkeypatch):
