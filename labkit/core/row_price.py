@@ -4,18 +4,20 @@ The paper's table is SPS(B), one curve over the tokens of a flattened batch (Sec
 accelerator a forward of B tokens costs by B. On this CPU a forward of R rows x W tokens also pays per
 row (each row's attention over its own cache, per-row bookkeeping), so shapes with the same B cost
 differently: 2 rows of 6 tokens less than 16 rows of 1. A table that pools every shape with one B
-into one median then prices a step by shapes it is not: measured on the 2-core CPU, the pooled table
-rose from 61 to 73 ms between B = 12 (2 x 6) and B = 16 (16 x 1 among others), while the engine's step
-at 8 requests verifying one draft more each did not rise at all, and Algorithm 1 left first drafts
-unverified that would have paid (data/serving/cpu-measurements-2026-12-06.md, sweep15).
+into one median then prices a step by shapes it is not: measured on session 7's 2-core CPU, the pooled
+table rose from 61 to 73 ms between B = 12 (2 x 6) and B = 16 (16 x 1 among others), while the engine's
+step at 8 requests verifying one draft more each did not rise at all, and Algorithm 1 left first drafts
+unverified that would have paid (data/serving/cpu-measurements-2026-12-06.md, sweep15). On session 8's
+AVX2-only CPU the price by rows did not serve better than the pooled table (sweep17), so the engine's
+default stays the pooled table and this is the cost model `rows`.
 
-`RowPrice` reads the profiled shapes (rows, width, median seconds) at the step's R instead: along
-each profiled row count the seconds are fitted non-decreasing in W (the table's isotonic fit), at an R
-between two profiled counts they are interpolated linearly in R at equal width, past the largest
-count extrapolated along the last two counts' slope (never below the largest count's time; below the
-fewest, that count's own), and between
-profiled widths interpolated linearly in W; past the widest, the time per token stays constant. SPS at B
-is then 1 / seconds(B / R): non-increasing in B at every R, the shape Algorithm 1's break assumes.
+`RowPrice` reads the profiled shapes (rows, width, median seconds) at the step's R instead: along each
+profiled row count the seconds are fitted non-decreasing in W (the table's isotonic fit); at an R between
+two profiled counts they are interpolated linearly in R at equal width, past the largest count
+extrapolated along the last two counts' slope (never below the largest count's time), below the fewest
+read as that count's; between profiled widths they are interpolated linearly in W, and past the widest
+the time per token stays constant. SPS at B is then 1 / seconds(B / R): non-increasing in B at every R,
+the shape Algorithm 1's break assumes. Building one costs about 0.14 ms (once a step).
 """
 
 from __future__ import annotations
