@@ -38,6 +38,8 @@ def drafters(target):
     return {"dflash": DFlashDrafter(make_backbone(target, gamma=4)),
             "dspark-markov": DSparkDrafter(make_dspark(target, gamma=4, head="markov")),
             "dspark-rnn": DSparkDrafter(make_dspark(target, gamma=4, head="rnn")),
+            "dflash-fit": DFlashDrafter(make_backbone(target, gamma=4, anchor_predicts=False), fit_block=True),
+            "dspark-fit": DSparkDrafter(make_dspark(target, gamma=4, head="markov"), fit_block=True),
             "hybrid": make_hybrid(DSparkDrafter(make_dspark(target, gamma=4))),
             "prompt-lookup": PromptLookupDrafter(target.vocab_size),
             "eagle3": Eagle3Drafter(make_eagle3(target, gamma=4, n_layers=2, layers=(1, 3)))}
@@ -55,11 +57,14 @@ def states(target, drafter, params: SamplingParams, rounds: int):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid", "prompt-lookup", "eagle3"])
+@pytest.mark.parametrize("name", ["dflash", "dspark-markov", "dspark-rnn", "hybrid", "prompt-lookup", "eagle3",
+                                  "dflash-fit", "dspark-fit"])
 def test_batched_drafting_equals_drafting_one_request_at_a_time(tiny, name, temperature):
+    """(The -fit drafters cut each block after its cap: the caps below make a group of two rows at one
+    block length and single rows at others.)"""
     params = SamplingParams(temperature)
     one, batch = drafters(tiny)[name], drafters(tiny)[name]  # the same weights, counted apart
-    caps = [4, 2, 3, 4]
+    caps = [4, 2, 3, 4] if not name.endswith("-fit") else [1, 2, 1, 4]
     solo_states, batch_states = states(tiny, one, params, 2), states(tiny, batch, params, 2)
     solo = [one.propose(s.request, k) for s, k in zip(solo_states, caps)]
     many = batch.propose_many([s.request for s in batch_states], caps)
@@ -111,3 +116,27 @@ def test_batched_observe_leaves_every_context_cache_as_observing_alone_does(tiny
     solo = one.propose_many([s.request for s in solo_states], [4] * 4)
     many = batch.propose_many([s.request for s in batch_states], [4] * 4)
     assert [p.tokens.tolist() for p in solo] == [p.tokens.tolist() for p in many]
+
+
+@pytest.mark.parametrize("name", ["dflash-fit", "dspark-fit"])
+def test_a_cut_block_runs_only_the_slots_up_to_its_cap(tiny, name):
+    """With `fit_block`, a proposal capped at k runs the draft layers over the slots up to the k-th
+    draft's (one per block length in a batch), and an uncapped one over the whole block, drafting what
+    the drafter without `fit_block` drafts."""
+    drafter = drafters(tiny)[name]
+    first = drafter.cfg.n_slots - drafter.cfg.gamma
+    widths: list[int] = []
+    hook = drafter.backbone.layers[0].register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[1]))
+    try:
+        batch = states(tiny, drafter, SamplingParams(), 1)
+        widths.clear()
+        props = drafter.propose_many([s.request for s in batch], [1, 2, 1, 4])
+        assert [len(p) for p in props] == [1, 2, 1, 4]
+        assert sorted(widths) == [first + 1, first + 2, first + 4]  # the two k=1 rows share one forward
+    finally:
+        hook.remove()
+    whole = type(drafter)(drafter.backbone)  # the same weights, the whole block always
+    same = states(tiny, whole, SamplingParams(), 1)
+    for a, b in zip(drafter.propose_many([s.request for s in batch], [4] * 4),
+                    whole.propose_many([s.request for s in same], [4] * 4)):
+        assert a.tokens.tolist() == b.tokens.tolist() and torch.allclose(a.probs, b.probs, atol=1e-6)

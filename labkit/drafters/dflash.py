@@ -390,8 +390,10 @@ class DFlashDrafter(Drafter):
 
     name = "dflash"
 
-    def __init__(self, backbone: DFlashBackbone, gamma: int | None = None, device=None, dtype=None):
+    def __init__(self, backbone: DFlashBackbone, gamma: int | None = None, device=None, dtype=None,
+                 fit_block: bool = True):
         self.backbone = backbone.eval()
+        self.fit_block = fit_block
         if device is not None or dtype is not None:
             self.backbone.to(device=device, dtype=dtype)
         self.cfg = backbone.cfg
@@ -426,19 +428,31 @@ class DFlashDrafter(Drafter):
         request.memo = ContextCache(kv=empty, length=0)
         self._append(request, self._features(hidden))
 
+    def slots(self, k: int | None = None) -> int:
+        """Block slots a forward runs to draft k tokens: all of them, or with `fit_block` only those up to
+        the k-th draft's. The block attends both ways, so a cut block drafts (slightly) other tokens than
+        the whole one; its proposals still carry the probabilities they were drawn from, so verification
+        stays lossless. What it buys: a request the policy caps at one token costs one slot, not gamma."""
+        first = self.cfg.n_slots - self.cfg.gamma  # the slot that predicts anchor + 1
+        if not self.fit_block or k is None:
+            return self.cfg.n_slots  # the block it was trained on, even where its gamma is set lower
+        return first + max(1, min(k, self.gamma))
+
     @torch.no_grad()
-    def draft_hidden(self, request: DraftRequest) -> torch.Tensor:
-        """Normed states (gamma, H) of the block after the anchor request.ids[-1], from the cached context."""
+    def draft_hidden(self, request: DraftRequest, k: int | None = None) -> torch.Tensor:
+        """Normed states (gamma, H) of the block after the anchor request.ids[-1], from the cached context
+        (with `fit_block` and a cap k: the first k states of a block cut after them)."""
         cache: ContextCache = request.memo
         anchor = torch.tensor([request.ids[-1]], device=self.device)
-        x = self.backbone.block_inputs(anchor)
-        pos = torch.arange(cache.length, cache.length + self.cfg.n_slots, device=self.device)[None]
+        s = self.slots(k)
+        x = self.backbone.block_inputs(anchor)[:, :s]
+        pos = torch.arange(cache.length, cache.length + s, device=self.device)[None]
         h = self.backbone.block_hidden(x, pos, cache.kv, None)
-        first = self.cfg.n_slots - self.cfg.gamma  # the slot that predicts anchor + 1
+        first = self.cfg.n_slots - self.cfg.gamma
         return h[0, first: first + self.gamma]
 
     @torch.no_grad()
-    def draft_hidden_many(self, requests: list[DraftRequest]) -> torch.Tensor:
+    def draft_hidden_many(self, requests: list[DraftRequest], k: int | None = None) -> torch.Tensor:
         """`draft_hidden` for R requests in one forward: (R, gamma, H). Each request's context keys and
         values are padded to the longest and masked, so a row reads only its own context (its keys
         carry their own positions already) and its own block."""
@@ -446,7 +460,7 @@ class DFlashDrafter(Drafter):
         longest = max(c.length for c in caches)
         kv = [tuple(torch.cat([F.pad(c.kv[i][j], (0, 0, 0, longest - c.length)) for c in caches]) for j in (0, 1))
               for i in range(len(self.backbone.layers))]
-        s = self.cfg.n_slots
+        s = self.slots(k)
         lengths = torch.tensor([c.length for c in caches], device=self.device)
         mask = None  # contexts of one length need no padding, hence no mask
         if any(c.length != longest for c in caches):
@@ -454,10 +468,10 @@ class DFlashDrafter(Drafter):
                               torch.ones(len(caches), s, dtype=torch.bool, device=self.device)], 1)  # (R, C + S)
             mask = mask[:, None].expand(-1, s, -1)
         anchors = torch.tensor([r.ids[-1] for r in requests], device=self.device)
-        x = self.backbone.block_inputs(anchors)
+        x = self.backbone.block_inputs(anchors)[:, :s]
         pos = lengths[:, None] + torch.arange(s, device=self.device)[None]
         h = self.backbone.block_hidden(x, pos, kv, mask)
-        first = s - self.cfg.gamma  # the slot that predicts anchor + 1
+        first = self.cfg.n_slots - self.cfg.gamma  # the slot that predicts anchor + 1
         return h[:, first: first + self.gamma]
 
     @torch.no_grad()
@@ -467,10 +481,15 @@ class DFlashDrafter(Drafter):
         if len(requests) == 1:  # the batch's bookkeeping (padding, stacking) cost 5-7% at R = 1: measured
             return [self.propose(requests[0], max_tokens[0])]
         ks = [min(self.gamma, k) for k in max_tokens]
-        live = [i for i, k in enumerate(ks) if k > 0]
         out = [Proposal.empty(self.vocab_size, self.device) for _ in requests]
-        if live:
-            h = self.draft_hidden_many([requests[i] for i in live])
+        # one forward for the whole batch, or with `fit_block` one per block length, each cut to its cap
+        groups = sorted({self.slots(k) for k in ks if k > 0})
+        for s in groups:
+            live = [i for i, k in enumerate(ks) if k > 0 and self.slots(k) == s]
+            if len(live) == 1:
+                out[live[0]] = self.propose(requests[live[0]], ks[live[0]])
+                continue
+            h = self.draft_hidden_many([requests[i] for i in live], max(ks[i] for i in live))
             for i, prop in zip(live, self.blocks_from_states(h, [requests[i] for i in live], [ks[i] for i in live])):
                 out[i] = prop
         return out
@@ -497,7 +516,7 @@ class DFlashDrafter(Drafter):
         k = min(self.gamma, max_tokens)
         if k <= 0:
             return Proposal.empty(self.vocab_size, self.device)
-        return self.block_from_states(self.draft_hidden(request)[:k], request)
+        return self.block_from_states(self.draft_hidden(request, k)[:k], request)
 
     def block_from_states(self, h: torch.Tensor, request: DraftRequest) -> Proposal:
         """Draw the block from the slots' states: all positions at once (DFlash); DSpark overrides it."""

@@ -109,8 +109,8 @@ class DSparkDrafter(DFlashDrafter):
     name = "dspark"
 
     def __init__(self, model: DSparkModel, gamma: int | None = None, device=None, dtype=None,
-                 calibrated: bool = True):
-        super().__init__(model, gamma, device, dtype)
+                 calibrated: bool = True, fit_block: bool = True):
+        super().__init__(model, gamma, device, dtype, fit_block)
         self.calibrated = calibrated
         self.has_confidences = model.confidence is not None
 

@@ -132,25 +132,24 @@ class HybridDrafter(Drafter):
 
     @torch.no_grad()
     def propose_many(self, requests: list[DraftRequest], max_tokens: list[int]) -> list[Proposal]:
-        """`propose` for all requests with ONE model forward: every request whose block the model
-        (partly) drafts gets its slot states from one `draft_hidden_many`; rounds without a copied
-        part then draw through the model's batched head, rounds with one finish request by request."""
+        """`propose` for all requests in batched model calls: rounds without a copied part are the model's
+        own `propose_many` (its blocks cut to their caps where it cuts them); rounds whose copy leaves
+        positions to the model get the whole block's slot states from one `draft_hidden_many` and finish
+        request by request."""
         if len(requests) == 1:  # nothing to batch: the solo path (see DFlashDrafter.propose_many)
             return [self.propose(requests[0], max_tokens[0])]
         copies = [self.continuation(r, k) for r, k in zip(requests, max_tokens)]
         n_models = [min(self.model.gamma, k) for k in max_tokens]
         out: list[Proposal | None] = [None] * len(requests)
-        needs = [i for i, (c, n) in enumerate(zip(copies, n_models)) if len(c) < n and n > 0]
-        h = self.model.draft_hidden_many([requests[i] for i in needs]) if needs else None
-        plain = [j for j, i in enumerate(needs) if not copies[i]]
+        plain = [i for i, (c, n) in enumerate(zip(copies, n_models)) if not c and n > 0]
         if plain:
-            props = self.model.blocks_from_states(h[plain], [requests[needs[j]] for j in plain],
-                                                  [n_models[needs[j]] for j in plain])
-            for j, prop in zip(plain, props):
-                out[needs[j]] = prop
-        for j, i in enumerate(needs):
-            if copies[i]:
-                out[i] = self._with_copy(requests[i], copies[i], self.model_tail(requests[i], copies[i], n_models[i], h[j]))
+            for i, prop in zip(plain, self.model.propose_many([requests[i] for i in plain], [n_models[i] for i in plain])):
+                out[i] = prop
+        tails = [i for i, (c, n) in enumerate(zip(copies, n_models)) if c and len(c) < n]
+        h = self.model.draft_hidden_many([requests[i] for i in tails]) if len(tails) > 1 else None
+        for j, i in enumerate(tails):
+            out[i] = self._with_copy(requests[i], copies[i],
+                                     self.model_tail(requests[i], copies[i], n_models[i], None if h is None else h[j]))
         for i, prop in enumerate(out):
             if prop is None:  # nothing for the model: a copy that fills the block, or no room at all
                 out[i] = self._with_copy(requests[i], copies[i], None) if copies[i] else \
