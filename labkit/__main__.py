@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "confidences and accept lengths by domain; this CPU's costs")
     _add_prompt_args(p, default_limit=4)
     p.add_argument("--drafter", default="dspark", help="a drafter with a confidence head (default: the shipped dspark)")
+    p.add_argument("--mtp1-drafter", default="mtp1", help="the one-token source's drafter, the simulator's MTP-1 "
+                   "(default: the shipped trained MTP-1, mtp1; 'first': the --drafter's first position)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="0 = greedy (default: 0 and 1)")
     p.add_argument("--no-costs", dest="costs", action="store_false",
                    help="skip this CPU's costs (SPS(B) table, drafting and prefill times)")
@@ -629,16 +631,19 @@ def cmd_record_traces(args) -> None:
     if any(t < 0 for t in args.temperatures):
         raise LabkitError(f"--temperatures must be 0 (greedy) or positive, got {args.temperatures}.")
     check_spec(args.drafter)
+    if args.mtp1_drafter != "first":
+        check_spec(args.mtp1_drafter)
     prompts = _load_prompts(args)
     target = load_target(args.target, args.device, args.dtype)
     drafter = make_drafter(args.drafter, target, args.gamma)
-    meta = {"drafter": args.drafter, "command": "python -m labkit " + shlex.join(args.argv),
-            "prompt_set": describe_prompts(prompts)}
+    one = None if args.mtp1_drafter == "first" else make_drafter(args.mtp1_drafter, target, 1)
+    meta = {"drafter": args.drafter, "mtp1_drafter": args.mtp1_drafter,
+            "command": "python -m labkit " + shlex.join(args.argv), "prompt_set": describe_prompts(prompts)}
     traces = record_traces(target, drafter, prompts, args.max_new_tokens, args.temperatures, seed=args.seed,
-                           progress=True, meta=meta)
+                           progress=True, meta=meta, one_drafter=one)
     save_traces(traces, args.out)  # the traces are kept even if measuring the costs fails
     if args.costs:
-        add_cpu_costs(traces, target, drafter, progress=True)
+        add_cpu_costs(traces, target, drafter, progress=True, one_drafter=one)
         save_traces(traces, args.out)
     for s in traces.sets:
         rounds = [r for q in s.requests for r in q.rounds]
@@ -705,10 +710,12 @@ def cmd_simulate(args) -> None:
         from labkit.model.target import load_target
         target = load_target()
         drafter = make_drafter(traces.meta.get("drafter", "dspark"), target)
+        one_spec = traces.meta.get("mtp1_drafter", "first")  # files recorded before it: the first position
+        one = None if one_spec == "first" else make_drafter(one_spec, target, 1)
         rows = []
         for temp in temps:
             rows += validate(target, drafter, traces, args.users, args.policies, temp, args.requests_per_user,
-                             traces.meta.get("drafter", "dspark"), progress=True)
+                             traces.meta.get("drafter", "dspark"), progress=True, one_drafter=one)
         print(format_validation(rows))
         out["validation"] = rows
     if args.figures:

@@ -243,6 +243,23 @@ def test_record_request_observes_whole_blocks(tiny, dspark):
     assert all(len(r.conf) <= 1 for r in one.rounds) and one.n_tokens == 14
 
 
+def test_a_one_token_source_may_come_from_a_drafter_without_confidences(tiny):
+    """The trained MTP-1 (a one-token DFlash, no confidence head) records the `mtp1` source: one draft a
+    round, the draft's own probability in the confidence's place, the accept lengths of solo decoding;
+    asked for whole blocks it is refused with the reason."""
+    from labkit.decode.loop import generate
+    from labkit.drafters.dflash import DFlashDrafter
+    from test_dflash import make_backbone
+    mtp = DFlashDrafter(make_backbone(tiny, gamma=1))
+    assert not mtp.has_confidences
+    trace, _ = record_request(tiny, mtp, [1, 2, 3, 4], 14, SamplingParams(0.0), 0, max_draft=1)
+    solo = generate(tiny, [1, 2, 3, 4], mtp, 14, SamplingParams(0.0), 0)
+    assert [r.accept_len for r in trace.rounds] == [r.accepted for r in solo.rounds]
+    assert all(len(r.conf) == 1 and 0 < r.conf[0] <= 1 for r in trace.rounds[:-1])
+    with pytest.raises(LabkitError, match="confidence head"):
+        record_request(tiny, mtp, [1, 2, 3, 4], 14, SamplingParams(0.0), 0)
+
+
 def hand_made_file(path, with_cpu: bool = True) -> TraceFile:
     gen = torch.Generator().manual_seed(0)
     sets = []

@@ -6,8 +6,9 @@ table. This module makes its inputs on a real target:
 - `record_request` / `record_traces`: solo decoding with a shipped drafter, verifying the WHOLE block
   every round, so each round's accept length (how many of its drafts the target accepts) is observed
   with the drafter's calibrated confidences beside it; by domain, per sampling temperature. A second
-  source, "mtp1", decodes with one draft a round (DSpark's first position as a one-token drafter: the
-  lab has no separately trained MTP module), whose rounds the simulator's `mtp1` runs exactly.
+  source, "mtp1", decodes with one draft a round, whose rounds the simulator's `mtp1` runs exactly: by
+  the trained MTP-1 (a one-token drafter of its own, `one_drafter`) or by the block drafter's first
+  position.
 - `measure_draft_cost`, `cpu_cost`: this CPU's costs in the simulator's terms: the engine's SPS(B)
   table (`labkit.decode.engine.cost_table_for`), the batched drafting time against the number of
   requests (one `propose_many` call, as the engine drafts), a prefill time per prompt token.
@@ -53,8 +54,10 @@ def record_request(target: Target, drafter: Drafter, prompt_ids: list[int], max_
     and keep each round's calibrated confidences and accept length; also the prefill's seconds.
 
     The round is `labkit.decode.loop.speculative_round`'s phases, with the proposal's confidences read
-    before it is judged."""
-    if not getattr(drafter, "has_confidences", False):
+    before it is judged. A one-token source (`max_draft` 1) may come from a drafter without a confidence
+    head (the trained MTP-1): its rounds keep the draft's own probability in the confidence's place,
+    which the `mtp1` policy that replays them never reads."""
+    if max_draft != 1 and not drafter.has_confidences:
         raise LabkitError("recording serving traces needs a drafter with a confidence head (dspark or a DSpark "
                           "checkpoint): the simulator's policies read its calibrated confidences.")
     state = decoding.prefill(target, prompt_ids, max_new_tokens, params, seed, drafter)
@@ -63,7 +66,7 @@ def record_request(target: Target, drafter: Drafter, prompt_ids: list[int], max_
         k = state.remaining - 1 if max_draft is None else min(max_draft, state.remaining - 1)
         proposal = (drafter.propose(state.request, k).truncate(k) if k > 0
                     else Proposal.empty(state.vocab_size, state.generator.device))
-        conf = [] if len(proposal) == 0 else proposal.confidences.float().clamp(0, 1).tolist()
+        conf = [] if len(proposal) == 0 else _confidences(proposal).float().clamp(0, 1).tolist()
         inputs = decoding.verify_inputs(state, proposal)
         logits, hidden = target.forward(inputs, state.cache, logits_to_keep=len(inputs),
                                         hidden_states=bool(decoding.hidden_layers(drafter)))
@@ -75,6 +78,13 @@ def record_request(target: Target, drafter: Drafter, prompt_ids: list[int], max_
         rounds.append(TraceRound(tuple(conf), verdict.n_accepted))
     trace = RequestTrace(domain, rounds, len(prompt_ids), len(state.new_ids), prompt)
     return trace, state.prefill_s
+
+
+def _confidences(proposal: Proposal) -> torch.Tensor:
+    """The proposal's calibrated confidences, or where it has none the probability of each drafted token."""
+    if proposal.confidences is not None:
+        return proposal.confidences
+    return proposal.probs[torch.arange(len(proposal)), proposal.tokens]
 
 
 @dataclass
@@ -195,17 +205,20 @@ def measure_draft_cost(target: Target, drafter: Drafter, prompts_ids: Sequence[l
 
 
 def cpu_cost(target: Target, drafter: Drafter, prompts_ids: Sequence[list[int]], prefill_s_per_token: float,
-             table=None, progress: bool = False) -> tuple[SimCost, dict]:
+             table=None, progress: bool = False, one_drafter: Drafter | None = None) -> tuple[SimCost, dict]:
     """This device's costs for the simulator: the engine's stored SPS(B) table (profiled if absent), the
-    block drafter's and the one-token drafter's batched drafting cost, the prefill time per token."""
+    block drafter's batched drafting cost for whole blocks and capped at one draft, the one-token
+    source's (`one_drafter`, else the block drafter capped at one), the prefill time per token."""
     from labkit.decode.engine import cost_table_for
     table = table or cost_table_for(target, progress=progress)
     block, block_points = measure_draft_cost(target, drafter, prompts_ids)
-    one, one_points = measure_draft_cost(target, drafter, prompts_ids, max_tokens=1)
+    first, first_points = measure_draft_cost(target, drafter, prompts_ids, max_tokens=1)
+    one, one_points = (first, first_points) if one_drafter is None else \
+        measure_draft_cost(target, one_drafter, prompts_ids, max_tokens=1)
     label = (f"measured on this machine ({table.device}, {table.model}, {table.dtype}, "
              f"{torch.get_num_threads()} torch threads)")
-    cost = SimCost(table, block, 0.0, prefill_s_per_token, {"mtp1": one}, label, draft_one=one, gamma=drafter.gamma)
-    return cost, {"block": block_points, "mtp1": one_points}
+    cost = SimCost(table, block, 0.0, prefill_s_per_token, {"mtp1": one}, label, draft_one=first, gamma=drafter.gamma)
+    return cost, {"block": block_points, "first": first_points, "mtp1": one_points}
 
 
 # ---- recording --------------------------------------------------------------------------------------
@@ -213,11 +226,12 @@ def cpu_cost(target: Target, drafter: Drafter, prompts_ids: Sequence[list[int]],
 
 def record_traces(target: Target, drafter: Drafter, prompts: Sequence, max_new_tokens: int = 128,
                   temperatures: Sequence[float] = (0.0, 1.0), sources: dict[str, int | None] | None = None,
-                  seed: int = 0, progress: bool = False, meta: dict | None = None) -> TraceFile:
+                  seed: int = 0, progress: bool = False, meta: dict | None = None,
+                  one_drafter: Drafter | None = None) -> TraceFile:
     """Every prompt (`labkit.pipeline.prompt_sets.Prompt`s: text and domain) decoded alone at every
-    temperature for every source (default: the drafter's full blocks and one draft a round), prompt i
-    with seed `seed + i`. The median prefill time per prompt token goes into the meta; this CPU's other
-    costs come from `add_cpu_costs`."""
+    temperature for every source (default: the drafter's full blocks and one draft a round, by
+    `one_drafter` where given), prompt i with seed `seed + i`. The median prefill time per prompt token
+    goes into the meta; this CPU's other costs come from `add_cpu_costs`."""
     sources = dict(SOURCES if sources is None else sources)
     encoded = [target.encode_prompt(p.text) for p in prompts]
     sets, prefill = [], []
@@ -228,7 +242,8 @@ def record_traces(target: Target, drafter: Drafter, prompts: Sequence, max_new_t
             for name, cap in sources.items():
                 reqs = []
                 for i, (p, ids) in enumerate(zip(prompts, encoded)):
-                    trace, pre = record_request(target, drafter, ids, max_new_tokens, params, seed + i, cap,
+                    by = one_drafter if cap == 1 and one_drafter is not None else drafter
+                    trace, pre = record_request(target, by, ids, max_new_tokens, params, seed + i, cap,
                                                 p.domain, p.text)
                     reqs.append(trace)
                     prefill.append(pre / max(1, len(ids)))
@@ -241,7 +256,8 @@ def record_traces(target: Target, drafter: Drafter, prompts: Sequence, max_new_t
     return TraceFile(sets, meta)
 
 
-def add_cpu_costs(traces: TraceFile, target: Target, drafter: Drafter, table=None, progress: bool = False) -> None:
+def add_cpu_costs(traces: TraceFile, target: Target, drafter: Drafter, table=None, progress: bool = False,
+                  one_drafter: Drafter | None = None) -> None:
     """Measure this machine's costs (`cpu_cost`) on the file's own prompts and keep them in it."""
     prompts = [r.prompt for s in traces.sets for r in s.requests if r.prompt]
     if not prompts:
@@ -251,7 +267,7 @@ def add_cpu_costs(traces: TraceFile, target: Target, drafter: Drafter, table=Non
     if prefill is None:
         states = [decoding.prefill(target, ids, 2, SamplingParams(), 0, drafter) for ids in encoded[:8]]
         prefill = statistics.median(s.prefill_s / len(ids) for s, ids in zip(states, encoded))
-    traces.cpu_cost, points = cpu_cost(target, drafter, encoded, prefill, table, progress)
+    traces.cpu_cost, points = cpu_cost(target, drafter, encoded, prefill, table, progress, one_drafter)
     traces.meta["cpu_draft_points"] = points
     traces.meta["cpu_costs_measured"] = time.strftime("%Y-%m-%d")
 
@@ -262,13 +278,14 @@ def add_cpu_costs(traces: TraceFile, target: Target, drafter: Drafter, table=Non
 def validate(target: Target, drafter: Drafter, traces: TraceFile, users: Sequence[int] = (1, 2, 4, 8, 16),
              policies: Sequence[str] = ("mtp1", "fixed", "algorithm1"), temperature: float = 0.0,
              requests_per_user: int = 2, drafter_spec: str = "dspark", progress: bool = False,
-             on_row: Callable[[dict], None] | None = None) -> list[dict]:
+             on_row: Callable[[dict], None] | None = None, one_drafter: Drafter | None = None) -> list[dict]:
     """The engine and the simulator on the same requests (the trace file's prompts, in its order), table
     and policy, at each load: one row per (users, policy) with both reports' numbers.
 
     The simulator drains its queue as the engine's `closed_loop` does, counts batch tokens as the engine
     does (its `batch_tokens` where it has one, else `padded_batch_tokens`), charges the trace file's
-    CPU costs, and gives `mtp1` the one-token trace source."""
+    CPU costs, and gives `mtp1` the one-token trace source (and, in the engine, `one_drafter` where the
+    file's one-token source was recorded by one)."""
     from labkit.decode.engine import Engine, closed_loop, make_requests, padded_batch_tokens, report
     if traces.cpu_cost is None:
         raise LabkitError("the trace file has no CPU costs: record it again without --no-costs.")
@@ -287,7 +304,8 @@ def validate(target: Target, drafter: Drafter, traces: TraceFile, users: Sequenc
     runs = [(u, p) for u in users for p in policies]
     for u, policy in tqdm(runs, desc="engine vs simulator", disable=not progress):
         n = u * requests_per_user
-        engine = Engine(target, drafter, policy, cost.table)
+        by = one_drafter if policy == "mtp1" and one_drafter is not None else drafter
+        engine = Engine(target, by, policy, cost.table)
         count = getattr(engine, "batch_tokens", padded_batch_tokens)
         for _ in closed_loop(requests, u, engine, n):
             pass
