@@ -206,6 +206,10 @@ def test_roofline_tables_are_monotone_labelled_and_ordered():
     assert h100.table.sps(2) == h100.table.sps(1) and h100.table.sps(4000) < h100.table.sps(2000) * 0.6
     back = SimCost.from_dict(json.loads(json.dumps(h100.to_dict())))
     assert back.table.sps(700) == h100.table.sps(700) and back.drafting("mtp1") == h100.drafting("mtp1")
+    assert back.draft_one == h100.draft_one and back.gamma == h100.gamma == 8
+    # capped drafts run fewer slots (cut blocks): cheaper once drafting is compute-bound, never dearer
+    assert h100.draft_s(256, tokens=1) < h100.draft_s(256, tokens=4) < h100.draft_s(256)
+    assert h100.draft_s(1, tokens=1) <= h100.draft_s(1)
     with pytest.raises(LabkitError, match="unknown GPU"):
         roofline_cost("a100")
     with pytest.raises(LabkitError, match="unknown model size"):

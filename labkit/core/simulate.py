@@ -375,7 +375,9 @@ def roofline_cost(gpu: str = "h100", model: str = "8b", context: int = 1024, gam
     the attainable fractions `bandwidth_eff` and `flops_eff` of the datasheet's numbers. Each request
     also reads its KV cache once a step (`context` tokens of kv_bytes_per_token), a per-request term
     that does not depend on l_r. Drafting R requests: draft_launch_s + max(drafter bytes / bandwidth,
-    2 * draft_params * gamma * R / flops) (MTP-1: one token a request, its own parameters). Prefill is
+    2 * draft_params * gamma * R / flops) (MTP-1: one token a request, its own parameters); a step whose
+    drafts are capped at k runs k slots of each block (the engine's cut blocks, `fit_block`), priced on
+    the line from one slot to the whole block (`SimCost.draft_s`). Prefill is
     left out (a disaggregated prefill, as in the paper's deployment). Memory capacity is not modelled:
     `fits(users)` says whether weights and KV caches would fit.
     """
@@ -398,12 +400,13 @@ def roofline_cost(gpu: str = "h100", model: str = "8b", context: int = 1024, gam
                       dtype="bf16" if bytes_per_param == 2 else f"{bytes_per_param:g} bytes",
                       batch_sizes=sizes, raw_sps=sps, smoothed_sps=list(sps))
     draft = DraftCost(draft_launch_s, m.draft_params * bytes_per_param / bw, 2 * m.draft_params * gamma / fl)
+    one = DraftCost(draft_launch_s, m.draft_params * bytes_per_param / bw, 2 * m.draft_params / fl)
     mtp = DraftCost(draft_launch_s, m.mtp_params * bytes_per_param / bw, 2 * m.mtp_params / fl)
     label = (f"roofline model of {m.name} on an {g.name} ({g.bandwidth / 1e12:g} TB/s x {bandwidth_eff:g}, "
              f"{g.flops / 1e12:g} TFLOP/s x {flops_eff:g}, launch {launch_s * 1e3:g} ms, KV of {context} tokens "
              f"a request, prefill not counted): a model, not a measurement")
     return SimCost(table, draft, kv_per_request_s=m.kv_bytes_per_token * context / bw, prefill_per_token_s=0.0,
-                   drafts={"mtp1": mtp}, label=label)
+                   drafts={"mtp1": mtp}, label=label, draft_one=one, gamma=gamma)
 
 
 def roofline_fits(gpu: str, model: str, users: int, context: int = 1024, bytes_per_param: float = 2.0) -> bool:
