@@ -34,7 +34,7 @@ from labkit.core.scheduler import (
 )
 from labkit.model.timing import profile_sps
 
-COST_AWARE = ("fixed", "algorithm1", "algorithm1-layout", "retrospective", "async-topk")  # verify-all under a flat table
+COST_AWARE = ("fixed", "algorithm1", "algorithm1-layout", "algorithm1-column", "retrospective", "async-topk")  # verify-all under a flat table
 SORT_BASED = ("algorithm1", "retrospective", "async-topk")  # admit a leading run of the global sort
 
 
@@ -257,8 +257,8 @@ def test_fixed_mtp1_threshold():
     # survivals row 0: 0.9, 0.72, 0.36, 0.324; row 1: 0.3, ...
     assert make_policy("threshold", t=0.5)(inp) == [2, 0, 0]
     assert make_policy("threshold", t=0.3)(inp) == [4, 1, 0]
-    assert set(POLICIES) == {"fixed", "mtp1", "threshold", "algorithm1", "algorithm1-layout", "retrospective",
-                             "async-topk"}
+    assert set(POLICIES) == {"fixed", "mtp1", "threshold", "algorithm1", "algorithm1-layout", "algorithm1-column",
+                             "retrospective", "async-topk"}
     assert all(make_policy(name).name == name for name in POLICIES)
 
 
@@ -469,7 +469,7 @@ def test_bad_shapes_lengths_names_and_tables_are_refused():
         ScheduleInput(conf, table, old_conf=f64([[0.5, 0.5]]))
     with pytest.raises(LabkitError, match="sps"):
         ScheduleInput(conf, object())
-    with pytest.raises(LabkitError, match="fixed, mtp1, threshold, algorithm1, algorithm1-layout, retrospective, async-topk"):
+    with pytest.raises(LabkitError, match="fixed, mtp1, threshold, algorithm1, algorithm1-layout, algorithm1-column, retrospective, async-topk"):
         make_policy("greedy")
     with pytest.raises(LabkitError, match="threshold takes t"):
         make_policy("algorithm1", t=0.5)
@@ -507,3 +507,44 @@ def test_policy_specs_name_a_static_mtp_k_and_a_threshold():
     for bad, words in [("fixed:x", "whole number"), ("mtp1:2", "only fixed:K"), ("nope:1", "unknown scheduler policy")]:
         with pytest.raises(LabkitError, match=words):
             make_policy(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 1 over whole columns
+
+
+def test_the_column_policy_verifies_one_width_for_every_request_and_stops_at_the_first_drop():
+    """Every request verifies min(W, its drafts); W grows while theta rises and stops at the first column
+    that does not raise it, even where a later column would (the break: no look past the drop)."""
+    policy = make_policy("algorithm1-column")
+    conf = f64([[0.9, 0.9, 0.9], [0.8, 0.2, 0.9], [0.5, 0.5, 0.5]])
+    flat = CostTable.flat()
+    assert policy(ScheduleInput(conf, flat, max_lengths=[3, 3, 1])) == [3, 3, 1]
+    # survivals: column 1 sums 2.2, column 2 0.81 + 0.16 + 0.25 = 1.22, column 3 0.729 + 0.144 = 0.873;
+    # B = 3, 6, 9, 11; the second column costs more than it earns, the third would have paid
+    sps = {3: 1 / 1.0, 6: 1 / 1.7, 9: 1 / 2.2, 11: 1 / 2.3}
+    table = type("T", (), {"sps": lambda self, b: sps[b]})()
+    inp = ScheduleInput(conf, table, max_lengths=[3, 3, 2])
+    theta = [expected_throughput(inp, l) for l in ([0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 2])]
+    assert theta[1] > theta[0] and theta[2] <= theta[1] and theta[3] > theta[1]  # a later column would pay
+    assert policy(inp) == [1, 1, 1]
+    # nothing pays: nothing verified
+    steep = type("T", (), {"sps": lambda self, b: 1.0 / b ** 2})()
+    assert policy(ScheduleInput(conf, steep)) == [0, 0, 0]
+
+
+def test_the_column_policy_maximises_theta_over_widths_when_theta_is_unimodal():
+    """On random confidences and tables whose SPS falls smoothly, the width it picks is the best uniform
+    width (theta over uniform widths rises then falls there)."""
+    gen = torch.Generator().manual_seed(0)
+    policy = make_policy("algorithm1-column")
+    for _ in range(50):
+        r, g = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(1, 7, (1,), generator=gen))
+        conf = torch.rand(r, g, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+        slope = float(torch.rand(1, generator=gen)) * 0.2
+        table = type("T", (), {"sps": lambda self, b, s=slope: 1.0 / (1.0 + s * b)})()
+        inp = ScheduleInput(conf, table)
+        thetas = [expected_throughput(inp, [w] * r) for w in range(g + 1)]
+        got = policy(inp)
+        assert len(set(got)) == 1
+        assert thetas[got[0]] == pytest.approx(max(thetas))

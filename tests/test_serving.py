@@ -137,7 +137,7 @@ def wrong_judge(state, proposal, logits):
 
 
 @pytest.mark.parametrize("verifier", ["exact", "wrong"])
-@pytest.mark.parametrize("policy", ["algorithm1", "algorithm1-layout", "async-topk"])
+@pytest.mark.parametrize("policy", ["algorithm1", "algorithm1-layout", "algorithm1-column", "async-topk"])
 def test_sampled_engine_output_follows_the_target(make_tiny_target, chi2_gof, policy, verifier, monkeypatch):
     """SAMPLED_N requests of PROMPT, 4 new tokens each at temperature 1, 8 users at a time, a DSpark
     drafter whose confidences depend on the drafted tokens, and a cost table (1% more step time per

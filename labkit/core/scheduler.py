@@ -650,6 +650,37 @@ class LayoutAlgorithm1:
 
 
 @dataclass
+class ColumnAlgorithm1:
+    """Algorithm 1 admitting whole columns: every request verifies the same number W of drafts (fewer
+    where it drafted fewer), W grown one column at a time while theta rises and stopped at the first
+    column that does not raise it. The padding-aware admission of a forward whose ragged batches cost
+    more than uniform ones with as many tokens (this CPU's engine: data/serving/, session 9), priced by
+    a table profiled on uniform shapes, which is what such a step runs.
+
+    Lossless by Algorithm 1's argument, column by column: admitting column W reads the survivals
+    a_{r,j<=W}, i.e. confidences c_{r,j<=W}, each of which reads drafts before slot j only; the break
+    means no draft's verification depends on a confidence that reads that draft.
+    """
+
+    name = "algorithm1-column"
+    #: lengths chosen per step from confidences (an engine may then draft one past its last step's longest)
+    chooses_lengths = True
+    draft_cap = None
+
+    def __call__(self, inp: ScheduleInput) -> list[int]:
+        widest = max(inp.max_lengths, default=0)
+        lengths = [0] * inp.n_requests
+        best = expected_throughput(inp, lengths)
+        for w in range(1, widest + 1):
+            wider = [min(w, m) for m in inp.max_lengths]
+            theta = expected_throughput(inp, wider)
+            if not theta > best:
+                break
+            lengths, best = wider, theta
+        return lengths
+
+
+@dataclass
 class Retrospective:
     """BIASED: the admission path's global maximum, searched past the first drop (Appendix A).
 
@@ -706,12 +737,13 @@ def old_survival(inp: ScheduleInput) -> torch.Tensor:
     return torch.where(new, pad(fresh, (0, width - gamma)), pad(old, (0, width - old.shape[1])))
 
 
-POLICIES: dict[str, type] = {p.name: p for p in (Fixed, MTP1, Threshold, Algorithm1, LayoutAlgorithm1, Retrospective,
-                                                  AsyncTopK)}
+POLICIES: dict[str, type] = {p.name: p for p in (Fixed, MTP1, Threshold, Algorithm1, LayoutAlgorithm1,
+                                                  ColumnAlgorithm1, Retrospective, AsyncTopK)}
 
 
 def make_policy(name: str, **kw):
-    """A policy by name (fixed, mtp1, threshold, algorithm1, algorithm1-layout, retrospective, async-topk) and its settings;
+    """A policy by name (fixed, mtp1, threshold, algorithm1, algorithm1-layout, algorithm1-column, retrospective,
+    async-topk) and its settings;
     "fixed:K" is the fixed policy capped at K drafts (a static MTP-K), "threshold:T" a threshold of T."""
     base, _, arg = name.partition(":")
     if base not in POLICIES:

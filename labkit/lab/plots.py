@@ -55,14 +55,16 @@ class _BySpec(dict):
         return self._derive(base, arg) if arg and base in self else default
 
 
-POLICY_LABELS = _BySpec({"algorithm1": "Algorithm 1", "algorithm1-layout": "Algorithm 1, layout-priced", "fixed": "fixed (verify all)", "mtp1": "MTP-1 (DSpark's 1st draft)",
+POLICY_LABELS = _BySpec({"algorithm1": "Algorithm 1", "algorithm1-layout": "Algorithm 1, layout-priced",
+                         "algorithm1-column": "Algorithm 1, whole columns", "fixed": "fixed (verify all)", "mtp1": "MTP-1 (DSpark's 1st draft)",
                          "async-topk": "async top-K (Sec. 5.2)", "retrospective": "retrospective (biased)",
                          "threshold": "static threshold"},
                         lambda base, arg: f"fixed K={arg}" if base == "fixed" else f"static threshold {arg}",
                         lambda policy, label, spec: (f"MTP-1 (trained: {spec})" if policy == "mtp1"
                                                      else f"{label} with {spec}"),
                         lambda label, model: f"{label}, priced by {model}")
-POLICY_COLORS = _BySpec({"algorithm1": "#2ca02c", "algorithm1-layout": "#bcbd22", "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
+POLICY_COLORS = _BySpec({"algorithm1": "#2ca02c", "algorithm1-layout": "#bcbd22", "algorithm1-column": "#98df8a",
+                         "fixed": "#1f77b4", "mtp1": "#ff7f0e", "async-topk": "#9467bd",
                          "retrospective": "#d62728", "threshold": "#8c564b"},
                         lambda base, arg: {"fixed": ["#6baed6", "#3182bd", "#08519c", "#17becf"],
                                            "threshold": ["#c49c94", "#8c564b"]}[base][int(float(arg) * 10) % 2 if base == "threshold"
