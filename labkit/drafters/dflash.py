@@ -453,7 +453,8 @@ class DFlashDrafter(Drafter):
 
     @torch.no_grad()
     def draft_hidden_many(self, requests: list[DraftRequest], k: int | None = None) -> torch.Tensor:
-        """`draft_hidden` for R requests in one forward: (R, gamma, H). Each request's context keys and
+        """`draft_hidden` for R requests in one forward: (R, gamma, H), or (R, k, H) for a block cut after
+        cap k (`slots`). Each request's context keys and
         values are padded to the longest and masked, so a row reads only its own context (its keys
         carry their own positions already) and its own block."""
         caches: list[ContextCache] = [r.memo for r in requests]
