@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
     p.add_argument("--reprofile", action="store_true", help="profile SPS(B) on this device again and store it")
     p.add_argument("--cost-model", default="table", help="how Algorithm 1 prices a step: table (the profiled "
-                   "SPS(B) table plus the measured drafting, default), fit (the engine's own fit of its past steps) "
-                   "or offset (the table plus the measured excess)")
+                   "SPS(B) table plus the measured drafting, default), fit (the engine's own fit of its past steps), "
+                   "offset (the table plus the measured excess), rows (the table at the step's own requests) or "
+                   "steps (whole engine steps with --drafter, profiled once and stored beside the table)")
     p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false", help="policies read the drafter's "
                    "confidences as they come, not corrected by the engine's own verdicts (AcceptanceRatio)")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports and the SPS table here")
@@ -574,10 +575,16 @@ def cmd_serve_sweep(args) -> None:
     drafter = make_drafter(args.drafter, target, args.gamma)
     arm_drafters = {spec: make_drafter(spec, target) for spec in dict.fromkeys(arm_specs)}
     table = cost_table_for(target, args.table, args.reprofile)
+    step_table = None
+    if "steps" in {arm_cost_model(name)[1] or args.cost_model for name in args.policies}:
+        from labkit.measure.step_profile import step_table_for
+        if drafter is None:
+            raise LabkitError("the cost model 'steps' times the engine's steps with a drafter: pass --drafter.")
+        step_table = step_table_for(target, drafter, args.drafter, args.table, args.reprofile)
     by_temperature = run_sweeps(target, drafter, prompts, args.users, args.policies, table, args.temperatures,
                                 args.max_new_tokens, args.requests_per_user, args.seed, args.drafter, progress=True,
                                 top_p=args.top_p, repeats=args.repeats, cost_model=args.cost_model,
-                                recalibrate=args.recalibrate, arm_drafters=arm_drafters)
+                                recalibrate=args.recalibrate, arm_drafters=arm_drafters, step_table=step_table)
     reports = [rep for reps in by_temperature.values() for rep in reps]
     print(format_sweep(reports))
     gains = {}
@@ -588,7 +595,8 @@ def cmd_serve_sweep(args) -> None:
         for policy in (p for p in args.policies if not is_fixed(p)):
             print(f"T={float(temp):g}: {format_against_best_fixed(against_best_fixed(reps, policy), policy)}")
     if args.json_out:
-        _write_json({"table": table.to_dict(), "window": WINDOW, "repeats": args.repeats,
+        _write_json({"table": table.to_dict(), "step_table": step_table.to_dict() if step_table else None,
+                     "window": WINDOW, "repeats": args.repeats,
                      "requests_per_user": args.requests_per_user, "baseline": args.baseline,
                      "prompt_mix": [getattr(p, "text", p) for p in mix],
                      "cells": summarize(reports), "matched_gains": gains, "reports": reports,

@@ -548,3 +548,20 @@ def test_the_column_policy_maximises_theta_over_widths_when_theta_is_unimodal():
         got = policy(inp)
         assert len(set(got)) == 1
         assert thetas[got[0]] == pytest.approx(max(thetas))
+
+
+def test_the_next_draft_cap_grows_while_wanted_and_probes_every_few_steps_once_held():
+    from labkit.core.scheduler import held_after, next_draft_cap
+    assert next_draft_cap(None, False, 3, step=5) == 3  # new since the last step: the newcomer's cap
+    assert next_draft_cap(None, False, None, step=0) is None
+    assert next_draft_cap(2, True, None, step=7) == 3  # no probe period: one past the length, every step
+    assert next_draft_cap(2, False, None, step=7, probe_every=4) == 3  # growing
+    assert next_draft_cap(2, True, None, step=7, probe_every=4) == 2  # held, off a probe step
+    assert next_draft_cap(2, True, None, step=8, probe_every=4) == 3  # a probe step
+    assert next_draft_cap(0, True, None, step=5, probe_every=4) == 1  # never below one draft
+    assert not held_after(1, 2, True, step=5)  # no probe period: never held
+    assert held_after(1, 2, False, step=5, probe_every=4)  # stopped short of its cap
+    assert held_after(1, 1, True, step=5, probe_every=4)  # all of a held cap verified: still held
+    assert not held_after(2, 2, True, step=8, probe_every=4)  # the probe paid: growing again
+    assert not held_after(3, 3, False, step=5, probe_every=4)  # growing and paying
+    assert not held_after(2, None, False, step=0, probe_every=4)  # uncapped: nothing stopped it

@@ -360,3 +360,25 @@ def test_policies_read_confidences_corrected_by_the_engines_own_verdicts(tiny, d
     for engine in (on, off):
         for rec in engine.done:
             assert rec.token_ids == solo(tiny, dspark, next(r for r in requests if r.id == rec.id))
+
+
+def test_a_probing_policy_drafts_past_a_held_length_only_on_probe_steps(tiny, dspark):
+    """`algorithm1-column` probes every 4th step (`probe_every`): each step's caps follow `next_draft_cap` and
+    `held_after` from the steps before, some request was held at its length off a probe step, and a held
+    request never drafted past its length off a probe step."""
+    from labkit.core.scheduler import held_after, next_draft_cap
+    engine, _ = serve(tiny, dspark, mixed_requests(12), 4, "algorithm1-column", steep_table(0.15))
+    assert engine.policy.probe_every == 4
+    held: dict[int, bool] = {}
+    last: dict[int, int] = {}
+    kept = 0
+    for i, step in enumerate(engine.steps):
+        newcomer = max(engine.steps[i - 1].lengths, default=0) + 1 if i else None
+        for rid, cap, length in zip(step.ids, step.caps, step.lengths):
+            assert cap == next_draft_cap(last.get(rid), held.get(rid, False), newcomer, i, 4)
+            if held.get(rid) and i % 4:
+                assert cap == max(last[rid], 1)
+                kept += 1
+            held[rid] = held_after(length, cap, held.get(rid, False), i, 4)
+            last[rid] = length
+    assert kept > 0, "no request was ever held at its length: the probe period was never exercised"

@@ -54,7 +54,8 @@ from labkit.core.errors import LabkitError
 from labkit.core.step_fit import StepRate
 from labkit.core.scheduler import (APPENDIX_A_P_D, APPENDIX_A_P_T, AppendixAArithmetic, CostTable, HasSPS, POLICIES,
                                    RoundRate, ScheduleInput, _first_token_a_given, appendix_a_a1, appendix_a_c2,
-                                   appendix_a_table, expected_throughput, make_policy, packed_tokens, whole_number)
+                                   appendix_a_table, expected_throughput, held_after, make_policy, next_draft_cap,
+                                   packed_tokens, whole_number)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Exact replay of an engine's step trace
@@ -501,6 +502,8 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     adaptive = adaptive_cap and getattr(policy, "chooses_lengths", False)
     last_lengths: list[int] | None = None
     last_length: dict[int, int] = {}
+    held: dict[int, bool] = {}
+    probe_every = getattr(policy, "probe_every", None)
     table = cost.table
     t = 0.0
     next_id = 0
@@ -525,7 +528,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
         newcomer = max(last_lengths, default=0) + 1 if adaptive and last_lengths is not None else None
         confs, accept, caps = [], [], []
         for rid in ids:
-            own = last_length[rid] + 1 if adaptive and rid in last_length else newcomer
+            own = next_draft_cap(last_length.get(rid), held.get(rid, False), newcomer, n_steps, probe_every)
             limits = [c for c in (policy_cap, own if adaptive else None) if c is not None]
             caps.append(min(limits) if limits else None)
             live = active[rid]
@@ -547,6 +550,8 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
         lengths = list(policy(inp))
         last_lengths = lengths
         last_length.update(zip(ids, lengths))
+        held.update((rid, held_after(l, c, held.get(rid, False), n_steps, probe_every))
+                    for rid, l, c in zip(ids, lengths, caps))
         history.push(ids, confs)
         accepted = [min(l, a) for l, a in zip(lengths, accept)]
         b = batch_tokens(lengths)

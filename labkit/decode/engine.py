@@ -55,8 +55,8 @@ from labkit.core.calibration import AcceptanceRatio
 from labkit.core.errors import LabkitError
 from labkit.core.layout import attention_weight
 from labkit.core.sampling import SamplingParams, Verdict
-from labkit.core.scheduler import (CostTable, HasSPS, RoundRate, ScheduleInput, make_policy, packed_tokens,
-                                   running_mean)
+from labkit.core.scheduler import (CostTable, HasSPS, RoundRate, ScheduleInput, held_after, make_policy,
+                                   next_draft_cap, packed_tokens, running_mean)
 from labkit.core.step_fit import FIT_WEIGHT, StepFit, StepRate
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
@@ -120,7 +120,8 @@ class StepRecord:
     #: seconds, seconds per verified draft); None where the profiled table and `draft_cost_s` were used
     step_cost: tuple[float, float] | None = None
     admit_s: float = 0.0  # seconds spent admitting (prefilling) requests between the last step and this one
-    #: cost model "offset": the seconds the policy added to the table's forward (None: not priced so)
+    #: cost models "offset" and "steps": the seconds the policy added to the table's step (None: not priced so;
+    #: 0 for "steps", whose table timed whole steps)
     offset_s: float | None = None
     #: one attention query column's cost in tokens of the forward at this step's cache (`labkit.core.layout`),
     #: what the layout-aware policy priced the rectangle with
@@ -153,8 +154,10 @@ class StepRecord:
 #: the fit it verified deeper under load (2.55 against 1.77 tokens a request at 16 users, greedy) than
 #: the steps paid back: the fit's few, noisy steps do not see what a deeper, ragged step costs here
 #: "rows": the table read at the step's own number of requests (`labkit.core.row_price`: the profiled
-#: R x W shapes, not every shape of one B pooled) plus the same drafting time
-COST_MODELS = ("table", "fit", "offset", "rows")
+#: R x W shapes, not every shape of one B pooled) plus the same drafting time; "steps": a table that timed
+#: the engine's whole step with this drafter (`labkit.measure.step_profile`), read at the step's number of
+#: requests with nothing added (its drafting, verdicts and context updates are in it)
+COST_MODELS = ("table", "fit", "offset", "rows", "steps")
 
 
 def padded_batch_tokens(lengths: list[int]) -> int:
@@ -208,12 +211,14 @@ class Engine:
         self._conf_history: dict[int, deque] = {}
         #: per request, the verification length the policy chose for it at its last step (`draft_caps`)
         self._last_length: dict[int, int] = {}
+        #: per request, whether it is held at its last length (`held_after`: drafts past it only on probe steps)
+        self._held: dict[int, bool] = {}
         #: running mean of drafting seconds per request and step (RoundRate), None before the first step
         self._draft_s_per_request: float | None = None
         if cost_model not in COST_MODELS:
             raise LabkitError(f"Unknown cost model {cost_model!r}: choose one of {', '.join(COST_MODELS)}.")
-        if cost_model == "rows" and not self.table.shapes:
-            raise LabkitError("the cost model 'rows' reads the profiled R x W shapes, and this cost table keeps "
+        if cost_model in ("rows", "steps") and not self.table.shapes:
+            raise LabkitError(f"the cost model {cost_model!r} reads the profiled R x W shapes, and this cost table keeps "
                               "none: profile one (`cost_table_for(target, reprofile=True)`, or `serve-sweep "
                               "--reprofile`) or use the cost model 'table'.")
         #: how Algorithm 1 prices a step (`COST_MODELS`)
@@ -306,6 +311,7 @@ class Engine:
         act = self.active.pop(rid)
         self._conf_history.pop(rid, None)
         self._last_length.pop(rid, None)
+        self._held.pop(rid, None)
         self.kv.remove(rid)
         st = act.state
         finish = self.now()
@@ -405,6 +411,8 @@ class Engine:
         for i, rid in enumerate(ids):
             self._conf_history[rid].append(conf[i, :max_lengths[i]].clone())
             self._last_length[rid] = int(lengths[i])
+            self._held[rid] = held_after(int(lengths[i]), caps[i], self._held.get(rid, False), len(self.steps),
+                                         getattr(self.policy, "probe_every", None))
         proposals = [p.truncate(l) for p, l in zip(proposals, lengths)]
         t_scheduled = self._clock()
         inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
@@ -458,6 +466,8 @@ class Engine:
             return RoundRate(self.table, offset), None, offset, None
         if self.cost_model == "rows":
             return RoundRate(self.table.at_rows(requests), (draft_cost_s or 0.0) * requests), None, None, requests
+        if self.cost_model == "steps":  # the table timed whole engine steps, drafting included: nothing added
+            return RoundRate(self.table.at_rows(requests), 0.0), None, 0.0, requests
         return RoundRate(self.table, (draft_cost_s or 0.0) * requests), None, None, None
 
     def _learn(self, requests: int, batch_tokens: int, step_s: float, admit_s: float) -> None:
@@ -478,7 +488,9 @@ class Engine:
         """The most tokens each request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),
         `max_draft`, and for a policy that chooses lengths from confidences (Algorithm 1, the production
         variant, a threshold) with `adaptive_cap`, one more than the length it chose for that request at
-        its last step (a request admitted since: one more than the longest length of the last step).
+        its last step (a request admitted since: one more than the longest length of the last step;
+        `next_draft_cap`, where a policy's `probe_every` keeps a request that stopped short of its cap at
+        its length except every few steps).
 
         Why: drafting is paid before the policy decides, and under load Algorithm 1 verifies one or two
         drafts a request, so a whole block's sequential head steps would be paid for nothing; a batch-wide
@@ -489,10 +501,12 @@ class Engine:
         shared = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
         adaptive = self.adaptive_cap and getattr(self.policy, "chooses_lengths", False)
         newcomer = max(self.steps[-1].lengths, default=0) + 1 if adaptive and self.steps else None
+        probe_every = getattr(self.policy, "probe_every", None)
         out = []
         for rid in ids:
-            own = self._last_length.get(rid) if adaptive else None
-            caps = shared + [c for c in (own + 1 if own is not None else newcomer,) if adaptive and c is not None]
+            own = next_draft_cap(self._last_length.get(rid), self._held.get(rid, False), newcomer, len(self.steps),
+                                 probe_every) if adaptive else None
+            caps = shared + ([own] if own is not None else [])
             out.append(min(caps) if caps else None)
         return out
 
@@ -558,6 +572,7 @@ class Engine:
         act = self.active.pop(rid)
         self._conf_history.pop(rid, None)
         self._last_length.pop(rid, None)
+        self._held.pop(rid, None)
         self.kv.remove(rid)
         st = act.state
         self.done.append(RequestRecord(id=rid, prompt=act.request.prompt, token_ids=st.new_ids,

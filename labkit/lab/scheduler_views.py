@@ -15,6 +15,7 @@ tau* x SPS(B), the expected tokens per second.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -919,4 +920,23 @@ def scheduler_claims(table: CostTable, knee: Knee, cells: Sequence[ReplayCell], 
                      "escapes the local maxima of a jagged SPS; stays lossless",
                      tag + describe_policy_vs(cells, "async-topk", tie=tie),
                      "its old confidences here are another recorded block, not the same request's two steps before"))
+    return rows
+
+
+STEP_HEADER = ("requests R", "drafts verified each W", "whole engine step ms, median [quartiles]",
+               "its verify forward alone ms (R x (1 + W), the SPS table's shape)", "the rest of the step ms")
+
+
+def step_rows(step_points: Sequence[dict], forward_points: Sequence[dict] = ()) -> list[tuple]:
+    """The whole-step profile (`labkit.measure.step_profile`) as rows (STEP_HEADER): per (R, W) the median
+    step with its quartiles, and where the forward table profiled the same shape (R rows x 1 + W tokens),
+    its forward's median and what the rest of the step (drafting, verdicts, context updates) added."""
+    forward = {(p["rows"], p["width"]): p["seconds"] for p in forward_points}
+    rows = []
+    for p in step_points:
+        q = statistics.quantiles(p["samples_s"], n=4) if len(p["samples_s"]) > 1 else [p["seconds"]] * 3
+        fwd = forward.get((p["rows"], p["width"]))
+        rows.append((p["rows"], p["drafts"], f"{1e3 * p['seconds']:.1f} [{1e3 * q[0]:.1f}-{1e3 * q[2]:.1f}]",
+                     "-" if fwd is None else f"{1e3 * fwd:.1f}",
+                     "-" if fwd is None else f"{1e3 * (p['seconds'] - fwd):+.1f}"))
     return rows

@@ -187,12 +187,14 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
           policies: list[str], table: CostTable | None = None, requests_per_user: int = 3,
           drafter_spec: str | None = None, progress: bool = False, repeats: int = 1,
           cost_model: str = "table", recalibrate: bool = True,
-          arm_drafters: Mapping[str, Drafter | None] | None = None) -> list[dict]:
+          arm_drafters: Mapping[str, Drafter | None] | None = None,
+          step_table: CostTable | None = None) -> list[dict]:
     """Every (users, policy) cell `repeats` times: repeats outermost, then loads, then the policies
     interleaved (rotated by one each repeat). `requests` is the prompt mix (cycled to
     `requests_per_user`); each load of N users serves it N times over (`load_queue`). A policy
     "POLICY@SPEC" (`split_arm`) is served with `arm_drafters[SPEC]`, the others with `drafter`; an arm
-    "...~MODEL" (`arm_cost_model`) is priced by that cost model, the others by `cost_model`. One report
+    "...~MODEL" (`arm_cost_model`) is priced by that cost model, the others by `cost_model`; the arms priced
+    by "steps" read `step_table` (`labkit.measure.step_profile`: whole engine steps with `drafter`). One report
     per run, its "policy" the arm's label, with `repeat`, `requests_per_user` and `measure_run`'s numbers
     added (the engine's own aggregate kept as `engine_aggregate_tokens_per_s`)."""
     if repeats < 1:
@@ -205,6 +207,10 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
     if missing:
         raise LabkitError(f"No drafter given for {', '.join(missing)}: pass arm_drafters={{spec: drafter}} "
                           "(serve-sweep loads them itself).")
+    models = {label: priced[label][1] or cost_model for label in policies}
+    if step_table is None and "steps" in models.values():
+        raise LabkitError("the cost model 'steps' reads a table of whole engine steps: pass step_table= "
+                          "(`labkit.measure.step_profile.step_table_for`; serve-sweep profiles it itself).")
     mix = prompt_mix(requests, requests_per_user)
     out = []
     for rep in range(repeats):
@@ -213,8 +219,8 @@ def sweep(target: Target, drafter: Drafter | None, requests: list[ServeRequest],
             for label in _rotated(list(policies), rep):
                 policy, spec = arms[label]
                 report = run_closed_loop(target, drafter if spec is None else arm_drafters[spec], queue, n, policy,
-                                         table, n_requests=len(queue), drafter_spec=spec or drafter_spec,
-                                         progress=progress, cost_model=priced[label][1] or cost_model,
+                                         step_table if models[label] == "steps" else table, n_requests=len(queue),
+                                         drafter_spec=spec or drafter_spec, progress=progress, cost_model=models[label],
                                          recalibrate=recalibrate)
                 out.append(dict(report, policy=label, repeat=rep, requests_per_user=len(mix),
                                 engine_aggregate_tokens_per_s=report.get("aggregate_tokens_per_s"),
@@ -227,7 +233,8 @@ def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: li
                requests_per_user: int = 3, seed: int = 0, drafter_spec: str | None = None,
                progress: bool = False, top_p: float = 1.0, repeats: int = 3,
                cost_model: str = "table", recalibrate: bool = True,
-               arm_drafters: Mapping[str, Drafter | None] | None = None) -> dict[float, list[dict]]:
+               arm_drafters: Mapping[str, Drafter | None] | None = None,
+               step_table: CostTable | None = None) -> dict[float, list[dict]]:
     """`sweep` at each sampling temperature over the same prompt mix (`prompt_mix(prompts,
     requests_per_user)`); each report gets its "temperature" added. Returns {temperature: [report, ...]}."""
     mix = prompt_mix(list(prompts), requests_per_user)
@@ -235,7 +242,7 @@ def run_sweeps(target: Target, drafter: Drafter | None, prompts: list, users: li
     for temp in temperatures:
         requests = make_requests(target, mix, max_new_tokens, SamplingParams(temperature=float(temp), top_p=top_p), seed)
         reps = sweep(target, drafter, requests, list(users), list(policies), table, requests_per_user,
-                     drafter_spec, progress, repeats, cost_model, recalibrate, arm_drafters)
+                     drafter_spec, progress, repeats, cost_model, recalibrate, arm_drafters, step_table)
         out[temp] = [dict(r, temperature=float(temp)) for r in reps]
     return out
 
