@@ -2,22 +2,22 @@
 
 The profiled SPS(B) table times the target's verify forward alone (`labkit.model.timing`), and the engine
 adds a running mean of drafting per request. On this CPU a step is more than that forward: drafting to
-the step's cap (the cap a width implies), the forward, the verdicts, the drafters' batched context update and the rollback. Measured on session 9's
-CPU at 8 users (data/serving/cpu-measurements-2026-12-06.md, sweep19), a step verifying 2 drafts a
-request took 117.7 ms to verify and 17.4 to draft where the table priced its forward at 108.7 ms and its
-drafting as a one-draft step's, so Algorithm 1 over whole columns verified a second column that did not
-pay.
+the step's caps, the forward, the verdicts, the drafters' batched context update and the rollback.
+Measured on session 9's CPU at 8 users (data/serving/cpu-measurements-2026-12-06.md, sweep19), a step
+verifying 2 drafts a request took 117.7 ms to verify and 17.4 to draft where the table priced its forward
+at 108.7 ms and its drafting as a one-draft step's, so Algorithm 1 over whole columns verified a second
+column that did not pay.
 
 `profile_engine_steps` times the engine's own `step` instead: one engine per row count R, each holding R
 requests over random prompts of `kv_len` tokens, and for every width W a step under a policy that drafts
 W tokens a request (at least one) and verifies them (the steady state of a policy that keeps verifying W:
-it drafts one past W only every few steps, `next_draft_cap`); the profiled requests stop on no token, so every step runs R rows. The (R, W) shapes are
-interleaved in rounds, each round on fresh requests so that the caches do not grow through the profile
-(a first version let them grow by up to 550 tokens and priced a 16-request step 15-25% above what the
-engine's steps took in a sweep). The result is a
-`CostTable` whose shapes are (R, 1 + W tokens a row, median seconds of the whole step), read at the step's
-R by `CostTable.at_rows` with no drafting added (`Engine(cost_model="steps")`). It belongs to the drafter
-it was profiled with: its `model` names both.
+it drafts one past W only every few steps, `next_draft_cap`); the profiled requests stop on no token, so
+every step runs R rows. The (R, W) shapes are interleaved in rounds, each round on fresh requests so that
+the caches do not grow through the profile (a first version let them grow by up to 550 tokens and priced
+a 16-request step 15-25% above what the engine's steps took in a sweep). The result is a `CostTable`
+whose shapes are (R, 1 + W tokens a row, median seconds of the whole step), read at the step's R by
+`CostTable.at_rows` with no drafting added (`Engine(cost_model="steps")`). It belongs to the drafter it
+was profiled with: its `model` names both. About 5 minutes on a 2-core CPU, mostly the fresh prefills.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from labkit.drafters.base import Drafter
 from labkit.model.target import Target
 from labkit.model.timing import table_from_points
 
-#: timed engine steps per shape (after one warm-up each); the whole-step medians are tight at about 1-3%
+#: timed engine steps per shape, one a round (after one untimed round)
 STEP_REPEATS = 12
 #: drafts verified per request in the profiled steps (0 = plain batched decoding)
 STEP_WIDTHS = (0, 1, 2, 3, 4, 6)
