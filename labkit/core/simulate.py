@@ -481,7 +481,8 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     A step: each active request drafts its current round (at most its remaining tokens - 1 drafts, at
     most the policy's `draft_cap`, and, with `adaptive_cap`, for a policy that chooses lengths from
     confidences at most one more than the length it chose for that request at its last step, a newcomer
-    one more than the last step's longest: the engine's `Engine.draft_caps`, charged as a batch drafted
+    one more than the last step's longest, held at its length between probes where the policy has a
+    `probe_every` (`next_draft_cap`): the engine's `Engine.draft_caps`, charged as a batch drafted
     to its deepest cap); the policy gets the confidences, the
     step's `RoundRate(cost.table, cost.fixed_s(R))` and, for the production variant, each request's
     confidences of two steps before; accepted = min(l_r, accept_len); the step takes
