@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--benchmarks", default=None, help="evaluation prompt folder or 'lab' (default: as serve)")
     ap.add_argument("--target", default=None, help="HF causal LM id or path (default: the lab's target)")
+    ap.add_argument("--table", default=None, help="cost-table JSON (default: the lab cache's cost_tables.json)")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
     target = load_target(args.target)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     prompts, about = eval_prompts(args.benchmarks, 4)
     print(about)
     requests = make_requests(target, prompts, args.max_new_tokens, SamplingParams(args.temperature))
-    engine = Engine(target, drafter, args.policy, cost_table_for(target, progress=True))
+    engine = Engine(target, drafter, args.policy, cost_table_for(target, args.table, progress=True))
     memory = [(0.0, rss_mb())]
     start = time.perf_counter()
     for rec in closed_loop(requests, args.users, engine, requests=100_000, duration_s=60 * args.minutes):
