@@ -12,7 +12,6 @@ from dataclasses import replace
 import pytest
 
 from labkit.core.errors import LabkitError
-from labkit.core.scheduler import RoundRate
 from labkit.core.simulate import replay_steps
 from labkit.decode.engine import Engine, closed_loop, report
 from labkit.measure import step_profile
@@ -81,8 +80,6 @@ def test_the_steps_model_prices_each_step_by_its_rows_with_nothing_added_and_rep
     assert [s.price_rows for s in engine.steps] == [s.active for s in engine.steps]
     assert all(s.offset_s == 0.0 for s in engine.steps)
     assert any(s.draft_cost_s for s in engine.steps), "drafting was never timed, so nothing was left out"
-    rate = RoundRate(table.at_rows(4), 0.0)
-    assert rate.sps(8) == table.at_rows(4).sps(8)
     rep = json.loads(json.dumps(report(engine, 4, "test")))
     assert replay_steps(rep["step_trace"], rep["table"], "algorithm1-column", batch_tokens=engine.batch_tokens) == \
         [s["lengths"] for s in rep["step_trace"]]

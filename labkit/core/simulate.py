@@ -529,8 +529,9 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
         newcomer = max(last_lengths, default=0) + 1 if adaptive and last_lengths is not None else None
         confs, accept, caps = [], [], []
         for rid in ids:
-            own = next_draft_cap(last_length.get(rid), held.get(rid, False), newcomer, n_steps, probe_every)
-            limits = [c for c in (policy_cap, own if adaptive else None) if c is not None]
+            own = next_draft_cap(last_length.get(rid), held.get(rid, False), newcomer, n_steps,
+                                 probe_every) if adaptive else None
+            limits = [c for c in (policy_cap, own) if c is not None]
             caps.append(min(limits) if limits else None)
             live = active[rid]
             rnd = live.trace.rounds[live.cursor % len(live.trace.rounds)]
