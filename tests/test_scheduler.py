@@ -565,3 +565,28 @@ def test_the_next_draft_cap_grows_while_wanted_and_probes_every_few_steps_once_h
     assert not held_after(2, 2, True, step=8, probe_every=4)  # the probe paid: growing again
     assert not held_after(3, 3, False, step=5, probe_every=4)  # growing and paying
     assert not held_after(2, None, False, step=0, probe_every=4)  # uncapped: nothing stopped it
+    assert next_draft_cap(2, True, None, step=8, probe_every=4, may_pay=False) == 2  # a probe step skipped
+    assert next_draft_cap(2, False, None, step=7, probe_every=4, may_pay=False) == 3  # growing needs no probe
+    assert held_after(2, 2, True, step=8, probe_every=4, may_pay=False)  # the skipped probe verified nothing new
+
+
+def seconds_table(seconds: list[float]) -> CostTable:
+    """A table whose step at B = 1, 2, ... tokens takes `seconds[B - 1]`."""
+    return CostTable("test", "hand", "exact", list(range(1, len(seconds) + 1)), [1.0 / s for s in seconds])
+
+
+def test_a_next_column_may_pay_only_where_the_best_case_confidences_would_raise_theta():
+    """`next_column_may_pay` bounds theta at lengths + 1 by letting each next draft survive as its
+    predecessor did: two requests at width 1 with survival 0.5 emit 3 tokens in 1.5 s (theta 2); a second
+    column could emit at most 4, so it may pay in 1.9 s (2.11) and not in 2.1 s (1.90)."""
+    from labkit.core.scheduler import next_column_may_pay
+    conf = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    dear = ScheduleInput(conf, seconds_table([1.0, 1.0, 1.25, 1.5, 1.75, 2.1]))
+    cheap = ScheduleInput(conf, seconds_table([1.0, 1.0, 1.25, 1.5, 1.75, 1.9]))
+    assert expected_throughput(dear, [1, 1]) == pytest.approx(2.0)
+    assert not next_column_may_pay(dear, [1, 1])
+    assert next_column_may_pay(cheap, [1, 1])
+    assert next_column_may_pay(dear, [0, 0])  # a first draft may survive with 1: 4 tokens in 1.5 s against 2 in 1
+    dead = ScheduleInput(torch.tensor([[0.0, 0.9]], dtype=torch.float64), CostTable.flat())
+    assert not next_column_may_pay(dead, [1])  # nothing past a dead draft survives, even at no cost
+    assert make_policy("algorithm1-column").probe_may_pay(cheap, [1, 1])

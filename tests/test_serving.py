@@ -375,10 +375,22 @@ def test_a_probing_policy_drafts_past_a_held_length_only_on_probe_steps(tiny, ds
     for i, step in enumerate(engine.steps):
         newcomer = max(engine.steps[i - 1].lengths, default=0) + 1 if i else None
         for rid, cap, length in zip(step.ids, step.caps, step.lengths):
-            assert cap == next_draft_cap(last.get(rid), held.get(rid, False), newcomer, i, 4)
-            if held.get(rid) and i % 4:
+            assert cap == next_draft_cap(last.get(rid), held.get(rid, False), newcomer, i, 4, step.probe_may_pay)
+            if held.get(rid) and (i % 4 or not step.probe_may_pay):
                 assert cap == max(last[rid], 1)
                 kept += 1
-            held[rid] = held_after(length, cap, held.get(rid, False), i, 4)
+            held[rid] = held_after(length, cap, held.get(rid, False), i, 4, step.probe_may_pay)
             last[rid] = length
     assert kept > 0, "no request was ever held at its length: the probe period was never exercised"
+
+
+def test_a_probe_no_confidence_could_pay_for_is_not_drafted(tiny, dspark):
+    """Where a step costs so much more per token that no draft past the held widths could raise theta
+    (`next_column_may_pay`), the probe steps draft nothing past them; where one might, they do."""
+    dear, _ = serve(tiny, dspark, mixed_requests(8), 4, "algorithm1-column", steep_table(5.0))
+    skipped = [s for i, s in enumerate(dear.steps) if i and i % 4 == 0 and not s.probe_may_pay]
+    assert skipped, "no probe step was skipped under a price no draft can pay"
+    for s in skipped:
+        assert all(c == 1 for c in s.caps), s.caps  # held at no draft verified: one draft, never two
+    cheap, _ = serve(tiny, dspark, mixed_requests(8), 4, "algorithm1-column", steep_table(0.15))
+    assert any(s.probe_may_pay for i, s in enumerate(cheap.steps) if i and i % 4 == 0)

@@ -416,12 +416,16 @@ def _sorted(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values[:n], order[:n]
 
 
-def expected_throughput(inp: ScheduleInput, lengths: list[int]) -> float:
-    """theta = (R + sum_r sum_{j<=l_r} a_{r,j}) * SPS(batch_tokens(lengths)): what the scheduler maximises."""
+def expected_tokens(inp: ScheduleInput, lengths: list[int]) -> float:
+    """tau* = R + sum_r sum_{j<=l_r} a_{r,j}: the tokens a step verifying `lengths` is expected to emit."""
     a = survival(inp.conf, inp.max_lengths)
     admitted = torch.arange(a.shape[1]) < torch.tensor(lengths, dtype=torch.long).view(-1, 1)
-    tau = inp.n_requests + float(a[admitted].sum())
-    return tau * inp.table.sps(inp.batch_tokens(list(lengths)))
+    return inp.n_requests + float(a[admitted].sum())
+
+
+def expected_throughput(inp: ScheduleInput, lengths: list[int]) -> float:
+    """theta = tau* x SPS(batch_tokens(lengths)) (`expected_tokens`): what the scheduler maximises."""
+    return expected_tokens(inp, lengths) * inp.table.sps(inp.batch_tokens(list(lengths)))
 
 
 @dataclass
@@ -516,7 +520,7 @@ def _lengths_of(path: AdmissionPath, k: int, n_req: int, start: list[int] | None
 
 
 def next_draft_cap(last_length: int | None, held: bool, newcomer: int | None, step: int,
-                   probe_every: int | None = None) -> int | None:
+                   probe_every: int | None = None, may_pay: bool = True) -> int | None:
     """How many tokens a request drafts next under a policy that chooses lengths from confidences: one
     past the length the policy chose for it at its last step (`last_length`; a request new since then:
     `newcomer`, one past the last step's longest), so its cap grows while the policy wants more of it.
@@ -525,24 +529,44 @@ def next_draft_cap(last_length: int | None, held: bool, newcomer: int | None, st
     draft it paid for) drafts only that length (at least one) except at every P-th engine `step`, where
     it drafts one past it again to see whether a deeper draft now pays: under load a policy that keeps
     verifying W drafts then pays for W + 1 one step in P, while at light load a request whose drafts keep
-    paying grows every step. The cap reads past steps only, so the policy's decisions stay
-    non-anticipating."""
+    paying grows every step. `may_pay` False (the last step's `next_column_may_pay`: no confidence could
+    make one more draft pay at that load) skips the probe too. The cap reads past steps only, so the
+    policy's decisions stay non-anticipating."""
     if last_length is None:
         return newcomer
-    if held and probe_every is not None and step % probe_every != 0:
+    if held and probe_every is not None and (step % probe_every != 0 or not may_pay):
         return max(last_length, 1)
     return last_length + 1
 
 
-def held_after(length: int, cap: int | None, held: bool, step: int, probe_every: int | None = None) -> bool:
+def held_after(length: int, cap: int | None, held: bool, step: int, probe_every: int | None = None,
+               may_pay: bool = True) -> bool:
     """Whether a request is held at its length (`next_draft_cap`) after engine `step` drafted it to `cap`
-    and the policy chose `length`: it stopped short of its cap, or it was held and this step was no probe
-    (verifying all of a held cap says nothing about the draft past it). Never without `probe_every`."""
+    and the policy chose `length`: it stopped short of its cap, or it was held and this step probed
+    nothing (no probe step, or `may_pay` False): verifying all of a held cap says nothing about the draft
+    past it. Never without `probe_every`."""
     if probe_every is None:
         return False
     if cap is not None and length < cap:
         return True
-    return held and step % probe_every != 0
+    return held and (step % probe_every != 0 or not may_pay)
+
+
+def next_column_may_pay(inp: ScheduleInput, lengths: list[int]) -> bool:
+    """Whether verifying one more draft per request could raise theta over `lengths` at this step's price,
+    whatever the next drafts' confidences: a draft survives at most as its predecessor did
+    (a_{r,l+1} <= a_{r,l}, a_{r,0} = 1), so theta at lengths + 1 is at most
+    (R + sum_r sum_{j<=l_r} a_{r,j} + sum_r a_{r,l_r}) x SPS(B(lengths + 1)). When that bound does not
+    exceed theta at `lengths`, a probe's extra draft cannot be verified by a column policy and is not
+    worth drafting (under load on this CPU: a second column at 16 requests costs 41% more a step, so it
+    pays only where the first draft survives above 0.69). Reads the confidences of drafts already made."""
+    a = survival(inp.conf, inp.max_lengths)
+    last = torch.ones(inp.n_requests, dtype=a.dtype)
+    for r, l in enumerate(lengths):
+        if l > 0:
+            last[r] = a[r, l - 1]
+    bound = (expected_tokens(inp, lengths) + float(last.sum())) * inp.table.sps(inp.batch_tokens([l + 1 for l in lengths]))
+    return bound > expected_throughput(inp, lengths)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -700,6 +724,10 @@ class ColumnAlgorithm1:
     #: (`next_draft_cap`): at 4 users a step drafting 3 to verify 2 took 90-94 ms where MTP-1's drafting 1
     #: to verify 1 took 76 (data/serving/, session 10), so the probe is paid one step in four
     probe_every: int | None = 4
+
+    def probe_may_pay(self, inp: ScheduleInput, lengths: list[int]) -> bool:
+        """Whether the next probe step drafts past held widths (`next_column_may_pay` on this step)."""
+        return next_column_may_pay(inp, lengths)
 
     def __call__(self, inp: ScheduleInput) -> list[int]:
         widest = max(inp.max_lengths, default=0)

@@ -482,7 +482,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     most the policy's `draft_cap`, and, with `adaptive_cap`, for a policy that chooses lengths from
     confidences at most one more than the length it chose for that request at its last step, a newcomer
     one more than the last step's longest, held at its length between probes where the policy has a
-    `probe_every` (`next_draft_cap`): the engine's `Engine.draft_caps`, charged as a batch drafted
+    `probe_every` and skipped where its `probe_may_pay` says no (`next_draft_cap`): the engine's `Engine.draft_caps`, charged as a batch drafted
     to its deepest cap); the policy gets the confidences, the
     step's `RoundRate(cost.table, cost.fixed_s(R))` and, for the production variant, each request's
     confidences of two steps before; accepted = min(l_r, accept_len); the step takes
@@ -505,6 +505,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     last_length: dict[int, int] = {}
     held: dict[int, bool] = {}
     probe_every = getattr(policy, "probe_every", None)
+    probe_may_pay, may_pay = getattr(policy, "probe_may_pay", None), True
     table = cost.table
     t = 0.0
     next_id = 0
@@ -530,7 +531,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
         confs, accept, caps = [], [], []
         for rid in ids:
             own = next_draft_cap(last_length.get(rid), held.get(rid, False), newcomer, n_steps,
-                                 probe_every) if adaptive else None
+                                 probe_every, may_pay) if adaptive else None
             limits = [c for c in (policy_cap, own) if c is not None]
             caps.append(min(limits) if limits else None)
             live = active[rid]
@@ -552,8 +553,9 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
         lengths = list(policy(inp))
         last_lengths = lengths
         last_length.update(zip(ids, lengths))
-        held.update((rid, held_after(l, c, held.get(rid, False), n_steps, probe_every))
+        held.update((rid, held_after(l, c, held.get(rid, False), n_steps, probe_every, may_pay))
                     for rid, l, c in zip(ids, lengths, caps))
+        may_pay = True if probe_may_pay is None else bool(probe_may_pay(inp, lengths))
         history.push(ids, confs)
         accepted = [min(l, a) for l, a in zip(lengths, accept)]
         b = batch_tokens(lengths)

@@ -129,6 +129,9 @@ class StepRecord:
     #: cost model "rows": the row count whose profiled shapes priced the step (`CostTable.at_rows`);
     #: None where the table's pooled SPS(B) did
     price_rows: int | None = None
+    #: whether this step's caps let a held request probe (`next_draft_cap`'s may_pay: the policy's
+    #: `probe_may_pay` on the step before; True for a policy without one)
+    probe_may_pay: bool = True
 
     @property
     def emitted(self) -> int:
@@ -213,6 +216,8 @@ class Engine:
         self._last_length: dict[int, int] = {}
         #: per request, whether it is held at its last length (`held_after`: drafts past it only on probe steps)
         self._held: dict[int, bool] = {}
+        #: whether the next probe step drafts past held lengths (the policy's `probe_may_pay` on the last step)
+        self._probe_may_pay = True
         #: running mean of drafting seconds per request and step (RoundRate), None before the first step
         self._draft_s_per_request: float | None = None
         if cost_model not in COST_MODELS:
@@ -391,6 +396,7 @@ class Engine:
         if not self.active:
             return None
         t_start = self._clock()
+        may_pay = self._probe_may_pay  # what this step's caps read; the policy sets the next one below
         cap_of = dict(zip(self.active, self.draft_caps(list(self.active))))
         ids, proposals = self._draft(list(cap_of), list(cap_of.values()))  # no drafts the policy would drop
         caps = [cap_of[rid] for rid in ids]
@@ -412,7 +418,9 @@ class Engine:
             self._conf_history[rid].append(conf[i, :max_lengths[i]].clone())
             self._last_length[rid] = int(lengths[i])
             self._held[rid] = held_after(int(lengths[i]), caps[i], self._held.get(rid, False), len(self.steps),
-                                         getattr(self.policy, "probe_every", None))
+                                         getattr(self.policy, "probe_every", None), may_pay)
+        judge = getattr(self.policy, "probe_may_pay", None)
+        self._probe_may_pay = True if judge is None else bool(judge(inp, list(lengths)))
         proposals = [p.truncate(l) for p, l in zip(proposals, lengths)]
         t_scheduled = self._clock()
         inputs = {rid: decoding.verify_inputs(self.active[rid].state, p) for rid, p in zip(ids, proposals)}
@@ -443,7 +451,7 @@ class Engine:
                             conf=[conf[i, :m].tolist() for i, m in enumerate(max_lengths)],
                             draft_cost_s=draft_cost_s, cap=max((c for c in caps if c is not None), default=None),
                             caps=caps, step_cost=step_cost, admit_s=admit_s, offset_s=offset,
-                            attention_weight=weight, price_rows=price_rows)
+                            attention_weight=weight, price_rows=price_rows, probe_may_pay=may_pay)
         self.steps.append(record)
         return record
 
@@ -490,7 +498,7 @@ class Engine:
         variant, a threshold) with `adaptive_cap`, one more than the length it chose for that request at
         its last step (a request admitted since: one more than the longest length of the last step;
         `next_draft_cap`, where a policy's `probe_every` keeps a request that stopped short of its cap at
-        its length except every few steps).
+        its length except every few steps, and its `probe_may_pay` skips a probe no confidence could pay for).
 
         Why: drafting is paid before the policy decides, and under load Algorithm 1 verifies one or two
         drafts a request, so a whole block's sequential head steps would be paid for nothing; a batch-wide
@@ -505,7 +513,7 @@ class Engine:
         out = []
         for rid in ids:
             own = next_draft_cap(self._last_length.get(rid), self._held.get(rid, False), newcomer, len(self.steps),
-                                 probe_every) if adaptive else None
+                                 probe_every, self._probe_may_pay) if adaptive else None
             caps = shared + ([own] if own is not None else [])
             out.append(min(caps) if caps else None)
         return out
