@@ -290,6 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-hf", action="store_true", help="also time plain HF generate, interleaved, for a speedup")
     p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
     _add_model_args(p)
+
+    p = sub.add_parser("table1", help="the paper's Table 1 again: tau of several drafters on every benchmark file "
+                                      "at hand, at T = 1 and greedy, with acceptance by position (Fig. 2)")
+    p.add_argument("--drafters", nargs="+", default=["dflash", "dspark"],
+                   help="drafter specs, each measured on the same prompts (default: dflash dspark; add eagle3 "
+                        "once trained, or checkpoint paths)")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[1.0, 0.0],
+                   help="sampling temperatures (default: 1 0; the paper's table is at 1)")
+    p.add_argument("--benchmarks", default=None, help="folder of public benchmark files or 'lab' (as for eval)")
+    p.add_argument("--limit", type=_positive_int, default=10, help="prompts from each file (default 10)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the result JSON here")
+    p.add_argument("--target", default=None, help="HF causal LM id or local path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate per prompt")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     return parser
 
 
@@ -386,6 +402,27 @@ def cmd_eval(args) -> None:
     print(format_eval(result))
     if args.json_out:
         _write_json(result, args.json_out)
+
+
+def cmd_table1(args) -> None:
+    from labkit.drafters import check_spec
+    from labkit.lab.plots import markdown_table
+    from labkit.lab.table1_views import table1_rows, table1_sentences
+    from labkit.measure.table1 import measure_table1, table1_prompts
+    from labkit.model.target import load_target
+    for spec in args.drafters:
+        check_spec(spec)
+    prompts, about = table1_prompts(args.benchmarks, args.limit)
+    print(about, file=sys.stderr)
+    target = load_target(args.target, args.device, args.dtype)
+    result = measure_table1(target, prompts, args.drafters, args.temperatures, args.max_new_tokens, args.seed)
+    if args.json_out:  # first: the measurement outlives any failure to print it
+        _write_json(result, args.json_out)
+    for temp in result["temperatures"]:
+        header, rows = table1_rows(result, temp)
+        print(f"T = {temp:g}\n{markdown_table(rows, header).data}")
+        for line in table1_sentences(result, temp):
+            print(line)
 
 
 def cmd_calibrate(args) -> None:
@@ -549,9 +586,9 @@ def cmd_serve_sweep(args) -> None:
     from labkit.pipeline.prompt_sets import describe_prompts
     from labkit.core.scheduler import make_policy
     from labkit.decode.engine import COST_MODELS, cost_table_for
-    from labkit.measure.sweeps import (WINDOW, against_best_fixed, arm_cost_model, format_against_best_fixed,
-                                       format_gain, format_sweep, is_fixed, matched_gain, prompt_mix, run_sweeps,
-                                       split_arm, summarize)
+    from labkit.measure.sweeps import (BEST_FIXED, WINDOW, against_best_fixed, arm_cost_model,
+                                       format_against_best_fixed, format_gain, format_sweep, is_fixed, matched_gain,
+                                       prompt_mix, run_sweeps, split_arm, summarize)
     from labkit.model.target import load_target
     check_spec(args.drafter)
     arm_specs = []
@@ -593,7 +630,9 @@ def cmd_serve_sweep(args) -> None:
         for gain in gains[str(float(temp))].values():
             print(f"T={float(temp):g}: {format_gain(gain)}")
         for policy in (p for p in args.policies if not is_fixed(p)):
-            print(f"T={float(temp):g}: {format_against_best_fixed(against_best_fixed(reps, policy), policy)}")
+            for choose in BEST_FIXED:
+                rows = against_best_fixed(reps, policy, choose=choose)
+                print(f"T={float(temp):g}: {format_against_best_fixed(rows, policy)}")
     if args.json_out:
         _write_json({"table": table.to_dict(), "step_table": step_table.to_dict() if step_table else None,
                      "window": WINDOW, "repeats": args.repeats,
@@ -748,7 +787,7 @@ COMMANDS = {"setup": cmd_setup, "generate": cmd_generate, "bench": cmd_bench, "p
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "export": cmd_export,
             "notebooks": cmd_notebooks, "round-cost": cmd_round_cost, "serve": cmd_serve,
             "serve-sweep": cmd_serve_sweep, "benchmarks": cmd_benchmarks,
-            "record-traces": cmd_record_traces, "simulate": cmd_simulate}
+            "record-traces": cmd_record_traces, "simulate": cmd_simulate, "table1": cmd_table1}
 
 
 def main(argv: list[str] | None = None) -> int:

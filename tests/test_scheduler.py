@@ -575,18 +575,29 @@ def seconds_table(seconds: list[float]) -> CostTable:
     return CostTable("test", "hand", "exact", list(range(1, len(seconds) + 1)), [1.0 / s for s in seconds])
 
 
-def test_a_next_column_may_pay_only_where_the_best_case_confidences_would_raise_theta():
-    """`next_column_may_pay` bounds theta at lengths + 1 by letting each next draft survive as its
-    predecessor did: two requests at width 1 with survival 0.5 emit 3 tokens in 1.5 s (theta 2); a second
-    column could emit at most 4, so it may pay in 1.9 s (2.11) and not in 2.1 s (1.90)."""
+def test_a_next_column_may_pay_where_its_expected_confidences_would_raise_theta():
+    """`next_column_may_pay` expects each next draft to survive with its predecessor's survival times its
+    own confidence where it was drafted, else the last drafted one repeated: two requests at width 1 with
+    confidences 0.5 emit 3 tokens in 1.5 s (theta 2); a second column is expected to add 2 x 0.5 x 0.5 =
+    0.5, so it may pay in 1.7 s (3.5 / 1.7 = 2.06) and not in 1.8 s (1.94)."""
     from labkit.core.scheduler import next_column_may_pay
     conf = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
-    dear = ScheduleInput(conf, seconds_table([1.0, 1.0, 1.25, 1.5, 1.75, 2.1]))
-    cheap = ScheduleInput(conf, seconds_table([1.0, 1.0, 1.25, 1.5, 1.75, 1.9]))
-    assert expected_throughput(dear, [1, 1]) == pytest.approx(2.0)
-    assert not next_column_may_pay(dear, [1, 1])
-    assert next_column_may_pay(cheap, [1, 1])
-    assert next_column_may_pay(dear, [0, 0])  # a first draft may survive with 1: 4 tokens in 1.5 s against 2 in 1
+    dear = seconds_table([1.0, 1.0, 1.25, 1.5, 1.75, 1.8])
+    cheap = seconds_table([1.0, 1.0, 1.25, 1.5, 1.75, 1.7])
+    assert expected_throughput(ScheduleInput(conf, dear), [1, 1]) == pytest.approx(2.0)
+    assert not next_column_may_pay(ScheduleInput(conf, dear), [1, 1])
+    assert next_column_may_pay(ScheduleInput(conf, cheap), [1, 1])
+    # held at width 1 (nothing drafted past it): the last confidence, 0.5, repeated: the same answers
+    held = torch.tensor([[0.5], [0.5]], dtype=torch.float64)
+    assert not next_column_may_pay(ScheduleInput(held, dear), [1, 1])
+    assert next_column_may_pay(ScheduleInput(held, cheap), [1, 1])
+    # drafted past the width: its own confidence counts (0.9 each: 3.9 tokens in 1.8 s, 2.17 > 2)
+    known = torch.tensor([[0.5, 0.9], [0.5, 0.9]], dtype=torch.float64)
+    assert next_column_may_pay(ScheduleInput(known, dear), [1, 1])
+    # nothing verified yet: the first drafts' own confidences (2 + 2 x 0.4 tokens in 1.5 s against 2 in 1 s: no;
+    # 2 + 2 x 0.9 in 1.5 s: yes)
+    assert not next_column_may_pay(ScheduleInput(conf * 0.8, dear), [0, 0])
+    assert next_column_may_pay(ScheduleInput(known.flip(1), dear), [0, 0])
     dead = ScheduleInput(torch.tensor([[0.0, 0.9]], dtype=torch.float64), CostTable.flat())
     assert not next_column_may_pay(dead, [1])  # nothing past a dead draft survives, even at no cost
-    assert make_policy("algorithm1-column").probe_may_pay(cheap, [1, 1])
+    assert make_policy("algorithm1-column").probe_may_pay(ScheduleInput(conf, cheap), [1, 1])

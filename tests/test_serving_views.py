@@ -374,6 +374,11 @@ def test_eq1_is_set_beside_the_measured_speed():
     assert describe_eq1(REPORTS).startswith("No run has both")
 
 
+def _label_of(policy: str) -> str:
+    from labkit.lab.plots import POLICY_LABELS
+    return POLICY_LABELS.get(policy, policy)
+
+
 def test_serving_claims_set_the_papers_numbers_beside_the_measured_and_simulated_ones():
     from labkit.core.simulate import RequestTrace, TraceRound, roofline_cost, sweep
     from labkit.lab.serving_views import CLAIMS_HEADER, serving_claims
@@ -404,6 +409,13 @@ def test_serving_claims_set_the_papers_numbers_beside_the_measured_and_simulated
     trained = serving_claims(armed, baseline="mtp1@one")
     assert "a trained one-token drafter (one)" in trained[0][4] and "not a trained MTP module" not in trained[0][4]
     assert trained[0][2] == plain[0][2]
+    # another load-aware arm stands for the scheduler in the measured cells, named; the simulated ones stay Algorithm 1
+    column = [dict(r, policy="algorithm1-column~steps") if r["policy"] == "algorithm1" else r for r in runs]
+    col = serving_claims(column, sim, resampled, gain, knee_b=32, gamma=3, scheduled="algorithm1-column~steps",
+                         sim_label="an H100 model")
+    assert col[0][2] == rows[0][2].removeprefix("SMOKE RUN, concludes nothing: ")
+    assert col[1][2].startswith(_label_of("algorithm1-column~steps")) and col[1][3] == rows[1][3]
+    assert col[-1][2].startswith(_label_of("algorithm1-column~steps") + " / ")
 
 
 def test_the_layout_policy_and_a_drafter_arm_are_drawn_and_named(tiny, dspark, monkeypatch):

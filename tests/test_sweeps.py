@@ -359,6 +359,24 @@ def test_against_best_fixed_pairs_each_repeat_with_its_own_best_fixed_policy():
         against_best_fixed(runs + [_run("mtp1", 1, 0, 10.0, 9.0, temp=1.0)])
 
 
+def test_the_best_fixed_policy_by_median_is_one_policy_for_every_repeat():
+    """Two fixed policies as fast as the scheduled one, each repeat's noise favouring a different one: each
+    repeat's fastest scores the scheduled policy 11/12 in two repeats of three (the fastest of two noisy
+    draws), the one fixed policy fastest by median (a tie at 11, broken by name: fixed:2) scores it 1.00."""
+    runs = []
+    for rep, (m, f) in enumerate(((10.0, 12.0), (12.0, 10.0), (11.0, 11.0))):
+        runs += [_run("mtp1", 4, rep, m, 1.0), _run("fixed:2", 4, rep, f, 1.0), _run("algorithm1", 4, rep, 11.0, 1.0)]
+    oracle, = against_best_fixed(runs)
+    assert oracle["ratio"] == pytest.approx(11 / 12) and oracle["choose"] == "repeat"
+    chosen, = against_best_fixed(runs, choose="median")
+    assert chosen["ratio"] == pytest.approx(1.0) and chosen["best"] == "fixed:2" and chosen["choose"] == "median"
+    assert chosen["low"] == pytest.approx(11 / 12) and chosen["high"] == pytest.approx(11 / 10)
+    assert "the fixed policy fastest by median across repeats" in format_against_best_fixed([chosen])
+    assert "each repeat's fastest fixed policy" in format_against_best_fixed([oracle])
+    with pytest.raises(LabkitError, match="choose is one of repeat, median"):
+        against_best_fixed(runs, choose="mean")
+
+
 def test_a_priced_arm_runs_its_steps_under_its_cost_model(encoded, dspark):
     """"algorithm1~rows" beside "algorithm1" in one sweep: the first prices every step at its own number of
     requests (recorded as price_rows), the second by the sweep's cost model (the pooled table)."""

@@ -52,6 +52,17 @@ PAPER: dict[str, PaperNumber] = {
 }
 
 
+#: Table 1's Qwen3-4B row (tau per round, T = 1, block 7, the bonus token counted), benchmark by benchmark
+PAPER_TABLE1_QWEN3_4B: dict[str, dict[str, float]] = {
+    "eagle3": {"GSM8K": 5.14, "MATH": 4.62, "AIME25": 3.92, "MBPP": 3.69, "HumanEval": 4.16, "LCB": 3.77,
+               "MT-Bench": 2.39, "Alpaca": 2.26, "Arena-Hard": 2.55},
+    "dflash": {"GSM8K": 5.40, "MATH": 4.85, "AIME25": 4.15, "MBPP": 4.40, "HumanEval": 4.74, "LCB": 4.18,
+               "MT-Bench": 3.07, "Alpaca": 2.96, "Arena-Hard": 2.83},
+    "dspark": {"GSM8K": 6.11, "MATH": 5.70, "AIME25": 4.89, "MBPP": 5.13, "HumanEval": 5.38, "LCB": 4.86,
+               "MT-Bench": 3.64, "Alpaca": 3.54, "Arena-Hard": 3.29},
+}
+
+
 def paper_number(key: str) -> PaperNumber:
     if key not in PAPER:
         raise LabkitError(f"no paper number {key!r}: pick one of {', '.join(sorted(PAPER))}.")

@@ -793,7 +793,8 @@ CLAIMS_HEADER = ("claim", "paper", "lab: measured on this CPU", "lab: simulated 
 def serving_claims(reports: Sequence[dict], sim: Sequence[dict] | None = None, sim_resampled: Sequence[dict] = (),
                    sim_gain: dict | None = None, knee_b: int | None = None, gamma: int | None = None,
                    static: str = "fixed", smoke: bool = False, sim_label: str = "the simulation",
-                   tie: float = 0.01, also_static: Sequence[str] = (), baseline: str = "mtp1") -> list[tuple]:
+                   tie: float = 0.01, also_static: Sequence[str] = (), baseline: str = "mtp1",
+                   scheduled: str = "algorithm1") -> list[tuple]:
     """The paper's serving claims (Sec. 5.3-5.4, Figs. 7-8, and a published engine port), claim by claim,
     beside this run's measured sweep (`reports`: one temperature's runs, with their repeats) and a
     simulation (`sim`: `labkit.core.simulate.sweep` results of one temperature; `sim_resampled`: the same
@@ -803,16 +804,20 @@ def serving_claims(reports: Sequence[dict], sim: Sequence[dict] | None = None, s
     (default: verify all; the port's row uses it), `also_static` more static policies (e.g. "fixed:4")
     for the row on static drafters under load. With `smoke`, every measured cell says the run concludes
     nothing (quick mode). `baseline` is the MTP-1 the gains and ratios are against: "mtp1" (DSpark's first
-    draft) or an arm serving the policy with a trained one-token drafter ("mtp1@mtp1"). Rows of CLAIMS_HEADER."""
+    draft) or an arm serving the policy with a trained one-token drafter ("mtp1@mtp1"); `scheduled` the load-aware
+    arm whose measured cells stand for the scheduler (default the paper's Algorithm 1; e.g. the whole-column
+    arm priced by whole steps, "algorithm1-column~steps"), while the simulated cells stay the paper's
+    Algorithm 1. Rows of CLAIMS_HEADER."""
     from labkit.lab.simulation_views import _ratio_cell
     cells = cells_of(reports)
     users = sorted({c["users"] for c in cells})
     lo, hi = users[0], users[-1]
-    gain = matched_gain(reports, "algorithm1", baseline)
+    gain = matched_gain(reports, scheduled, baseline)
+    name = _label(scheduled)
     paired = bool(reports) and all("repeat" in r for r in reports)
-    ratios = paired_ratios(reports, baseline, policies=["algorithm1", static, *also_static]) if paired else []
-    vs_static = paired_ratios(reports, static, policies=["algorithm1"]) if paired else []
-    a1 = {u: _cell(reports, "algorithm1", u) for u in users}
+    ratios = paired_ratios(reports, baseline, policies=[scheduled, static, *also_static]) if paired else []
+    vs_static = paired_ratios(reports, static, policies=[scheduled]) if paired else []
+    a1 = {u: _cell(reports, scheduled, u) for u in users}
     mtp = _cell(reports, baseline, lo)
     tau_a1 = a1[lo].get("tau") if a1[lo] else None
     tau_mtp = mtp.get("tau") if mtp else None
@@ -822,7 +827,7 @@ def serving_claims(reports: Sequence[dict], sim: Sequence[dict] | None = None, s
     knee = f"at B = {knee_b}" if knee_b else "beyond the profiled sizes"
     mtp_is = ("DSpark's own first draft, not a trained MTP module" if baseline == "mtp1" else
               f"a trained one-token drafter ({baseline.partition('@')[2]})")
-    why_common = (f"tau {_fmt(tau_a1)} here (Algorithm 1 at {lo} user) and {_fmt(tau_mtp)} for MTP-1, which here is "
+    why_common = (f"tau {_fmt(tau_a1)} here ({name} at {lo} user) and {_fmt(tau_mtp)} for MTP-1, which here is "
                   f"{mtp_is}; this CPU's knee {knee} against hundreds of tokens on a GPU; {lo}-{hi} users here, hundreds in "
                   "production; SmolLM2-135M on a 2-core CPU against DeepSeek-V4 on GPUs")
     tag = "SMOKE RUN, concludes nothing: " if smoke else ""
@@ -839,12 +844,12 @@ def serving_claims(reports: Sequence[dict], sim: Sequence[dict] | None = None, s
                                              if sim_gain else "-"), why_common)]
     rows.append(("verification budget per request at light load (Fig. 8)",
                  "about 4-6 tokens, against MTP-1's 2",
-                 tag + "Algorithm 1: " + _budget_text(a1[lo]),
+                 tag + f"{name}: " + _budget_text(a1[lo]),
                  simtext(f"Algorithm 1: {s_a1[sim_users[0]]['mean_verify_budget']:.2f} at {sim_users[0]} user(s)" if s_a1 else "-"),
                  "the budget is where a draft's survival stops paying for its share of the forward: this CPU's "
                  f"forward grows dear within a few tokens (knee {knee}), a GPU's stays cheap for hundreds"))
     rows.append(("the budget shrinks as load rises (Fig. 8)", "decreases smoothly with concurrency",
-                 tag + f"Algorithm 1: {_budget_text(a1[lo])} to {_budget_text(a1[hi])}",
+                 tag + f"{name}: {_budget_text(a1[lo])} to {_budget_text(a1[hi])}",
                  simtext(f"Algorithm 1: {s_a1[sim_users[0]]['mean_verify_budget']:.2f} at {sim_users[0]} to "
                          f"{s_a1[sim_users[-1]]['mean_verify_budget']:.2f} at {sim_users[-1]} users" if s_a1 else "-"),
                  f"the same mechanism; where it falls follows the device's knee and the loads ({lo}-{hi} users here)"))
@@ -864,7 +869,7 @@ def serving_claims(reports: Sequence[dict], sim: Sequence[dict] | None = None, s
     mid = [u for u in sim_users if 4 <= u <= 32]
     rows.append(("Algorithm 1 against a fixed K=7 (a published port)",
                  "+69.7% at 256 concurrent requests; 4.7% to 8.3% below at 4-32",
-                 tag + f"Algorithm 1 / {stat} throughput: " + _ratio_short(vs_static, "algorithm1", [lo, hi], tie),
+                 tag + f"{name} / {stat} throughput: " + _ratio_short(vs_static, scheduled, [lo, hi], tie),
                  simtext(f"Algorithm 1 / {stat}: " + sim_pair("algorithm1", static, mid + sim_users[-1:])),
                  f"verify-all here is K = gamma = {gamma or '?'}, the port's K = 7; another engine, model and traffic "
                  "there; a static deep K does best exactly where the forward still has room"))

@@ -270,7 +270,8 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
 
     JSON keys (later issues add, never rename): drafter, target, temperature, tau, tau_by_domain,
     position_acceptance, position_rounds (rounds behind each position), position_acceptance_by_domain,
-    position_rounds_by_domain, position_survival, tokens_per_s, n_prompts,
+    position_rounds_by_domain, position_survival, per_prompt_rounds ([tokens emitted in rounds, rounds] per
+    prompt), tokens_per_s, n_prompts,
     rounds, new_tokens, speedup_vs_hf, speedup_vs_hf_by_domain; for drafters with a confidence head
     also ece_by_position, auc_by_position, brier_by_position (after STS where fitted) and their *_raw.
     """
@@ -286,7 +287,7 @@ def run_eval(target: Target, prompts: list[Prompt], drafter: str, max_new_tokens
             "position_rounds": row["position_rounds"],
             "position_acceptance_by_domain": {d: v["position_acceptance"] for d, v in doms.items()},
             "position_rounds_by_domain": {d: v["position_rounds"] for d, v in doms.items()},
-            "position_survival": row["position_survival"],
+            "position_survival": row["position_survival"], "per_prompt_rounds": row["per_prompt_rounds"],
             "tokens_per_s": row["tokens_per_s"], "n_prompts": row["n_prompts"], "rounds": row["rounds"],
             "new_tokens": row["new_tokens"], "speedup_vs_hf": row["speedup_vs_hf"],
             "speedup_vs_hf_by_domain": {d: v["speedup_vs_hf"] for d, v in doms.items()},
