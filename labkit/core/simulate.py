@@ -482,8 +482,8 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     most the policy's `draft_cap`, and, with `adaptive_cap`, for a policy that chooses lengths from
     confidences at most one more than the length it chose for that request at its last step, a newcomer
     one more than the last step's longest, held at its length between probes where the policy has a
-    `probe_every` and skipped where its `probe_may_pay` says no (`next_draft_cap`): the engine's `Engine.draft_caps`, charged as a batch drafted
-    to its deepest cap); the policy gets the confidences, the
+    `probe_every`, a probe skipped where its `probe_may_pay` says no (`next_draft_cap`): the engine's
+    `Engine.draft_caps`, charged as a batch drafted to its deepest cap); the policy gets the confidences, the
     step's `RoundRate(cost.table, cost.fixed_s(R))` and, for the production variant, each request's
     confidences of two steps before; accepted = min(l_r, accept_len); the step takes
     cost.fixed_s(R) + 1 / cost.table.sps(batch_tokens(l)). `source` names the drafting cost to charge

@@ -498,7 +498,7 @@ class Engine:
         variant, a threshold) with `adaptive_cap`, one more than the length it chose for that request at
         its last step (a request admitted since: one more than the longest length of the last step;
         `next_draft_cap`, where a policy's `probe_every` keeps a request that stopped short of its cap at
-        its length except every few steps, and its `probe_may_pay` skips a probe no confidence could pay for).
+        its length except every few steps, and its `probe_may_pay` skips a probe not expected to pay).
 
         Why: drafting is paid before the policy decides, and under load Algorithm 1 verifies one or two
         drafts a request, so a whole block's sequential head steps would be paid for nothing; a batch-wide
