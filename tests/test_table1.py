@@ -12,7 +12,7 @@ from labkit.__main__ import main
 from labkit.core.errors import LabkitError
 from labkit.lab.paper import PAPER, PAPER_TABLE1_QWEN3_4B
 from labkit.lab.table1_views import paper_table1_rows, position_figure, table1_rows, table1_sentences
-from labkit.measure.table1 import macro_ratio, macro_tau, measure_table1, position_acceptance, table1_prompts
+from labkit.measure.table1 import acceptance_by_position, macro_ratio, macro_tau, measure_table1, table1_prompts
 from labkit.model.target import load_target
 from labkit.pipeline.prompt_sets import Prompt
 
@@ -32,8 +32,10 @@ def _result(cells, drafters=("dflash", "dspark"), files=("gsm8k", "mt-bench")):
 
 # two files, three prompts each: DSpark emits 20% more per round on every prompt of gsm8k, 50% more on mt-bench
 HAND = _result([
-    _cell("dflash", "gsm8k", [(30, 10), (40, 10), (20, 10)]), _cell("dspark", "gsm8k", [(36, 10), (48, 10), (24, 10)]),
-    _cell("dflash", "mt-bench", [(20, 10), (20, 10), (20, 10)]), _cell("dspark", "mt-bench", [(30, 10), (30, 10), (30, 10)]),
+    _cell("dflash", "gsm8k", [(30, 10), (40, 10), (20, 10)]),
+    _cell("dspark", "gsm8k", [(36, 10), (48, 10), (24, 10)]),
+    _cell("dflash", "mt-bench", [(20, 10), (20, 10), (20, 10)]),
+    _cell("dspark", "mt-bench", [(30, 10), (30, 10), (30, 10)]),
 ])
 
 
@@ -62,7 +64,7 @@ def test_acceptance_by_position_pools_the_files_by_their_rounds():
     """0.8 over 10 rounds and 0.4 over 30 at position 1 pool to (8 + 12) / 40 = 0.5."""
     result = _result([_cell("dspark", "gsm8k", [(3, 1)], acc=(0.8, 0.5), n=(10, 8)),
                       _cell("dspark", "mt-bench", [(3, 1)], acc=(0.4,), n=(30,))], drafters=("dspark",))
-    acc, rounds = position_acceptance(result, "dspark")
+    acc, rounds = acceptance_by_position(result, "dspark")
     assert acc == pytest.approx([0.5, 0.5]) and rounds == [40, 8]
     fig = position_figure(result)
     assert list(fig.data[0].y) == pytest.approx([0.5, 0.5])
@@ -87,7 +89,8 @@ def test_table_rows_and_sentences_follow_the_measurement():
     assert second == "DSpark against Eagle3: not measured (Eagle3 not in this table)."
     # one slice favours DFlash (0.80x), the other DSpark (1.28x): 1.01x overall, within noise
     noisy = _result([_cell("dflash", "gsm8k", [(30, 10), (20, 10)]), _cell("dspark", "gsm8k", [(20, 10), (31, 10)]),
-                     _cell("dflash", "mt-bench", [(20, 10), (20, 10)]), _cell("dspark", "mt-bench", [(20, 10), (20, 10)])])
+                     _cell("dflash", "mt-bench", [(20, 10), (20, 10)]),
+                     _cell("dspark", "mt-bench", [(20, 10), (20, 10)])])
     assert "1.01x DFlash's" in table1_sentences(noisy)[0] and "within noise" in table1_sentences(noisy)[0]
 
 

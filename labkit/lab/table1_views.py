@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 
 from labkit.core.evidence import describe_ratio
 from labkit.lab.paper import PAPER_TABLE1_QWEN3_4B, paper_row
-from labkit.measure.table1 import cell, macro_ratio, macro_tau, position_acceptance
+from labkit.measure.table1 import acceptance_by_position, cell, macro_ratio, macro_tau
 
 #: the paper's column for each lab file ("-": the paper has no such benchmark)
 PAPER_COLUMN = {"gsm8k": "GSM8K", "math500": "MATH", "aime25": "AIME25", "mbpp": "MBPP", "humaneval": "HumanEval",
@@ -79,7 +79,7 @@ def position_figure(result: dict, temperature: float = 1.0) -> go.Figure:
     """Acceptance at each draft position given the earlier ones accepted, one line per drafter (Fig. 2)."""
     fig = go.Figure()
     for d in result["drafters"]:
-        acc, rounds = position_acceptance(result, d, temperature)
+        acc, rounds = acceptance_by_position(result, d, temperature)
         fig.add_scatter(x=list(range(1, len(acc) + 1)), y=acc, mode="lines+markers", name=_name(d),
                         customdata=rounds, hovertemplate="position %{x}: %{y:.3f} over %{customdata} rounds")
     fig.update_layout(title=f"Acceptance by draft position, T = {temperature:g} ({result['target']}, "

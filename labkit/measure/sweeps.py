@@ -395,7 +395,7 @@ def against_best_fixed(reports: Sequence[dict], policy: str = "algorithm1",
     for users in sorted({u for u, _ in runs}):
         repeats = [got for (u, _), got in sorted(runs.items())
                    if u == users and policy in got and any(is_fixed(p) for p in got)]
-        by_median = _median_best(repeats)
+        by_median = _median_best(repeats) if choose == "median" else None
         ratios, winners = [], []
         for got in repeats:
             fixed = {p: v for p, v in got.items() if is_fixed(p)}

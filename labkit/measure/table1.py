@@ -47,8 +47,9 @@ def by_file(prompts: Sequence[Prompt]) -> dict[str, list[Prompt]]:
     return out
 
 
-def measure_table1(target, prompts: Sequence[Prompt], drafters: Sequence[str], temperatures: Sequence[float] = (1.0, 0.0),
-                   max_new_tokens: int = 128, seed: int = 0, progress: bool = True) -> dict:
+def measure_table1(target, prompts: Sequence[Prompt], drafters: Sequence[str],
+                   temperatures: Sequence[float] = (1.0, 0.0), max_new_tokens: int = 128, seed: int = 0,
+                   progress: bool = True) -> dict:
     """tau per (temperature, drafter, file) by `run_eval` (whole blocks verified every round), each cell
     with its per-prompt (tokens emitted, rounds) for intervals and its acceptance by position. JSON keys:
     target, device, dtype, max_new_tokens, seed, drafters, files, temperatures, prompt_set, cells
@@ -125,7 +126,8 @@ def macro_ratio(result: dict, drafter: str, over: str, temperature: float = 1.0,
     return bootstrap(ratio, x.shape[0], seed=seed)
 
 
-def position_acceptance(result: dict, drafter: str, temperature: float = 1.0) -> tuple[list[float | None], list[int]]:
+def acceptance_by_position(result: dict, drafter: str,
+                           temperature: float = 1.0) -> tuple[list[float | None], list[int]]:
     """Acceptance at draft position k given positions 1..k-1 accepted (the paper's Fig. 2) over every
     file's rounds: each cell's `labkit.core.trace.position_acceptance` weighted by the rounds behind it,
     which is that function over all the rounds at once; with the rounds behind each position."""
@@ -140,5 +142,5 @@ def position_acceptance(result: dict, drafter: str, temperature: float = 1.0) ->
     return [h / n if n else None for h, n in zip(hits, rounds)], rounds
 
 
-__all__ = ["LAB_NAMES", "TABLE1_FILES", "by_file", "cell", "macro_ratio", "macro_tau", "measure_table1",
-           "position_acceptance", "table1_prompts"]
+__all__ = ["LAB_NAMES", "TABLE1_FILES", "acceptance_by_position", "by_file", "cell", "macro_ratio", "macro_tau",
+           "measure_table1", "table1_prompts"]
