@@ -11,7 +11,8 @@ import pytest
 from labkit.__main__ import main
 from labkit.core.errors import LabkitError
 from labkit.lab.paper import PAPER, PAPER_TABLE1_QWEN3_4B
-from labkit.lab.table1_views import paper_table1_rows, position_figure, table1_rows, table1_sentences
+from labkit.lab.table1_views import (load_table1, paper_table1_rows, position_figure, table1_paper_row, table1_rows,
+                                     table1_sentences)
 from labkit.measure.table1 import acceptance_by_position, macro_ratio, macro_tau, measure_table1, table1_prompts
 from labkit.model.target import load_target
 from labkit.pipeline.prompt_sets import Prompt
@@ -143,3 +144,16 @@ def test_the_table1_command_writes_its_json_and_prints_each_temperature(tiny_mod
     assert result["files"] == ["gsm8k", "mbpp"] and result["drafters"] == ["prompt-lookup", "layer-skip"]
     printed = capsys.readouterr().out
     assert "T = 1\n| benchmark |" in printed and "T = 0\n| benchmark |" in printed and "macro average" in printed
+
+
+def test_the_closing_row_reads_a_saved_table_or_says_it_was_not_measured(tmp_path):
+    saved = tmp_path / "table1.json"
+    saved.write_text(json.dumps(dict(HAND, max_new_tokens=128)))
+    row = table1_paper_row(load_table1(saved), "t.json")
+    assert row[2].startswith("1.320 [") and row[3] == "above the paper's range"
+    assert "t.json): temperature 1, 2 files, 3 prompts each, 128 new tokens" in row[4]
+    assert load_table1(tmp_path / "none.json") is None
+    missing = table1_paper_row(None, "none.json")
+    assert missing[2] == "not measured in this run" and "not in none.json" in missing[4]
+    greedy_only = dict(HAND, temperatures=[0.0])
+    assert table1_paper_row(greedy_only, "g.json")[2] == "not measured in this run"

@@ -4,7 +4,9 @@ headlines with their intervals, and acceptance by position (the paper's Fig. 2),
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import plotly.graph_objects as go
 
@@ -75,6 +77,23 @@ def paper_table1_rows() -> tuple[tuple[str, ...], list[tuple]]:
     return ("Qwen3-4B drafter", *cols, "macro"), rows
 
 
+def load_table1(path: str | Path) -> dict | None:
+    """A `measure_table1` result from its JSON, or None where the file does not exist (not measured yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table1_paper_row(result: dict | None, source: str) -> tuple:
+    """The closing-table row (`paper_row`) for DSpark over DFlash at T = 1 from a Table 1 result read from
+    `source`, or the row that says it was not measured there."""
+    if not (result and {"dspark", "dflash"} <= set(result["drafters"]) and 1.0 in result["temperatures"]):
+        return paper_row("dspark_over_dflash_tau", None, f"Table 1 at temperature 1 is not in {source}")
+    why = (f"Table 1 as committed ({source}): temperature 1, {len(result['files'])} files, "
+           f"{result['cells'][0]['n_prompts']} prompts each, {result['max_new_tokens']} new tokens; the paper's "
+           "drafters are 5-layer at block 7 on Qwen3, trained on 1.3 M prompts for 10 epochs")
+    return paper_row("dspark_over_dflash_tau", macro_ratio(result, "dspark", "dflash", 1.0), why, units="prompt slices")
+
+
 def position_figure(result: dict, temperature: float = 1.0) -> go.Figure:
     """Acceptance at each draft position given the earlier ones accepted, one line per drafter (Fig. 2)."""
     fig = go.Figure()
@@ -88,4 +107,5 @@ def position_figure(result: dict, temperature: float = 1.0) -> go.Figure:
     return fig
 
 
-__all__ = ["PAPER_COLUMN", "paper_table1_rows", "position_figure", "table1_rows", "table1_sentences"]
+__all__ = ["PAPER_COLUMN", "load_table1", "paper_table1_rows", "position_figure", "table1_paper_row", "table1_rows",
+           "table1_sentences"]
