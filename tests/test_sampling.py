@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from labkit.core.errors import LabkitError
+from labkit.core.stats import chi_square_test
 from labkit.core.sampling import SamplingParams, logits_to_probs, residual, sample, top_p_filter, verify_chain, verify_greedy
 
 
@@ -218,6 +219,38 @@ def test_sample_never_draws_zero_probability_tokens():
     draws = sample(probs, torch.Generator().manual_seed(0))
     assert draws.shape == (2000,)
     assert set(draws.unique().tolist()) == {1, 3}
+
+
+def test_sample_draws_each_row_from_its_own_distribution_and_a_wrong_one_is_rejected():
+    """Inverse-CDF draws pass Pearson's test (at least 7 degrees of freedom) against their own rows, a
+    49,152-token row included, and the same draws fail against a shifted distribution."""
+    gen = torch.Generator().manual_seed(3)
+    small = torch.softmax(torch.randn(8, generator=gen), -1)
+    big = torch.softmax(3 * torch.randn(49_152, generator=gen), -1)
+    for probs in (small, big):
+        draws = sample(probs.expand(6000, -1), torch.Generator().manual_seed(1))
+        fit = chi_square_test(torch.bincount(draws, minlength=probs.numel()), probs)
+        assert fit.dof >= 7 and fit.p_value > 1e-3
+    wrong = torch.roll(small, 1)
+    draws = sample(small.expand(6000, -1), torch.Generator().manual_seed(1))
+    assert chi_square_test(torch.bincount(draws, minlength=8), wrong).p_value < 1e-6
+
+
+def test_sample_reads_unnormalised_rows_and_is_reproducible_from_its_generator():
+    probs = torch.tensor([[2.0, 0.0, 6.0], [0.0, 0.0, 1.0]])
+    first = sample(probs.repeat(500, 1), torch.Generator().manual_seed(7))
+    again = sample(probs.repeat(500, 1), torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    assert set(first[1::2].tolist()) == {2} and 1 not in first[0::2].tolist()
+    share = float((first[0::2] == 2).float().mean())
+    assert abs(share - 0.75) < 0.06  # 500 draws: 4 standard deviations of 0.019
+
+
+@pytest.mark.parametrize("row", [[0.5, -0.1, 0.6], [0.5, float("nan"), 0.5], [0.0, 0.0, 0.0],
+                                 [float("inf"), 0.0, 1.0]])
+def test_sample_refuses_a_row_it_cannot_draw_from(row):
+    with pytest.raises(LabkitError, match="cannot sample"):
+        sample(torch.tensor(row), torch.Generator().manual_seed(0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -575,6 +575,14 @@ def seconds_table(seconds: list[float]) -> CostTable:
     return CostTable("test", "hand", "exact", list(range(1, len(seconds) + 1)), [1.0 / s for s in seconds])
 
 
+def test_a_newcomer_drafts_the_last_steps_longest_length_and_one_draft_at_first():
+    from labkit.core.scheduler import newcomer_cap
+    assert newcomer_cap(None) == 1  # the first step: nothing verified yet, one draft (never a whole block)
+    assert newcomer_cap([]) == 1
+    assert newcomer_cap([0, 0]) == 1  # the last step verified nothing: one draft still reads a confidence
+    assert newcomer_cap([1, 3, 2]) == 3  # the widest verified, not one past it
+
+
 def test_a_next_column_may_pay_where_its_expected_confidences_would_raise_theta():
     """`next_column_may_pay` expects each next draft to survive with its predecessor's survival times its
     own confidence where it was drafted, else the last drafted one repeated: two requests at width 1 with

@@ -323,19 +323,20 @@ def test_tokens_stream_in_order_as_they_are_emitted(tiny, dspark):
 
 def test_a_length_choosing_policy_drafts_one_past_each_requests_last_length(tiny, dspark):
     """Algorithm 1 under a steep table: every request drafts at most one more token than the length the
-    policy chose for it at its last step (the adaptive cap, per request), a newcomer one more than the
-    last step's longest, never a whole block it would not verify; a fixed policy is not capped that
-    way; and greedy outputs still equal solo greedy."""
+    policy chose for it at its last step (the adaptive cap, per request), a newcomer the last step's
+    longest (at least one; one at the first step), never a whole block it would not verify; a fixed policy
+    is not capped that way; and greedy outputs still equal solo greedy."""
     requests = mixed_requests(6)
     engine, rep = serve(tiny, dspark, requests, 3, "algorithm1", steep_table())
     last: dict[int, int] = {}
     for prev, step in zip(engine.steps, engine.steps[1:]):
         last.update(zip(prev.ids, prev.lengths))
         for rid, cap, drafted in zip(step.ids, step.caps, step.drafted):
-            assert cap == (last[rid] + 1 if rid in last else max(prev.lengths, default=0) + 1)
+            assert cap == (last[rid] + 1 if rid in last else max(1, max(prev.lengths, default=0)))
             assert drafted <= cap
         assert step.cap == max(step.caps)
-    assert engine.steps[0].cap is None and any(s.cap < dspark.gamma for s in engine.steps[1:])
+    assert engine.steps[0].caps == [1] * len(engine.steps[0].ids)  # nothing known yet: one draft each
+    assert any(s.cap < dspark.gamma for s in engine.steps[1:])
     # caps differ within a step: a request verified short drafts less than one verified deep
     assert any(len(set(s.caps)) > 1 for s in engine.steps[1:])
     for r in rep["requests"]:
@@ -366,14 +367,14 @@ def test_a_probing_policy_drafts_past_a_held_length_only_on_probe_steps(tiny, ds
     """`algorithm1-column` probes every 4th step (`probe_every`): each step's caps follow `next_draft_cap` and
     `held_after` from the steps before, some request was held at its length off a probe step, and a held
     request never drafted past its length off a probe step."""
-    from labkit.core.scheduler import held_after, next_draft_cap
+    from labkit.core.scheduler import held_after, newcomer_cap, next_draft_cap
     engine, _ = serve(tiny, dspark, mixed_requests(12), 4, "algorithm1-column", steep_table(0.15))
     assert engine.policy.probe_every == 4
     held: dict[int, bool] = {}
     last: dict[int, int] = {}
     kept = 0
     for i, step in enumerate(engine.steps):
-        newcomer = max(engine.steps[i - 1].lengths, default=0) + 1 if i else None
+        newcomer = newcomer_cap(engine.steps[i - 1].lengths if i else None)
         for rid, cap, length in zip(step.ids, step.caps, step.lengths):
             assert cap == next_draft_cap(last.get(rid), held.get(rid, False), newcomer, i, 4, step.probe_may_pay)
             if held.get(rid) and (i % 4 or not step.probe_may_pay):

@@ -129,14 +129,17 @@ def test_step_time_is_drafting_plus_one_over_sps_of_the_batch_tokens():
 
 def test_drafting_is_capped_as_the_engine_caps_it_and_charged_by_the_cap():
     """A policy that chooses lengths drafts at most one past the longest length it chose last step
-    (`Engine.draft_cap`); the drafting charged runs on the line from one draft to a whole block."""
-    cost = SimCost(steep_table(1.0), DraftCost(launch_s=0.08), draft_one=DraftCost(launch_s=0.01), gamma=8)
+    (`Engine.draft_caps`), one draft at its first step (`newcomer_cap`); the drafting charged runs on
+    the line from one draft to a whole block."""
+    cost = SimCost(steep_table(0.1), DraftCost(launch_s=0.08), draft_one=DraftCost(launch_s=0.01), gamma=8)
     trace = RequestTrace("math", [TraceRound((0.95, 0.9, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3), 2)], n_tokens=60)
-    res = simulate([trace], 1, "algorithm1", cost, n_requests=1, max_steps=4, record_steps=True)
+    res = simulate([trace], 1, "algorithm1", cost, n_requests=1, max_steps=5, record_steps=True)
     for prev, step in zip(res.step_trace, res.step_trace[1:]):
         assert max(step.drafted) <= max(prev.lengths) + 1
-    assert res.step_trace[0].drafted == [8] and res.step_trace[1].drafted[0] < 8
-    k = res.step_trace[1].drafted[0]
+    # one draft first, then one more a step while Algorithm 1 verifies all of it, held one past its 3
+    assert [s.drafted[0] for s in res.step_trace] == [1, 2, 3, 4, 4]
+    assert [s.lengths[0] for s in res.step_trace] == [1, 2, 3, 3, 3]
+    k = res.step_trace[2].drafted[0]
     assert cost.draft_s(1, tokens=k) == pytest.approx(0.01 + 0.07 * (k - 1) / 7)
     assert cost.draft_s(1, tokens=None) == cost.draft_s(1, tokens=8) == 0.08 and cost.draft_s(1, tokens=0) == 0.0
     free = simulate([trace], 1, "algorithm1", cost, n_requests=1, max_steps=4, record_steps=True, adaptive_cap=False)

@@ -68,10 +68,27 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of probabilities (..., V) -> (...) token ids."""
+    """One draw per row of probabilities (..., V) -> (...) token ids, by the inverse CDF: the first token
+    whose cumulative mass (float64) exceeds u x the row's total, u uniform on [0, 1) from `generator`.
+
+    Exact for the row as given (a token of zero mass is never drawn; rows need not sum to 1) and one
+    uniform per row. Why not `torch.multinomial`: on this CPU it took 1.3-1.6 ms a 49,152-token row
+    against 0.12 ms here, about 9% of an 8-user engine step at T = 1 (data/serving/, session 12), paid by
+    every sampled request at every step. Rows are drawn one at a time, which measured 3x faster than one
+    batched cumsum over (R, V) float64."""
     flat = probs.reshape(-1, probs.shape[-1])
-    draws = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
-    return draws
+    if flat.shape[-1] == 0:
+        raise LabkitError("cannot sample from rows of zero tokens.")
+    draws = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for i, row in enumerate(flat):
+        cdf = row.to(torch.float64).cumsum(0)
+        total = cdf[-1]
+        if not (bool(torch.isfinite(total)) and float(total) > 0.0) or bool((row < 0).any()):
+            raise LabkitError("cannot sample from a row with negative, NaN or infinite entries, or no mass: "
+                              "check the logits and the sampling settings (temperature, top-k, top-p).")
+        u = torch.rand((1,), generator=generator, dtype=torch.float64, device=flat.device) * total
+        draws[i] = torch.searchsorted(cdf, u, right=True).clamp_max(flat.shape[-1] - 1)[0]
+    return draws.view(probs.shape[:-1])
 
 
 def sample_logits(logits: torch.Tensor, params: SamplingParams,

@@ -519,11 +519,22 @@ def _lengths_of(path: AdmissionPath, k: int, n_req: int, start: list[int] | None
     return lengths
 
 
+def newcomer_cap(last_lengths: list[int] | None) -> int:
+    """The draft cap of a request new since the last step under a policy that chooses lengths from
+    confidences (`next_draft_cap`'s `newcomer`): the longest length the last step verified, at least one
+    draft (one at the first step). Not one past it: a newcomer that verifies all of its cap is not held and
+    grows by one a step from there, while under load, where every request verifies one draft, a newcomer
+    drafting two made its step run the drafter's head twice (at 8 users on this CPU 26 of 108 steps drafted
+    past what they verified, a second head step costing about 7 ms of a 112 ms step, data/serving/,
+    session 12), and an uncapped first step drafted whole blocks nobody could verify."""
+    return max(1, max(last_lengths or [0]))
+
+
 def next_draft_cap(last_length: int | None, held: bool, newcomer: int | None, step: int,
                    probe_every: int | None = None, may_pay: bool = True) -> int | None:
     """How many tokens a request drafts next under a policy that chooses lengths from confidences: one
     past the length the policy chose for it at its last step (`last_length`; a request new since then:
-    `newcomer`, one past the last step's longest), so its cap grows while the policy wants more of it.
+    `newcomer`, `newcomer_cap`), so its cap grows while the policy wants more of it.
 
     With `probe_every` P, a request `held` at its length (`held_after`: the policy stopped it short of a
     draft it paid for) drafts only that length (at least one) except at every P-th engine `step`, where

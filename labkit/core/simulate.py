@@ -54,7 +54,7 @@ from labkit.core.errors import LabkitError
 from labkit.core.step_fit import StepRate
 from labkit.core.scheduler import (APPENDIX_A_P_D, APPENDIX_A_P_T, AppendixAArithmetic, CostTable, HasSPS, POLICIES,
                                    RoundRate, ScheduleInput, _first_token_a_given, appendix_a_a1, appendix_a_c2,
-                                   appendix_a_table, expected_throughput, held_after, make_policy, next_draft_cap,
+                                   appendix_a_table, expected_throughput, held_after, make_policy, newcomer_cap, next_draft_cap,
                                    packed_tokens, whole_number)
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,7 +481,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     A step: each active request drafts its current round (at most its remaining tokens - 1 drafts, at
     most the policy's `draft_cap`, and, with `adaptive_cap`, for a policy that chooses lengths from
     confidences at most one more than the length it chose for that request at its last step, a newcomer
-    one more than the last step's longest, held at its length between probes where the policy has a
+    the last step's longest (`newcomer_cap`), held at its length between probes where the policy has a
     `probe_every`, a probe skipped where its `probe_may_pay` says no (`next_draft_cap`): the engine's
     `Engine.draft_caps`, charged as a batch drafted to its deepest cap); the policy gets the confidences, the
     step's `RoundRate(cost.table, cost.fixed_s(R))` and, for the production variant, each request's
@@ -527,7 +527,7 @@ def simulate(queue: Sequence[RequestTrace], users: int, policy, cost: SimCost, n
     refill()
     while active and (drain or finished < n_requests) and (max_steps is None or n_steps < max_steps):
         ids = list(active)
-        newcomer = max(last_lengths, default=0) + 1 if adaptive and last_lengths is not None else None
+        newcomer = newcomer_cap(last_lengths) if adaptive else None
         confs, accept, caps = [], [], []
         for rid in ids:
             own = next_draft_cap(last_length.get(rid), held.get(rid, False), newcomer, n_steps,
@@ -639,7 +639,9 @@ def appendix_a_simulated() -> AppendixAArithmetic:
                for i, x in enumerate("AB")}
 
     def step(x: str, policy) -> SimStep:
-        return simulate([request[x]], 1, policy, cost, max_steps=1, record_steps=True).step_trace[0]
+        # both drafts exist before the policy decides, as in the appendix: no adaptive cap
+        return simulate([request[x]], 1, policy, cost, max_steps=1, record_steps=True,
+                        adaptive_cap=False).step_trace[0]
 
     fixed = [make_policy("fixed", cap=k) for k in range(3)]
     out = AppendixAArithmetic(appendix_a_a1(), step("A", fixed[0]).theta, step("A", fixed[1]).theta,

@@ -56,7 +56,7 @@ from labkit.core.errors import LabkitError
 from labkit.core.layout import attention_weight
 from labkit.core.sampling import SamplingParams, Verdict
 from labkit.core.scheduler import (CostTable, HasSPS, RoundRate, ScheduleInput, held_after, make_policy,
-                                   next_draft_cap, packed_tokens, running_mean)
+                                   newcomer_cap, next_draft_cap, packed_tokens, running_mean)
 from labkit.core.step_fit import FIT_WEIGHT, StepFit, StepRate
 from labkit.model.target import Target
 from labkit.core.trace import MIN_ROUNDS, Round, mean_tau, position_acceptance, position_counts
@@ -496,7 +496,7 @@ class Engine:
         """The most tokens each request drafts this step: the policy's own cap (MTP-1: 1, fixed:K: K),
         `max_draft`, and for a policy that chooses lengths from confidences (Algorithm 1, the production
         variant, a threshold) with `adaptive_cap`, one more than the length it chose for that request at
-        its last step (a request admitted since: one more than the longest length of the last step;
+        its last step (a request admitted since: the longest length of the last step, `newcomer_cap`;
         `next_draft_cap`, where a policy's `probe_every` keeps a request that stopped short of its cap at
         its length except every few steps, and its `probe_may_pay` skips a probe not expected to pay).
 
@@ -508,7 +508,7 @@ class Engine:
         a step while the policy wants more of it."""
         shared = [c for c in (self.max_draft, self.policy.draft_cap) if c is not None]
         adaptive = self.adaptive_cap and getattr(self.policy, "chooses_lengths", False)
-        newcomer = max(self.steps[-1].lengths, default=0) + 1 if adaptive and self.steps else None
+        newcomer = newcomer_cap(self.steps[-1].lengths if self.steps else None) if adaptive else None
         probe_every = getattr(self.policy, "probe_every", None)
         out = []
         for rid in ids:
