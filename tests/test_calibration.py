@@ -289,7 +289,23 @@ def test_acceptance_ratio_counts_only_verified_and_reached_drafts():
     r.update(torch.tensor([[0.8, 0.5, 0.5], [0.6, 0.9, 0.9]]), [3, 1], [1, 1])
     assert r.predicted == pytest.approx([1.4, 0.5, 0.0])
     assert r.accepted == [2.0, 0.0, 0.0]
-    assert r.ratios == pytest.approx([3.0 / 2.4, 1.0 / 1.5, 1.0])
+    # each position's prior is the ratio before it: 1.25, then (0 + 1.25) / 1.5, then unobserved: the same
+    assert r.ratios == pytest.approx([3.0 / 2.4, 1.25 / 1.5, 1.25 / 1.5])
+
+
+def test_a_deep_position_without_verdicts_inherits_the_correction_learnt_before_it():
+    """Only position 1 is ever verified, accepted half as often as predicted: position 1 moves to about
+    0.5 and the never-verified positions 2-3 read the same ratio; a position with verdicts of its own
+    (accepted as predicted) moves back toward 1 from there."""
+    from labkit.core.calibration import AcceptanceRatio
+    r = AcceptanceRatio(3, prior=4.0)
+    for i in range(400):
+        r.update(torch.tensor([[0.8, 0.8, 0.8]]), [1], [int(i % 8 < 2)])  # accepted 2 of 8: 0.25 / 0.8 = 0.31
+    first = r.ratios[0]
+    assert first == pytest.approx((100 + 4.0) / (320 + 4.0)) and r.ratios[1:] == pytest.approx([first, first])
+    for _ in range(400):
+        r.update(torch.tensor([[0.5, 0.5, 0.5]]), [2], [2])  # position 2 reached and accepted every time
+    assert r.ratios[1] > 1.0 > r.ratios[0] and r.ratios[2] == pytest.approx(r.ratios[1])
 
 
 def test_acceptance_ratio_recovers_a_known_miscalibration_and_starts_at_one():

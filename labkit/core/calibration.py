@@ -539,8 +539,15 @@ ONLINE_PRIOR = 32.0
 @dataclass
 class AcceptanceRatio:
     """Per position k, how often a verified draft k that was reached (drafts 1..k-1 accepted) was
-    accepted, over what its confidence c_k predicted: rho_k = (accepted_k + m) / (predicted_k + m),
-    m = `prior` pseudo-observations at rho = 1. `scale` multiplies c_k by rho_k (clipped to [0, 1]).
+    accepted, over what its confidence c_k predicted: rho_k = (accepted_k + m rho_{k-1}) / (predicted_k + m),
+    m = `prior` pseudo-observations at the ratio of the position before (rho_0 = 1). `scale` multiplies
+    c_k by rho_k (clipped to [0, 1]).
+
+    Why the position before and not 1: under load a policy rarely verifies deep drafts, so a deep
+    position's own verdicts are few, and with a prior at 1 its confidences stayed uncorrected while
+    position 1 had learnt 0.7; the deep columns the policy then admitted at T = 1 emitted 10-25% fewer
+    tokens than it expected (data/serving/, session 12). A position with its own evidence still goes its
+    own way (its verdicts outweigh the m pseudo-observations).
 
     Why: STS fits c_k offline on the drafter's own data; served prompts can differ (on the public
     benchmark prompts at T = 1 the shipped DSpark's verified drafts were accepted about 0.7 times as
@@ -561,7 +568,11 @@ class AcceptanceRatio:
 
     @property
     def ratios(self) -> list[float]:
-        return [(a + self.prior) / (p + self.prior) for a, p in zip(self.accepted, self.predicted)]
+        out, before = [], 1.0
+        for a, p in zip(self.accepted, self.predicted):
+            before = (a + self.prior * before) / (p + self.prior)
+            out.append(before)
+        return out
 
     def scale(self, conf: torch.Tensor) -> torch.Tensor:
         """(R, K) confidences times rho_k by column, clipped to [0, 1] (columns past gamma unchanged)."""
