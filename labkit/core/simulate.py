@@ -54,8 +54,8 @@ from labkit.core.errors import LabkitError
 from labkit.core.step_fit import StepRate
 from labkit.core.scheduler import (APPENDIX_A_P_D, APPENDIX_A_P_T, AppendixAArithmetic, CostTable, HasSPS, POLICIES,
                                    RoundRate, ScheduleInput, _first_token_a_given, appendix_a_a1, appendix_a_c2,
-                                   appendix_a_table, expected_throughput, held_after, make_policy, newcomer_cap, next_draft_cap,
-                                   packed_tokens, whole_number)
+                                   appendix_a_table, expected_throughput, held_after, make_policy, newcomer_cap,
+                                   next_draft_cap, packed_tokens, whole_number)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Exact replay of an engine's step trace
