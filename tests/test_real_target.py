@@ -108,8 +108,14 @@ def test_real_next_token_distribution_with_layer_skip_draft(real_target, chi2_go
     params = SamplingParams(1.0, 0.9)
     drafter = LayerSkipDrafter(real_target, LayerSkipConfig(n_layers=real_target.num_layers - 1, gamma=1,
                                                            stop_below=0.0))
-    p_t, p_d, support = next_token_pair(real_target, drafter, params)
-    acceptance = torch.minimum(p_t, p_d).sum().item()
+    # the first of these contexts where the draft is neither almost always accepted nor almost never (the
+    # context ends in a token sampled with seed 0, so the sampler decides which; the prompts are fixed, so
+    # the choice is too)
+    for prompt in ("Write a short poem about the sea.", "What do you like about autumn?"):
+        p_t, p_d, support = next_token_pair(real_target, drafter, params, prompt)
+        acceptance = torch.minimum(p_t, p_d).sum().item()
+        if 0.1 < acceptance < 0.9:
+            break
     assert 0.1 < acceptance < 0.9, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
 
     counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=0)
@@ -184,7 +190,8 @@ def test_real_sampled_decoding_with_trained_drafter_follows_target(real_target, 
     drafter = make_drafter(name, real_target)
     # the first of these contexts where the draft is neither almost always accepted nor almost never
     # (the test needs both outcomes to have power); the prompts are fixed, so the choice is too
-    for prompt in ("Write a short poem about the sea.", "Give three tips for staying healthy."):
+    for prompt in ("Write a short poem about the sea.", "Give three tips for staying healthy.",
+                   "What do you like about autumn?"):
         p_t, p_d, support = next_token_pair(real_target, drafter, params, prompt)
         acceptance = torch.minimum(p_t, p_d).sum().item()
         if 0.05 < acceptance < 0.95:

@@ -82,14 +82,15 @@ def test_greedy_speculative_equals_ar(gemma, prompt_ids, ar_outputs, spec):
 def assert_first_token_follows_target(gemma, drafter, chi2_gof, prompts, band: float, seed: int,
                                       min_df: int = 1) -> None:
     """10000 first emitted tokens at temperature 1, top-p 0.9, on the first prompt whose acceptance lies
-    in (band, 1 - band) (the test needs both outcomes); chi-square against p_t at alpha 0.001 on the
+    in (band, 1 - band) (the test needs both outcomes) and whose p_t leaves more than `min_df` cells of
+    at least 5 expected draws (the test needs the degrees of freedom it asserts); chi-square against p_t at alpha 0.001 on the
     union of the two supports. The same draws through a verifier that resamples p_t instead of the
     residual must be rejected, or the test had no power."""
     params = SamplingParams(1.0, 0.9)
-    for prompt in prompts:
+    for prompt in prompts:  # the context ends in a sampled token, so the sampler decides which prompt serves
         p_t, p_d, support = next_token_pair(gemma, drafter, params, prompt)
         acceptance = torch.minimum(p_t, p_d).sum().item()
-        if band < acceptance < 1 - band:
+        if band < acceptance < 1 - band and int((p_t * N_DRAWS >= 5).sum()) > min_df:
             break
     assert band < acceptance < 1 - band, f"acceptance {acceptance:.2f}: need both accepted and rejected drafts"
     counts = first_token_counts(verify_chain, p_t, p_d, N_DRAWS, seed=seed)
@@ -113,7 +114,8 @@ def test_next_token_distribution_with_layer_skip_draft(gemma, chi2_gof):
 
 # Open questions whose next token is spread over many words, so the test has power (about 50-220
 # degrees of freedom at 10000 draws) where a rejected draft is resampled from the residual.
-OPEN_PROMPTS = ("What is your favorite food?", "Give me a random word.", "Tell me a story.")
+OPEN_PROMPTS = ("What is your favorite food?", "Give me a random word.", "Tell me a story.",
+                "What should I cook tonight?")
 
 
 def test_next_token_distribution_with_the_trained_dspark(gemma, chi2_gof):
