@@ -83,23 +83,22 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     u = torch.rand(flat.shape[0], generator=generator, dtype=torch.float64, device=flat.device)
     if flat.device.type == "cpu":
         cdf = [row.to(torch.float64).cumsum(0) for row in flat]
-        totals = torch.stack([c[-1] for c in cdf]) if cdf else u
-        if not bool(torch.isfinite(totals).all() and (totals > 0).all()) or bool((flat < 0).any()):
-            raise _unsampleable()
+        _check_rows(flat, torch.stack([c[-1] for c in cdf]) if cdf else u)
         draws = [torch.searchsorted(c, (x * c[-1]).view(1), right=True) for c, x in zip(cdf, u)]
         out = torch.cat(draws) if draws else torch.empty(0, dtype=torch.long)
     else:
         cdf = flat.to(torch.float64).cumsum(-1)
         totals = cdf[:, -1:]
-        if not bool(torch.isfinite(totals).all() and (totals > 0).all()) or bool((flat < 0).any()):
-            raise _unsampleable()
+        _check_rows(flat, totals)
         out = torch.searchsorted(cdf, u.unsqueeze(-1) * totals, right=True).squeeze(-1)
     return out.clamp_max(flat.shape[-1] - 1).view(probs.shape[:-1])
 
 
-def _unsampleable() -> LabkitError:
-    return LabkitError("cannot sample from a row with negative, NaN or infinite entries, or no mass: "
-                       "check the logits and the sampling settings (temperature, top-k, top-p).")
+def _check_rows(flat: torch.Tensor, totals: torch.Tensor) -> None:
+    """Refuse rows with a negative entry, or whose total mass is NaN, infinite or zero."""
+    if not bool(torch.isfinite(totals).all() and (totals > 0).all()) or bool((flat < 0).any()):
+        raise LabkitError("cannot sample from a row with negative, NaN or infinite entries, or no mass: "
+                          "check the logits and the sampling settings (temperature, top-k, top-p).")
 
 
 def sample_logits(logits: torch.Tensor, params: SamplingParams,
