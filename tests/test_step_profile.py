@@ -45,6 +45,24 @@ def test_the_profile_times_every_shape_and_keeps_whole_steps_as_rows_by_width(ti
     assert "tiny-dspark" in table.model and tiny.name in table.model
 
 
+def test_a_sampled_profile_serves_sampled_requests_and_names_its_temperature(tiny, dspark, monkeypatch):
+    served = []
+
+    class Recording(step_profile.Engine):
+        def add_many(self, requests):
+            served.extend(r.params for r in requests)
+            return super().add_many(requests)
+
+    monkeypatch.setattr(step_profile, "Engine", Recording)
+    sampled, _ = profile_engine_steps(tiny, dspark, "d", rows=(2,), widths=(0, 1), kv_len=8, repeats=1,
+                                      temperature=1.0)
+    assert served and all(p.temperature == 1.0 for p in served)
+    served.clear()
+    greedy, _ = profile_engine_steps(tiny, dspark, "d", rows=(2,), widths=(0, 1), kv_len=8, repeats=1)
+    assert served and all(p.greedy for p in served)
+    assert sampled.model.endswith("(engine steps, T=1)") and greedy.model.endswith("(engine steps)")
+
+
 def test_the_profile_refuses_widths_the_block_cannot_draft_and_requests_past_the_window(tiny, dspark):
     with pytest.raises(LabkitError, match="widths up to 3"):
         profile_engine_steps(tiny, dspark, "d", rows=(1,), widths=(0, 4), kv_len=8, repeats=1)

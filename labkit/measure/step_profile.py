@@ -69,20 +69,22 @@ class VerifyWidth:
         return [min(self.width, m) for m in inp.max_lengths]
 
 
-def step_table_model(target: Target, drafter_spec: str) -> str:
-    """The `model` key of a whole-step table: the target and the drafter it was profiled with."""
-    return f"{target.name} + {drafter_spec} (engine steps)"
+def step_table_model(target: Target, drafter_spec: str, temperature: float = 0.0) -> str:
+    """The `model` key of a whole-step table: the target, the drafter it was profiled with and, for sampled
+    steps, the temperature (a sampled step also pays for probability rows and draws)."""
+    served = f", T={float(temperature):g}" if temperature > 0 else ""
+    return f"{target.name} + {drafter_spec} (engine steps{served})"
 
 
 def _fresh_engines(target: Target, drafter: Drafter, rows: Sequence[int], kv_len: int, new_tokens: int,
-                   gen: torch.Generator, seed: int) -> dict[int, Engine]:
+                   gen: torch.Generator, seed: int, params: SamplingParams) -> dict[int, Engine]:
     """One engine per row count, filled with that many requests over random prompts, each engine stepped
     once untimed (whatever a drafter sets up on a request's first step is not a step's cost)."""
     engines = {}
     for r in rows:
         engine = Engine(target, drafter, "mtp1")
         ids = torch.randint(0, target.vocab_size, (r, kv_len), generator=gen).tolist()
-        refused = engine.add_many([ServeRequest(i, "", ids[i], new_tokens, SamplingParams(), seed + i)
+        refused = engine.add_many([ServeRequest(i, "", ids[i], new_tokens, params, seed + i)
                                    for i in range(r)])
         if refused:
             raise LabkitError(f"profiling could not admit its requests: {next(iter(refused.values())).error}")
@@ -95,15 +97,19 @@ def _fresh_engines(target: Target, drafter: Drafter, rows: Sequence[int], kv_len
 def profile_engine_steps(target: Target, drafter: Drafter, drafter_spec: str,
                          rows: Sequence[int] = STEP_ROWS, widths: Sequence[int] = STEP_WIDTHS,
                          kv_len: int = STEP_KV_LEN, repeats: int = STEP_REPEATS, seed: int = 0,
-                         progress: bool = False, clock: Callable[[], float] = time.perf_counter
-                         ) -> tuple[CostTable, list[dict]]:
+                         progress: bool = False, clock: Callable[[], float] = time.perf_counter,
+                         temperature: float = 0.0) -> tuple[CostTable, list[dict]]:
     """The whole-step table of `drafter` on `target` (module docstring) and its points, one per (R, W):
     {"rows", "width" (1 + W tokens a row), "drafts" (W), "batch_tokens", "seconds" (median), "sps",
     "samples_s"}.
 
     One untimed round first, then `repeats` rounds; each round starts from fresh requests (prefilled
     and stepped once untimed), so the caches stay near `kv_len` instead of growing through the profile,
-    and times every shape once in a fresh seeded order."""
+    and times every shape once in a fresh seeded order. `temperature` > 0 serves the profiled requests
+    sampled at it (greedy by default) and names it in the table's `model`. Measured on session 13's CPU
+    (data/serving/cpu-measurements-2026-12-06.md): a T = 1 step cost 2-5% more than a greedy one at 1, 2
+    and 4 rows, with no trend in the width (0.91-1.11 shape by shape, the profile's own noise), so a
+    greedy table prices T = 1 steps in the same proportions and Algorithm 1's choice does not move."""
     rows, widths = sorted(set(rows)), sorted(set(widths))
     if not rows or rows[0] < 1 or not widths or widths[0] < 0 or repeats < 1 or kv_len < 1:
         raise LabkitError(f"profiling engine steps needs row counts >= 1, widths >= 0, repeats >= 1 and kv_len "
@@ -118,11 +124,12 @@ def profile_engine_steps(target: Target, drafter: Drafter, drafter_spec: str,
                           f"of {window}: pass a smaller kv_len.")
     # No stop tokens: a random prompt can make the target emit one, and a profiled row must keep running.
     endless = replace(target, eos_token_ids=set())
+    params = SamplingParams(temperature=float(temperature))
     gen, order = torch.Generator().manual_seed(seed), random.Random(seed)
     shapes = [(r, w) for r in rows for w in widths]
     samples: dict[tuple[int, int], list[float]] = {rw: [] for rw in shapes}
     for round_ in tqdm(range(1 + repeats), desc="profiling engine steps", disable=not progress, unit="round"):
-        engines = _fresh_engines(endless, drafter, rows, kv_len, new_tokens, gen, seed)
+        engines = _fresh_engines(endless, drafter, rows, kv_len, new_tokens, gen, seed, params)
         visit = list(shapes)
         order.shuffle(visit)
         for r, w in visit:
@@ -137,7 +144,7 @@ def profile_engine_steps(target: Target, drafter: Drafter, drafter_spec: str,
         seconds = statistics.median(samples[(r, w)])
         points.append({"rows": r, "width": 1 + w, "drafts": w, "batch_tokens": r * (1 + w), "seconds": seconds,
                        "sps": 1.0 / seconds, "samples_s": samples[(r, w)]})
-    table = table_from_points(points, str(target.device), step_table_model(target, drafter_spec),
+    table = table_from_points(points, str(target.device), step_table_model(target, drafter_spec, temperature),
                               str(target.dtype).removeprefix("torch."))
     return table, points
 
