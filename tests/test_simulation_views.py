@@ -8,10 +8,10 @@ import pytest
 
 from labkit.core.errors import LabkitError
 from labkit.core.simulate import RequestTrace, TraceRound, roofline_cost, sweep
-from labkit.lab.simulation_views import (SIM_VS_MEASURED_HEADER, VALIDATION_HEADER, describe_sim_vs_measured,
-                                         describe_simulation, describe_validation, relabel, sim_matched_gain,
-                                         sim_ratio, sim_ratio_spread, sim_vs_measured, simulate_resampled,
-                                         simulated_load, simulation_rows, validation_rows)
+from labkit.lab.simulation_views import (SIM_LABELS, SIM_VS_MEASURED_HEADER, VALIDATION_HEADER,
+                                         describe_sim_vs_measured, describe_simulation, describe_validation, relabel,
+                                         sim_matched_gain, sim_ratio, sim_ratio_spread, sim_vs_measured,
+                                         simulate_resampled, simulated_load, simulation_rows, validation_rows)
 
 TRACES = [RequestTrace("math", [TraceRound((0.9, 0.8, 0.6), 2), TraceRound((0.5, 0.2, 0.1), 0)]),
           RequestTrace("code", [TraceRound((0.95, 0.9, 0.9), 3), TraceRound((0.9, 0.7, 0.3), 1)]),
@@ -91,7 +91,10 @@ def test_validation_rows_and_sentences_say_how_far_the_simulator_is():
     text = describe_validation(ROWS)
     assert text[0].startswith("4 runs, 1-4 users, 2 policies")
     assert "simulated steps: -5% to +0% against the engine's" in text
-    assert text[-1] == "Algorithm 1 against MTP-1 (DSpark's 1st draft): the simulator moves the throughput ratio by +20% to +20% over 2 loads"
+    assert text[-1] == ("Algorithm 1 against MTP-1 (one-token rounds): the simulator moves the throughput ratio by "
+                        "+20% to +20% over 2 loads")
+    assert rows[0][1] == "MTP-1 (one-token rounds)"  # the trace file's one-token source on both sides
+    assert SIM_LABELS.get("fixed:2") == "fixed K=2" and SIM_LABELS.get("mtp1@x") == "MTP-1 (trained: x)"
     with pytest.raises(LabkitError):
         describe_validation([])
 

@@ -40,6 +40,10 @@ class _BySpec(dict):
         super().__init__(known)
         self._derive, self._arm, self._priced = derive, arm, priced
 
+    def overriding(self, known: dict) -> _BySpec:
+        """A copy with some names' entries replaced, deriving specs and arms as this one does."""
+        return _BySpec({**self, **known}, self._derive, self._arm, self._priced)
+
     def get(self, key, default=None):
         if key in self:
             return self[key]

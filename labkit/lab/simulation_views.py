@@ -22,7 +22,7 @@ from labkit.core.errors import LabkitError
 from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS, TEMPLATE
 
 #: in the simulator, mtp1 replays one-token rounds (its own accept outcomes), the trained MTP-1's shape
-SIM_LABELS = {**POLICY_LABELS, "mtp1": "MTP-1 (one-token rounds)"}
+SIM_LABELS = POLICY_LABELS.overriding({"mtp1": "MTP-1 (one-token rounds)"})
 
 
 def _groups(results: Sequence[dict], policies: Sequence[str] | None) -> dict[str, list[dict]]:
@@ -186,11 +186,12 @@ VALIDATION_HEADER = ("users", "policy", "steps (sim / engine)", "verify budget",
 
 def validation_rows(rows: Sequence[dict]) -> list[tuple]:
     """The engine against the simulator (`labkit.measure.traces.validate` rows), each metric as
-    simulated / engine (the ratio) per (users, policy)."""
+    simulated / engine (the ratio) per (users, policy). Both sides serve `mtp1` with the trace file's
+    one-token source, so it is labelled as the simulator labels it."""
     def ratio(r, key):
         e, s = r.get(f"engine_{key}"), r.get(f"sim_{key}")
         return "-" if not e or s is None else f"{s / e:.2f}"
-    return [(r["users"], POLICY_LABELS.get(r["policy"], r["policy"]), ratio(r, "steps"), ratio(r, "mean_verify_budget"),
+    return [(r["users"], SIM_LABELS.get(r["policy"], r["policy"]), ratio(r, "steps"), ratio(r, "mean_verify_budget"),
              ratio(r, "tau"), ratio(r, "aggregate_tokens_per_s"), ratio(r, "per_user_tokens_per_s")) for r in rows]
 
 
@@ -218,7 +219,7 @@ def describe_validation(rows: Sequence[dict], baseline: str = "mtp1") -> list[st
                / (base[r["users"]]["sim_aggregate_tokens_per_s"] / base[r["users"]]["engine_aggregate_tokens_per_s"])
                for r in rows if r["policy"] == policy and r["users"] in base]
         if rel:
-            out.append(f"{POLICY_LABELS.get(policy, policy)} against {POLICY_LABELS.get(baseline, baseline)}: the "
+            out.append(f"{SIM_LABELS.get(policy, policy)} against {SIM_LABELS.get(baseline, baseline)}: the "
                        f"simulator moves the throughput ratio by {_span(rel)} over {len(rel)} loads")
     return out
 
@@ -263,7 +264,7 @@ def simulation_rows(results: Sequence[dict], resampled: Sequence[dict] = (),
                     pairs: Sequence[tuple[str, str]] = (("algorithm1", "mtp1"), ("algorithm1", "fixed"))) -> tuple[list, tuple]:
     """Per load: each pair's aggregate throughput ratio (full sample, [min-max] over it and the resamples
     where they ran), Algorithm 1's verification budget and per-user speed. Returns (rows, header)."""
-    header = ("users", *(f"{POLICY_LABELS.get(a, a)} / {POLICY_LABELS.get(b, b)} throughput [resamples]" for a, b in pairs),
+    header = ("users", *(f"{SIM_LABELS.get(a, a)} / {SIM_LABELS.get(b, b)} throughput [resamples]" for a, b in pairs),
               "Algorithm 1 budget", "Algorithm 1 tokens/s per user")
     rows = []
     for u in sorted({r["users"] for r in results}):
@@ -287,11 +288,11 @@ def describe_simulation(results: Sequence[dict], resampled: Sequence[dict] = (),
     if gain is not None:
         b = gain.get("best")
         if b is None:
-            out.append(f"{POLICY_LABELS.get(gain['policy'], gain['policy'])} and {POLICY_LABELS.get(gain['baseline'], gain['baseline'])} "
+            out.append(f"{SIM_LABELS.get(gain['policy'], gain['policy'])} and {SIM_LABELS.get(gain['baseline'], gain['baseline'])} "
                        "share no throughput range in the simulation.")
         else:
-            text = (f"At matched aggregate throughput, {POLICY_LABELS.get(gain['policy'], gain['policy'])}'s per-user speed "
-                    f"is {b['gain']:+.0%} over {POLICY_LABELS.get(gain['baseline'], gain['baseline'])}'s at best "
+            text = (f"At matched aggregate throughput, {SIM_LABELS.get(gain['policy'], gain['policy'])}'s per-user speed "
+                    f"is {b['gain']:+.0%} over {SIM_LABELS.get(gain['baseline'], gain['baseline'])}'s at best "
                     f"(at {b['throughput']:.4g} tokens/s")
             if b.get("spread") and b.get("repeats", 0) > 1:
                 text += (f"; {b['spread'][0]:+.0%} to {b['spread'][1]:+.0%} over the full sample and the "
@@ -314,7 +315,7 @@ def describe_simulation(results: Sequence[dict], resampled: Sequence[dict] = (),
                                                                      else f"tied (within {tie:.0%})") + ", spread unknown"
             judged.setdefault(v, []).append(f"{u} ({x:.2f}x)")
         if judged:
-            out.append(f"{POLICY_LABELS.get(a, a)} / {POLICY_LABELS.get(b, b)} aggregate throughput: "
+            out.append(f"{SIM_LABELS.get(a, a)} / {SIM_LABELS.get(b, b)} aggregate throughput: "
                        + "; ".join(f"{v} at {', '.join(us)}" for v, us in judged.items()) + ".")
     a1 = sorted((r for r in results if r["policy"] == "algorithm1"), key=lambda r: r["users"])
     if a1:
