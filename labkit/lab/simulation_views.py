@@ -25,6 +25,11 @@ from labkit.lab.plots import POLICY_COLORS, POLICY_LABELS, TEMPLATE
 SIM_LABELS = POLICY_LABELS.overriding({"mtp1": "MTP-1 (one-token rounds)"})
 
 
+def _label(policy: str) -> str:
+    """A policy's name in the simulator's terms (its own spec where it has no label)."""
+    return SIM_LABELS.get(policy, policy)
+
+
 def _groups(results: Sequence[dict], policies: Sequence[str] | None) -> dict[str, list[dict]]:
     if not results:
         raise LabkitError("No simulation results to plot: run `labkit.core.simulate.sweep` or "
@@ -49,7 +54,7 @@ def simulated_throughput_speed(results: Sequence[dict], policies: Sequence[str] 
         color = POLICY_COLORS.get(policy)
         fig.add_trace(go.Scatter(
             x=[r["per_user_tokens_per_s"] for r in rs], y=[r["aggregate_tokens_per_s"] for r in rs],
-            mode="lines+markers+text", name=SIM_LABELS.get(policy, policy), text=[f"x{r['users']}" for r in rs],
+            mode="lines+markers+text", name=_label(policy), text=[f"x{r['users']}" for r in rs],
             textposition="top center", marker=dict(size=8, color=color), line=dict(color=color),
             hovertemplate="%{text}<br>%{x:.1f} tokens/s per user<br>%{y:.1f} tokens/s in all<extra></extra>"))
     fig.update_layout(template=TEMPLATE, height=480,
@@ -71,7 +76,7 @@ def simulated_load(results: Sequence[dict], policies: Sequence[str] | None = Non
         style = dict(color=POLICY_COLORS.get(policy))
         for row, key in ((1, "aggregate_tokens_per_s"), (2, "mean_verify_budget")):
             fig.add_trace(go.Scatter(x=[r["users"] for r in rs], y=[r[key] for r in rs], mode="lines+markers",
-                                     name=SIM_LABELS.get(policy, policy), legendgroup=policy, showlegend=row == 1,
+                                     name=_label(policy), legendgroup=policy, showlegend=row == 1,
                                      line=style, marker=dict(size=7, **style)), row=row, col=1)
     users = sorted({r["users"] for rs in groups.values() for r in rs})
     fig.update_xaxes(type="log", tickvals=users, ticktext=[str(u) for u in users])
@@ -191,7 +196,7 @@ def validation_rows(rows: Sequence[dict]) -> list[tuple]:
     def ratio(r, key):
         e, s = r.get(f"engine_{key}"), r.get(f"sim_{key}")
         return "-" if not e or s is None else f"{s / e:.2f}"
-    return [(r["users"], SIM_LABELS.get(r["policy"], r["policy"]), ratio(r, "steps"), ratio(r, "mean_verify_budget"),
+    return [(r["users"], _label(r["policy"]), ratio(r, "steps"), ratio(r, "mean_verify_budget"),
              ratio(r, "tau"), ratio(r, "aggregate_tokens_per_s"), ratio(r, "per_user_tokens_per_s")) for r in rows]
 
 
@@ -219,7 +224,7 @@ def describe_validation(rows: Sequence[dict], baseline: str = "mtp1") -> list[st
                / (base[r["users"]]["sim_aggregate_tokens_per_s"] / base[r["users"]]["engine_aggregate_tokens_per_s"])
                for r in rows if r["policy"] == policy and r["users"] in base]
         if rel:
-            out.append(f"{SIM_LABELS.get(policy, policy)} against {SIM_LABELS.get(baseline, baseline)}: the "
+            out.append(f"{_label(policy)} against {_label(baseline)}: the "
                        f"simulator moves the throughput ratio by {_span(rel)} over {len(rel)} loads")
     return out
 
@@ -264,7 +269,7 @@ def simulation_rows(results: Sequence[dict], resampled: Sequence[dict] = (),
                     pairs: Sequence[tuple[str, str]] = (("algorithm1", "mtp1"), ("algorithm1", "fixed"))) -> tuple[list, tuple]:
     """Per load: each pair's aggregate throughput ratio (full sample, [min-max] over it and the resamples
     where they ran), Algorithm 1's verification budget and per-user speed. Returns (rows, header)."""
-    header = ("users", *(f"{SIM_LABELS.get(a, a)} / {SIM_LABELS.get(b, b)} throughput [resamples]" for a, b in pairs),
+    header = ("users", *(f"{_label(a)} / {_label(b)} throughput [resamples]" for a, b in pairs),
               "Algorithm 1 budget", "Algorithm 1 tokens/s per user")
     rows = []
     for u in sorted({r["users"] for r in results}):
@@ -288,11 +293,11 @@ def describe_simulation(results: Sequence[dict], resampled: Sequence[dict] = (),
     if gain is not None:
         b = gain.get("best")
         if b is None:
-            out.append(f"{SIM_LABELS.get(gain['policy'], gain['policy'])} and {SIM_LABELS.get(gain['baseline'], gain['baseline'])} "
+            out.append(f"{_label(gain['policy'])} and {_label(gain['baseline'])} "
                        "share no throughput range in the simulation.")
         else:
-            text = (f"At matched aggregate throughput, {SIM_LABELS.get(gain['policy'], gain['policy'])}'s per-user speed "
-                    f"is {b['gain']:+.0%} over {SIM_LABELS.get(gain['baseline'], gain['baseline'])}'s at best "
+            text = (f"At matched aggregate throughput, {_label(gain['policy'])}'s per-user speed "
+                    f"is {b['gain']:+.0%} over {_label(gain['baseline'])}'s at best "
                     f"(at {b['throughput']:.4g} tokens/s")
             if b.get("spread") and b.get("repeats", 0) > 1:
                 text += (f"; {b['spread'][0]:+.0%} to {b['spread'][1]:+.0%} over the full sample and the "
@@ -315,7 +320,7 @@ def describe_simulation(results: Sequence[dict], resampled: Sequence[dict] = (),
                                                                      else f"tied (within {tie:.0%})") + ", spread unknown"
             judged.setdefault(v, []).append(f"{u} ({x:.2f}x)")
         if judged:
-            out.append(f"{SIM_LABELS.get(a, a)} / {SIM_LABELS.get(b, b)} aggregate throughput: "
+            out.append(f"{_label(a)} / {_label(b)} aggregate throughput: "
                        + "; ".join(f"{v} at {', '.join(us)}" for v, us in judged.items()) + ".")
     a1 = sorted((r for r in results if r["policy"] == "algorithm1"), key=lambda r: r["users"])
     if a1:
