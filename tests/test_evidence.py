@@ -7,7 +7,7 @@ import torch
 
 from labkit.core.errors import LabkitError
 from labkit.core.evidence import Interval, bootstrap, judge, mean_interval, ratio_interval, verdict
-from labkit.core.trace import tau_interval, tau_ratio_interval
+from labkit.core.trace import Round, position_acceptance, position_interval, tau_interval, tau_ratio_interval
 
 
 def test_the_mean_interval_covers_the_true_mean_about_as_often_as_it_says():
@@ -89,3 +89,24 @@ def test_tau_interval_pools_like_mean_tau():
     assert tau_interval([(6, 3)]) == Interval(2.0, 2.0, 2.0, 1)
     with pytest.raises(LabkitError, match="rounds on every prompt"):
         tau_interval([(3, 0)])
+
+
+def _rounds(pairs):
+    return [Round(proposed=p, accepted=a, draft_s=0.0, verify_s=None) for p, a in pairs]
+
+
+def test_position_interval_pools_prompts_like_position_acceptance_and_skips_prompts_that_never_reached():
+    a = _rounds([(4, 0), (4, 2), (4, 4), (0, 0)])  # position 1 reached 3 times, accepted twice
+    b = _rounds([(2, 1), (2, 0)])  # reached twice, accepted once
+    never = _rounds([(0, 0), (0, 0)])  # proposed nothing (a copy drafter with no match)
+    iv = position_interval([a, b, never], min_rounds=1)
+    assert iv.value == pytest.approx(position_acceptance(a + b + never)[0]) == pytest.approx(3 / 5)
+    assert iv.n == 2 and iv.low <= iv.value <= iv.high
+    second = position_interval([a, b, never], j=2, min_rounds=1)  # a: reached by (4, 2), (4, 4), both accepted; b: by (2, 1), rejected
+    assert second.value == pytest.approx(2 / 3) and second.n == 2
+    assert position_interval([never], min_rounds=1) is None
+    assert position_interval([a], j=5, min_rounds=1) is None
+    assert position_interval([a, b]) is None  # 5 rounds reached position 1: fewer than MIN_ROUNDS, no rate
+    assert position_interval([a, b] * 2).value == pytest.approx(3 / 5)  # 10 rounds: enough
+    with pytest.raises(LabkitError, match="count from 1"):
+        position_interval([a], j=0)

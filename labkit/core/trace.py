@@ -111,6 +111,25 @@ def position_counts(rounds: Sequence[Round]) -> list[int]:
     return [n for n, _ in _position_tallies(rounds)]
 
 
+def position_interval(per_prompt: Sequence[Sequence[Round]], j: int = 1, seed: int = 0,
+                      min_rounds: int = MIN_ROUNDS) -> Interval | None:
+    """`position_acceptance` at draft position j pooled over prompts (rounds that accepted draft j over rounds
+    that reached it), with its bootstrap interval over the prompts where some round reached j, since rounds
+    of one prompt share its text and are not independent; None where fewer than `min_rounds` rounds reached j
+    in all (a rate from a handful of rounds is a coin toss, whatever its interval over prompts says)."""
+    if j < 1:
+        raise LabkitError(f"draft positions count from 1, got {j}.")
+    rows = []
+    for rounds in per_prompt:
+        tallies = _position_tallies(rounds)
+        if len(tallies) >= j:
+            reached, accepted = tallies[j - 1]
+            rows.append((accepted, reached))
+    if sum(reached for _, reached in rows) < max(min_rounds, 1):
+        return None
+    return pooled_rate_interval(rows, seed=seed)
+
+
 def prefix_survival(rounds: Sequence[Round]) -> list[float]:
     """Unconditional survival at draft position j: P(drafts 1..j all accepted | j were proposed).
 

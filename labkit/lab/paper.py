@@ -49,6 +49,17 @@ PAPER: dict[str, PaperNumber] = {
     "raw_ece": PaperNumber("confidence head ECE before STS", 0.033, 0.082, "Fig. 6, Sec. 4.3.4: 3%-8%"),
     "sts_ece": PaperNumber("mean ECE after STS", 0.004, 0.02, "Fig. 6: 0.4%-2.0%, 'about 1%' on average"),
     "raw_auc": PaperNumber("confidence head ROC-AUC (positions 1, 3, 5, 7)", 0.812, 0.907, "Fig. 6"),
+    "first_acceptance": PaperNumber(
+        "conditional acceptance of draft position 1", 0.53, 0.88,
+        "Fig. 2, Sec. 4.3.1: Eagle3 0.81 and DFlash 0.88 on math, 0.53 and 0.72 on chat"),
+    "one_draft_acceptance": PaperNumber(
+        "one draft's acceptance sum_x min(p_t, p_d) for p_t = (0.7, 0.3), p_d = (0.5, 0.5)", 0.8, 0.8, "App. A",
+        setting="the appendix's two-token example, worked by hand"),
+    "production_verify_tokens": PaperNumber(
+        "tokens verified per request a step at moderate load (MTP-1: a static 2)", 4, 6, "Sec. 5.4, Fig. 8",
+        setting="DeepSeek-V4 Flash and Pro served on GPUs under live traffic"),
+    "dspark_tau_second_family": PaperNumber(
+        "DSpark tau on another model family (per benchmark, T = 1)", 2.92, 6.05, "Table 1, the Gemma4-12B row"),
 }
 
 
@@ -71,8 +82,9 @@ def paper_number(key: str) -> PaperNumber:
 
 def where_it_falls(number: PaperNumber, lab: Interval | float) -> str:
     """Where the lab's value falls against the paper's range, judged by its interval where it has one:
-    "within the paper's range", "below it", "above it", or "overlaps it (interval)" when the value is
-    outside but its interval reaches in; without an interval only the value is compared ("no spread")."""
+    "within the paper's range", "below it", "above it", "its interval holds the paper's value" for a single
+    paper value inside the interval, or "outside it, but its interval reaches the paper's range"; without an
+    interval only the value is compared ("no spread")."""
     if not isinstance(lab, Interval):
         v = float(lab)
         place = "within the paper's range" if number.low <= v <= number.high else (
@@ -80,6 +92,8 @@ def where_it_falls(number: PaperNumber, lab: Interval | float) -> str:
         return place + " (no spread)"
     if number.low <= lab.value <= number.high:
         return "within the paper's range"
+    if number.low == number.high and lab.low <= number.low <= lab.high:
+        return "its interval holds the paper's value"
     if lab.high < number.low:
         return "below the paper's range"
     if lab.low > number.high:
@@ -90,15 +104,25 @@ def where_it_falls(number: PaperNumber, lab: Interval | float) -> str:
 PAPER_HEADER = ("claim", "paper", "this run", "where it falls", "why they can differ")
 
 
-def paper_row(key: str, lab: Interval | float | None, why: str, fmt: str = ".3f", units: str = "units"
-              ) -> tuple[str, str, str, str, str]:
+def paper_row(key: str, lab: Interval | float | None, why: str, fmt: str = ".3f", units: str = "units",
+              claim: str | None = None, missing: str = "not measured in this run") -> tuple[str, str, str, str, str]:
     """One closing-table row (`PAPER_HEADER`): the claim, the paper's number and where it is, the lab's
-    (with its interval and the `units` it resampled, e.g. "prompts"), where it falls, and why they can differ."""
+    (with its interval and the `units` it resampled, e.g. "prompts"), where it falls, and why they can differ.
+    `claim` names what the lab measured where it is not the paper's quantity itself (e.g. the tau a drafter
+    needs here to break even, set beside the tau the paper's drafters reach); `missing` says why a None `lab`
+    has no value (e.g. too few rounds to conclude anything)."""
     number = paper_number(key)
+    what = claim or number.what
     if lab is None:
-        return (number.what, number.text(), "not measured in this run", "-", why)
+        return (what, number.text(), missing, "-", why)
     if isinstance(lab, Interval):
         measured = f"{lab.text(fmt)} ({lab.level:.0%} interval over {lab.n} {units})"
     else:
         measured = f"{float(lab):{fmt}}"
-    return (number.what, number.text(), measured, where_it_falls(number, lab), why)
+    return (what, number.text(), measured, where_it_falls(number, lab), why)
+
+
+def paper_claim_row(claim: str, paper: str, lab: str, why: str) -> tuple[str, str, str, str, str]:
+    """A closing-table row for a claim the paper states without a number to set the lab's beside (e.g. that
+    speculative sampling is lossless): its words, the lab's measurement, and "no number to compare"."""
+    return (claim, paper, lab, "the paper gives no number", why)

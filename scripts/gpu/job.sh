@@ -6,6 +6,7 @@
 #   bash scripts/gpu/job.sh curve        # tau against training tokens: 5 arms, steps scaled to their data
 #   bash scripts/gpu/job.sh ship         # DFlash and DSpark from scratch on all the data, side by side
 #   bash scripts/gpu/job.sh mtp1         # the serving baseline: a block-1 DFlash (MTP-1), the shipped recipe
+#   bash scripts/gpu/job.sh table1       # Table 1's missing rows: Eagle3 and an exportable DSpark, the shipped recipe
 #   bash scripts/gpu/job.sh fetch NAME   # build/gpu/NAME (a folder) into $OUT as <=15 MiB tar parts
 #
 # SMOKE=1 runs every stage on this CPU in minutes (2 shards, a few steps): the check before a lease.
@@ -14,7 +15,7 @@
 # keeps its checkpoint, and its row or config says the step it reached.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STAGE=${1:?usage: job.sh setup|curve|ship|mtp1|fetch NAME}
+STAGE=${1:?usage: job.sh setup|curve|ship|mtp1|table1|fetch NAME}
 OUT=${OUT:-build/gpu/out}
 mkdir -p "$OUT" build/gpu
 export PYTHONUNBUFFERED=1 LABKIT_CACHE=${LABKIT_CACHE:-/tmp/labkit-cache}
@@ -41,6 +42,7 @@ fi
 
 if [ -n "${SMOKE:-}" ]; then
     DEVICE=cpu SHARDS=2 ARMS="shards-1 shards-2" EPOCHS=${EPOCHS:-0.05} STEPS=${STEPS:-2} BATCH=${BATCH:-2} MTP1_STEPS=2
+    TABLE1_SHARDS=1 TABLE1_STEPS=2
     VOCAB=${VOCAB:-512} MINUTES=${MINUTES:-2} HELD="--n-heldout 4 --n-decode 1 --new-tokens 8" CAL="--n-prompts 2 --max-new-tokens 16"
 else
     DEVICE=cuda SHARDS=152 ARMS="shards-12 shards-24 shards-48 shards-96 shards-152" HELD="" CAL="--n-prompts 48 --max-new-tokens 128"
@@ -102,11 +104,25 @@ mtp1)
         --device "$DEVICE" --save-every 250 --max-minutes "$MINUTES" --out build/gpu/runs/mtp1 \
         --export build/gpu/mtp1 2>&1 | tail -n 5 | tee "$OUT/train-mtp1.log"
     ;;
+table1)
+    # Issue 29: an Eagle3 and an exportable DSpark (full vocabulary, q/k RMSNorm, frozen mask) on the shipped
+    # DSpark's data, steps, sequences and recipe (its config's train_command), so that Table 1's three rows share
+    # one budget; they share one feature cache (same layers, bf16). Each resumes from its checkpoint when
+    # MINUTES stops it: run the stage again until both configs say step 4032.
+    SAME="--gamma 8 --batch-seqs 4 --anchors 64 --lr 1e-3 --mixed-precision bf16 --feature-dtype bfloat16 \
+        --data $DATA --max-shards ${TABLE1_SHARDS:-156} --steps ${TABLE1_STEPS:-4032} --device $DEVICE --save-every 250 \
+        --max-minutes $MINUTES"
+    $PY -m labkit train --drafter eagle3 --layers 1 --target-layers 1,8,14,21,28 --draft-vocab 8192 $SAME \
+        --out build/gpu/runs/eagle3 --export build/gpu/eagle3 2>&1 | tail -n 5 | tee "$OUT/train-eagle3.log"
+    $PY -m labkit train --drafter dspark --head markov --rank 256 --layers 2 --qk-norm --frozen-mask --draft-vocab 0 \
+        $SAME --out build/gpu/runs/dspark-export --export build/gpu/dspark-export 2>&1 | tail -n 5 \
+        | tee "$OUT/train-dspark-export.log"
+    ;;
 fetch)
     NAME=${2:?fetch NAME: a folder under build/gpu}
     tar -C build/gpu -cf - "$NAME" | split -b 15M -d - "$OUT/$NAME.tar.part-"
     ls -la "$OUT"
     ;;
 *)
-    echo "unknown stage $STAGE: setup, curve, ship, mtp1 or fetch NAME"; exit 2 ;;
+    echo "unknown stage $STAGE: setup, curve, ship, mtp1, table1 or fetch NAME"; exit 2 ;;
 esac
