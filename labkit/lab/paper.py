@@ -124,5 +124,5 @@ def paper_row(key: str, lab: Interval | float | None, why: str, fmt: str = ".3f"
 
 def paper_claim_row(claim: str, paper: str, lab: str, why: str) -> tuple[str, str, str, str, str]:
     """A closing-table row for a claim the paper states without a number to set the lab's beside (e.g. that
-    speculative sampling is lossless): its words, the lab's measurement, and "no number to compare"."""
+    speculative sampling is lossless): its words, the lab's measurement, and "the paper gives no number"."""
     return (claim, paper, lab, "the paper gives no number", why)
