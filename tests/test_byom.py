@@ -16,8 +16,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from conftest import ToyTokenizer
 from labkit.__main__ import build_parser, data_config, train_job
-from labkit.lab.byom import (accelerate_config, command_line, data_argv, describe_calibration, describe_target,
-                             labkit_argv, serving_commands)
+from labkit.lab.byom import (accelerate_config, calibration_paper_rows, command_line, data_argv, describe_calibration,
+                             describe_target, labkit_argv, serving_commands)
 from labkit.core.calibration import ece_change, fit_sts
 from labkit.drafters.dflash import default_layers
 from labkit.core.errors import LabkitError
@@ -159,6 +159,16 @@ def test_describe_calibration_says_which_positions_had_too_few_examples():
                                                     "change": change.to_dict()["change"]}}}
     (line,) = describe_calibration(judged)
     assert "over 40 rounds" in line and "no interval" not in line
+
+
+def test_calibration_rows_set_an_unfitted_ece_beside_the_papers_raw_one():
+    report = {"greedy": {"fitted": [False, False], "ece_before": [0.02, 0.04], "ece_after": [0.02, 0.04], "rounds": 40},
+              "T=1": {"fitted": [True, False], "ece_before": [0.06, 0.04], "ece_after": [0.01, 0.04], "rounds": 90}}
+    raw, sts = calibration_paper_rows(report, "here")
+    assert raw[0] == "mean ECE, greedy (no position fitted: raw)" and raw[1].startswith("0.033-0.082")
+    assert raw[2] == "0.030" and raw[3] == "below the paper's range (no spread)" and "0 of 2 positions fitted" in raw[4]
+    assert sts[0] == "mean ECE after STS, T=1" and sts[1].startswith("0.004-0.02") and sts[2] == "0.025"
+    assert sts[3] == "above the paper's range (no spread)" and "1 of 2 positions fitted" in sts[4]
 
 
 def test_serving_commands_quote_the_speculative_config_as_one_json_argument():

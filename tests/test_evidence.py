@@ -102,7 +102,8 @@ def test_position_interval_pools_prompts_like_position_acceptance_and_skips_prom
     iv = position_interval([a, b, never], min_rounds=1)
     assert iv.value == pytest.approx(position_acceptance(a + b + never)[0]) == pytest.approx(3 / 5)
     assert iv.n == 2 and iv.low <= iv.value <= iv.high
-    second = position_interval([a, b, never], j=2, min_rounds=1)  # a: reached by (4, 2), (4, 4), both accepted; b: by (2, 1), rejected
+    # position 2: a reached it in (4, 2) and (4, 4), both accepted; b in (2, 1), rejected
+    second = position_interval([a, b, never], j=2, min_rounds=1)
     assert second.value == pytest.approx(2 / 3) and second.n == 2
     assert position_interval([never], min_rounds=1) is None
     assert position_interval([a], j=5, min_rounds=1) is None

@@ -24,6 +24,7 @@ from labkit.core.errors import LabkitError
 from labkit.core.calibration import ECEChange, describe_ece_change, fit_sts
 from labkit.drafters.dflash import default_layers
 from labkit.drafters.export import embedding_scale, target_problems
+from labkit.lab.paper import paper_row
 from labkit.model.target import PLAIN_PROMPT
 
 #: how the notebook shows a subcommand; `accelerate launch -m labkit` runs the same module
@@ -197,6 +198,21 @@ def describe_calibration(report: dict) -> list[str]:
                      f"accepted or {min_each} rejected rounds) and kept T = 1. ")
         out.append(head + describe_ece_change(ECEChange.from_record(r), where="on the rounds it was fitted on"))
     return out
+
+
+def calibration_paper_rows(report: dict, setting: str) -> list[tuple[str, str, str, str, str]]:
+    """Closing-table rows (`labkit.lab.paper.paper_row`) for a `calibrate_checkpoint` report, one per sampling
+    temperature: its mean ECE after STS beside the paper's after-STS ECE, or, where STS fitted no position (so
+    changed nothing), named as the raw head's and set beside the paper's raw ECE."""
+    rows = []
+    for key, r in report.items():
+        fitted = sum(r["fitted"])
+        why = (f"{setting}; STS on {r['rounds']} held-out rounds, {fitted} of {len(r['fitted'])} positions fitted "
+               "(a position left unfitted keeps its raw ECE)")
+        mean = sum(r["ece_after"]) / len(r["ece_after"])
+        rows.append(paper_row("sts_ece", mean, why, claim=f"mean ECE after STS, {key}") if fitted else
+                    paper_row("raw_ece", mean, why, claim=f"mean ECE, {key} (no position fitted: raw)"))
+    return rows
 
 
 def serving_commands(target_model: str, drafter_dir, block_size: int) -> dict[str, str]:
