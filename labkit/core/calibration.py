@@ -446,7 +446,7 @@ def describe_ece_change(result: ECEChange, where: str = "", tie: float = 0.002) 
     detail = "".join(f"; position {k + 1} {'rose' if judge(c, tie, 0.0) == 'above' else 'fell'} beyond its interval "
                      f"({result.before[k]:.3f} -> {result.after[k]:.3f}, {c.text(signed=True)})" for k, c in moved)
     return (f"STS changed the {numbers}: within noise, so this run cannot tell whether it helped{detail}. "
-            "More rounds (the full run) narrow the interval.")
+            "Only more rounds than this run's would narrow the interval.")
 
 
 def describe_cut_values(rows: list[dict], tie: float = 0.002) -> str:
